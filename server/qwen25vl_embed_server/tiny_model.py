@@ -177,7 +177,8 @@ def build_tiny_model(
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
     processor = Qwen2_5_VLProcessor(
-        image_processor=Qwen2VLImageProcessor(),
+        # The released checkpoints' pixel limits (their preprocessor_config.json).
+        image_processor=Qwen2VLImageProcessor(size={"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 16384}),
         tokenizer=tokenizer,
         video_processor=Qwen2VLVideoProcessor(),
         chat_template=CHAT_TEMPLATE,

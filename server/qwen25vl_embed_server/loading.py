@@ -1,0 +1,119 @@
+"""Load a Qwen2.5-VL checkpoint (hub id or local path) with its processor, on a chosen device."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from .tiny_model import TINY_MODEL_NAME, build_tiny_model
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How to load a model. ``device``/``dtype`` "auto": cuda > mps > cpu; bf16 on cuda else fp32."""
+
+    model: str
+    device: str = "auto"
+    dtype: str = "auto"
+    min_pixels: int | None = None
+    max_pixels: int | None = None
+    attn_implementation: str | None = None
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model in eval mode on its device, with the processor that prepares its inputs."""
+
+    name: str
+    model: Any
+    processor: Any
+    device: torch.device
+    dtype: torch.dtype
+    load_seconds: float
+
+    @property
+    def visual(self) -> Any:
+        return self.model.model.visual
+
+    @property
+    def language_model(self) -> Any:
+        return self.model.model.language_model
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` -> cuda if available, else mps, else cpu; anything else as given."""
+    if device != "auto":
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``auto`` -> bfloat16 on cuda, float32 elsewhere; else "float32" | "float16" | "bfloat16"."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        return _DTYPES[dtype]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; expected auto, {', '.join(_DTYPES)}") from None
+
+
+def tiny_model_dir() -> Path:
+    """Where the ``tiny-random`` checkpoint is built once and then reused."""
+    root = os.environ.get("QWEN25VL_EMBED_CACHE") or Path.home() / ".cache" / "qwen25vl-embed"
+    return Path(root) / TINY_MODEL_NAME
+
+
+def resolve_model_path(model: str) -> str:
+    """``tiny-random`` -> a locally built random-weight checkpoint; anything else unchanged."""
+    if model != TINY_MODEL_NAME:
+        return model
+    path = tiny_model_dir()
+    if not (path / "config.json").exists():
+        # Build beside, then rename: concurrent processes never see a half-written checkpoint.
+        staging = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        build_tiny_model(staging)
+        try:
+            staging.rename(path)
+        except OSError:  # another process finished first; its checkpoint is identical
+            shutil.rmtree(staging, ignore_errors=True)
+    return str(path)
+
+
+def load_model(options: LoadOptions) -> LoadedModel:
+    """Load model and processor. Raises whatever transformers raises for a bad id or path."""
+    started = time.perf_counter()
+    device = resolve_device(options.device)
+    dtype = resolve_dtype(options.dtype, device)
+    path = resolve_model_path(options.model)
+    processor = AutoProcessor.from_pretrained(path)
+    size = dict(processor.image_processor.size)
+    if options.min_pixels is not None:
+        size["shortest_edge"] = options.min_pixels
+    if options.max_pixels is not None:
+        size["longest_edge"] = options.max_pixels
+    processor.image_processor.size = {k: size[k] for k in ("shortest_edge", "longest_edge")}
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if options.attn_implementation:
+        kwargs["attn_implementation"] = options.attn_implementation
+    model = AutoModelForImageTextToText.from_pretrained(path, **kwargs).to(device).eval()
+    seconds = time.perf_counter() - started
+    log.info("loaded %s on %s (%s) in %.1f s", options.model, device, str(dtype).removeprefix("torch."), seconds)
+    return LoadedModel(
+        name=options.model, model=model, processor=processor, device=device, dtype=dtype, load_seconds=seconds
+    )

@@ -1,0 +1,89 @@
+"""Output names and what each needs the model to run."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from .errors import InvalidInputError
+
+VISION_TOKENS = "vision_tokens"
+PROJECTED_TOKENS = "projected_tokens"
+LM_LAST_HIDDEN = "lm_last_hidden"
+LM_IMAGE_TOKENS = "lm_image_tokens"
+VISION_POOLED_MEAN = "vision_pooled_mean"
+PROJECTED_POOLED_MEAN = "projected_pooled_mean"
+LM_POOLED_MEAN = "lm_pooled_mean"
+LM_IMAGE_POOLED_MEAN = "lm_image_pooled_mean"
+LM_LAST_TOKEN = "lm_last_token"
+VISUAL_TOKEN_LENS = "visual_token_lens"
+IMAGE_GRID_THW = "image_grid_thw"
+
+POOLED = (VISION_POOLED_MEAN, PROJECTED_POOLED_MEAN, LM_POOLED_MEAN, LM_IMAGE_POOLED_MEAN, LM_LAST_TOKEN)
+# What the original script saved by default: the pooled vectors and the per-image token counts.
+DEFAULT_OUTPUTS = (*POOLED, VISUAL_TOKEN_LENS)
+# Token tensors, as saved by the original script's --save-tokens.
+TOKEN_OUTPUTS = (VISION_TOKENS, PROJECTED_TOKENS, LM_LAST_HIDDEN, LM_IMAGE_TOKENS)
+FIXED_OUTPUTS = (*TOKEN_OUTPUTS, *POOLED, VISUAL_TOKEN_LENS, IMAGE_GRID_THW)
+
+_NEEDS_LM = frozenset({LM_LAST_HIDDEN, LM_IMAGE_TOKENS, LM_POOLED_MEAN, LM_IMAGE_POOLED_MEAN, LM_LAST_TOKEN})
+_LAYER = re.compile(r"^(lm|vision)_layer_(-?\d+)$")
+
+
+@dataclass(frozen=True)
+class OutputPlan:
+    """The validated outputs of one request and the model work they need.
+
+    ``lm_layers`` / ``vision_layers`` map each requested layer index (as resolved, 0-based) to
+    the names the caller used for it (``lm_layer_-1`` and ``lm_layer_3`` may name one layer).
+    """
+
+    names: tuple[str, ...]
+    lm_layers: dict[int, tuple[str, ...]]
+    vision_layers: dict[int, tuple[str, ...]]
+
+    @property
+    def needs_lm(self) -> bool:
+        """True when the language model must run (any LM output or LM layer)."""
+        return bool(self.lm_layers) or any(name in _NEEDS_LM for name in self.names)
+
+    @property
+    def needs_vision_tokens(self) -> bool:
+        return VISION_TOKENS in self.names or VISION_POOLED_MEAN in self.names
+
+
+def available_outputs(num_lm_layers: int, num_vision_layers: int) -> tuple[str, ...]:
+    """Every output name a model of this depth can produce."""
+    layers = [f"lm_layer_{k}" for k in range(num_lm_layers)]
+    layers += [f"vision_layer_{k}" for k in range(num_vision_layers)]
+    return (*FIXED_OUTPUTS, *layers)
+
+
+def plan_outputs(requested: list[str] | tuple[str, ...], num_lm_layers: int, num_vision_layers: int) -> OutputPlan:
+    """Validate ``requested`` (empty: :data:`DEFAULT_OUTPUTS`) into an :class:`OutputPlan`.
+
+    Raises :class:`InvalidInputError` naming any unknown output or out-of-range layer.
+    """
+    names = tuple(dict.fromkeys(requested)) if requested else DEFAULT_OUTPUTS
+    lm_layers: dict[int, list[str]] = {}
+    vision_layers: dict[int, list[str]] = {}
+    for name in names:
+        if name in FIXED_OUTPUTS:
+            continue
+        match = _LAYER.match(name)
+        if match is None:
+            raise InvalidInputError(
+                f"unknown output {name!r}; expected one of {', '.join(FIXED_OUTPUTS)}, "
+                "lm_layer_<k> or vision_layer_<k>"
+            )
+        kind, k = match.group(1), int(match.group(2))
+        depth = num_lm_layers if kind == "lm" else num_vision_layers
+        if not -depth <= k < depth:
+            raise InvalidInputError(f"output {name!r}: layer {k} out of range for {depth} {kind} layers")
+        target = lm_layers if kind == "lm" else vision_layers
+        target.setdefault(k % depth, []).append(name)
+    return OutputPlan(
+        names=names,
+        lm_layers={k: tuple(v) for k, v in lm_layers.items()},
+        vision_layers={k: tuple(v) for k, v in vision_layers.items()},
+    )
