@@ -1,0 +1,97 @@
+"""Assemble and run the gRPC server: embedding service, health, reflection, error mapping."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from qwen25vl_embed.v1 import embed_pb2 as pb
+from qwen25vl_embed.v1 import embed_pb2_grpc as pb_grpc
+
+from .extractor import Extractor
+from .loading import LoadOptions, load_model
+from .service import EmbeddingService, ServiceConfig
+from .status import ErrorMappingInterceptor
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EmbeddingService"].full_name
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Where to listen and how large requests may be. Binds loopback unless told otherwise."""
+
+    host: str = "127.0.0.1"
+    port: int = 50051
+    max_request_bytes: int = 64 << 20
+    service: ServiceConfig = field(default_factory=ServiceConfig)
+    grace_seconds: float = 10.0
+
+
+@dataclass
+class RunningServer:
+    server: grpc.aio.Server
+    port: int
+    service: EmbeddingService
+    health: health.aio.HealthServicer
+
+    async def mark_serving(self, extractor: Extractor) -> None:
+        """Attach the loaded model and report SERVING to health checks."""
+        self.service.attach(extractor)
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    async def stop(self, grace: float | None) -> None:
+        """NOT_SERVING, refuse new calls, let in-flight ones finish within ``grace`` seconds."""
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+        self.service.close()
+
+
+async def create_server(config: ServerConfig) -> RunningServer:
+    """Start a server (health NOT_SERVING, no model yet) and return it with its bound port."""
+    server = grpc.aio.server(
+        interceptors=[ErrorMappingInterceptor()],
+        options=[("grpc.max_receive_message_length", config.max_request_bytes)],
+    )
+    service = EmbeddingService(config.service)
+    pb_grpc.add_EmbeddingServiceServicer_to_server(service, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        server,
+    )
+    address = f"[{config.host}]:{config.port}" if ":" in config.host else f"{config.host}:{config.port}"
+    port = server.add_insecure_port(address)
+    await server.start()
+    return RunningServer(server=server, port=port, service=service, health=health_servicer)
+
+
+async def serve(config: ServerConfig, load: LoadOptions) -> None:
+    """Run until SIGTERM/SIGINT: listen at once, load the model, then report SERVING."""
+    running = await create_server(config)
+    log.info("listening on %s:%d (health NOT_SERVING until the model is loaded)", config.host, running.port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    loader = asyncio.ensure_future(asyncio.to_thread(load_model, load))
+    waiter = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({loader, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    if loader.done():
+        await running.mark_serving(Extractor(loader.result()))
+        log.info("serving %s on %s:%d", load.model, config.host, running.port)
+        await waiter
+    log.info("shutting down (grace %.0f s)", config.grace_seconds)
+    await running.stop(config.grace_seconds)
+    loader.cancel()

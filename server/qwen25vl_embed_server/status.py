@@ -1,0 +1,87 @@
+"""Domain errors -> gRPC status codes, in one place: a server interceptor.
+
+InvalidInputError -> INVALID_ARGUMENT with its message; ModelNotReadyError -> UNAVAILABLE;
+anything else -> INTERNAL with a generic message, the traceback logged on the server.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+
+from .errors import InvalidInputError, ModelNotReadyError
+
+log = logging.getLogger(__name__)
+
+
+def status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The status code and caller-facing message for ``error``."""
+    if isinstance(error, InvalidInputError):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(error)
+    if isinstance(error, ModelNotReadyError):
+        return grpc.StatusCode.UNAVAILABLE, str(error) or "the model is not loaded yet; retry later"
+    return grpc.StatusCode.INTERNAL, "internal server error; the server log has the details"
+
+
+async def _abort(context: grpc.aio.ServicerContext, method: str, error: Exception) -> None:
+    code, message = status_for(error)
+    if code == grpc.StatusCode.INTERNAL:
+        log.exception("%s failed", method, exc_info=error)
+    else:
+        log.info("%s -> %s: %s", method, code.name, message)
+    await context.abort(code, message)
+
+
+class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
+    """Wraps unary-unary and unary-stream handlers so domain errors become status codes."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None:
+            return handler
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                _wrap_unary(handler.unary_unary, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                _wrap_stream(handler.unary_stream, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
+
+
+def _wrap_unary(behavior: Any, method: str) -> Any:
+    async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await behavior(request, context)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as error:
+            await _abort(context, method, error)
+
+    return wrapped
+
+
+def _wrap_stream(behavior: Any, method: str) -> Any:
+    async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        try:
+            async for response in behavior(request, context):
+                yield response
+        except grpc.aio.AbortError:
+            raise
+        except Exception as error:
+            await _abort(context, method, error)
+
+    return wrapped
