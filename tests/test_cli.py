@@ -1,0 +1,136 @@
+"""The CLI: extract in-process and through a server writes the same files; serve runs and stops."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from qwen25vl_embed import EmbeddingClient
+from qwen25vl_embed_server.background import BackgroundServer
+from qwen25vl_embed_server.cli import main
+
+from .helpers import noise_image
+
+
+@pytest.fixture()
+def images(tmp_path: Path) -> list[Path]:
+    paths = [tmp_path / "cat.png", tmp_path / "wide.jpg"]
+    noise_image(300, 200, seed=1).save(paths[0])
+    noise_image(448, 224, seed=2).save(paths[1], quality=95)
+    return paths
+
+
+def _tree(root: Path) -> dict[str, object]:
+    """Every file under ``root``: arrays for .npy, parsed JSON for manifests."""
+    files: dict[str, object] = {}
+    for path in sorted(root.rglob("*")):
+        if path.suffix == ".npy":
+            files[str(path.relative_to(root))] = np.load(path)
+        elif path.suffix == ".json":
+            files[str(path.relative_to(root))] = json.loads(path.read_text())
+    return files
+
+
+def test_extract_local_and_via_server_write_the_same_files(
+    tmp_path: Path, images: list[Path], tiny_model_path: Path, server: BackgroundServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    common = [*map(str, images), "--save-tokens", "--prompt", "A photo."]
+    local, remote = tmp_path / "local", tmp_path / "remote"
+    assert main(["extract", *common, "--outdir", str(local), "--model", str(tiny_model_path), "--device", "cpu"]) == 0
+    assert main(["extract", *common, "--outdir", str(remote), "--server", server.address]) == 0
+    printed = capsys.readouterr().out
+    assert "projected_tokens [128, 64]" in printed  # 448x224 -> 16x32 patches -> 128 tokens
+
+    local_files, remote_files = _tree(local), _tree(remote)
+    assert set(local_files) == set(remote_files)
+    assert {"cat/manifest.json", "cat/projected_tokens.npy", "wide/lm_last_hidden.npy"} <= set(local_files)
+    for name, value in local_files.items():
+        other = remote_files[name]
+        if isinstance(value, np.ndarray):
+            np.testing.assert_array_equal(value, other, err_msg=name)
+        else:
+            manifest = dict(value)  # type: ignore[call-overload]
+            other_manifest = dict(other)  # type: ignore[call-overload]
+            # The model is named by path locally and by the server's --model remotely: the same here.
+            assert manifest == other_manifest, name
+
+    manifest = json.loads((local / "cat" / "manifest.json").read_text())
+    assert manifest["prompt"] == "A photo." and manifest["image"] == str(images[0])
+    for name, entry in manifest["files"].items():
+        saved = np.load(local / "cat" / entry["file"])
+        assert list(saved.shape) == entry["shape"], name
+
+
+def test_extract_saves_pooled_vectors_only_by_default(
+    tmp_path: Path, images: list[Path], server: BackgroundServer
+) -> None:
+    assert main(["extract", str(images[0]), "--outdir", str(tmp_path), "--server", server.address]) == 0
+    saved = {p.name for p in (tmp_path / "cat").iterdir()}
+    assert "lm_pooled_mean.npy" in saved and "visual_token_lens.npy" in saved
+    assert "projected_tokens.npy" not in saved
+
+
+def test_extract_refuses_missing_files_and_clashing_stems(tmp_path: Path, images: list[Path]) -> None:
+    assert main(["extract", str(tmp_path / "missing.png"), "--server", "127.0.0.1:1"]) == 2
+    clash = tmp_path / "sub" / "cat.png"
+    clash.parent.mkdir()
+    clash.write_bytes(images[0].read_bytes())
+    assert main(["extract", str(images[0]), str(clash), "--server", "127.0.0.1:1"]) == 2
+
+
+def test_extract_reports_a_bad_image_cleanly(
+    tmp_path: Path, server: BackgroundServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not a png")
+    assert main(["extract", str(bad), "--outdir", str(tmp_path), "--server", server.address]) == 1
+    assert "INVALID_ARGUMENT" in capsys.readouterr().err
+
+
+def test_serve_command_loads_serves_and_stops_on_sigterm(tiny_model_path: Path) -> None:
+    """The real `serve` process: NOT_SERVING while loading, SERVING after, exit 0 on SIGTERM."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "qwen25vl_embed_server.cli", "serve", "--model", str(tiny_model_path), "--port", "0",
+         "--device", "cpu"],
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        assert proc.stderr is not None
+        port = None
+        deadline = time.monotonic() + 120
+        while port is None and time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            assert line, "serve exited before listening"
+            if match := re.search(r"listening on 127\.0\.0\.1:(\d+)", line):
+                port = int(match.group(1))
+        assert port is not None
+        address = f"127.0.0.1:{port}"
+        with grpc.insecure_channel(address) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            status = health_pb2.HealthCheckResponse.NOT_SERVING
+            while status != health_pb2.HealthCheckResponse.SERVING and time.monotonic() < deadline:
+                status = health.Check(health_pb2.HealthCheckRequest(), timeout=5).status
+                time.sleep(0.1)
+            assert status == health_pb2.HealthCheckResponse.SERVING
+        with EmbeddingClient(address) as client:
+            assert client.info().model == str(tiny_model_path)
+            assert client.extract(noise_image(56, 56)).visual_token_lens.tolist() == [4]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
