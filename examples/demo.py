@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import IO
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -21,6 +22,11 @@ from qwen25vl_embed import EmbeddingClient
 HERE = Path(__file__).parent
 IMAGE = HERE / "images" / "landscape.png"
 OUTDIR = Path("out") / "demo"
+
+
+def _echo(log: IO[str]) -> None:
+    for line in log:
+        sys.stderr.write(f"  [server] {line}")
 
 
 def start_server() -> tuple[subprocess.Popen[str], str]:
@@ -38,7 +44,7 @@ def start_server() -> tuple[subprocess.Popen[str], str]:
     else:
         raise SystemExit(f"the server exited with code {server.wait()} before listening")
     # Keep echoing (and draining) the server's log while the demo runs.
-    threading.Thread(target=lambda: [sys.stderr.write(f"  [server] {x}") for x in server.stderr], daemon=True).start()
+    threading.Thread(target=_echo, args=(server.stderr,), daemon=True).start()
     with grpc.insecure_channel(address) as channel:
         health = health_pb2_grpc.HealthStub(channel)
         while health.Check(health_pb2.HealthCheckRequest()).status != health_pb2.HealthCheckResponse.SERVING:
@@ -53,16 +59,28 @@ def main() -> int:
     try:
         with EmbeddingClient(address) as client:
             info = client.info()
-            print(f"\nserver {address}: model {info.model} on {info.device} ({info.dtype}), "
-                  f"vision hidden {info.vision_hidden_size}, LM hidden {info.hidden_size}")
-            outputs = ["vision_tokens", "projected_tokens", "lm_last_hidden", "lm_image_tokens",
-                       "projected_pooled_mean", "lm_pooled_mean", "lm_last_token", "visual_token_lens"]
+            print(
+                f"\nserver {address}: model {info.model} on {info.device} ({info.dtype}), "
+                f"vision hidden {info.vision_hidden_size}, LM hidden {info.hidden_size}"
+            )
+            outputs = [
+                "vision_tokens",
+                "projected_tokens",
+                "lm_last_hidden",
+                "lm_image_tokens",
+                "projected_pooled_mean",
+                "lm_pooled_mean",
+                "lm_last_token",
+                "visual_token_lens",
+            ]
             result = client.extract(IMAGE, prompt="Describe the image.", outputs=outputs)
-        print(f"\n{IMAGE.name}: {result.visual_token_lens[0]} image tokens, grid (t, h, w) = "
-              f"{result.image_grid_thw[0].tolist()}, LM sequence length {result.sequence_length}")
+        print(
+            f"\n{IMAGE.name}: {result.visual_token_lens[0]} image tokens, grid (t, h, w) = "
+            f"{result.image_grid_thw[0].tolist()}, LM sequence length {result.sequence_length}"
+        )
         for name in result.names:
             array = result[name]
-            print(f"  {name:<22} {str(list(array.shape)):<14} {array.dtype}")
+            print(f"  {name:<22} {list(array.shape)!s:<14} {array.dtype}")
         saved = result.save(OUTDIR / IMAGE.stem)
         print(f"\nsaved to {saved}/ (*.npy + manifest.json)")
     finally:

@@ -23,7 +23,7 @@ from qwen25vl_embed_server.cli import main
 from .helpers import noise_image
 
 
-@pytest.fixture()
+@pytest.fixture
 def images(tmp_path: Path) -> list[Path]:
     paths = [tmp_path / "cat.png", tmp_path / "wide.jpg"]
     noise_image(300, 200, seed=1).save(paths[0])
@@ -43,7 +43,11 @@ def _tree(root: Path) -> dict[str, object]:
 
 
 def test_extract_local_and_via_server_write_the_same_files(
-    tmp_path: Path, images: list[Path], tiny_model_path: Path, server: BackgroundServer, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path,
+    images: list[Path],
+    tiny_model_path: Path,
+    server: BackgroundServer,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     common = [*map(str, images), "--save-tokens", "--prompt", "A photo."]
     local, remote = tmp_path / "local", tmp_path / "remote"
@@ -66,7 +70,8 @@ def test_extract_local_and_via_server_write_the_same_files(
             assert manifest == other_manifest, name
 
     manifest = json.loads((local / "cat" / "manifest.json").read_text())
-    assert manifest["prompt"] == "A photo." and manifest["image"] == str(images[0])
+    assert manifest["prompt"] == "A photo."
+    assert manifest["image"] == str(images[0])
     for name, entry in manifest["files"].items():
         saved = np.load(local / "cat" / entry["file"])
         assert list(saved.shape) == entry["shape"], name
@@ -77,7 +82,8 @@ def test_extract_saves_pooled_vectors_only_by_default(
 ) -> None:
     assert main(["extract", str(images[0]), "--outdir", str(tmp_path), "--server", server.address]) == 0
     saved = {p.name for p in (tmp_path / "cat").iterdir()}
-    assert "lm_pooled_mean.npy" in saved and "visual_token_lens.npy" in saved
+    assert "lm_pooled_mean.npy" in saved
+    assert "visual_token_lens.npy" in saved
     assert "projected_tokens.npy" not in saved
 
 
@@ -101,8 +107,18 @@ def test_extract_reports_a_bad_image_cleanly(
 def test_serve_command_loads_serves_and_stops_on_sigterm(tiny_model_path: Path) -> None:
     """The real `serve` process: NOT_SERVING while loading, SERVING after, exit 0 on SIGTERM."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "qwen25vl_embed_server.cli", "serve", "--model", str(tiny_model_path), "--port", "0",
-         "--device", "cpu"],
+        [
+            sys.executable,
+            "-m",
+            "qwen25vl_embed_server.cli",
+            "serve",
+            "--model",
+            str(tiny_model_path),
+            "--port",
+            "0",
+            "--device",
+            "cpu",
+        ],
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},

@@ -36,19 +36,23 @@ def _hook_count(module: torch.nn.Module) -> int:
 def test_vision_only_outputs_never_run_the_language_model(extractor: Extractor) -> None:
     plan = extractor.plan(["vision_tokens", "projected_tokens", "vision_pooled_mean", "vision_layer_1"])
     assert not plan.needs_lm
-    with counting_calls(extractor.loaded.language_model) as lm_calls, counting_calls(
-        extractor.loaded.visual
-    ) as vision_calls:
+    with (
+        counting_calls(extractor.loaded.language_model) as lm_calls,
+        counting_calls(extractor.loaded.visual) as vision_calls,
+    ):
         extractor.extract([noise_image(224, 224)], plan=plan)
-    assert lm_calls == [] and vision_calls == [1]
+    assert lm_calls == []
+    assert vision_calls == [1]
 
 
 def test_lm_outputs_run_each_stage_once_and_never_lm_head(extractor: Extractor) -> None:
     plan = extractor.plan(["vision_tokens", "lm_last_hidden", "lm_layer_1"])
     model = extractor.loaded.model
-    with counting_calls(model.lm_head) as head, counting_calls(model.model.language_model) as lm, counting_calls(
-        model.model.visual
-    ) as vision:
+    with (
+        counting_calls(model.lm_head) as head,
+        counting_calls(model.model.language_model) as lm,
+        counting_calls(model.model.visual) as vision,
+    ):
         extractor.extract([noise_image(224, 224)], plan=plan)
     assert (head, lm, vision) == ([], [1], [1])
 
@@ -78,7 +82,7 @@ def test_plan_validates_names_and_layers(extractor: Extractor) -> None:
     assert plan.vision_layers == {0: ("vision_layer_-4",)}
     with pytest.raises(InvalidInputError, match="unknown output 'pooled'"):
         extractor.plan(["pooled"])
-    with pytest.raises(InvalidInputError, match="lm_layer_2.*out of range for 2 lm layers"):
+    with pytest.raises(InvalidInputError, match=r"lm_layer_2.*out of range for 2 lm layers"):
         extractor.plan(["lm_layer_2"])
     with pytest.raises(InvalidInputError, match="vision_layer_-5"):
         extractor.plan(["vision_layer_-5"])
@@ -109,5 +113,5 @@ def test_unknown_dtype_and_missing_images_are_invalid_input(extractor: Extractor
 
 
 def test_extreme_aspect_ratio_is_invalid_input(extractor: Extractor) -> None:
-    with pytest.raises(InvalidInputError, match="processor rejected.*3000x10"):
+    with pytest.raises(InvalidInputError, match=r"processor rejected.*3000x10"):
         extractor.extract([noise_image(3000, 10)])

@@ -158,7 +158,7 @@ def test_split_by_image_matches_single_image_requests(client: EmbeddingClient) -
     together = client.extract(encoded, outputs=["vision_tokens", "projected_tokens", "lm_image_tokens"])
     parts = together.split_by_image()
     assert len(parts) == 2
-    for part, data in zip(parts, encoded):
+    for part, data in zip(parts, encoded, strict=False):
         alone = client.extract(data, outputs=["vision_tokens", "projected_tokens"])
         # The vision tower attends within each image only: per-image rows are identical.
         np.testing.assert_allclose(part["vision_tokens"], alone["vision_tokens"], rtol=1e-5, atol=1e-6)
@@ -170,7 +170,13 @@ def test_normalize_gives_unit_pooled_vectors(client: EmbeddingClient) -> None:
     encoded = png_bytes(noise_image(300, 200))
     raw = client.extract(encoded)
     unit = client.extract(encoded, normalize=True)
-    for name in ["vision_pooled_mean", "projected_pooled_mean", "lm_pooled_mean", "lm_image_pooled_mean", "lm_last_token"]:
+    for name in [
+        "vision_pooled_mean",
+        "projected_pooled_mean",
+        "lm_pooled_mean",
+        "lm_image_pooled_mean",
+        "lm_last_token",
+    ]:
         norm = np.linalg.norm(raw[name], axis=-1, keepdims=True)
         np.testing.assert_allclose(unit[name], raw[name] / norm, rtol=1e-6, atol=1e-7)
         np.testing.assert_allclose(np.linalg.norm(unit[name]), 1.0, rtol=1e-6)

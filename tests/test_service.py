@@ -59,7 +59,8 @@ def test_tensor_over_4_mib_arrives_whole_with_default_limits(
     # Every message respects the 1 MiB default chunk size.
     request = pb.ImageRequest(images=[pb.Image(data=b) for b in images], outputs=["vision_tokens"])
     sizes = [response.ByteSize() for response in stub.Extract(request)]
-    assert len(sizes) > 5 and max(sizes) <= 1 << 20
+    assert len(sizes) > 5
+    assert max(sizes) <= 1 << 20
 
 
 def test_configured_chunk_size_is_respected(extractor: Extractor) -> None:
@@ -76,7 +77,8 @@ def test_configured_chunk_size_is_respected(extractor: Extractor) -> None:
             via_sdk = sdk.extract(request.images[0].data, outputs=list(request.outputs))
     assert max(r.ByteSize() for r in responses) <= chunk
     assert all(r.request_id == "r-1" for r in responses)
-    assert responses[0].HasField("metadata") and not any(r.HasField("metadata") for r in responses[1:])
+    assert responses[0].HasField("metadata")
+    assert not any(r.HasField("metadata") for r in responses[1:])
     assert via_sdk["vision_tokens"].shape == (1024, 64)
 
 
@@ -96,7 +98,7 @@ def test_bad_images_get_invalid_argument_and_the_server_keeps_serving(
     with pytest.raises(grpc.RpcError) as raised:
         list(stub.Extract(pb.ImageRequest(images=[pb.Image(data=data)])))
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert message in raised.value.details()
+    assert message in str(raised.value.details())
     assert client.extract(png_bytes(noise_image(56, 56))).visual_token_lens.tolist() == [4]
 
 
@@ -133,7 +135,7 @@ def test_bad_requests_get_invalid_argument(
     with pytest.raises(grpc.RpcError) as raised:
         list(stub.Extract(request_))
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert message in raised.value.details()
+    assert message in str(raised.value.details())
 
 
 def test_health_reports_serving(server: BackgroundServer) -> None:
@@ -158,10 +160,13 @@ def test_info_describes_the_model(client: EmbeddingClient) -> None:
     assert (info.vision_hidden_size, info.hidden_size) == (64, 64)
     assert (info.patch_size, info.spatial_merge_size, info.temporal_patch_size) == (14, 2, 2)
     assert (info.num_lm_layers, info.num_vision_layers) == (2, 4)
-    assert info.device == "cpu" and info.dtype == "float32"
-    assert "lm_layer_1" in info.outputs and "vision_layer_3" in info.outputs
+    assert info.device == "cpu"
+    assert info.dtype == "float32"
+    assert "lm_layer_1" in info.outputs
+    assert "vision_layer_3" in info.outputs
     assert info.chunk_bytes == 1 << 20
-    assert info.min_pixels == 3136 and info.max_pixels == 12845056
+    assert info.min_pixels == 3136
+    assert info.max_pixels == 12845056
 
 
 def test_unloaded_model_is_unavailable() -> None:

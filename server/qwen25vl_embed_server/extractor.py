@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import ml_dtypes
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
+from torch.nn import functional
 
 from . import outputs as names
 from .capture import capturing
@@ -130,7 +130,7 @@ class Extractor:
         for name in plan.names:
             if name in names.POOLED:
                 vector = _pool(name, out)
-                out[name] = F.normalize(vector, p=2.0, dim=-1) if normalize else vector
+                out[name] = functional.normalize(vector, p=2.0, dim=-1) if normalize else vector
         return out
 
 

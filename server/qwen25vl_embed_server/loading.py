@@ -111,7 +111,7 @@ def load_model(options: LoadOptions) -> LoadedModel:
     kwargs: dict[str, Any] = {"dtype": dtype}
     if options.attn_implementation:
         kwargs["attn_implementation"] = options.attn_implementation
-    model = AutoModelForImageTextToText.from_pretrained(path, **kwargs).to(device).eval()
+    model = AutoModelForImageTextToText.from_pretrained(path, **kwargs).to(device).eval()  # type: ignore[arg-type]
     seconds = time.perf_counter() - started
     log.info("loaded %s on %s (%s) in %.1f s", options.model, device, str(dtype).removeprefix("torch."), seconds)
     return LoadedModel(

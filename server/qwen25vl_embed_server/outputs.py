@@ -73,8 +73,7 @@ def plan_outputs(requested: list[str] | tuple[str, ...], num_lm_layers: int, num
         match = _LAYER.match(name)
         if match is None:
             raise InvalidInputError(
-                f"unknown output {name!r}; expected one of {', '.join(FIXED_OUTPUTS)}, "
-                "lm_layer_<k> or vision_layer_<k>"
+                f"unknown output {name!r}; expected one of {', '.join(FIXED_OUTPUTS)}, lm_layer_<k> or vision_layer_<k>"
             )
         kind, k = match.group(1), int(match.group(2))
         depth = num_lm_layers if kind == "lm" else num_vision_layers

@@ -8,7 +8,8 @@ import signal
 from dataclasses import dataclass, field
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]  # missing from grpc-stubs
 from grpc_reflection.v1alpha import reflection
 
 from qwen25vl_embed.v1 import embed_pb2 as pb
@@ -40,7 +41,7 @@ class RunningServer:
     server: grpc.aio.Server
     port: int
     service: EmbeddingService
-    health: health.aio.HealthServicer
+    health: health_aio.HealthServicer
 
     async def mark_serving(self, extractor: Extractor) -> None:
         """Attach the loaded model and report SERVING to health checks."""
@@ -63,7 +64,7 @@ async def create_server(config: ServerConfig) -> RunningServer:
     )
     service = EmbeddingService(config.service)
     pb_grpc.add_EmbeddingServiceServicer_to_server(service, server)
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)

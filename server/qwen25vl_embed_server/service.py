@@ -64,16 +64,18 @@ class EmbeddingService(pb_grpc.EmbeddingServiceServicer):
         return self._extractor
 
     async def Extract(  # noqa: N802 - the RPC's name
-        self, request: pb.ImageRequest, context: grpc.aio.ServicerContext
+        self, request: pb.ImageRequest, context: grpc.aio.ServicerContext[pb.ImageRequest, pb.EmbeddingResponse]
     ) -> AsyncIterator[pb.EmbeddingResponse]:
         extractor = self.extractor
         if len(request.request_id) > MAX_REQUEST_ID_CHARS:
-            raise InvalidInputError(f"request_id is {len(request.request_id)} characters; the limit is {MAX_REQUEST_ID_CHARS}")
+            raise InvalidInputError(
+                f"request_id is {len(request.request_id)} characters; the limit is {MAX_REQUEST_ID_CHARS}"
+            )
         dtype = _wire_dtype(request.dtype)
         plan = extractor.plan(list(request.outputs))
         if not request.images:
             raise InvalidInputError("the request has no image; send at least one")
-        images = await asyncio.to_thread(_decode_all, request.images)
+        images = await asyncio.to_thread(_decode_all, list(request.images))
         prompt = request.prompt if request.HasField("prompt") else DEFAULT_PROMPT
         loop = asyncio.get_running_loop()
         result = await loop.run_in_executor(
@@ -92,7 +94,7 @@ class EmbeddingService(pb_grpc.EmbeddingServiceServicer):
             yield pb.EmbeddingResponse(request_id=request.request_id, tensors=parts)
 
     async def Info(  # noqa: N802 - the RPC's name
-        self, request: pb.InfoRequest, context: grpc.aio.ServicerContext
+        self, request: pb.InfoRequest, context: grpc.aio.ServicerContext[pb.InfoRequest, pb.InfoResponse]
     ) -> pb.InfoResponse:
         extractor = self.extractor
         loaded = extractor.loaded

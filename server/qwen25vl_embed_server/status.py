@@ -26,7 +26,7 @@ def status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, "internal server error; the server log has the details"
 
 
-async def _abort(context: grpc.aio.ServicerContext, method: str, error: Exception) -> None:
+async def _abort(context: grpc.aio.ServicerContext[Any, Any], method: str, error: Exception) -> None:
     code, message = status_for(error)
     if code == grpc.StatusCode.INTERNAL:
         log.exception("%s failed", method, exc_info=error)
@@ -35,14 +35,14 @@ async def _abort(context: grpc.aio.ServicerContext, method: str, error: Exceptio
     await context.abort(code, message)
 
 
-class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
+class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     """Wraps unary-unary and unary-stream handlers so domain errors become status codes."""
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> grpc.RpcMethodHandler[Any, Any]:
         handler = await continuation(handler_call_details)
         method = handler_call_details.method
         if handler is None:
@@ -63,7 +63,7 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
 
 
 def _wrap_unary(behavior: Any, method: str) -> Any:
-    async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def wrapped(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         try:
             return await behavior(request, context)
         except grpc.aio.AbortError:
@@ -75,7 +75,7 @@ def _wrap_unary(behavior: Any, method: str) -> Any:
 
 
 def _wrap_stream(behavior: Any, method: str) -> Any:
-    async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+    async def wrapped(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
         try:
             async for response in behavior(request, context):
                 yield response

@@ -120,7 +120,7 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def build_config(tokenizer: PreTrainedTokenizerFast, shape: TinyShape) -> Qwen2_5_VLConfig:
-    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in SPECIAL_TOKENS}
+    ids = {token: int(tokenizer.convert_tokens_to_ids(token)) for token in SPECIAL_TOKENS}  # type: ignore[arg-type]
     text_head_dim = shape.text_hidden // shape.text_heads
     if sum(shape.mrope_section) * 2 != text_head_dim:
         raise ValueError(f"sum(mrope_section) must be text head_dim / 2 = {text_head_dim // 2}")
@@ -186,7 +186,7 @@ def build_tiny_model(
     config = build_config(tokenizer, shape)
     torch.manual_seed(seed)
     with torch.device(device):
-        model = Qwen2_5_VLForConditionalGeneration(config).to(dtype)
+        model = Qwen2_5_VLForConditionalGeneration(config).to(dtype)  # type: ignore[arg-type]  # transformers' wrapped .to
     model.save_pretrained(out)
     processor.save_pretrained(out)
     log.info("built random-weight Qwen2.5-VL at %s", out)

@@ -26,7 +26,7 @@ def window_index(visual: Any, grid_thw: torch.Tensor) -> torch.Tensor:
             window_size=visual.window_size,
             patch_size=visual.patch_size,
         )
-    return index
+    return torch.as_tensor(index)
 
 
 def to_image_order(tokens: torch.Tensor, index: torch.Tensor, merge_unit: int) -> torch.Tensor:

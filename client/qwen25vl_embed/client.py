@@ -1,0 +1,166 @@
+"""The synchronous client: images in, :class:`~qwen25vl_embed.embeddings.Embeddings` out."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, cast
+
+import grpc
+
+from qwen25vl_embed import codec
+from qwen25vl_embed.embeddings import Embeddings, ResultBuilder
+from qwen25vl_embed.errors import from_rpc_error
+from qwen25vl_embed.images import ImageInput, to_image_message
+from qwen25vl_embed.info import ServerInfo
+from qwen25vl_embed.v1 import embed_pb2 as pb
+from qwen25vl_embed.v1 import embed_pb2_grpc
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
+__all__ = ["EmbeddingClient", "build_request"]
+
+
+class EmbeddingClient:
+    """A blocking client of one embedding server; thread-safe, use as a context manager.
+
+    Args:
+        target: the server's address, e.g. "localhost:50051".
+        timeout: default deadline of every call, in seconds; None waits indefinitely.
+        options: gRPC channel options for the channel created here.
+        channel: a channel to use instead (e.g. a secure one); ``target`` and ``options`` are then
+            ignored, and :meth:`close` leaves the channel open for its owner to close.
+
+    gRPC's default 4 MiB receive limit is enough: the server splits results into messages of at
+    most its chunk size (1 MiB by default).
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout: float | None = None,
+        options: Sequence[tuple[str, Any]] = (),
+        channel: grpc.Channel | None = None,
+    ) -> None:
+        self._target = target
+        self._timeout = timeout
+        self._owns_channel = channel is None
+        if channel is None:
+            channel = grpc.insecure_channel(target, options=list(options))
+        self._channel = channel
+        self._stub = embed_pb2_grpc.EmbeddingServiceStub(self._channel)
+
+    def extract(
+        self,
+        image: ImageInput | Sequence[ImageInput],
+        prompt: str | None = None,
+        outputs: Sequence[str] = (),
+        dtype: str = "float32",
+        normalize: bool = False,
+        request_id: str = "",
+        timeout: float | None = None,
+    ) -> Embeddings:
+        """Run the model on one request and return its outputs.
+
+        Args:
+            image: one image, or a list or tuple of images that form one multi-image prompt.
+            prompt: the user text after the images; None lets the server use its default
+                ("Describe the image."), "" sends no text.
+            outputs: output names (see ``ServerInfo.outputs``); empty asks for the pooled vectors
+                and visual_token_lens.
+            dtype: wire dtype of floating outputs: "float32", "float16" or "bfloat16" (arrays of
+                ``ml_dtypes.bfloat16``).
+            normalize: L2-normalise the pooled vectors.
+            request_id: echoed in the result.
+            timeout: deadline in seconds for this call; None uses the client's default.
+
+        Raises:
+            EmbeddingError: the call failed (e.g. INVALID_ARGUMENT for an undecodable image or an
+                unknown output name, UNAVAILABLE while the model loads).
+            ValueError: no image, or an unknown dtype, before anything is sent.
+            TypeError: an image of an unsupported kind, or ``outputs`` given as a single string.
+            qwen25vl_embed.codec.CodecError: the server's stream was malformed.
+        """
+        request = build_request(image, prompt, outputs, dtype, normalize, request_id)
+        call = self._stub.Extract(request, timeout=self._deadline(timeout))
+        builder = ResultBuilder()
+        try:
+            for response in call:
+                builder.add(response)
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from err
+        except BaseException:
+            # Stop the server's work when the client gives up on a malformed stream.
+            call.cancel()  # type: ignore[no-untyped-call]  # grpc-stubs leaves cancel() unannotated
+            raise
+        return builder.build()
+
+    def info(self, timeout: float | None = None) -> ServerInfo:
+        """The server's model and capabilities.
+
+        Raises:
+            EmbeddingError: the call failed.
+        """
+        try:
+            response = self._stub.Info(pb.InfoRequest(), timeout=self._deadline(timeout))
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from err
+        return ServerInfo.from_proto(response)
+
+    def close(self) -> None:
+        """Close the channel, if this client created it. Calls in progress are cancelled."""
+        if self._owns_channel:
+            self._channel.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"EmbeddingClient({self._target!r})"
+
+    def _deadline(self, timeout: float | None) -> float | None:
+        return timeout if timeout is not None else self._timeout
+
+
+def build_request(
+    image: ImageInput | Sequence[ImageInput],
+    prompt: str | None = None,
+    outputs: Sequence[str] = (),
+    dtype: str = "float32",
+    normalize: bool = False,
+    request_id: str = "",
+) -> pb.ImageRequest:
+    """The ``ImageRequest`` for :meth:`EmbeddingClient.extract`'s arguments, validated.
+
+    Raises:
+        ValueError: no image, or a dtype other than "float32", "float16", "bfloat16".
+        TypeError: an image of an unsupported kind, or ``outputs`` given as a single string.
+    """
+    # Only lists and tuples mean several images: str and bytes are sequences too.
+    images = list(image) if isinstance(image, (list, tuple)) else [cast(ImageInput, image)]
+    if not images:
+        raise ValueError("at least one image is required")
+    if isinstance(outputs, str):
+        raise TypeError(f"outputs must be a sequence of names, not the string {outputs!r}")
+    if dtype not in codec.FLOAT_DTYPE_NAMES:
+        raise ValueError(f"dtype must be one of {list(codec.FLOAT_DTYPE_NAMES)}, got {dtype!r}")
+    request = pb.ImageRequest(
+        images=[to_image_message(item) for item in images],
+        outputs=list(outputs),
+        dtype=codec.dtype_from_name(dtype),
+        request_id=request_id,
+        normalize=normalize,
+    )
+    if prompt is not None:
+        request.prompt = prompt
+    return request

@@ -1,0 +1,381 @@
+"""The typed result of one Extract call, and how it is built from the response stream."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import IO, Any
+
+import ml_dtypes
+import numpy as np
+import numpy.typing as npt
+
+from qwen25vl_embed import codec
+from qwen25vl_embed.v1 import embed_pb2 as pb
+
+__all__ = ["MANIFEST_FORMAT_VERSION", "Embeddings", "ResultBuilder"]
+
+MANIFEST_FORMAT_VERSION = 1
+
+# Per-image token tensors and the count that splits them: vision patches or image tokens.
+_PATCH_ROWS = re.compile(r"vision_tokens|vision_layer_-?\d+")
+_TOKEN_ROWS = frozenset({"projected_tokens", "lm_image_tokens"})
+# Metadata outputs with one row per image.
+_IMAGE_ROWS = frozenset({"visual_token_lens", "image_grid_thw"})
+# Tensor names become file names: no separators, no leading dot.
+_FILE_SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+_MANIFEST_KEYS = frozenset(
+    {"format_version", "request_id", "sequence_length", "visual_token_lens", "image_grid_thw", "files"}
+)
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class Embeddings:
+    """The outputs of one request, by name, with how the images entered the model.
+
+    Notation as in the proto: Np patches and Nv image tokens over all images, Cv the vision hidden
+    size, D the LM hidden size, T the sequence length. Token tensors hold every image of the
+    request, concatenated along the first axis in request order; :meth:`split_by_image` separates
+    them. Arrays are read-only; floating outputs have the dtype requested (``ml_dtypes.bfloat16``
+    for bfloat16), integer ones int64.
+
+    Attributes:
+        tensors: every output received, name -> array, in arrival order (read-only mapping).
+        visual_token_lens: int64 ``[num_images]``, image tokens per image (sums to Nv).
+        image_grid_thw: int64 ``[num_images, 3]``, the (t, h, w) patch grid of each image.
+        image_token_positions: int64 ``[Nv]``, ascending positions of the image tokens in the
+            LM input sequence.
+        sequence_length: T, the length of the LM input sequence.
+        request_id: the request's id, as echoed by the server.
+    """
+
+    tensors: Mapping[str, np.ndarray]
+    visual_token_lens: npt.NDArray[np.int64]
+    image_grid_thw: npt.NDArray[np.int64]
+    image_token_positions: npt.NDArray[np.int64]
+    sequence_length: int
+    request_id: str = ""
+
+    def __post_init__(self) -> None:
+        lens = _int_array(self.visual_token_lens, "visual_token_lens")
+        grid = _int_array(self.image_grid_thw, "image_grid_thw")
+        if grid.size == 0:
+            grid = grid.reshape(0, 3)
+        if lens.ndim != 1 or grid.ndim != 2 or grid.shape[1] != 3 or len(grid) != len(lens):
+            raise ValueError(
+                "visual_token_lens must have shape [num_images] and image_grid_thw [num_images, 3]; "
+                f"got {list(lens.shape)} and {list(grid.shape)}"
+            )
+        positions = _int_array(self.image_token_positions, "image_token_positions")
+        if positions.ndim != 1:
+            raise ValueError(f"image_token_positions must be 1-d, got shape {list(positions.shape)}")
+        tensors = {str(name): _read_only(np.asarray(array)) for name, array in self.tensors.items()}
+        # Bypasses the frozen __setattr__ once, to store the normalised, read-only values.
+        object.__setattr__(self, "tensors", MappingProxyType(tensors))
+        object.__setattr__(self, "visual_token_lens", _read_only(lens))
+        object.__setattr__(self, "image_grid_thw", _read_only(grid))
+        object.__setattr__(self, "image_token_positions", _read_only(positions))
+        object.__setattr__(self, "sequence_length", int(self.sequence_length))
+
+    @classmethod
+    def from_response_stream(cls, responses: Iterable[pb.EmbeddingResponse]) -> Embeddings:
+        """The result carried by the responses of one Extract stream, in stream order.
+
+        Raises:
+            qwen25vl_embed.codec.CodecError: the stream is empty, lacks metadata on its first
+                response, or holds an incomplete or inconsistent tensor.
+        """
+        builder = ResultBuilder()
+        for response in responses:
+            builder.add(response)
+        return builder.build()
+
+    # --- access by name ------------------------------------------------------------------------
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The output names present, in arrival order."""
+        return tuple(self.tensors)
+
+    @property
+    def num_images(self) -> int:
+        """Number of images in the request."""
+        return len(self.visual_token_lens)
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            available = ", ".join(self.tensors) or "none"
+            raise KeyError(f"no output {name!r} in this result; available: {available}") from None
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.tensors
+
+    def __iter__(self) -> Iterator[str]:
+        """Iterates over the output names, like a mapping."""
+        return iter(self.tensors)
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    def __repr__(self) -> str:
+        shapes = ", ".join(f"{name}: {list(a.shape)} {a.dtype.name}" for name, a in self.tensors.items())
+        return (
+            f"Embeddings(request_id={self.request_id!r}, num_images={self.num_images}, "
+            f"sequence_length={self.sequence_length}, tensors={{{shapes}}})"
+        )
+
+    @property
+    def vision_tokens(self) -> np.ndarray | None:
+        """``[Np, Cv]`` output of the last vision block, before the projector; None if not sent."""
+        return self.tensors.get("vision_tokens")
+
+    @property
+    def projected_tokens(self) -> np.ndarray | None:
+        """``[Nv, D]`` projector (PatchMerger) output; None if not sent."""
+        return self.tensors.get("projected_tokens")
+
+    @property
+    def lm_last_hidden(self) -> np.ndarray | None:
+        """``[1, T, D]`` LM last hidden states after the final norm; None if not sent."""
+        return self.tensors.get("lm_last_hidden")
+
+    @property
+    def lm_image_tokens(self) -> np.ndarray | None:
+        """``[Nv, D]`` rows of lm_last_hidden at the image-token positions; None if not sent."""
+        return self.tensors.get("lm_image_tokens")
+
+    @property
+    def vision_pooled_mean(self) -> np.ndarray | None:
+        """``[1, Cv]`` mean of vision_tokens over all patches; None if not sent."""
+        return self.tensors.get("vision_pooled_mean")
+
+    @property
+    def projected_pooled_mean(self) -> np.ndarray | None:
+        """``[1, D]`` mean of projected_tokens over all image tokens; None if not sent."""
+        return self.tensors.get("projected_pooled_mean")
+
+    @property
+    def lm_pooled_mean(self) -> np.ndarray | None:
+        """``[1, D]`` mean of lm_last_hidden over all T positions; None if not sent."""
+        return self.tensors.get("lm_pooled_mean")
+
+    @property
+    def lm_image_pooled_mean(self) -> np.ndarray | None:
+        """``[1, D]`` mean of lm_image_tokens; None if not sent."""
+        return self.tensors.get("lm_image_pooled_mean")
+
+    @property
+    def lm_last_token(self) -> np.ndarray | None:
+        """``[1, D]`` lm_last_hidden at the final position; None if not sent."""
+        return self.tensors.get("lm_last_token")
+
+    # --- per image -----------------------------------------------------------------------------
+
+    def split_by_image(self) -> list[Embeddings]:
+        """One result per image, in request order, holding that image's rows of each token tensor.
+
+        ``vision_tokens`` and ``vision_layer_<k>`` are split by patches (t*h*w of each grid),
+        ``projected_tokens`` and ``lm_image_tokens`` by ``visual_token_lens``, and the
+        ``visual_token_lens`` / ``image_grid_thw`` outputs, if present, by row. Outputs that mix
+        all images (``lm_last_hidden``, ``lm_layer_<k>``, ``*_pooled_mean``, ``lm_last_token``)
+        cannot be separated and are left out of the parts. Each part's metadata is its image's:
+        one row of visual_token_lens and image_grid_thw, its slice of image_token_positions (still
+        positions in the shared sequence) and the shared sequence_length. Parts are views.
+
+        Raises:
+            ValueError: a token tensor's first axis does not match the metadata.
+        """
+        n = self.num_images
+        patch_bounds = _bounds(self.image_grid_thw.prod(axis=1))
+        token_bounds = _bounds(self.visual_token_lens)
+        image_bounds = list(range(n + 1))
+        positions = self.image_token_positions
+        if positions.size not in (0, token_bounds[-1]):
+            raise ValueError(
+                f"image_token_positions has {positions.size} entries but visual_token_lens sums to {token_bounds[-1]}"
+            )
+        parts: list[dict[str, np.ndarray]] = [{} for _ in range(n)]
+        for name, array in self.tensors.items():
+            if _PATCH_ROWS.fullmatch(name):
+                bounds, unit = patch_bounds, "patches (image_grid_thw)"
+            elif name in _TOKEN_ROWS:
+                bounds, unit = token_bounds, "image tokens (visual_token_lens)"
+            elif name in _IMAGE_ROWS:
+                bounds, unit = image_bounds, "images"
+            else:
+                continue
+            rows = array.shape[0] if array.ndim else None
+            if rows != bounds[-1]:
+                raise ValueError(f"output {name!r} has {rows} rows but the request has {bounds[-1]} {unit}")
+            for i in range(n):
+                parts[i][name] = array[bounds[i] : bounds[i + 1]]
+        return [
+            Embeddings(
+                tensors=parts[i],
+                visual_token_lens=self.visual_token_lens[i : i + 1],
+                image_grid_thw=self.image_grid_thw[i : i + 1],
+                image_token_positions=(
+                    positions[token_bounds[i] : token_bounds[i + 1]] if positions.size else positions
+                ),
+                sequence_length=self.sequence_length,
+                request_id=self.request_id,
+            )
+            for i in range(n)
+        ]
+
+    # --- on disk -------------------------------------------------------------------------------
+
+    def save(self, outdir: str | os.PathLike[str], extra_manifest: Mapping[str, Any] | None = None) -> Path:
+        """Write every output as ``<outdir>/<name>.npy`` and describe them in ``manifest.json``.
+
+        ``visual_token_lens.npy`` and ``image_grid_thw.npy`` are written from the metadata when
+        they are not among the outputs. bfloat16 arrays are saved upcast to float32 (exactly; plain
+        numpy cannot load bfloat16 .npy files): their manifest entry keeps ``"dtype": "bfloat16"``
+        and adds ``"saved_dtype": "float32"``. The manifest is::
+
+            {"format_version": 1, "request_id": ..., "sequence_length": T,
+             "visual_token_lens": [...], "image_grid_thw": [[t, h, w], ...],
+             "files": {name: {"file": "<name>.npy", "shape": [...], "dtype": "float32"}, ...},
+             **extra_manifest}
+
+        with sorted keys. Every file is written to a temporary name and renamed into place, the
+        manifest last, so a complete manifest means complete files.
+
+        Returns:
+            ``outdir`` as a Path (created if missing).
+
+        Raises:
+            ValueError: ``extra_manifest`` reuses a manifest key, or an output name is not a safe
+                file name.
+            TypeError: ``extra_manifest`` is not JSON-serialisable.
+        """
+        extra = dict(extra_manifest or {})
+        clash = sorted(_MANIFEST_KEYS & extra.keys())
+        if clash:
+            raise ValueError(f"extra_manifest may not set the manifest's own keys: {clash}")
+        arrays = dict(self.tensors)
+        arrays.setdefault("visual_token_lens", self.visual_token_lens)
+        arrays.setdefault("image_grid_thw", self.image_grid_thw)
+        files: dict[str, dict[str, Any]] = {}
+        for name, array in arrays.items():
+            if not _FILE_SAFE_NAME.fullmatch(name):
+                raise ValueError(f"output name {name!r} cannot be used as a file name")
+            # numpy's dtype names equal the wire names for every wire dtype.
+            entry: dict[str, Any] = {
+                "file": f"{name}.npy",
+                "shape": list(array.shape),
+                "dtype": array.dtype.name,
+            }
+            if array.dtype == ml_dtypes.bfloat16:
+                entry["saved_dtype"] = "float32"
+            files[name] = entry
+        manifest = {
+            "format_version": MANIFEST_FORMAT_VERSION,
+            "request_id": self.request_id,
+            "sequence_length": self.sequence_length,
+            "visual_token_lens": self.visual_token_lens.tolist(),
+            "image_grid_thw": self.image_grid_thw.tolist(),
+            "files": files,
+            **extra,
+        }
+        # Serialised before anything is written, so that a bad extra_manifest writes nothing.
+        text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
+
+        out = Path(outdir)
+        out.mkdir(parents=True, exist_ok=True)
+        for name, array in arrays.items():
+            saved = array.astype(np.float32) if "saved_dtype" in files[name] else array
+            _save_npy(out / files[name]["file"], saved)
+        _write_atomic(out / "manifest.json", lambda f: f.write(text.encode()))
+        return out
+
+
+class ResultBuilder:
+    """Accumulates the responses of one Extract stream, in order, into an :class:`Embeddings`.
+
+    Shared by the sync and asyncio clients: call :meth:`add` for each response, then :meth:`build`.
+    """
+
+    def __init__(self) -> None:
+        self._assembler = codec.TensorAssembler()
+        self._metadata: pb.ResponseMetadata | None = None
+        self._request_id = ""
+
+    def add(self, response: pb.EmbeddingResponse) -> None:
+        """Take the next response of the stream.
+
+        Raises:
+            qwen25vl_embed.codec.CodecError: metadata missing from the first response or present on
+                a later one, or a tensor part out of order.
+        """
+        has_metadata = response.HasField("metadata")
+        if self._metadata is None:
+            if not has_metadata:
+                raise codec.CodecError("the first response of the stream carries no metadata")
+            self._metadata = response.metadata
+            self._request_id = response.request_id
+        elif has_metadata:
+            raise codec.CodecError("metadata received again after the first response")
+        for tensor in response.tensors:
+            self._assembler.add(tensor)
+
+    def build(self) -> Embeddings:
+        """The result, once the stream has ended.
+
+        Raises:
+            qwen25vl_embed.codec.CodecError: no response arrived, or a tensor is incomplete.
+        """
+        if self._metadata is None:
+            raise codec.CodecError("the stream ended before its first response")
+        meta = self._metadata
+        grid = [(g.t, g.h, g.w) for g in meta.image_grid_thw]
+        return Embeddings(
+            tensors=self._assembler.finish(),
+            visual_token_lens=np.array(meta.visual_token_lens, dtype=np.int64),
+            image_grid_thw=np.array(grid, dtype=np.int64).reshape(-1, 3),
+            image_token_positions=np.array(meta.image_token_positions, dtype=np.int64),
+            sequence_length=meta.sequence_length,
+            request_id=self._request_id,
+        )
+
+
+def _int_array(value: object, name: str) -> npt.NDArray[np.int64]:
+    array = np.asarray(value)
+    if array.size and array.dtype.kind not in "iu":
+        raise ValueError(f"{name} must hold integers, got dtype {array.dtype}")
+    return array.astype(np.int64, copy=False)
+
+
+def _read_only(array: np.ndarray) -> np.ndarray:
+    # A view, so that the caller's own array stays writeable.
+    view: np.ndarray = array.view()
+    view.flags.writeable = False
+    return view
+
+
+def _bounds(counts: npt.NDArray[np.int64]) -> list[int]:
+    """Start offsets of consecutive blocks of ``counts`` rows, then the total: ``[0, c0, c0+c1, ...]``."""
+    return [0, *np.cumsum(counts, dtype=np.int64).tolist()]
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    _write_atomic(path, lambda f: np.save(f, array, allow_pickle=False))
+
+
+def _write_atomic(path: Path, write: Callable[[IO[bytes]], object]) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

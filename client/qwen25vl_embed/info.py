@@ -1,0 +1,72 @@
+"""What a server reports about its model: ``InfoResponse`` as a typed, immutable value."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from qwen25vl_embed.v1 import embed_pb2 as pb
+
+__all__ = ["ServerInfo"]
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    """The loaded model and what the server can produce (fields as in ``InfoResponse``).
+
+    Attributes:
+        model: model id or path, e.g. "Qwen/Qwen2.5-VL-7B-Instruct".
+        device: device the model runs on, e.g. "cuda", "cuda:1", "mps", "cpu".
+        dtype: compute dtype of the model: "float32", "float16" or "bfloat16".
+        vision_hidden_size: Cv, the last axis of vision_tokens.
+        hidden_size: D, the last axis of the projector and LM outputs.
+        patch_size: side of a vision patch, in pixels.
+        spatial_merge_size: patches merged per side by the projector.
+        temporal_patch_size: frames per temporal patch.
+        min_pixels: images are resized to at least this many pixels.
+        max_pixels: images are resized to at most this many pixels.
+        outputs: every output name the server can produce.
+        default_outputs: the outputs sent when a request names none.
+        num_lm_layers: LM decoder layers (valid k of lm_layer_<k>).
+        num_vision_layers: vision blocks (valid k of vision_layer_<k>).
+        chunk_bytes: largest response message the server sends, in bytes.
+        server_version: the server package's version.
+    """
+
+    model: str
+    device: str
+    dtype: str
+    vision_hidden_size: int
+    hidden_size: int
+    patch_size: int
+    spatial_merge_size: int
+    temporal_patch_size: int
+    min_pixels: int
+    max_pixels: int
+    outputs: tuple[str, ...]
+    default_outputs: tuple[str, ...]
+    num_lm_layers: int
+    num_vision_layers: int
+    chunk_bytes: int
+    server_version: str
+
+    @classmethod
+    def from_proto(cls, message: pb.InfoResponse) -> ServerInfo:
+        """The ``ServerInfo`` for an ``InfoResponse`` message."""
+        return cls(
+            model=message.model,
+            device=message.device,
+            dtype=message.dtype,
+            vision_hidden_size=message.vision_hidden_size,
+            hidden_size=message.hidden_size,
+            patch_size=message.patch_size,
+            spatial_merge_size=message.spatial_merge_size,
+            temporal_patch_size=message.temporal_patch_size,
+            min_pixels=message.min_pixels,
+            max_pixels=message.max_pixels,
+            outputs=tuple(message.outputs),
+            default_outputs=tuple(message.default_outputs),
+            num_lm_layers=message.num_lm_layers,
+            num_vision_layers=message.num_vision_layers,
+            chunk_bytes=message.chunk_bytes,
+            server_version=message.server_version,
+        )
