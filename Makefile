@@ -31,3 +31,25 @@ lint: setup
 
 clean:
 	rm -rf $(VENV) out client/qwen25vl_embed/v1/*_pb2*.py client/qwen25vl_embed/v1/*_pb2*.pyi
+
+## The public contract with the buf CLI pinned in tools/buf (needs Node.js and npm); `make test`
+## runs the same checks (tests/test_proto_contract.py).
+BUF       := tools/buf/node_modules/.bin/buf
+RELEASED  := tools/buf/released
+
+.PHONY: contract contract-snapshot
+
+# npm rewrites node_modules/.package-lock.json on every install: newer than the lockfile = current.
+tools/buf/node_modules/.package-lock.json: tools/buf/package.json tools/buf/package-lock.json
+	cd tools/buf && npm ci --ignore-scripts --no-audit --no-fund
+
+## buf lint, and buf breaking against the newest released snapshot.
+contract: tools/buf/node_modules/.package-lock.json
+	$(BUF) lint
+	$(BUF) breaking --against $$(ls $(RELEASED)/v*.json | sort -V | tail -n 1)
+
+## At a release: snapshot the contract as released (make contract-snapshot VERSION=0.2.0).
+## Pretty JSON without source info, so that a release's contract changes read as a diff.
+contract-snapshot: tools/buf/node_modules/.package-lock.json
+	@test -n "$(VERSION)" || { echo "usage: make contract-snapshot VERSION=x.y.z"; exit 2; }
+	$(BUF) build --exclude-source-info -o -#format=json | $(PYTHON) -m json.tool --indent 1 > $(RELEASED)/v$(VERSION).json
