@@ -3,21 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import re
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-import grpc
 import numpy as np
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from qwen25vl_embed import EmbeddingClient
-from qwen25vl_embed_server.background import BackgroundServer
+from qwen25vl_embed_server.background import BackgroundServer, ServerProcess
 from qwen25vl_embed_server.cli import main
 
 from .helpers import noise_image
@@ -104,49 +96,12 @@ def test_extract_reports_a_bad_image_cleanly(
     assert "INVALID_ARGUMENT" in capsys.readouterr().err
 
 
-def test_serve_command_loads_serves_and_stops_on_sigterm(tiny_model_path: Path) -> None:
-    """The real `serve` process: NOT_SERVING while loading, SERVING after, exit 0 on SIGTERM."""
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "qwen25vl_embed_server.cli",
-            "serve",
-            "--model",
-            str(tiny_model_path),
-            "--port",
-            "0",
-            "--device",
-            "cpu",
-        ],
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
+def test_serve_command_serves_and_exits_cleanly_on_sigterm(tiny_model_path: Path) -> None:
+    """The real `serve` process: SERVING once loaded (ServerProcess waits for it), exit 0 on SIGTERM."""
+    server = ServerProcess(["--model", str(tiny_model_path), "--device", "cpu"]).start()
     try:
-        assert proc.stderr is not None
-        port = None
-        deadline = time.monotonic() + 120
-        while port is None and time.monotonic() < deadline:
-            line = proc.stderr.readline()
-            assert line, "serve exited before listening"
-            if match := re.search(r"listening on 127\.0\.0\.1:(\d+)", line):
-                port = int(match.group(1))
-        assert port is not None
-        address = f"127.0.0.1:{port}"
-        with grpc.insecure_channel(address) as channel:
-            health = health_pb2_grpc.HealthStub(channel)
-            status = health_pb2.HealthCheckResponse.NOT_SERVING
-            while status != health_pb2.HealthCheckResponse.SERVING and time.monotonic() < deadline:
-                status = health.Check(health_pb2.HealthCheckRequest(), timeout=5).status
-                time.sleep(0.1)
-            assert status == health_pb2.HealthCheckResponse.SERVING
-        with EmbeddingClient(address) as client:
+        with EmbeddingClient(server.address) as client:
             assert client.info().model == str(tiny_model_path)
             assert client.extract(noise_image(56, 56)).visual_token_lens.tolist() == [4]
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
+        assert server.stop() == 0

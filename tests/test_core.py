@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from qwen25vl_embed_server.errors import InvalidInputError
-from qwen25vl_embed_server.extractor import Extractor
+from qwen25vl_embed_server.extractor import Extractor, Prepared
 from qwen25vl_embed_server.outputs import DEFAULT_OUTPUTS
 
 from .helpers import noise_image
@@ -70,7 +70,7 @@ def test_hooks_are_removed_even_when_the_forward_fails(extractor: Extractor) -> 
         "image_grid_thw": torch.tensor([[1, 2, 2]]),
     }
     with pytest.raises(RuntimeError):
-        extractor._run(bad, plan, normalize=False)
+        extractor.run([Prepared(inputs=bad, plan=plan)])
     assert _hook_count(model) == before
 
 

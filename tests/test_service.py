@@ -49,8 +49,8 @@ def test_every_wire_dtype_round_trips(client: EmbeddingClient, dtype: str) -> No
 def test_tensor_over_4_mib_arrives_whole_with_default_limits(
     client: EmbeddingClient, stub: pb_grpc.EmbeddingServiceStub, extractor: Extractor
 ) -> None:
-    # 18 images of 448x448 -> 18 * 1024 patches of 64 fp32 channels = 4.7 MB of vision_tokens.
-    images = [png_bytes(noise_image(448, 448, seed=i)) for i in range(18)]
+    # 16 images (the default limit) of 476x448 -> 16 * 34 * 32 patches of 64 fp32 channels = 4.5 MB.
+    images = [png_bytes(noise_image(476, 448, seed=i)) for i in range(16)]
     result = client.extract(images, outputs=["vision_tokens"])
     assert result["vision_tokens"].nbytes > FOUR_MIB
     decoded = [decode_image(data) for data in images]

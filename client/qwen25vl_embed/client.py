@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import itertools
+import threading
+from collections.abc import Iterable, Iterator, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, cast
 
 import grpc
 
 from qwen25vl_embed import codec
+from qwen25vl_embed.bulk import ErrorPolicy, ResultCollector, progress_bar, release, sized
+from qwen25vl_embed.channels import TLSConfig, create_channel
 from qwen25vl_embed.embeddings import Embeddings, ResultBuilder
-from qwen25vl_embed.errors import from_rpc_error
+from qwen25vl_embed.errors import EmbeddingError, from_rpc_error
 from qwen25vl_embed.images import ImageInput, to_image_message
 from qwen25vl_embed.info import ServerInfo
 from qwen25vl_embed.v1 import embed_pb2 as pb
@@ -29,8 +33,11 @@ class EmbeddingClient:
         target: the server's address, e.g. "localhost:50051".
         timeout: default deadline of every call, in seconds; None waits indefinitely.
         options: gRPC channel options for the channel created here.
-        channel: a channel to use instead (e.g. a secure one); ``target`` and ``options`` are then
-            ignored, and :meth:`close` leaves the channel open for its owner to close.
+        tls: TLS settings (CA, client certificate for mutual TLS); None: a plain channel.
+        token: bearer token sent with every call (``authorization: Bearer <token>``). Without
+            ``tls`` it crosses the network in clear text: loopback or trusted networks only.
+        channel: a channel to use instead; ``target``, ``options``, ``tls`` and ``token`` must then
+            be left unset, and :meth:`close` leaves the channel open for its owner to close.
 
     gRPC's default 4 MiB receive limit is enough: the server splits results into messages of at
     most its chunk size (1 MiB by default).
@@ -42,13 +49,17 @@ class EmbeddingClient:
         *,
         timeout: float | None = None,
         options: Sequence[tuple[str, Any]] = (),
+        tls: TLSConfig | None = None,
+        token: str | None = None,
         channel: grpc.Channel | None = None,
     ) -> None:
+        if channel is not None and (tls is not None or token is not None):
+            raise ValueError("tls and token configure the channel created here; not with channel=")
         self._target = target
         self._timeout = timeout
         self._owns_channel = channel is None
         if channel is None:
-            channel = grpc.insecure_channel(target, options=list(options))
+            channel = create_channel(target, tls=tls, token=token, options=options)
         self._channel = channel
         self._stub = embed_pb2_grpc.EmbeddingServiceStub(self._channel)
 
@@ -96,6 +107,78 @@ class EmbeddingClient:
             call.cancel()  # type: ignore[no-untyped-call]  # grpc-stubs leaves cancel() unannotated
             raise
         return builder.build()
+
+    def extract_many(
+        self,
+        images: Iterable[ImageInput | Sequence[ImageInput]],
+        prompt: str | None = None,
+        outputs: Sequence[str] = (),
+        dtype: str = "float32",
+        normalize: bool = False,
+        *,
+        concurrency: int = 16,
+        progress: bool = False,
+        errors: ErrorPolicy = "raise",
+        timeout: float | None = None,
+    ) -> Iterator[Embeddings | EmbeddingError]:
+        """Extract many requests over one ExtractBatch stream; yield results in input order.
+
+        Each item of ``images`` is one request (an image, or a list of images forming one
+        multi-image prompt); the other arguments apply to all. At most ``concurrency`` requests
+        are in flight or waiting to be yielded, so memory stays bounded however long the input.
+        ``images`` is consumed lazily.
+
+        Args:
+            concurrency: requests sent ahead of the results consumed.
+            progress: show a progress bar (tqdm) on stderr.
+            errors: "raise" raises the first failed request's :class:`EmbeddingError` when its turn
+                comes; "return" yields it in place of the result and goes on.
+            timeout: deadline in seconds for the whole stream; None uses the client's default.
+
+        Raises:
+            EmbeddingError: the stream failed, or a request failed and ``errors="raise"``.
+        """
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be at least 1, got {concurrency}")
+        window = threading.Semaphore(concurrency)
+        closed = threading.Event()
+
+        def requests() -> Iterator[pb.ImageRequest]:
+            for index, image in enumerate(images):
+                try:
+                    request = build_request(image, prompt, outputs, dtype, normalize, request_id=str(index))
+                except (TypeError, ValueError, OSError) as error:
+                    # Reported in its place like a server-side failure; never sent, holds no window slot.
+                    collector.fail(index, error)
+                    continue
+                while not window.acquire(timeout=0.1):
+                    if closed.is_set():
+                        return
+                if closed.is_set():
+                    return
+                yield request
+
+        collector = ResultCollector()
+        call = self._stub.ExtractBatch(requests(), timeout=self._deadline(timeout))
+        bar = progress_bar(progress, sized(images))
+        try:
+            # A final None drains what is left once the stream ends (e.g. trailing local failures).
+            for response in itertools.chain(call, [None]):
+                if response is not None:
+                    collector.add(response)
+                for index, result in collector.ready():
+                    if not collector.was_unsent(index):
+                        window.release()
+                    if bar is not None:
+                        bar.update(1)
+                    yield release(result, errors)
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from err
+        finally:
+            closed.set()
+            call.cancel()  # type: ignore[no-untyped-call]  # no-op once the stream has ended
+            if bar is not None:
+                bar.close()
 
     def info(self, timeout: float | None = None) -> ServerInfo:
         """The server's model and capabilities.

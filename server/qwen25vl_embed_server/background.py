@@ -1,13 +1,28 @@
-"""Run a server on a background thread of this process (tests, benchmarks, notebooks)."""
+"""Run a server beside your code: on a thread of this process, or as a child process.
+
+For tests, benchmarks, demos and notebooks.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import re
+import signal
+import subprocess
+import sys
 import threading
+import time
+from collections.abc import Sequence
 from types import TracebackType
+from typing import IO
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from .extractor import Extractor
 from .server import RunningServer, ServerConfig, create_server
+from .service import EmbeddingService
 
 
 class BackgroundServer:
@@ -31,6 +46,12 @@ class BackgroundServer:
             raise RuntimeError("the server is not started")
         return f"{self._config.host}:{self._running.port}"
 
+    @property
+    def service(self) -> EmbeddingService:
+        if self._running is None:
+            raise RuntimeError("the server is not started")
+        return self._running.service
+
     def start(self) -> BackgroundServer:
         self._thread.start()
         self._running = asyncio.run_coroutine_threadsafe(self._start(), self._loop).result()
@@ -49,6 +70,70 @@ class BackgroundServer:
         self._thread.join()
 
     def __enter__(self) -> BackgroundServer:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+class ServerProcess:
+    """``qwen25vl-embed serve ARGS`` in a child process, ready (health SERVING) on entry.
+
+    The port is chosen by the server (``--port 0``) and read from its log; the log is echoed to
+    ``echo`` (a writable text stream, or None to drop it). Exit sends SIGTERM and waits.
+    """
+
+    def __init__(self, args: Sequence[str], echo: IO[str] | None = None, timeout: float = 300) -> None:
+        self._command = [sys.executable, "-m", "qwen25vl_embed_server.cli", "serve", "--port", "0", *args]
+        self._echo = echo
+        self._timeout = timeout
+        self.process: subprocess.Popen[str] | None = None
+        self.address = ""
+
+    def start(self) -> ServerProcess:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.process = subprocess.Popen(self._command, stderr=subprocess.PIPE, text=True, env=env)
+        assert self.process.stderr is not None
+        deadline = time.monotonic() + self._timeout
+        for line in self.process.stderr:
+            self._write(line)
+            if match := re.search(r"listening on (\S+:\d+)", line):
+                self.address = match.group(1)
+                break
+        else:
+            raise RuntimeError(f"the server exited with code {self.process.wait()} before listening")
+        threading.Thread(target=self._drain, args=(self.process.stderr,), daemon=True).start()
+        with grpc.insecure_channel(self.address) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            while health.Check(health_pb2.HealthCheckRequest()).status != health_pb2.HealthCheckResponse.SERVING:
+                if time.monotonic() > deadline or self.process.poll() is not None:
+                    self.stop()
+                    raise RuntimeError("the server did not become healthy")
+                time.sleep(0.1)
+        return self
+
+    def stop(self, timeout: float = 60) -> int:
+        """SIGTERM, then the exit code (killed after ``timeout`` seconds)."""
+        if self.process is None:
+            return 0
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait()
+
+    def _drain(self, stream: IO[str]) -> None:
+        for line in stream:
+            self._write(line)
+
+    def _write(self, line: str) -> None:
+        if self._echo is not None:
+            self._echo.write(line)
+
+    def __enter__(self) -> ServerProcess:
         return self.start()
 
     def __exit__(

@@ -20,6 +20,7 @@ from typing import Any
 from qwen25vl_embed import EmbeddingClient, EmbeddingError, Embeddings
 
 from .errors import InvalidInputError
+from .limits import Limits
 from .outputs import DEFAULT_OUTPUTS, IMAGE_GRID_THW, TOKEN_OUTPUTS
 
 log = logging.getLogger("qwen25vl_embed")
@@ -52,6 +53,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--chunk-bytes", type=int, default=1 << 20, help="largest response message (1 MiB)")
     serve.add_argument("--max-request-bytes", type=int, default=64 << 20, help="largest request (64 MiB)")
     serve.add_argument("--grace", type=float, default=10.0, help="seconds in-flight calls get at shutdown")
+    _limit_flags(serve)
+    _server_security_flags(serve)
     serve.set_defaults(run=_serve)
 
     extract = commands.add_parser("extract", help="extract embeddings of images into files")
@@ -67,10 +70,12 @@ def _parser() -> argparse.ArgumentParser:
     extract.add_argument("--outputs", nargs="+", default=None, help="exact output names (overrides the defaults)")
     extract.add_argument("--wire-dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     extract.add_argument("--normalize", action="store_true", help="L2-normalise the pooled vectors")
+    _client_security_flags(extract)
     extract.set_defaults(run=_extract)
 
     info = commands.add_parser("info", help="describe a running server's model")
     info.add_argument("--server", required=True, help="host:port")
+    _client_security_flags(info)
     info.set_defaults(run=_info)
 
     tiny = commands.add_parser("make-tiny-model", help="write a random-weight Qwen2.5-VL checkpoint")
@@ -90,6 +95,101 @@ def _model_flags(parser: argparse.ArgumentParser, group: Any = None) -> None:
     parser.add_argument("--max-pixels", type=int, default=None, help="processor max_pixels (checkpoint's default)")
 
 
+def _limit_flags(parser: argparse.ArgumentParser) -> None:
+    limits = Limits()
+    parser.add_argument(
+        "--max-images", type=int, default=limits.max_images, help=f"images per request ({limits.max_images})"
+    )
+    parser.add_argument(
+        "--max-image-bytes",
+        type=int,
+        default=limits.max_image_bytes,
+        help=f"largest encoded image ({limits.max_image_bytes >> 20} MiB)",
+    )
+    parser.add_argument(
+        "--max-image-pixels",
+        type=int,
+        default=limits.max_pixels,
+        help=f"largest decoded image, width x height, checked before decoding ({limits.max_pixels})",
+    )
+    parser.add_argument(
+        "--max-prompt-tokens",
+        type=int,
+        default=limits.max_prompt_tokens,
+        help=f"longest prompt in tokens ({limits.max_prompt_tokens})",
+    )
+
+
+def _server_security_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("TLS and authentication (tokens are never given on the command line)")
+    group.add_argument("--tls-cert", type=Path, help="server certificate chain (PEM); with --tls-key enables TLS")
+    group.add_argument("--tls-key", type=Path, help="server private key (PEM)")
+    group.add_argument("--tls-client-ca", type=Path, help="CA (PEM) that signs client certificates: mutual TLS")
+    group.add_argument("--auth-token-file", type=Path, help="file of accepted bearer tokens, one per line")
+    group.add_argument("--auth-token-env", metavar="VAR", help="environment variable holding the accepted token(s)")
+
+
+def _client_security_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("TLS and authentication, with --server (tokens never on the command line)")
+    group.add_argument("--tls", action="store_true", help="use TLS with the system's root certificates")
+    group.add_argument("--tls-ca", type=Path, help="CA (PEM) that signs the server's certificate; implies --tls")
+    group.add_argument("--tls-cert", type=Path, help="client certificate (PEM) for mutual TLS; implies --tls")
+    group.add_argument("--tls-key", type=Path, help="client private key (PEM)")
+    group.add_argument("--token-file", type=Path, help="file holding the bearer token")
+    group.add_argument("--token-env", metavar="VAR", help="environment variable holding the bearer token")
+
+
+def _server_config(args: argparse.Namespace) -> Any:
+    """The ServerConfig of the serve flags. Raises ValueError or OSError for bad flags or files."""
+    from .auth import AuthConfig
+    from .server import ServerConfig
+    from .service import ServiceConfig
+    from .tls import TLSServerConfig
+
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise ValueError("--tls-cert and --tls-key go together")
+    if args.tls_client_ca is not None and args.tls_cert is None:
+        raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
+    tls = TLSServerConfig.from_files(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
+    auth = None
+    if args.auth_token_file is not None or args.auth_token_env is not None:
+        auth = AuthConfig.from_sources(args.auth_token_file, args.auth_token_env)
+    limits = Limits(
+        max_request_bytes=args.max_request_bytes,
+        max_images=args.max_images,
+        max_image_bytes=args.max_image_bytes,
+        max_pixels=args.max_image_pixels,
+        max_prompt_tokens=args.max_prompt_tokens,
+    )
+    return ServerConfig(
+        host=args.host,
+        port=args.port,
+        limits=limits,
+        tls=tls,
+        auth=auth,
+        service=ServiceConfig(chunk_bytes=args.chunk_bytes),
+        grace_seconds=args.grace,
+    )
+
+
+def _client(args: argparse.Namespace) -> EmbeddingClient:
+    """The SDK client of ``--server`` and the client TLS/token flags. Raises ValueError or OSError."""
+    from qwen25vl_embed.channels import TLSConfig
+
+    from .auth import load_tokens
+
+    tls = None
+    if args.tls or args.tls_ca is not None or args.tls_cert is not None or args.tls_key is not None:
+        tls = TLSConfig(ca_cert=args.tls_ca, client_cert=args.tls_cert, client_key=args.tls_key)
+    token = None
+    if args.token_file is not None or args.token_env is not None:
+        tokens = load_tokens(args.token_file, args.token_env)
+        if len(tokens) != 1:
+            raise ValueError(f"expected one bearer token, found {len(tokens)}")
+        token = tokens[0]
+    return EmbeddingClient(args.server, tls=tls, token=token)
+
+
 def _load_options(args: argparse.Namespace) -> Any:
     from .loading import LoadOptions
 
@@ -103,16 +203,13 @@ def _load_options(args: argparse.Namespace) -> Any:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from .server import ServerConfig, serve
-    from .service import ServiceConfig
+    from .server import serve
 
-    config = ServerConfig(
-        host=args.host,
-        port=args.port,
-        max_request_bytes=args.max_request_bytes,
-        service=ServiceConfig(chunk_bytes=args.chunk_bytes),
-        grace_seconds=args.grace,
-    )
+    try:
+        config = _server_config(args)
+    except (ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     asyncio.run(serve(config, _load_options(args)))
     return 0
 
@@ -129,8 +226,16 @@ def _extract(args: argparse.Namespace) -> int:
     if clashes:
         print(f"error: several images would write to the same folder: {', '.join(clashes)}", file=sys.stderr)
         return 2
+    if not args.server and _uses_client_security(args):
+        print("error: the TLS and token flags need --server", file=sys.stderr)
+        return 2
     if args.server:
-        with EmbeddingClient(args.server) as client:
+        try:
+            client = _client(args)
+        except (ValueError, OSError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        with client:
             model = client.info().model
             for path in args.images:
                 result = client.extract(
@@ -174,8 +279,18 @@ def _save(result: Embeddings, path: Path, args: argparse.Namespace, model: str) 
     print(f"{path} -> {outdir}: {shapes}")
 
 
+def _uses_client_security(args: argparse.Namespace) -> bool:
+    flags = (args.tls_ca, args.tls_cert, args.tls_key, args.token_file, args.token_env)
+    return bool(args.tls) or any(flag is not None for flag in flags)
+
+
 def _info(args: argparse.Namespace) -> int:
-    with EmbeddingClient(args.server) as client:
+    try:
+        client = _client(args)
+    except (ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    with client:
         print(json.dumps(asdict(client.info()), indent=2))
     return 0
 

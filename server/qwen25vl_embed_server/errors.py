@@ -12,3 +12,15 @@ class InvalidInputError(ValueError):
 
 class ModelNotReadyError(RuntimeError):
     """The model is not loaded (yet, or any more)."""
+
+
+class OverloadedError(RuntimeError):
+    """The request queue is full (or the server is stopping): retry later."""
+
+
+class DeadlineExceededError(RuntimeError):
+    """The caller's deadline passed before the model ran the request."""
+
+
+class DeviceOutOfMemoryError(RuntimeError):
+    """The device ran out of memory on this request; memory was released, the server goes on."""

@@ -86,3 +86,16 @@ def plan_outputs(requested: list[str] | tuple[str, ...], num_lm_layers: int, num
         lm_layers={k: tuple(v) for k, v in lm_layers.items()},
         vision_layers={k: tuple(v) for k, v in vision_layers.items()},
     )
+
+
+def merge_plans(plans: list[OutputPlan]) -> OutputPlan:
+    """One plan that captures everything any of ``plans`` needs (for a batch)."""
+    lm_layers: dict[int, tuple[str, ...]] = {}
+    vision_layers: dict[int, tuple[str, ...]] = {}
+    for plan in plans:
+        for k, aliases in plan.lm_layers.items():
+            lm_layers[k] = tuple(dict.fromkeys((*lm_layers.get(k, ()), *aliases)))
+        for k, aliases in plan.vision_layers.items():
+            vision_layers[k] = tuple(dict.fromkeys((*vision_layers.get(k, ()), *aliases)))
+    names = tuple(dict.fromkeys(name for plan in plans for name in plan.names))
+    return OutputPlan(names=names, lm_layers=lm_layers, vision_layers=vision_layers)

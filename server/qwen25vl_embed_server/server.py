@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import signal
 from dataclasses import dataclass, field
@@ -15,10 +16,13 @@ from grpc_reflection.v1alpha import reflection
 from qwen25vl_embed.v1 import embed_pb2 as pb
 from qwen25vl_embed.v1 import embed_pb2_grpc as pb_grpc
 
+from .auth import AuthConfig, BearerTokenInterceptor
 from .extractor import Extractor
+from .limits import Limits
 from .loading import LoadOptions, load_model
 from .service import EmbeddingService, ServiceConfig
 from .status import ErrorMappingInterceptor
+from .tls import TLSServerConfig, exposure_warnings, server_credentials
 
 log = logging.getLogger(__name__)
 
@@ -27,11 +31,17 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EmbeddingService"].full_name
 
 @dataclass(frozen=True)
 class ServerConfig:
-    """Where to listen and how large requests may be. Binds loopback unless told otherwise."""
+    """Where to listen, request limits, TLS and bearer tokens. Binds loopback unless told otherwise.
+
+    ``limits.max_request_bytes`` is gRPC's receive limit; ``tls`` None: plaintext; ``auth`` None:
+    no token needed.
+    """
 
     host: str = "127.0.0.1"
     port: int = 50051
-    max_request_bytes: int = 64 << 20
+    limits: Limits = field(default_factory=Limits)
+    tls: TLSServerConfig | None = None
+    auth: AuthConfig | None = None
     service: ServiceConfig = field(default_factory=ServiceConfig)
     grace_seconds: float = 10.0
 
@@ -44,7 +54,7 @@ class RunningServer:
     health: health_aio.HealthServicer
 
     async def mark_serving(self, extractor: Extractor) -> None:
-        """Attach the loaded model and report SERVING to health checks."""
+        """Attach the loaded model and report SERVING to health checks (on the server's loop)."""
         self.service.attach(extractor)
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -53,16 +63,23 @@ class RunningServer:
         """NOT_SERVING, refuse new calls, let in-flight ones finish within ``grace`` seconds."""
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
-        self.service.close()
+        await self.service.close()
 
 
 async def create_server(config: ServerConfig) -> RunningServer:
     """Start a server (health NOT_SERVING, no model yet) and return it with its bound port."""
+    authenticated = config.auth is not None or (config.tls is not None and config.tls.mutual)
+    for warning in exposure_warnings(config.host, tls=config.tls is not None, auth=authenticated):
+        log.warning("%s", warning)
+    # Authentication first: a refused call never reaches error mapping or the servicer.
+    interceptors: list[grpc.aio.ServerInterceptor] = [ErrorMappingInterceptor()]  # type: ignore[type-arg]
+    if config.auth is not None:
+        interceptors.insert(0, BearerTokenInterceptor(config.auth.tokens))
     server = grpc.aio.server(
-        interceptors=[ErrorMappingInterceptor()],
-        options=[("grpc.max_receive_message_length", config.max_request_bytes)],
+        interceptors=interceptors,
+        options=[("grpc.max_receive_message_length", config.limits.max_request_bytes)],
     )
-    service = EmbeddingService(config.service)
+    service = EmbeddingService(dataclasses.replace(config.service, limits=config.limits))
     pb_grpc.add_EmbeddingServiceServicer_to_server(service, server)
     health_servicer = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -73,7 +90,10 @@ async def create_server(config: ServerConfig) -> RunningServer:
         server,
     )
     address = f"[{config.host}]:{config.port}" if ":" in config.host else f"{config.host}:{config.port}"
-    port = server.add_insecure_port(address)
+    if config.tls is not None:
+        port = server.add_secure_port(address, server_credentials(config.tls))
+    else:
+        port = server.add_insecure_port(address)
     await server.start()
     return RunningServer(server=server, port=port, service=service, health=health_servicer)
 

@@ -1,26 +1,34 @@
-"""The gRPC servicer: protobuf in, extraction core, protobuf out. Nothing model-specific here."""
+"""The gRPC servicer: protobuf in, the extraction pipeline, protobuf out.
+
+Pipeline per request: cheap validation on the event loop; image decoding and the processor on a
+pool of preprocessing threads; the model in the batcher's batches on the one device thread;
+response messages built as they are sent.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 
 import grpc
-from PIL import Image
 
 from qwen25vl_embed import codec
 from qwen25vl_embed.v1 import embed_pb2 as pb
 from qwen25vl_embed.v1 import embed_pb2_grpc as pb_grpc
 
+from .batcher import Batcher, BatchingConfig
 from .decoding import decode_image
 from .errors import InvalidInputError, ModelNotReadyError
-from .extractor import Extractor
+from .extractor import Extraction, Extractor, Prepared
+from .limits import Limits, check_prompt_tokens, check_request
 from .outputs import DEFAULT_OUTPUTS
 from .preprocess import DEFAULT_PROMPT
+from .status import log_failure, status_for
 
 log = logging.getLogger(__name__)
 
@@ -37,66 +45,93 @@ def server_version() -> str:
 
 @dataclass(frozen=True)
 class ServiceConfig:
-    """``chunk_bytes``: the largest EmbeddingResponse the service sends."""
+    """``chunk_bytes``: the largest EmbeddingResponse sent. ``stream_window``: requests of one
+    ExtractBatch stream in flight at once (the server reads no further ahead)."""
 
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    preprocess_workers: int = 4
+    stream_window: int = 64
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
+    limits: Limits = field(default_factory=Limits)
 
 
 class EmbeddingService(pb_grpc.EmbeddingServiceServicer):
-    """Serves Extract and Info. The model runs on one dedicated thread that owns the device."""
+    """Serves Extract, ExtractBatch and Info once :meth:`attach` gave it a model."""
 
     def __init__(self, config: ServiceConfig = ServiceConfig()) -> None:
         self._config = config
-        self._extractor: Extractor | None = None
-        self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+        self._batcher: Batcher | None = None
+        self._preprocess = ThreadPoolExecutor(config.preprocess_workers, thread_name_prefix="preprocess")
 
     def attach(self, extractor: Extractor) -> None:
-        """Start serving with ``extractor`` (until then, calls get UNAVAILABLE)."""
-        self._extractor = extractor
+        """Start serving ``extractor`` (call on the server's event loop)."""
+        self._batcher = Batcher(extractor, self._config.batching)
 
-    def close(self) -> None:
-        self._model_thread.shutdown(wait=True)
+    async def close(self) -> None:
+        if self._batcher is not None:
+            await self._batcher.close()
+        self._preprocess.shutdown(wait=False, cancel_futures=True)
 
     @property
-    def extractor(self) -> Extractor:
-        if self._extractor is None:
+    def batcher(self) -> Batcher:
+        if self._batcher is None:
             raise ModelNotReadyError("the model is still loading; retry later")
-        return self._extractor
+        return self._batcher
 
     async def Extract(  # noqa: N802 - the RPC's name
         self, request: pb.ImageRequest, context: grpc.aio.ServicerContext[pb.ImageRequest, pb.EmbeddingResponse]
     ) -> AsyncIterator[pb.EmbeddingResponse]:
-        extractor = self.extractor
-        if len(request.request_id) > MAX_REQUEST_ID_CHARS:
-            raise InvalidInputError(
-                f"request_id is {len(request.request_id)} characters; the limit is {MAX_REQUEST_ID_CHARS}"
-            )
-        dtype = _wire_dtype(request.dtype)
-        plan = extractor.plan(list(request.outputs))
-        if not request.images:
-            raise InvalidInputError("the request has no image; send at least one")
-        images = await asyncio.to_thread(_decode_all, list(request.images))
-        prompt = request.prompt if request.HasField("prompt") else DEFAULT_PROMPT
-        loop = asyncio.get_running_loop()
-        result = await loop.run_in_executor(
-            self._model_thread, lambda: extractor.extract(images, prompt, plan, dtype, request.normalize)
-        )
-        yield pb.EmbeddingResponse(
-            request_id=request.request_id,
-            metadata=pb.ResponseMetadata(
-                visual_token_lens=result.visual_token_lens.tolist(),
-                image_grid_thw=[pb.ImageGrid(t=t, h=h, w=w) for t, h, w in result.image_grid_thw.tolist()],
-                image_token_positions=result.image_token_positions.tolist(),
-                sequence_length=result.sequence_length,
-            ),
-        )
-        for parts in codec.pack(result.tensors, self._config.chunk_bytes):
-            yield pb.EmbeddingResponse(request_id=request.request_id, tensors=parts)
+        result = await self._extract(request, _deadline(context))
+        for message in self._messages(request.request_id, result):
+            yield message
+
+    # A coroutine that writes with context.write (grpc.aio allows it; the stubs expect an iterator).
+    async def ExtractBatch(  # type: ignore[override]  # noqa: N802 - the RPC's name
+        self,
+        request_iterator: AsyncIterator[pb.ImageRequest],
+        context: grpc.aio.ServicerContext[pb.ImageRequest, pb.EmbeddingResponse],
+    ) -> None:
+        self.batcher  # noqa: B018 - fail the whole stream at once while the model loads
+        window = asyncio.Semaphore(self._config.stream_window)
+        writing = asyncio.Lock()
+        tasks: set[asyncio.Task[None]] = set()
+
+        async def one(request: pb.ImageRequest, request_id: str) -> None:
+            try:
+                result = await self._extract(request, _deadline(context))
+                async with writing:
+                    for message in self._messages(request_id, result):
+                        await context.write(message)
+            except Exception as error:
+                code, details = status_for(error)
+                log_failure("ExtractBatch", request_id, error)
+                async with writing:
+                    await context.write(
+                        pb.EmbeddingResponse(
+                            request_id=request_id, error=pb.RequestError(code=code.value[0], message=details), last=True
+                        )
+                    )
+            finally:
+                window.release()
+
+        try:
+            index = 0
+            async for request in request_iterator:
+                await window.acquire()  # flow control: stop reading while the window is full
+                task = asyncio.create_task(one(request, request.request_id or str(index)))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+                index += 1
+            if tasks:
+                await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:
+                task.cancel()
 
     async def Info(  # noqa: N802 - the RPC's name
         self, request: pb.InfoRequest, context: grpc.aio.ServicerContext[pb.InfoRequest, pb.InfoResponse]
     ) -> pb.InfoResponse:
-        extractor = self.extractor
+        extractor = self.batcher.extractor
         loaded = extractor.loaded
         vision = loaded.model.config.vision_config
         size = loaded.processor.image_processor.size
@@ -119,14 +154,58 @@ class EmbeddingService(pb_grpc.EmbeddingServiceServicer):
             server_version=server_version(),
         )
 
+    async def _extract(self, request: pb.ImageRequest, deadline: float | None) -> Extraction:
+        """Validate, preprocess (worker threads), then run in a batch (device thread)."""
+        batcher = self.batcher
+        if len(request.request_id) > MAX_REQUEST_ID_CHARS:
+            raise InvalidInputError(
+                f"request_id is {len(request.request_id)} characters; the limit is {MAX_REQUEST_ID_CHARS}"
+            )
+        check_request(request, self._config.limits)
+        dtype = _wire_dtype(request.dtype)
+        batcher.extractor.plan(list(request.outputs))  # unknown outputs fail before any decoding
+        loop = asyncio.get_running_loop()
+        prepared = await loop.run_in_executor(
+            self._preprocess, _prepare, batcher.extractor, request, dtype, self._config.limits
+        )
+        return await batcher.submit(prepared, deadline)
+
+    def _messages(self, request_id: str, result: Extraction) -> Iterator[pb.EmbeddingResponse]:
+        """Metadata first, then the tensors in messages of at most ``chunk_bytes``; the final one
+        has ``last`` set."""
+        message = pb.EmbeddingResponse(
+            request_id=request_id,
+            metadata=pb.ResponseMetadata(
+                visual_token_lens=result.visual_token_lens.tolist(),
+                image_grid_thw=[pb.ImageGrid(t=t, h=h, w=w) for t, h, w in result.image_grid_thw.tolist()],
+                image_token_positions=result.image_token_positions.tolist(),
+                sequence_length=result.sequence_length,
+            ),
+        )
+        for parts in codec.pack(result.tensors, self._config.chunk_bytes):
+            yield message
+            message = pb.EmbeddingResponse(request_id=request_id, tensors=parts)
+        message.last = True
+        yield message
+
+
+def _prepare(extractor: Extractor, request: pb.ImageRequest, dtype: str, limits: Limits) -> Prepared:
+    """Decode and preprocess one request (runs on a preprocessing thread)."""
+    images = [decode_image(image.data, index, limits.max_pixels) for index, image in enumerate(request.images)]
+    prompt = request.prompt if request.HasField("prompt") else DEFAULT_PROMPT
+    check_prompt_tokens(extractor.loaded.processor.tokenizer, prompt, limits)
+    return extractor.prepare(images, prompt, extractor.plan(list(request.outputs)), dtype, request.normalize)
+
+
+def _deadline(context: grpc.aio.ServicerContext[pb.ImageRequest, pb.EmbeddingResponse]) -> float | None:
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
+
 
 def _wire_dtype(dtype: int) -> str:
     if dtype == pb.DTYPE_UNSPECIFIED:
         return "float32"
     if dtype in (pb.DTYPE_FLOAT32, pb.DTYPE_FLOAT16, pb.DTYPE_BFLOAT16):
         return codec.dtype_name(dtype)
-    raise InvalidInputError(f"dtype {dtype} is not a floating-point wire dtype; use FLOAT32, FLOAT16 or BFLOAT16")
-
-
-def _decode_all(images: list[pb.Image]) -> list[Image.Image]:
-    return [decode_image(image.data, index) for index, image in enumerate(images)]
+    name = pb.DType.Name(dtype) if dtype in pb.DType.values() else str(dtype)  # type: ignore[arg-type]
+    raise InvalidInputError(f"dtype {name} is not a floating-point wire dtype; use FLOAT32, FLOAT16 or BFLOAT16")

@@ -1,18 +1,26 @@
 """Domain errors -> gRPC status codes, in one place: a server interceptor.
 
-InvalidInputError -> INVALID_ARGUMENT with its message; ModelNotReadyError -> UNAVAILABLE;
-anything else -> INTERNAL with a generic message, the traceback logged on the server.
+InvalidInputError -> INVALID_ARGUMENT with its message; OverloadedError and
+DeviceOutOfMemoryError -> RESOURCE_EXHAUSTED; DeadlineExceededError -> DEADLINE_EXCEEDED;
+ModelNotReadyError -> UNAVAILABLE; anything else -> INTERNAL with a generic message, the traceback logged on the server.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
 
-from .errors import InvalidInputError, ModelNotReadyError
+from .errors import (
+    DeadlineExceededError,
+    DeviceOutOfMemoryError,
+    InvalidInputError,
+    ModelNotReadyError,
+    OverloadedError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -21,22 +29,35 @@ def status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
     """The status code and caller-facing message for ``error``."""
     if isinstance(error, InvalidInputError):
         return grpc.StatusCode.INVALID_ARGUMENT, str(error)
+    if isinstance(error, (OverloadedError, DeviceOutOfMemoryError)):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(error)
+    if isinstance(error, DeadlineExceededError):
+        return grpc.StatusCode.DEADLINE_EXCEEDED, str(error)
     if isinstance(error, ModelNotReadyError):
         return grpc.StatusCode.UNAVAILABLE, str(error) or "the model is not loaded yet; retry later"
     return grpc.StatusCode.INTERNAL, "internal server error; the server log has the details"
 
 
-async def _abort(context: grpc.aio.ServicerContext[Any, Any], method: str, error: Exception) -> None:
+def log_failure(method: str, request_id: str, error: BaseException) -> None:
+    """Log a failed call: the traceback for INTERNAL, one line for the caller's mistakes."""
     code, message = status_for(error)
     if code == grpc.StatusCode.INTERNAL:
-        log.exception("%s failed", method, exc_info=error)
+        log.error("%s [%s] failed", method, request_id, exc_info=error)
     else:
-        log.info("%s -> %s: %s", method, code.name, message)
-    await context.abort(code, message)
+        log.info("%s [%s] -> %s: %s", method, request_id, code.name, message)
+
+
+async def _abort(context: grpc.aio.ServicerContext[Any, Any], method: str, error: Exception) -> None:
+    log_failure(method, "", error)
+    await context.abort(*status_for(error))
 
 
 class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
-    """Wraps unary-unary and unary-stream handlers so domain errors become status codes."""
+    """Wraps handlers so domain errors become status codes.
+
+    Covers unary-unary, unary-stream and coroutine stream-stream handlers (those that write with
+    ``context.write``); async-generator stream-stream handlers pass through unchanged.
+    """
 
     async def intercept_service(
         self,
@@ -56,6 +77,12 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
                 _wrap_stream(handler.unary_stream, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.stream_stream is not None and inspect.iscoroutinefunction(handler.stream_stream):
+            return grpc.stream_stream_rpc_method_handler(
+                _wrap_unary(handler.stream_stream, method),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )

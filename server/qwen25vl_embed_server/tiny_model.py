@@ -84,6 +84,9 @@ class TinyShape:
     text_kv_heads: int = 2
     text_intermediate: int = 128
     mrope_section: tuple[int, int, int] = (2, 3, 3)
+    # None: just the tokenizer's tokens. Benchmarks use the real vocabulary size, so that the
+    # vocabulary projection (lm_head) costs what it costs in the released models.
+    vocab_size: int | None = None
 
 
 # A CPU benchmark shape: one 448x448 image takes a fraction of a second.
@@ -99,6 +102,23 @@ BENCH_SHAPE = TinyShape(
     text_kv_heads=2,
     text_intermediate=1024,
     mrope_section=(8, 12, 12),
+    vocab_size=152064,
+)
+
+# The Qwen2.5-VL-7B architecture (random weights; build it on the GPU in bf16).
+QWEN25VL_7B_SHAPE = TinyShape(
+    vision_depth=32,
+    vision_hidden=1280,
+    vision_heads=16,
+    vision_intermediate=3420,
+    fullatt_blocks=(7, 15, 23, 31),
+    text_layers=28,
+    text_hidden=3584,
+    text_heads=28,
+    text_kv_heads=4,
+    text_intermediate=18944,
+    mrope_section=(16, 24, 24),
+    vocab_size=152064,
 )
 
 
@@ -138,7 +158,7 @@ def build_config(tokenizer: PreTrainedTokenizerFast, shape: TinyShape) -> Qwen2_
             "fullatt_block_indexes": list(shape.fullatt_blocks),
         },
         text_config={
-            "vocab_size": len(tokenizer),
+            "vocab_size": shape.vocab_size or len(tokenizer),
             "hidden_size": shape.text_hidden,
             "intermediate_size": shape.text_intermediate,
             "num_hidden_layers": shape.text_layers,

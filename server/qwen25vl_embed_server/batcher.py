@@ -1,0 +1,157 @@
+"""Dynamic batching across concurrent requests, in front of the one thread that owns the device.
+
+Requests queue on the event loop. The batcher takes the oldest, waits up to ``max_wait_ms`` for
+company, fills the batch up to ``max_images`` / ``max_tokens``, drops requests whose caller
+gave up (cancelled, or the deadline passed while queued), and runs the rest as one batch on the
+model thread. While the model runs, new requests queue: under load batches form by themselves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from .errors import DeadlineExceededError, OverloadedError
+from .extractor import Extraction, Extractor, Prepared
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BatchingConfig:
+    """Bounds of one batch and of the queue. A request larger than a bound runs alone."""
+
+    max_images: int = 32
+    max_tokens: int = 32768
+    max_wait_ms: float = 2.0
+    max_queue: int = 256
+
+
+@dataclass
+class _Pending:
+    item: Prepared
+    future: asyncio.Future[Extraction]
+    deadline: float | None  # time.monotonic() after which nobody waits for the result
+    enqueued: float = field(default_factory=time.monotonic)
+
+    @property
+    def abandoned(self) -> bool:
+        return self.future.done() or (self.deadline is not None and time.monotonic() >= self.deadline)
+
+
+class Batcher:
+    """Owns the model thread. Create and use it on one event loop; :meth:`close` stops it."""
+
+    def __init__(self, extractor: Extractor, config: BatchingConfig = BatchingConfig()) -> None:
+        self.extractor = extractor
+        self.config = config
+        self._queue: deque[_Pending] = deque()
+        self._arrived = asyncio.Event()
+        self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name="batcher")
+        self.batches_run = 0
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._queue)
+
+    async def submit(self, item: Prepared, deadline: float | None = None) -> Extraction:
+        """Queue ``item`` and wait for its result.
+
+        Raises :class:`OverloadedError` at once when the queue is full, and
+        :class:`DeadlineExceededError` when ``deadline`` (monotonic seconds) passes while queued.
+        Cancelling the caller frees its place: the request never reaches the model.
+        """
+        if len(self._queue) >= self.config.max_queue:
+            raise OverloadedError(f"the server is at capacity ({self.config.max_queue} requests queued); retry later")
+        pending = _Pending(item, asyncio.get_running_loop().create_future(), deadline)
+        self._queue.append(pending)
+        self._arrived.set()
+        return await pending.future
+
+    async def close(self) -> None:
+        """Stop taking batches; fail what is still queued; wait for the model thread."""
+        self._task.cancel()
+        for pending in self._queue:
+            if not pending.future.done():
+                pending.future.set_exception(OverloadedError("the server is shutting down"))
+        self._queue.clear()
+        await asyncio.get_running_loop().run_in_executor(None, self._model_thread.shutdown)
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = await self._next_batch()
+            if not batch:
+                continue
+            try:
+                results = await loop.run_in_executor(self._model_thread, self.extractor.run, [p.item for p in batch])
+            except Exception as error:  # one failing batch: retry its requests one by one
+                if len(batch) > 1:
+                    log.warning("a batch of %d failed (%s); running its requests alone", len(batch), error)
+                    await self._run_alone(batch)
+                else:
+                    _settle(batch[0], error=error)
+                continue
+            self.batches_run += 1
+            for pending, result in zip(batch, results, strict=True):
+                _settle(pending, result=result)
+
+    async def _run_alone(self, batch: list[_Pending]) -> None:
+        loop = asyncio.get_running_loop()
+        for pending in batch:
+            if pending.abandoned:
+                continue
+            try:
+                result = (await loop.run_in_executor(self._model_thread, self.extractor.run, [pending.item]))[0]
+            except Exception as error:
+                _settle(pending, error=error)
+            else:
+                _settle(pending, result=result)
+
+    async def _next_batch(self) -> list[_Pending]:
+        """Wait for a request, then for company (bounded by max_wait_ms and the batch bounds)."""
+        while not self._queue:
+            self._arrived.clear()
+            await self._arrived.wait()
+        cutoff = time.monotonic() + self.config.max_wait_ms / 1000
+        while not self._full() and (remaining := cutoff - time.monotonic()) > 0:
+            self._arrived.clear()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), remaining)
+            except TimeoutError:
+                break
+        batch: list[_Pending] = []
+        images = tokens = 0
+        while self._queue:
+            pending = self._queue[0]
+            if pending.abandoned:
+                self._queue.popleft()
+                _settle(pending, error=DeadlineExceededError("the deadline passed while the request was queued"))
+                continue
+            item = pending.item
+            n_images = int(item.inputs["image_grid_thw"].shape[0])
+            if batch and (images + n_images > self.config.max_images or tokens + item.cost > self.config.max_tokens):
+                break
+            batch.append(self._queue.popleft())
+            images, tokens = images + n_images, tokens + item.cost
+        return batch
+
+    def _full(self) -> bool:
+        """True when the queued requests already fill a batch: no reason to wait for more."""
+        images = sum(int(p.item.inputs["image_grid_thw"].shape[0]) for p in self._queue)
+        tokens = sum(p.item.cost for p in self._queue)
+        return images >= self.config.max_images or tokens >= self.config.max_tokens
+
+
+def _settle(pending: _Pending, result: Extraction | None = None, error: BaseException | None = None) -> None:
+    if pending.future.done():  # the caller went away
+        return
+    if error is not None:
+        pending.future.set_exception(error)
+    else:
+        pending.future.set_result(result)  # type: ignore[arg-type]
