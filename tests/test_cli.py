@@ -105,3 +105,29 @@ def test_serve_command_serves_and_exits_cleanly_on_sigterm(tiny_model_path: Path
             assert client.extract(noise_image(56, 56)).visual_token_lens.tolist() == [4]
     finally:
         assert server.stop() == 0
+
+
+def test_extract_takes_folders_and_globs_and_skips_bad_images(
+    tmp_path: Path, server: BackgroundServer, client: EmbeddingClient, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = tmp_path / "photos"
+    (folder / "nested").mkdir(parents=True)
+    for i in range(12):
+        noise_image(56 + 14 * i, 56, seed=i).save(folder / ("nested" if i % 2 else ".") / f"img{i:02d}.png")
+    (folder / "notes.txt").write_text("not an image: ignored by suffix")
+    (folder / "broken.png").write_bytes(b"not a png")
+    outdir = tmp_path / "out"
+    code = main(["extract", str(folder), "--outdir", str(outdir), "--server", server.address, "--concurrency", "3"])
+    assert code == 1  # broken.png failed, the others were saved
+    err = capsys.readouterr().err
+    assert "broken.png" in err and "12 of 13 images" in err
+    assert sorted(p.name for p in outdir.iterdir()) == [f"img{i:02d}" for i in range(12)]
+    # Each result landed in its own image's folder.
+    for path in sorted(folder.rglob("img*.png")):
+        saved = np.load(outdir / path.stem / "lm_last_token.npy")
+        np.testing.assert_allclose(saved, client.extract(path)["lm_last_token"], rtol=1e-5, atol=1e-6)
+
+    globbed = tmp_path / "globbed"
+    pattern = str(folder / "**" / "img0[0-3].png")
+    assert main(["extract", pattern, "--outdir", str(globbed), "--server", server.address]) == 0
+    assert sorted(p.name for p in globbed.iterdir()) == ["img00", "img01", "img02", "img03"]

@@ -17,8 +17,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from qwen25vl_embed import EmbeddingClient, EmbeddingError, Embeddings
+from qwen25vl_embed import EmbeddingClient, EmbeddingError
 
+from .cli_extract import run_extract
 from .errors import InvalidInputError
 from .limits import Limits
 from .outputs import DEFAULT_OUTPUTS, IMAGE_GRID_THW, TOKEN_OUTPUTS
@@ -58,7 +59,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.set_defaults(run=_serve)
 
     extract = commands.add_parser("extract", help="extract embeddings of images into files")
-    extract.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
+    extract.add_argument("images", nargs="+", metavar="IMAGE", help="image files, folders or glob patterns")
     where = extract.add_mutually_exclusive_group()
     where.add_argument("--server", help="host:port of a running server (default: run the model here)")
     _model_flags(extract, group=where)
@@ -70,6 +71,7 @@ def _parser() -> argparse.ArgumentParser:
     extract.add_argument("--outputs", nargs="+", default=None, help="exact output names (overrides the defaults)")
     extract.add_argument("--wire-dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     extract.add_argument("--normalize", action="store_true", help="L2-normalise the pooled vectors")
+    extract.add_argument("--concurrency", type=int, default=8, help="requests in flight with --server (8)")
     _client_security_flags(extract)
     extract.set_defaults(run=_extract)
 
@@ -217,66 +219,14 @@ def _serve(args: argparse.Namespace) -> int:
 def _extract(args: argparse.Namespace) -> int:
     outputs = list(args.outputs or (*DEFAULT_OUTPUTS, *(TOKEN_OUTPUTS if args.save_tokens else ())))
     outputs.append(IMAGE_GRID_THW)
-    missing = [str(path) for path in args.images if not path.is_file()]
-    if missing:
-        print(f"error: no such image file: {', '.join(missing)}", file=sys.stderr)
-        return 2
-    stems = [path.stem for path in args.images]
-    clashes = sorted({stem for stem in stems if stems.count(stem) > 1})
-    if clashes:
-        print(f"error: several images would write to the same folder: {', '.join(clashes)}", file=sys.stderr)
-        return 2
     if not args.server and _uses_client_security(args):
         print("error: the TLS and token flags need --server", file=sys.stderr)
         return 2
-    if args.server:
-        try:
-            client = _client(args)
-        except (ValueError, OSError) as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-        with client:
-            model = client.info().model
-            for path in args.images:
-                result = client.extract(
-                    path, prompt=args.prompt, outputs=outputs, dtype=args.wire_dtype, normalize=args.normalize
-                )
-                _save(result, path, args, model)
-        return 0
-    from .decoding import decode_image
-    from .extractor import Extractor
-    from .loading import load_model
-
-    options = _load_options(args)
-    extractor = Extractor(load_model(options))
-    plan = extractor.plan(outputs)
-    for path in args.images:
-        try:
-            image = decode_image(path.read_bytes())
-        except InvalidInputError as err:
-            raise InvalidInputError(f"{path}: {err}") from err
-        extraction = extractor.extract([image], args.prompt, plan, args.wire_dtype, args.normalize)
-        _save(_as_embeddings(extraction), path, args, options.model)
-    return 0
-
-
-def _as_embeddings(extraction: Any) -> Embeddings:
-    """The in-process result in the SDK's result type, so both paths save identically."""
-    return Embeddings(
-        tensors=extraction.tensors,
-        visual_token_lens=extraction.visual_token_lens,
-        image_grid_thw=extraction.image_grid_thw,
-        image_token_positions=extraction.image_token_positions,
-        sequence_length=extraction.sequence_length,
-        request_id="",
-    )
-
-
-def _save(result: Embeddings, path: Path, args: argparse.Namespace, model: str) -> None:
-    outdir = args.outdir / path.stem
-    result.save(outdir, extra_manifest={"image": str(path), "prompt": args.prompt, "model": model})
-    shapes = ", ".join(f"{name} {list(result[name].shape)}" for name in result.names)
-    print(f"{path} -> {outdir}: {shapes}")
+    try:
+        return run_extract(args, outputs, lambda: _client(args), lambda: _load_options(args))
+    except (ValueError, OSError) as err:  # unreadable TLS or token files
+        print(f"error: {err}", file=sys.stderr)
+        return 2
 
 
 def _uses_client_security(args: argparse.Namespace) -> bool:
