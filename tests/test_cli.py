@@ -120,7 +120,8 @@ def test_extract_takes_folders_and_globs_and_skips_bad_images(
     code = main(["extract", str(folder), "--outdir", str(outdir), "--server", server.address, "--concurrency", "3"])
     assert code == 1  # broken.png failed, the others were saved
     err = capsys.readouterr().err
-    assert "broken.png" in err and "12 of 13 images" in err
+    assert "broken.png" in err
+    assert "12 of 13 images" in err
     assert sorted(p.name for p in outdir.iterdir()) == [f"img{i:02d}" for i in range(12)]
     # Each result landed in its own image's folder.
     for path in sorted(folder.rglob("img*.png")):
