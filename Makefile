@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test lint clean bench bench-gpu
 
 setup: $(STAMP)
 
@@ -53,3 +53,11 @@ contract: tools/buf/node_modules/.package-lock.json
 contract-snapshot: tools/buf/node_modules/.package-lock.json
 	@test -n "$(VERSION)" || { echo "usage: make contract-snapshot VERSION=x.y.z"; exit 2; }
 	$(BUF) build --exclude-source-info -o -#format=json | $(PYTHON) -m json.tool --indent 1 > $(RELEASED)/v$(VERSION).json
+
+## Throughput on the CPU: the original script's method vs the core vs the service (a few minutes).
+bench: setup
+	$(BIN)/python bench/throughput.py
+
+## The same on a GPU with the Qwen2.5-VL-7B architecture (random weights, bf16), plus LM TFLOP/s.
+bench-gpu: setup
+	$(BIN)/python bench/gpu_7b.py

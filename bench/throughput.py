@@ -1,0 +1,234 @@
+"""Throughput, in one run on one model and one set of images: the original script vs this project.
+
+Rows:
+  baseline      the original one-file script's method: in-process, one image per call, forward
+                hooks, the full ``model(**inputs)`` forward with ``lm_head``, ``use_cache=False``
+  in-process    the extraction core (``Extractor.extract``), one image at a time
+  service       ``qwen25vl-embed serve`` in a child process, N concurrent SDK clients over gRPC,
+                for pooled outputs, pooled + all token tensors, and vision-only outputs
+Every row reports images/s, its ratio to the baseline, and p50 / p99 latency; then the RPC
+overhead (service at concurrency 1 vs in-process, pooled outputs) and a tensor-transfer figure.
+
+    python bench/throughput.py                      # CPU: the 'bench' random-weight model
+    python bench/throughput.py --quick --shape tiny  # a smoke run (seconds)
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).parent))  # run as a script: bench/ modules import each other
+from transfer import measure_transfer
+
+from qwen25vl_embed import EmbeddingClient
+from qwen25vl_embed_server.background import ServerProcess
+from qwen25vl_embed_server.decoding import decode_image
+from qwen25vl_embed_server.extractor import Extractor
+from qwen25vl_embed_server.loading import LoadedModel, LoadOptions, load_model
+from qwen25vl_embed_server.tiny_model import BENCH_SHAPE, QWEN25VL_7B_SHAPE, TinyShape, build_tiny_model
+
+SHAPES = {"tiny": TinyShape(), "bench": BENCH_SHAPE, "7b": QWEN25VL_7B_SHAPE}
+PROMPT = "Describe the image."
+POOLED = ["vision_pooled_mean", "projected_pooled_mean", "lm_pooled_mean", "lm_image_pooled_mean", "lm_last_token"]
+OUTPUT_SETS = {
+    "pooled": [*POOLED, "visual_token_lens"],
+    "full": ["vision_tokens", "projected_tokens", "lm_last_hidden", "lm_image_tokens", *POOLED, "visual_token_lens"],
+    "vision-only": ["vision_tokens", "projected_tokens", "vision_pooled_mean", "projected_pooled_mean"],
+}
+
+
+@dataclass
+class Row:
+    name: str
+    latencies: list[float]
+    wall: float
+
+    @property
+    def images_per_s(self) -> float:
+        return len(self.latencies) / self.wall
+
+    def percentile(self, q: float) -> float:
+        return float(np.percentile(self.latencies, q)) * 1000
+
+
+def checkpoint(shape: str, device: str, dtype: torch.dtype) -> Path:
+    """The random-weight checkpoint for ``shape`` (built once, cached)."""
+    root = Path.home() / ".cache" / "qwen25vl-embed" / f"bench-{shape}-{str(dtype).removeprefix('torch.')}"
+    if not (root / "config.json").exists():
+        print(f"building the {shape!r} random-weight checkpoint in {root} ...", file=sys.stderr)
+        build_tiny_model(root, SHAPES[shape], dtype=dtype, device=device)
+    return root
+
+
+def noise_png(size: int, seed: int) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, size=(size, size, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def original_script(loaded: LoadedModel, image: bytes) -> dict[str, np.ndarray]:
+    """What the one-file script did per image: hooks on the tower, the full forward, lm_head included."""
+    model, processor = loaded.model, loaded.processor
+    captured: dict[str, torch.Tensor] = {}
+    visual = model.model.visual
+    hooks = [
+        visual.merger.register_forward_hook(lambda _m, _a, out: captured.__setitem__("projected", out)),
+        visual.blocks[-1].register_forward_hook(lambda _m, _a, out: captured.__setitem__("vision", out)),
+    ]
+    try:
+        picture = Image.open(io.BytesIO(image)).convert("RGB")
+        content = [{"type": "image"}, {"type": "text", "text": PROMPT}]
+        text = processor.apply_chat_template(
+            [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+        )
+        inputs = processor(text=[text], images=[picture], return_tensors="pt").to(loaded.device)
+        with torch.no_grad():
+            out = model(**inputs, use_cache=False, output_hidden_states=True)
+        last = out.hidden_states[-1]
+        return {
+            "vision_pooled_mean": captured["vision"].float().mean(0).cpu().numpy(),
+            "projected_pooled_mean": captured["projected"].float().mean(0).cpu().numpy(),
+            "lm_pooled_mean": last[0].float().mean(0).cpu().numpy(),
+            "lm_last_token": last[0, -1].float().cpu().numpy(),
+        }
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def timed_sequential(name: str, images: Sequence[bytes], run: Callable[[bytes], Any], device: torch.device) -> Row:
+    latencies = []
+    started = time.perf_counter()
+    for image in images:
+        t0 = time.perf_counter()
+        run(image)
+        sync(device)
+        latencies.append(time.perf_counter() - t0)
+    return Row(name, latencies, time.perf_counter() - started)
+
+
+def timed_clients(
+    name: str, client: EmbeddingClient, images: Sequence[bytes], concurrency: int, outputs: list[str]
+) -> Row:
+    """``concurrency`` threads share one channel and take images from a common list."""
+    latencies: list[float] = []
+    lock = threading.Lock()
+    next_index = iter(range(len(images)))
+
+    def worker() -> None:
+        while True:
+            with lock:
+                index = next(next_index, None)
+            if index is None:
+                return
+            t0 = time.perf_counter()
+            client.extract(images[index], prompt=PROMPT, outputs=outputs)
+            with lock:
+                latencies.append(time.perf_counter() - t0)
+
+    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return Row(name, latencies, time.perf_counter() - started)
+
+
+def measure_in_process(path: Path, args: argparse.Namespace, images: Sequence[bytes]) -> list[Row]:
+    """The baseline and the extraction core, one image at a time, in this process."""
+    loaded = load_model(LoadOptions(model=str(path), device=args.device, dtype=args.dtype))
+    extractor = Extractor(loaded)
+    pooled_plan = extractor.plan(OUTPUT_SETS["pooled"])
+
+    def baseline(image: bytes) -> Any:
+        return original_script(loaded, image)
+
+    def in_process(image: bytes) -> Any:
+        return extractor.extract([decode_image(image)], PROMPT, pooled_plan)
+
+    for warm in images[:2]:
+        baseline(warm)
+        in_process(warm)
+    return [
+        timed_sequential("baseline (original script)", images, baseline, loaded.device),
+        timed_sequential("in-process core, pooled", images, in_process, loaded.device),
+    ]
+
+
+def main(argv: Sequence[str] | None = None) -> list[Row]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="bench")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--images", type=int, default=16, help="distinct 448x448 images per row")
+    parser.add_argument("--size", type=int, default=448)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--quick", action="store_true", help="few images, no transfer figure: a smoke run")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.images, args.concurrency = 3, [1, 2]
+    dtype = getattr(torch, args.dtype)
+    path = checkpoint(args.shape, args.device, dtype)
+    images = [noise_png(args.size, seed) for seed in range(args.images)]
+    rows = measure_in_process(path, args, images)
+    if args.device.startswith("cuda"):
+        torch.cuda.empty_cache()  # the server process holds its own copy of the model
+    serve_args = ["--model", str(path), "--device", args.device, "--dtype", args.dtype]
+    with ServerProcess(serve_args) as server, EmbeddingClient(server.address) as client:
+        for warm in images[:2]:
+            client.extract(warm, outputs=OUTPUT_SETS["full"])
+        for outputs_name, outputs in OUTPUT_SETS.items():
+            for concurrency in args.concurrency:
+                name = f"service c={concurrency}, {outputs_name}"
+                rows.append(timed_clients(name, client, images, concurrency, outputs))
+    report(rows, args)
+    return rows
+
+
+def report(rows: list[Row], args: argparse.Namespace) -> None:
+    baseline = rows[0].images_per_s
+    print(f"\n{args.images} images of {args.size}x{args.size}, model '{args.shape}' on {args.device} ({args.dtype})")
+    print(f"{'':38} {'img/s':>8} {'vs base':>8} {'p50 ms':>9} {'p99 ms':>9}")
+    for row in rows:
+        ratio = row.images_per_s / baseline
+        print(
+            f"{row.name:38} {row.images_per_s:8.2f} {ratio:7.2f}x {row.percentile(50):9.1f} {row.percentile(99):9.1f}"
+        )
+    by_name = {row.name: row for row in rows}
+    in_process = statistics.median(by_name["in-process core, pooled"].latencies)
+    first = args.concurrency[0]
+    service = statistics.median(by_name[f"service c={first}, pooled"].latencies)
+    print(
+        f"\nRPC overhead at concurrency {first} (p50, pooled): {(service - in_process) * 1000:+.1f} ms "
+        f"= {(service / in_process - 1) * 100:+.1f} % of the in-process latency"
+    )
+    if not args.quick:
+        transfer = measure_transfer()
+        print(
+            f"tensor transfer, gRPC loopback -> numpy: {transfer.grpc_mb_s:.0f} MB/s "
+            f"(a memory copy of the same {transfer.megabytes:.0f} MB: {transfer.copy_mb_s:.0f} MB/s)"
+        )
+
+
+if __name__ == "__main__":
+    main()
