@@ -20,7 +20,7 @@ ImageInput: TypeAlias = str | os.PathLike[str] | bytes | PILImage.Image | np.nda
 ``uint8`` array (RGB / grayscale)."""
 
 # Modes that PNG stores as they are; any other mode is converted to RGB (RGBA if it has alpha).
-_PNG_MODES = frozenset({"1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA"})
+_PNG_MODES = frozenset({"1", "L", "LA", "I;16", "P", "RGB", "RGBA"})
 
 
 def to_image_message(image: ImageInput) -> pb.Image:
@@ -79,6 +79,8 @@ def _array_to_pil(array: np.ndarray) -> PILImage.Image:
 
 
 def _png_message(image: PILImage.Image) -> pb.Image:
+    if image.mode == "I":  # 32-bit integers: PNG stores at most 16 bits per sample
+        image = PILImage.fromarray(np.clip(np.asarray(image), 0, 65535).astype(np.uint16))
     if image.mode not in _PNG_MODES:
         has_alpha = "A" in image.mode or image.mode.endswith("a")
         image = image.convert("RGBA" if has_alpha else "RGB")
