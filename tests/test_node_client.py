@@ -5,12 +5,8 @@ Needs Node.js 20+ and npm (CI installs them); `npm ci` runs here when node_modul
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
 import json
-import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -25,38 +21,13 @@ from qwen25vl_embed.v1 import embed_pb2_grpc as pb_grpc
 from qwen25vl_embed_server.background import BackgroundServer
 
 from .helpers import noise_image, png_bytes
+from .npm import npm_ci
 
 NODE_EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "node"
 # 448x448 and 896x896 give 1024 + 4096 vision patches of 64 values: 1.25 MiB of float32
 # vision_tokens, more than the server's 1 MiB chunk, so that tensor arrives in several parts.
 OUTPUTS = ["vision_tokens", "lm_last_token", "image_grid_thw", "visual_token_lens"]
 PROMPT = "Compare the images."
-
-
-def npm_ci(folder: Path) -> None:
-    """Runs `npm ci` in ``folder`` unless its node_modules was installed from the same lockfile."""
-    for tool in ("node", "npm"):
-        if shutil.which(tool) is None:
-            pytest.fail(f"`{tool}` not found on PATH: these tests need Node.js 20+ and npm (CI installs them)")
-    digest = hashlib.sha256((folder / "package.json").read_bytes() + (folder / "package-lock.json").read_bytes())
-    stamp = folder / "node_modules" / ".npm-ci.sha256"
-    # Concurrent pytest runs share the folder; npm ci deletes node_modules before installing.
-    lock_path = Path(tempfile.gettempdir()) / f"npm-ci-{hashlib.sha256(bytes(folder)).hexdigest()[:16]}.lock"
-    with lock_path.open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if stamp.is_file() and stamp.read_text() == digest.hexdigest():
-            return
-        # --ignore-scripts: none of the pinned packages needs its install script to work.
-        done = subprocess.run(
-            ["npm", "ci", "--ignore-scripts", "--no-audit", "--no-fund"],
-            cwd=folder,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        if done.returncode != 0:
-            pytest.fail(f"npm ci in {folder} failed:\n{done.stdout}\n{done.stderr}")
-        stamp.write_text(digest.hexdigest())
 
 
 @pytest.fixture(scope="session")
