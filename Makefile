@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -c constraints.txt torch torchvision
-	$(BIN)/pip install --quiet -c constraints.txt -e ".[server,dev]"
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[server,dev,ray]"
 	touch $(STAMP)
 
 ## Start a server on the offline tiny model, extract a bundled image through the client, stop.

@@ -41,3 +41,13 @@ def client(server: BackgroundServer) -> Iterator[EmbeddingClient]:
     """The SDK client with gRPC's default message limits (4 MiB receive)."""
     with EmbeddingClient(server.address) as sdk:
         yield sdk
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[None]:
+    """One local Ray instance (2 CPUs, no dashboard) for the Ray Serve and Ray Data tests."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()

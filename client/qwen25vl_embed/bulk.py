@@ -2,13 +2,14 @@
 
 Shared by the sync and asyncio clients: :class:`ResultCollector` turns the response stream (whose
 results arrive in completion order, each tagged with its request id) into per-request results,
-released in input order.
+and :func:`in_order` releases them in input order, freeing window slots and applying the error
+policy. Only the waiting (threads or asyncio) differs between the two clients.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
 import grpc
@@ -17,7 +18,7 @@ from qwen25vl_embed.embeddings import Embeddings, ResultBuilder
 from qwen25vl_embed.errors import EmbeddingError
 from qwen25vl_embed.v1 import embed_pb2 as pb
 
-__all__ = ["ErrorPolicy", "ResultCollector", "progress_bar"]
+__all__ = ["ErrorPolicy", "ResultCollector", "in_order", "progress_bar"]
 
 ErrorPolicy = Literal["raise", "return"]
 
@@ -42,6 +43,15 @@ class ResultCollector:
             message = f"request {index}: {error}"
             self._finished[index] = EmbeddingError(grpc.StatusCode.INVALID_ARGUMENT, message)
             self._unsent.add(index)
+
+    def build(self, index: int, build: Callable[[], pb.ImageRequest]) -> pb.ImageRequest | None:
+        """``build()``'s request, or None when the input is bad (TypeError, ValueError, OSError):
+        then the failure is recorded in the request's place, and nothing is to be sent."""
+        try:
+            return build()
+        except (TypeError, ValueError, OSError) as error:
+            self.fail(index, error)
+            return None
 
     def was_unsent(self, index: int) -> bool:
         """True for a request that failed on this side and so was never sent."""
@@ -82,6 +92,19 @@ class ResultCollector:
         return len(self._finished)
 
 
+def in_order(
+    collector: ResultCollector, errors: ErrorPolicy, bar: Any, free_slot: Callable[[], object]
+) -> Iterator[Embeddings | EmbeddingError]:
+    """The results now ready, in input order: for each, ``free_slot()`` if it was sent (its window
+    slot is free again), one step of the progress ``bar`` (or None), then :func:`release`."""
+    for index, result in collector.ready():
+        if not collector.was_unsent(index):
+            free_slot()
+        if bar is not None:
+            bar.update(1)
+        yield release(result, errors)
+
+
 def release(result: Embeddings | EmbeddingError, errors: ErrorPolicy) -> Embeddings | EmbeddingError:
     """Apply the error policy: raise a failed result, or hand it over."""
     if isinstance(result, EmbeddingError) and errors == "raise":
@@ -98,7 +121,8 @@ def progress_bar(enabled: bool, total: int | None) -> Any:
     return tqdm(total=total, unit="img", dynamic_ncols=True)
 
 
-def sized(items: Iterable[Any]) -> int | None:
+def sized(items: object) -> int | None:
+    """``len(items)``, or None for an iterable without one (a generator, an async iterable)."""
     try:
         return len(items)  # type: ignore[arg-type]
     except TypeError:

@@ -4,6 +4,9 @@ A token over TLS travels as call credentials (gRPC's ``access_token_call_credent
 refuses call credentials on a plain channel, so there a client interceptor adds the same
 ``authorization: Bearer <token>`` metadata instead: the token then crosses the network in clear
 text, which is only acceptable on loopback or a network you trust. Use TLS anywhere else.
+
+:func:`create_channel` makes a blocking channel, :func:`create_aio_channel` an asyncio one, from
+the same arguments and with the same rules.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from typing import Any, NamedTuple, TypeAlias
 
 import grpc
 
-__all__ = ["PEMSource", "TLSConfig", "create_channel"]
+__all__ = ["PEMSource", "TLSConfig", "create_aio_channel", "create_channel"]
 
 PEMSource: TypeAlias = bytes | str | os.PathLike[str]
 """PEM data as ``bytes``, or the path of a PEM file as ``str`` or ``os.PathLike``."""
@@ -89,6 +92,30 @@ def create_channel(
     return grpc.intercept_channel(channel, _BearerTokenInterceptor(token))
 
 
+def create_aio_channel(
+    target: str,
+    *,
+    tls: TLSConfig | None = None,
+    token: str | None = None,
+    options: Sequence[tuple[str, Any]] = (),
+) -> grpc.aio.Channel:
+    """An asyncio channel (``grpc.aio``) to ``target``; arguments and errors as :func:`create_channel`.
+
+    Create it while an event loop runs (or in the loop that will use it): asyncio channels belong
+    to one loop.
+    """
+    if token is not None:
+        _validate_token(token)
+    if tls is not None:
+        credentials = tls.credentials()
+        if token is not None:
+            credentials = grpc.composite_channel_credentials(credentials, grpc.access_token_call_credentials(token))
+        return grpc.aio.secure_channel(target, credentials, options=list(options))
+    # grpc-stubs types aio client interceptors as a placeholder that every value must be cast to.
+    interceptors: Any = None if token is None else _aio_token_interceptors(token)
+    return grpc.aio.insecure_channel(target, options=list(options), interceptors=interceptors)
+
+
 def _read_pem(source: PEMSource | None) -> bytes | None:
     if source is None or isinstance(source, bytes):
         return source
@@ -158,3 +185,54 @@ class _BearerTokenInterceptor(
         request_iterator: Iterator[Any],
     ) -> Any:
         return continuation(self._with_token(details), request_iterator)
+
+
+class _AioTokenMetadata:
+    """Adds ``authorization: Bearer <token>`` to the details of a call on a plain asyncio channel.
+
+    grpc.aio files each interceptor under the first interceptor type it is an instance of, so
+    each call type has its own class below.
+    """
+
+    def __init__(self, token: str) -> None:
+        self._header = ("authorization", f"Bearer {token}")
+
+    def _with_token(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+        metadata = grpc.aio.Metadata(*[item for item in (details.metadata or ()) if item[0] != "authorization"])
+        metadata.add(*self._header)
+        return grpc.aio.ClientCallDetails(
+            details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
+        )
+
+
+class _AioUnaryUnaryToken(_AioTokenMetadata, grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[type-arg]
+    async def intercept_unary_unary(
+        self, continuation: Callable[..., Any], details: grpc.aio.ClientCallDetails, request: Any
+    ) -> Any:
+        return await continuation(self._with_token(details), request)
+
+
+class _AioUnaryStreamToken(_AioTokenMetadata, grpc.aio.UnaryStreamClientInterceptor):  # type: ignore[type-arg]
+    async def intercept_unary_stream(
+        self, continuation: Callable[..., Any], details: grpc.aio.ClientCallDetails, request: Any
+    ) -> Any:
+        return await continuation(self._with_token(details), request)
+
+
+class _AioStreamUnaryToken(_AioTokenMetadata, grpc.aio.StreamUnaryClientInterceptor):  # type: ignore[type-arg]
+    async def intercept_stream_unary(
+        self, continuation: Callable[..., Any], details: grpc.aio.ClientCallDetails, request_iterator: Any
+    ) -> Any:
+        return await continuation(self._with_token(details), request_iterator)
+
+
+class _AioStreamStreamToken(_AioTokenMetadata, grpc.aio.StreamStreamClientInterceptor):  # type: ignore[type-arg]
+    async def intercept_stream_stream(
+        self, continuation: Callable[..., Any], details: grpc.aio.ClientCallDetails, request_iterator: Any
+    ) -> Any:
+        return await continuation(self._with_token(details), request_iterator)
+
+
+def _aio_token_interceptors(token: str) -> list[_AioTokenMetadata]:
+    kinds = (_AioUnaryUnaryToken, _AioUnaryStreamToken, _AioStreamUnaryToken, _AioStreamStreamToken)
+    return [kind(token) for kind in kinds]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import threading
 from collections.abc import Iterable, Iterator, Sequence
@@ -11,7 +12,7 @@ from typing import TYPE_CHECKING, Any, cast
 import grpc
 
 from qwen25vl_embed import codec
-from qwen25vl_embed.bulk import ErrorPolicy, ResultCollector, progress_bar, release, sized
+from qwen25vl_embed.bulk import ErrorPolicy, ResultCollector, in_order, progress_bar, sized
 from qwen25vl_embed.channels import TLSConfig, create_channel
 from qwen25vl_embed.embeddings import Embeddings, ResultBuilder
 from qwen25vl_embed.errors import EmbeddingError, from_rpc_error
@@ -38,6 +39,8 @@ class EmbeddingClient:
             ``tls`` it crosses the network in clear text: loopback or trusted networks only.
         channel: a channel to use instead; ``target``, ``options``, ``tls`` and ``token`` must then
             be left unset, and :meth:`close` leaves the channel open for its owner to close.
+        metadata: gRPC metadata sent with every call, e.g. ``[("application", "qwen25vl_embed")]``
+            to pick the application behind a Ray Serve gRPC proxy that serves several.
 
     gRPC's default 4 MiB receive limit is enough: the server splits results into messages of at
     most its chunk size (1 MiB by default).
@@ -52,11 +55,13 @@ class EmbeddingClient:
         tls: TLSConfig | None = None,
         token: str | None = None,
         channel: grpc.Channel | None = None,
+        metadata: Sequence[tuple[str, str]] = (),
     ) -> None:
         if channel is not None and (tls is not None or token is not None):
             raise ValueError("tls and token configure the channel created here; not with channel=")
         self._target = target
         self._timeout = timeout
+        self._metadata = tuple(metadata) or None
         self._owns_channel = channel is None
         if channel is None:
             channel = create_channel(target, tls=tls, token=token, options=options)
@@ -95,7 +100,7 @@ class EmbeddingClient:
             qwen25vl_embed.codec.CodecError: the server's stream was malformed.
         """
         request = build_request(image, prompt, outputs, dtype, normalize, request_id)
-        call = self._stub.Extract(request, timeout=self._deadline(timeout))
+        call = self._stub.Extract(request, timeout=self._deadline(timeout), metadata=self._metadata)
         builder = ResultBuilder()
         try:
             for response in call:
@@ -145,11 +150,10 @@ class EmbeddingClient:
 
         def requests() -> Iterator[pb.ImageRequest]:
             for index, image in enumerate(images):
-                try:
-                    request = build_request(image, prompt, outputs, dtype, normalize, request_id=str(index))
-                except (TypeError, ValueError, OSError) as error:
-                    # Reported in its place like a server-side failure; never sent, holds no window slot.
-                    collector.fail(index, error)
+                request = collector.build(
+                    index, functools.partial(build_request, image, prompt, outputs, dtype, normalize, str(index))
+                )
+                if request is None:  # reported in its place; never sent, holds no window slot
                     continue
                 while not window.acquire(timeout=0.1):
                     if closed.is_set():
@@ -159,19 +163,14 @@ class EmbeddingClient:
                 yield request
 
         collector = ResultCollector()
-        call = self._stub.ExtractBatch(requests(), timeout=self._deadline(timeout))
+        call = self._stub.ExtractBatch(requests(), timeout=self._deadline(timeout), metadata=self._metadata)
         bar = progress_bar(progress, sized(images))
         try:
             # A final None drains what is left once the stream ends (e.g. trailing local failures).
             for response in itertools.chain(call, [None]):
                 if response is not None:
                     collector.add(response)
-                for index, result in collector.ready():
-                    if not collector.was_unsent(index):
-                        window.release()
-                    if bar is not None:
-                        bar.update(1)
-                    yield release(result, errors)
+                yield from in_order(collector, errors, bar, window.release)
         except grpc.RpcError as err:
             raise from_rpc_error(err) from err
         finally:
@@ -187,7 +186,7 @@ class EmbeddingClient:
             EmbeddingError: the call failed.
         """
         try:
-            response = self._stub.Info(pb.InfoRequest(), timeout=self._deadline(timeout))
+            response = self._stub.Info(pb.InfoRequest(), timeout=self._deadline(timeout), metadata=self._metadata)
         except grpc.RpcError as err:
             raise from_rpc_error(err) from err
         return ServerInfo.from_proto(response)

@@ -19,7 +19,7 @@ import numpy.typing as npt
 from qwen25vl_embed import codec
 from qwen25vl_embed.v1 import embed_pb2 as pb
 
-__all__ = ["MANIFEST_FORMAT_VERSION", "Embeddings", "ResultBuilder"]
+__all__ = ["MANIFEST_FORMAT_VERSION", "Embeddings", "ResultBuilder", "Timings"]
 
 MANIFEST_FORMAT_VERSION = 1
 
@@ -33,6 +33,39 @@ _FILE_SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 _MANIFEST_KEYS = frozenset(
     {"format_version", "request_id", "sequence_length", "visual_token_lens", "image_grid_thw", "files"}
 )
+
+
+@dataclass(frozen=True)
+class Timings:
+    """Where the server spent one request's time before its outputs were ready, in milliseconds.
+
+    Measured on the server and sent before the tensors, so serialising and sending the response
+    are in none of them. ``queue_ms + preprocess_ms + model_ms <= total_ms``.
+
+    Attributes:
+        queue_ms: waiting in the batching queue for the model run of its batch.
+        preprocess_ms: decoding the images and the processor (resize, patches, tokenization).
+        model_ms: the model run of its batch, shared by the ``batch_size`` requests in it.
+        total_ms: from when the server started on the request until its outputs were ready.
+        batch_size: requests in that batch (1: it ran alone).
+    """
+
+    queue_ms: float
+    preprocess_ms: float
+    model_ms: float
+    total_ms: float
+    batch_size: int
+
+    @classmethod
+    def from_proto(cls, message: pb.Timings) -> Timings:
+        """The ``Timings`` of a ``Timings`` message."""
+        return cls(
+            queue_ms=message.queue_ms,
+            preprocess_ms=message.preprocess_ms,
+            model_ms=message.model_ms,
+            total_ms=message.total_ms,
+            batch_size=message.batch_size,
+        )
 
 
 @dataclass(frozen=True, eq=False, repr=False)
@@ -53,6 +86,8 @@ class Embeddings:
             LM input sequence.
         sequence_length: T, the length of the LM input sequence.
         request_id: the request's id, as echoed by the server.
+        timings: where the server spent the request's time; None when the server sent none
+            (e.g. results built locally). Not written by :meth:`save`.
     """
 
     tensors: Mapping[str, np.ndarray]
@@ -61,6 +96,7 @@ class Embeddings:
     image_token_positions: npt.NDArray[np.int64]
     sequence_length: int
     request_id: str = ""
+    timings: Timings | None = None
 
     def __post_init__(self) -> None:
         lens = _int_array(self.visual_token_lens, "visual_token_lens")
@@ -188,7 +224,7 @@ class Embeddings:
         all images (``lm_last_hidden``, ``lm_layer_<k>``, ``*_pooled_mean``, ``lm_last_token``)
         cannot be separated and are left out of the parts. Each part's metadata is its image's:
         one row of visual_token_lens and image_grid_thw, its slice of image_token_positions (still
-        positions in the shared sequence) and the shared sequence_length. Parts are views.
+        positions in the shared sequence), the shared sequence_length and timings. Parts are views.
 
         Raises:
             ValueError: a token tensor's first axis does not match the metadata.
@@ -227,6 +263,7 @@ class Embeddings:
                 ),
                 sequence_length=self.sequence_length,
                 request_id=self.request_id,
+                timings=self.timings,
             )
             for i in range(n)
         ]
@@ -344,6 +381,7 @@ class ResultBuilder:
             image_token_positions=np.array(meta.image_token_positions, dtype=np.int64),
             sequence_length=meta.sequence_length,
             request_id=self._request_id,
+            timings=Timings.from_proto(meta.timings) if meta.HasField("timings") else None,
         )
 
 

@@ -4,6 +4,9 @@ Requests queue on the event loop. The batcher takes the oldest, waits up to ``ma
 company, fills the batch up to ``max_images`` / ``max_tokens``, drops requests whose caller
 gave up (cancelled, or the deadline passed while queued), and runs the rest as one batch on the
 model thread. While the model runs, new requests queue: under load batches form by themselves.
+
+Each result comes with its :class:`BatchTiming` (time queued, the batch's model time); an optional
+:class:`BatchObserver` hears of every model run (the server's metrics). No metrics library here.
 """
 
 from __future__ import annotations
@@ -12,11 +15,15 @@ import asyncio
 import logging
 import time
 from collections import deque
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
 
-from .errors import DeadlineExceededError, OverloadedError
-from .extractor import Extraction, Extractor, Prepared
+from .errors import DeadlineExceededError, ModelNotReadyError, OverloadedError
+
+if TYPE_CHECKING:  # only types: keeps this module (and BatchingConfig for the CLI) free of torch
+    from .extractor import Extraction, Extractor, Prepared
 
 log = logging.getLogger(__name__)
 
@@ -31,10 +38,29 @@ class BatchingConfig:
     max_queue: int = 256
 
 
-@dataclass
+@dataclass(frozen=True)
+class BatchTiming:
+    """Where one request spent its time in the batcher, in seconds.
+
+    ``queued``: from :meth:`Batcher.submit_timed` until the model run of its batch started.
+    ``model``: that run, shared by the ``batch_size`` requests of the batch.
+    """
+
+    queued: float
+    model: float
+    batch_size: int
+
+
+class BatchObserver(Protocol):
+    """Hears of every model run that succeeded (e.g. to record metrics)."""
+
+    def batch_ran(self, requests: int, images: int, seconds: float) -> None: ...
+
+
+@dataclass(eq=False)  # compared by identity: removing one from the queue must not compare tensors
 class _Pending:
     item: Prepared
-    future: asyncio.Future[Extraction]
+    future: asyncio.Future[tuple[Extraction, BatchTiming]]
     deadline: float | None  # time.monotonic() after which nobody waits for the result
     enqueued: float = field(default_factory=time.monotonic)
 
@@ -46,9 +72,12 @@ class _Pending:
 class Batcher:
     """Owns the model thread. Create and use it on one event loop; :meth:`close` stops it."""
 
-    def __init__(self, extractor: Extractor, config: BatchingConfig = BatchingConfig()) -> None:
+    def __init__(
+        self, extractor: Extractor, config: BatchingConfig = BatchingConfig(), observer: BatchObserver | None = None
+    ) -> None:
         self.extractor = extractor
         self.config = config
+        self._observer = observer
         self._queue: deque[_Pending] = deque()
         self._arrived = asyncio.Event()
         self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
@@ -60,25 +89,36 @@ class Batcher:
         return len(self._queue)
 
     async def submit(self, item: Prepared, deadline: float | None = None) -> Extraction:
-        """Queue ``item`` and wait for its result.
+        """Queue ``item`` and wait for its result (see :meth:`submit_timed`)."""
+        result, _ = await self.submit_timed(item, deadline)
+        return result
+
+    async def submit_timed(self, item: Prepared, deadline: float | None = None) -> tuple[Extraction, BatchTiming]:
+        """Queue ``item`` and wait for its result and where it spent its time.
 
         Raises :class:`OverloadedError` at once when the queue is full, and
         :class:`DeadlineExceededError` when ``deadline`` (monotonic seconds) passes while queued.
-        Cancelling the caller frees its place: the request never reaches the model.
+        Cancelling the caller frees its place in the queue at once: the request never reaches the
+        model (if its batch already runs, the result is dropped).
         """
         if len(self._queue) >= self.config.max_queue:
             raise OverloadedError(f"the server is at capacity ({self.config.max_queue} requests queued); retry later")
         pending = _Pending(item, asyncio.get_running_loop().create_future(), deadline)
         self._queue.append(pending)
         self._arrived.set()
-        return await pending.future
+        try:
+            return await pending.future
+        except asyncio.CancelledError:
+            if pending in self._queue:
+                self._queue.remove(pending)
+            raise
 
     async def close(self) -> None:
         """Stop taking batches; fail what is still queued; wait for the model thread."""
         self._task.cancel()
         for pending in self._queue:
             if not pending.future.done():
-                pending.future.set_exception(OverloadedError("the server is shutting down"))
+                pending.future.set_exception(ModelNotReadyError("the server is shutting down; retry elsewhere"))
         self._queue.clear()
         await asyncio.get_running_loop().run_in_executor(None, self._model_thread.shutdown)
 
@@ -88,8 +128,9 @@ class Batcher:
             batch = await self._next_batch()
             if not batch:
                 continue
+            started = time.monotonic()
             try:
-                results = await loop.run_in_executor(self._model_thread, self.extractor.run, [p.item for p in batch])
+                results, seconds = await loop.run_in_executor(self._model_thread, self._run, [p.item for p in batch])
             except Exception as error:  # one failing batch: retry its requests one by one
                 if len(batch) > 1:
                     log.warning("a batch of %d failed (%s); running its requests alone", len(batch), error)
@@ -98,20 +139,34 @@ class Batcher:
                     _settle(batch[0], error=error)
                 continue
             self.batches_run += 1
+            self._ran(batch, seconds)
             for pending, result in zip(batch, results, strict=True):
-                _settle(pending, result=result)
+                _settle(pending, result=(result, BatchTiming(started - pending.enqueued, seconds, len(batch))))
 
     async def _run_alone(self, batch: list[_Pending]) -> None:
         loop = asyncio.get_running_loop()
         for pending in batch:
             if pending.abandoned:
                 continue
+            started = time.monotonic()
             try:
-                result = (await loop.run_in_executor(self._model_thread, self.extractor.run, [pending.item]))[0]
+                results, seconds = await loop.run_in_executor(self._model_thread, self._run, [pending.item])
             except Exception as error:
                 _settle(pending, error=error)
             else:
-                _settle(pending, result=result)
+                self._ran([pending], seconds)
+                _settle(pending, result=(results[0], BatchTiming(started - pending.enqueued, seconds, 1)))
+
+    def _run(self, items: Sequence[Prepared]) -> tuple[list[Extraction], float]:
+        """The model run and its duration (on the model thread, so no event-loop hop is counted)."""
+        started = time.monotonic()
+        results = self.extractor.run(items)
+        return results, time.monotonic() - started
+
+    def _ran(self, batch: list[_Pending], seconds: float) -> None:
+        if self._observer is not None:
+            images = sum(_images(p.item) for p in batch)
+            self._observer.batch_ran(len(batch), images, seconds)
 
     async def _next_batch(self) -> list[_Pending]:
         """Wait for a request, then for company (bounded by max_wait_ms and the batch bounds)."""
@@ -134,7 +189,7 @@ class Batcher:
                 _settle(pending, error=DeadlineExceededError("the deadline passed while the request was queued"))
                 continue
             item = pending.item
-            n_images = int(item.inputs["image_grid_thw"].shape[0])
+            n_images = _images(item)
             if batch and (images + n_images > self.config.max_images or tokens + item.cost > self.config.max_tokens):
                 break
             batch.append(self._queue.popleft())
@@ -143,12 +198,18 @@ class Batcher:
 
     def _full(self) -> bool:
         """True when the queued requests already fill a batch: no reason to wait for more."""
-        images = sum(int(p.item.inputs["image_grid_thw"].shape[0]) for p in self._queue)
+        images = sum(_images(p.item) for p in self._queue)
         tokens = sum(p.item.cost for p in self._queue)
         return images >= self.config.max_images or tokens >= self.config.max_tokens
 
 
-def _settle(pending: _Pending, result: Extraction | None = None, error: BaseException | None = None) -> None:
+def _images(item: Prepared) -> int:
+    return int(item.inputs["image_grid_thw"].shape[0])
+
+
+def _settle(
+    pending: _Pending, result: tuple[Extraction, BatchTiming] | None = None, error: BaseException | None = None
+) -> None:
     if pending.future.done():  # the caller went away
         return
     if error is not None:

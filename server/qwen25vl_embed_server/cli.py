@@ -1,4 +1,5 @@
-"""``qwen25vl-embed``: serve, extract (in-process or through a server), info, make-tiny-model.
+"""``qwen25vl-embed``: serve, extract (in-process or through a server), info, make-tiny-model;
+serve-ray and bulk with Ray (the ``ray`` extra).
 
 ``extract`` keeps the original script's flags and layout: ``<outdir>/<image_stem>/*.npy`` plus
 ``manifest.json``; pooled vectors by default, token tensors with ``--save-tokens``.
@@ -19,9 +20,11 @@ from typing import Any
 
 from qwen25vl_embed import EmbeddingClient, EmbeddingError
 
+from .batcher import BatchingConfig
 from .cli_extract import run_extract
 from .errors import InvalidInputError
 from .limits import Limits
+from .logging_setup import LOG_FORMATS, configure_logging
 from .outputs import DEFAULT_OUTPUTS, IMAGE_GRID_THW, TOKEN_OUTPUTS
 
 log = logging.getLogger("qwen25vl_embed")
@@ -32,7 +35,7 @@ DEFAULT_PROMPT = "Describe the image."
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_level, args.log_format)
     try:
         return int(args.run(args))
     except (EmbeddingError, InvalidInputError) as err:
@@ -45,6 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qwen25vl-embed", description=__doc__.split("\n")[0])
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--log-format", default="text", choices=LOG_FORMATS, help="text lines or JSON lines (text)")
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
     serve = commands.add_parser("serve", help="run the gRPC server")
@@ -54,6 +58,11 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--chunk-bytes", type=int, default=1 << 20, help="largest response message (1 MiB)")
     serve.add_argument("--max-request-bytes", type=int, default=64 << 20, help="largest request (64 MiB)")
     serve.add_argument("--grace", type=float, default=10.0, help="seconds in-flight calls get at shutdown")
+    _batching_flags(serve)
+    serve.add_argument(
+        "--metrics-port", type=int, default=0, help="serve Prometheus metrics over HTTP on this port (0: off)"
+    )
+    serve.add_argument("--metrics-host", default=None, help="bind address of the metrics endpoint (default: --host)")
     _limit_flags(serve)
     _server_security_flags(serve)
     serve.set_defaults(run=_serve)
@@ -79,6 +88,26 @@ def _parser() -> argparse.ArgumentParser:
     info.add_argument("--server", required=True, help="host:port")
     _client_security_flags(info)
     info.set_defaults(run=_info)
+
+    serve_ray = commands.add_parser("serve-ray", help="serve through Ray Serve's gRPC proxy (needs the ray extra)")
+    serve_ray.add_argument("--config", required=True, type=Path, help="Ray Serve config file (examples/ray/serve.yaml)")
+    serve_ray.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else start a local one)")
+    serve_ray.set_defaults(run=_serve_ray)
+
+    bulk = commands.add_parser("bulk", help="images to Parquet with Ray Data, resumable (needs the ray extra)")
+    bulk.add_argument("input", metavar="INPUT", help="folder, quoted glob, or Parquet/CSV file with a path column")
+    bulk.add_argument("output", metavar="OUTPUT", type=Path, help="Parquet folder; rerun to resume")
+    _model_flags(bulk)
+    bulk.add_argument("--outputs", nargs="+", default=None, help="output names (default: the pooled vectors)")
+    bulk.add_argument("--prompt", default=DEFAULT_PROMPT, help=f"text after the image ({DEFAULT_PROMPT!r})")
+    bulk.add_argument("--normalize", action="store_true", help="L2-normalise the pooled vectors")
+    bulk.add_argument("--batch-size", type=int, default=16, help="images per model call (16)")
+    bulk.add_argument("--num-gpus", type=int, default=0, help="GPUs to use, one actor (model copy) each (0)")
+    bulk.add_argument("--actors", type=int, default=None, help="model copies (default: --num-gpus, or 1)")
+    bulk.add_argument("--cpus-per-actor", type=float, default=1.0, help="Ray CPUs (and torch threads) per actor (1)")
+    bulk.add_argument("--path-column", default="path", help="column of a Parquet/CSV listing (path)")
+    bulk.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else start a local one)")
+    bulk.set_defaults(run=_bulk)
 
     tiny = commands.add_parser("make-tiny-model", help="write a random-weight Qwen2.5-VL checkpoint")
     tiny.add_argument("outdir", type=Path)
@@ -120,6 +149,21 @@ def _limit_flags(parser: argparse.ArgumentParser) -> None:
         default=limits.max_prompt_tokens,
         help=f"longest prompt in tokens ({limits.max_prompt_tokens})",
     )
+
+
+def _batching_flags(parser: argparse.ArgumentParser) -> None:
+    defaults = BatchingConfig()
+    group = parser.add_argument_group("batching and pipeline (requests that arrive together run as one forward)")
+    group.add_argument("--batch-max-images", type=int, default=defaults.max_images, help="images per batch (32)")
+    group.add_argument(
+        "--batch-max-tokens", type=int, default=defaults.max_tokens, help="vision patches + LM tokens per batch (32768)"
+    )
+    group.add_argument(
+        "--batch-max-wait-ms", type=float, default=defaults.max_wait_ms, help="wait for company when idle (2 ms)"
+    )
+    group.add_argument("--max-queue", type=int, default=defaults.max_queue, help="queued requests, then refuse (256)")
+    group.add_argument("--preprocess-workers", type=int, default=4, help="threads decoding and preprocessing (4)")
+    group.add_argument("--stream-window", type=int, default=64, help="requests in flight per ExtractBatch stream (64)")
 
 
 def _server_security_flags(parser: argparse.ArgumentParser) -> None:
@@ -169,8 +213,20 @@ def _server_config(args: argparse.Namespace) -> Any:
         limits=limits,
         tls=tls,
         auth=auth,
-        service=ServiceConfig(chunk_bytes=args.chunk_bytes),
+        service=ServiceConfig(
+            chunk_bytes=args.chunk_bytes,
+            preprocess_workers=args.preprocess_workers,
+            stream_window=args.stream_window,
+            batching=BatchingConfig(
+                max_images=args.batch_max_images,
+                max_tokens=args.batch_max_tokens,
+                max_wait_ms=args.batch_max_wait_ms,
+                max_queue=args.max_queue,
+            ),
+        ),
         grace_seconds=args.grace,
+        metrics_port=args.metrics_port or None,
+        metrics_host=args.metrics_host,
     )
 
 
@@ -243,6 +299,50 @@ def _info(args: argparse.Namespace) -> int:
     with client:
         print(json.dumps(asdict(client.info()), indent=2))
     return 0
+
+
+def _serve_ray(args: argparse.Namespace) -> int:
+    try:
+        from .ray_serve import serve_config_file
+    except ImportError as err:
+        print(f"error: serve-ray needs Ray: pip install 'qwen25vl-embed[ray]' ({err})", file=sys.stderr)
+        return 2
+    try:
+        serve_config_file(args.config, args.address)
+    except (ValueError, OSError) as err:  # pydantic's ValidationError is a ValueError
+        print(f"error: {args.config}: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _bulk(args: argparse.Namespace) -> int:
+    try:
+        from .ray_bulk import BulkJob, run_bulk
+    except ImportError as err:
+        print(f"error: bulk needs Ray: pip install 'qwen25vl-embed[ray]' ({err})", file=sys.stderr)
+        return 2
+    actors = args.actors or max(1, args.num_gpus)
+    job = BulkJob(
+        source=args.input,
+        output=args.output,
+        load=_load_options(args),
+        outputs=tuple(args.outputs or ()),
+        prompt=args.prompt,
+        normalize=args.normalize,
+        batch_size=args.batch_size,
+        actors=actors,
+        gpus_per_actor=args.num_gpus / actors,
+        cpus_per_actor=args.cpus_per_actor,
+        path_column=args.path_column,
+        address=args.address,
+    )
+    try:
+        report = run_bulk(job)
+    except (ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(report.summary())
+    return 1 if report.failed else 0  # as extract: failed images are reported, the others kept
 
 
 def _make_tiny(args: argparse.Namespace) -> int:

@@ -1,4 +1,4 @@
-"""Assemble and run the gRPC server: embedding service, health, reflection, error mapping."""
+"""Assemble and run the gRPC server: embedding service, health, reflection, error mapping, metrics."""
 
 from __future__ import annotations
 
@@ -20,9 +20,10 @@ from .auth import AuthConfig, BearerTokenInterceptor
 from .extractor import Extractor
 from .limits import Limits
 from .loading import LoadOptions, load_model
+from .metrics import Metrics
 from .service import EmbeddingService, ServiceConfig
 from .status import ErrorMappingInterceptor
-from .tls import TLSServerConfig, exposure_warnings, server_credentials
+from .tls import TLSServerConfig, exposure_warnings, is_loopback, server_credentials
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,8 @@ class ServerConfig:
     """Where to listen, request limits, TLS and bearer tokens. Binds loopback unless told otherwise.
 
     ``limits.max_request_bytes`` is gRPC's receive limit; ``tls`` None: plaintext; ``auth`` None:
-    no token needed.
+    no token needed. ``metrics_port``: serve Prometheus metrics over plain HTTP on this port (0: any
+    free port; None: no endpoint) at ``metrics_host`` (None: ``host``).
     """
 
     host: str = "127.0.0.1"
@@ -44,6 +46,8 @@ class ServerConfig:
     auth: AuthConfig | None = None
     service: ServiceConfig = field(default_factory=ServiceConfig)
     grace_seconds: float = 10.0
+    metrics_port: int | None = None
+    metrics_host: str | None = None
 
 
 @dataclass
@@ -52,6 +56,15 @@ class RunningServer:
     port: int
     service: EmbeddingService
     health: health_aio.HealthServicer
+
+    @property
+    def metrics(self) -> Metrics:
+        return self.service.metrics
+
+    @property
+    def metrics_port(self) -> int | None:
+        """The bound port of the metrics endpoint; None without one."""
+        return self.metrics.http_port
 
     async def mark_serving(self, extractor: Extractor) -> None:
         """Attach the loaded model and report SERVING to health checks (on the server's loop)."""
@@ -64,6 +77,7 @@ class RunningServer:
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
         await self.service.close()
+        self.metrics.stop_http()
 
 
 async def create_server(config: ServerConfig) -> RunningServer:
@@ -79,7 +93,7 @@ async def create_server(config: ServerConfig) -> RunningServer:
         interceptors=interceptors,
         options=[("grpc.max_receive_message_length", config.limits.max_request_bytes)],
     )
-    service = EmbeddingService(dataclasses.replace(config.service, limits=config.limits))
+    service = EmbeddingService(dataclasses.replace(config.service, limits=config.limits), Metrics())
     pb_grpc.add_EmbeddingServiceServicer_to_server(service, server)
     health_servicer = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -89,13 +103,27 @@ async def create_server(config: ServerConfig) -> RunningServer:
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
         server,
     )
-    address = f"[{config.host}]:{config.port}" if ":" in config.host else f"{config.host}:{config.port}"
+    address = _address(config.host, config.port)
     if config.tls is not None:
         port = server.add_secure_port(address, server_credentials(config.tls))
     else:
         port = server.add_insecure_port(address)
     await server.start()
+    if config.metrics_port is not None:
+        host = config.metrics_host if config.metrics_host is not None else config.host
+        try:
+            metrics_port = service.metrics.serve_http(host, config.metrics_port)
+        except OSError:
+            await server.stop(None)
+            raise
+        log.info("metrics on http://%s/metrics", _address(host, metrics_port))
+        if not is_loopback(host):
+            log.warning("the metrics endpoint on %s is plain HTTP without authentication", host)
     return RunningServer(server=server, port=port, service=service, health=health_servicer)
+
+
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 async def serve(config: ServerConfig, load: LoadOptions) -> None:

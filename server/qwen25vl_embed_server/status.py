@@ -39,12 +39,13 @@ def status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
 
 
 def log_failure(method: str, request_id: str, error: BaseException) -> None:
-    """Log a failed call: the traceback for INTERNAL, one line for the caller's mistakes."""
+    """Log a failed call: the traceback for INTERNAL at ERROR; the caller's mistakes at DEBUG only,
+    as the request log (``qwen25vl_embed_server.requests``) already has one INFO line per request."""
     code, message = status_for(error)
     if code == grpc.StatusCode.INTERNAL:
         log.error("%s [%s] failed", method, request_id, exc_info=error)
     else:
-        log.info("%s [%s] -> %s: %s", method, request_id, code.name, message)
+        log.debug("%s [%s] -> %s: %s", method, request_id, code.name, message)
 
 
 async def _abort(context: grpc.aio.ServicerContext[Any, Any], method: str, error: Exception) -> None:
@@ -75,8 +76,10 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None:
+            # A coroutine that writes with context.write (health's Watch) is not an async iterator.
+            wrap = _wrap_unary if inspect.iscoroutinefunction(handler.unary_stream) else _wrap_stream
             return grpc.unary_stream_rpc_method_handler(
-                _wrap_stream(handler.unary_stream, method),
+                wrap(handler.unary_stream, method),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )

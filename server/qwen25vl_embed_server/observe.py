@@ -1,0 +1,138 @@
+"""One request's observation: where its time went, its metrics, and its line in the request log.
+
+The service opens a :class:`RequestObservation` when it starts on a request (an Extract call, or
+one request of an ExtractBatch stream) and finishes it exactly once, whatever the outcome. The
+stages fill it in as they pass; :func:`current` finds the observation of the running task, so
+that the pipeline's internal signatures stay free of it.
+
+The request log is the logger ``qwen25vl_embed_server.requests``: one INFO line per request, its
+fields also attached to the record (``extra``) for structured formatters (``--log-format json``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import Any
+
+from .batcher import BatchTiming
+from .metrics import Metrics
+from .status import status_for
+
+request_log = logging.getLogger("qwen25vl_embed_server.requests")
+
+_current: ContextVar[RequestObservation | None] = ContextVar("qwen25vl_embed_request", default=None)
+
+CANCELLED = "CANCELLED"
+
+
+def current() -> RequestObservation | None:
+    """The observation of the request this task works on, if any."""
+    return _current.get()
+
+
+@dataclass
+class RequestObservation:
+    """Timings (seconds, None for a stage not reached) and outcome of one request."""
+
+    method: str
+    request_id: str
+    images: int
+    outputs: Sequence[str]
+    metrics: Metrics
+    started: float = field(default_factory=time.perf_counter)
+    preprocess: float | None = None
+    queue: float | None = None
+    model: float | None = None
+    batch_size: int = 0
+    ready: float | None = None  # from the start until the outputs were ready to send
+    serialize: float | None = None
+    tokens: int = 0
+    status: str = "OK"
+    error: str = ""
+    _finished: bool = False
+
+    @classmethod
+    def begin(
+        cls, method: str, request_id: str, images: int, outputs: Sequence[str], metrics: Metrics
+    ) -> RequestObservation:
+        """Start observing a request, as the current one of this task."""
+        observation = cls(method, request_id, images, tuple(outputs), metrics)
+        metrics.request_started(method)
+        _current.set(observation)
+        return observation
+
+    def preprocessed(self, started: float) -> None:
+        """Preprocessing, begun at ``started`` (``time.perf_counter()``), is done."""
+        self.preprocess = time.perf_counter() - started
+        self.metrics.preprocess_seconds.observe(self.preprocess)
+
+    def batched(self, timing: BatchTiming) -> None:
+        self.queue, self.model, self.batch_size = timing.queued, timing.model, timing.batch_size
+        self.metrics.queue_seconds.observe(timing.queued)
+
+    def outputs_ready(self, sequence_length: int) -> None:
+        self.ready = time.perf_counter() - self.started
+        self.tokens = sequence_length
+
+    def serialized(self, started: float) -> None:
+        """The response messages, begun at ``started``, are all handed to gRPC."""
+        self.serialize = time.perf_counter() - started
+        self.metrics.serialize_seconds.observe(self.serialize)
+
+    def failed(self, error: BaseException) -> None:
+        """Record the outcome of a request that raised ``error``."""
+        if isinstance(error, (asyncio.CancelledError, GeneratorExit)):
+            self.status, self.error = CANCELLED, "the caller went away"
+        else:
+            code, details = status_for(error)
+            self.status, self.error = code.name, details
+
+    def finish(self) -> None:
+        """Record the metrics and write the request's log line (once; later calls do nothing)."""
+        if self._finished:
+            return
+        self._finished = True
+        seconds = time.perf_counter() - self.started
+        self.metrics.request_finished(self.method, self.status, seconds)
+        if self.status == "OK":
+            self.metrics.request_succeeded(self.images, self.tokens)
+        fields = self.log_fields(seconds)
+        request_log.info(
+            "%s id=%s images=%d tokens=%d outputs=%s status=%s ms=%.1f%s",
+            self.method,
+            self.request_id or "-",
+            self.images,
+            self.tokens,
+            ",".join(self.outputs),
+            self.status,
+            fields["ms"],
+            f" error={self.error!r}" if self.error else "",
+            extra=fields,
+        )
+
+    def log_fields(self, seconds: float) -> dict[str, Any]:
+        """The log record's structured fields (durations in milliseconds)."""
+        return {
+            "method": self.method,
+            "request_id": self.request_id,
+            "images": self.images,
+            "tokens": self.tokens,
+            "outputs": list(self.outputs),
+            "status": self.status,
+            "ms": _ms(seconds),
+            "preprocess_ms": _ms(self.preprocess),
+            "queue_ms": _ms(self.queue),
+            "model_ms": _ms(self.model),
+            "serialize_ms": _ms(self.serialize),
+            "batch_size": self.batch_size,
+            "error": self.error,
+        }
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 3)

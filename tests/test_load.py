@@ -1,0 +1,67 @@
+"""A small load test over loopback: concurrent clients mixing good, bad, cancelled and
+deadline-limited requests and ExtractBatch streams (bench/load_test.py at a small scale).
+
+Every good request gets exactly its own result (its request id, and the values of its image run
+alone beforehand), no request is lost or answered twice, and the server stays healthy: SERVING,
+an empty queue, and a correct result for the next request.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import grpc
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))  # bench/ holds scripts, not a package
+from load_test import LoadConfig, run_load
+
+from qwen25vl_embed_server.background import BackgroundServer
+from qwen25vl_embed_server.batcher import BatchingConfig
+from qwen25vl_embed_server.extractor import Extractor
+from qwen25vl_embed_server.server import ServerConfig
+from qwen25vl_embed_server.service import ServiceConfig
+
+log = logging.getLogger(__name__)
+
+
+def test_mixed_load_loses_nothing_and_gives_every_request_its_own_result(extractor: Extractor) -> None:
+    config = LoadConfig(
+        clients=12,
+        requests_per_client=10,
+        mix={"good": 0.45, "bad": 0.15, "cancelled": 0.15, "deadline": 0.15, "stream": 0.1},
+        stream_length=3,
+        distinct_images=6,
+        call_timeout=30,
+        max_seconds=60,
+    )
+    server_config = ServerConfig(port=0, service=ServiceConfig(batching=BatchingConfig(max_wait_ms=5)))
+    with BackgroundServer(extractor, server_config) as server:
+        report = run_load(server.address, config)
+        batcher = server.service.batcher
+        assert batcher.queue_depth == 0
+        batches = batcher.batches_run
+    log.info("load test:\n%s", report.summary())
+    print(report.summary())  # the figures, shown with pytest -s
+
+    assert report.lost == 0
+    assert report.duplicated == 0
+    assert report.wrong == []
+    assert report.unexpected == []
+    assert report.healthy
+    # Every kind was exercised, and the faults happened, not just the good paths.
+    assert report.count("good", "OK") >= 30
+    assert report.count("bad", grpc.StatusCode.INVALID_ARGUMENT.name) >= 8
+    assert report.count("stream good", "OK") >= 4
+    assert report.count("cancelled", grpc.StatusCode.CANCELLED.name) >= 1
+    assert report.count("deadline", grpc.StatusCode.DEADLINE_EXCEEDED.name) >= 1
+    assert report.count() == report.requests
+    # The clients were concurrent: requests shared forwards.
+    assert batches < report.count(outcome="OK")
+
+
+def test_the_load_test_refuses_a_remote_server() -> None:
+    with pytest.raises(ValueError, match="loopback only"):
+        run_load("192.0.2.1:50051", LoadConfig(clients=1, requests_per_client=1))

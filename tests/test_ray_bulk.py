@@ -1,0 +1,132 @@
+"""Ray Data bulk extraction on the CPU, the tiny model: Parquet rows equal the plain client's
+results, ragged token tensors keep their shapes, and reruns only do what is left."""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from qwen25vl_embed import EmbeddingClient
+from qwen25vl_embed_server.cli import main
+from qwen25vl_embed_server.loading import LoadOptions
+from qwen25vl_embed_server.ray_bulk import BulkJob, finished_paths, iter_rows, list_images, run_bulk
+
+from .helpers import noise_image, png_bytes
+
+# Token tensors of different first axes per image (ragged) and a 3-d one, plus pooled vectors.
+OUTPUTS = ("vision_tokens", "projected_tokens", "lm_last_hidden", "lm_image_pooled_mean", "lm_last_token")
+SIZES = [(56, 56), (224, 112), (140, 84), (28, 280), (112, 112), (84, 140)]
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Six images of different sizes, a corrupt one, and a file that is not an image."""
+    folder = tmp_path_factory.mktemp("bulk-images")
+    (folder / "nested").mkdir()
+    for index, (width, height) in enumerate(SIZES):
+        where = folder / "nested" if index % 2 else folder
+        (where / f"image{index}.png").write_bytes(png_bytes(noise_image(width, height, seed=index)))
+    (folder / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    (folder / "notes.txt").write_text("not listed: not an image suffix")
+    return folder
+
+
+def test_rows_equal_the_clients_results_and_reruns_do_only_the_rest(
+    ray_cluster: None,
+    images: Path,
+    tiny_model_path: Path,
+    client: EmbeddingClient,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    output = tmp_path / "embeddings"
+    # First run: a CSV listing of three images (relative paths) and the corrupt one, two actors.
+    listing = tmp_path / "listing.csv"
+    listed = ["image0.png", "nested/image1.png", "image2.png", "corrupt.png"]
+    with listing.open("w", newline="") as file:
+        csv.writer(file).writerows([["path"], *[[str(images / name)] for name in listed]])
+    job = BulkJob(
+        source=str(listing),
+        output=output,
+        load=LoadOptions(model=str(tiny_model_path), device="cpu", dtype="float32"),
+        outputs=OUTPUTS,
+        batch_size=2,
+        actors=2,
+    )
+    first = run_bulk(job)
+    assert (first.listed, first.skipped, first.written, first.failed) == (4, 0, 4, 1)
+    assert first.images_per_second > 0
+    first_files = {path.name: path.stat().st_mtime_ns for path in output.glob("*.parquet")}
+
+    # Second run, through the CLI: the whole folder; only the three new images run.
+    arguments = ["bulk", str(images), str(output), "--model", str(tiny_model_path), "--device", "cpu"]
+    arguments += ["--dtype", "float32", "--outputs", *OUTPUTS, "--batch-size", "4"]
+    assert main(arguments) == 0
+    assert "3 images written (0 failed), 4 already done" in capsys.readouterr().out
+    assert {name: mtime for name, mtime in first_files.items() if (output / name).exists()} == first_files
+
+    rows = {row.path: row for row in iter_rows(output)}
+    assert sorted(rows) == sorted(os.path.abspath(path) for path in images.rglob("*.png"))
+    assert sum(1 for _ in iter_rows(output)) == len(rows)  # no image twice
+    corrupt = rows.pop(str(images / "corrupt.png"))
+    assert corrupt.error is not None
+    assert "could not be decoded" in corrupt.error
+    assert corrupt.tensors == {}
+    shapes = set()
+    for path, row in rows.items():
+        assert row.error is None
+        expected = client.extract(Path(path).read_bytes(), outputs=[*OUTPUTS, "image_grid_thw"])
+        assert row.visual_token_lens == int(expected.visual_token_lens[0])
+        assert row.image_grid_thw == tuple(expected.image_grid_thw[0].tolist())
+        assert row.sequence_length == expected.sequence_length
+        assert set(row.tensors) == set(OUTPUTS)
+        for name in OUTPUTS:
+            assert row.tensors[name].shape == expected[name].shape, name
+            np.testing.assert_allclose(row.tensors[name], expected[name], rtol=1e-5, atol=1e-5, err_msg=name)
+        shapes.add(row.tensors["projected_tokens"].shape)
+    assert len(shapes) > 1, "the images should give ragged token tensors"
+
+    # Plain Arrow types, readable without Ray: vectors are lists of floats, token tensors values + shape.
+    table = pq.read_table(output)
+    assert table.schema.field("lm_last_token").type == pa.list_(pa.float32())
+    assert table.schema.field("projected_tokens").type == pa.large_list(pa.float32())
+    row = next(r for r in table.to_pylist() if r["error"] is None)
+    tokens = np.asarray(row["projected_tokens"], np.float32).reshape(row["projected_tokens_shape"])
+    assert tokens.shape == (row["visual_token_lens"], 64)
+
+    # Third run: nothing left, nothing written, no Ray job started.
+    third = run_bulk(BulkJob(source=str(images), output=output, load=job.load, outputs=OUTPUTS))
+    assert (third.listed, third.skipped, third.written) == (7, 7, 0)
+
+
+def test_listing_a_glob_a_parquet_file_and_refusals(images: Path, tmp_path: Path) -> None:
+    pngs = sorted(str(path) for path in images.rglob("*.png"))
+    assert list_images(str(images)) == pngs
+    assert list_images(f"{images}/**/image*.png") == sorted(p for p in pngs if "image" in Path(p).name)
+    listing = tmp_path / "listing.parquet"
+    pq.write_table(pa.table({"file": ["image0.png", "image0.png", None, "nested/image1.png"]}), listing)
+    copy = tmp_path / "image0.png"
+    copy.write_bytes((images / "image0.png").read_bytes())
+    (tmp_path / "nested").mkdir()
+    assert list_images(str(listing), path_column="file") == [str(copy), str(tmp_path / "nested" / "image1.png")]
+    with pytest.raises(ValueError, match="no column 'path'"):
+        list_images(str(listing))
+    with pytest.raises(FileNotFoundError):
+        list_images(str(tmp_path / "missing"))
+
+
+def test_an_unreadable_output_file_is_set_aside(tmp_path: Path) -> None:
+    pq.write_table(pa.table({"path": ["/a.png"], "error": pa.array([None], pa.string())}), tmp_path / "good.parquet")
+    (tmp_path / "cut.parquet").write_bytes(b"PAR1 cut off by an interruption")
+    assert finished_paths(tmp_path) == {"/a.png"}
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["_cut.parquet.unreadable", "good.parquet"]
+    pq.write_table(pa.table({"file": ["/b.png"]}), tmp_path / "someone-elses.parquet")
+    with pytest.raises(ValueError, match="not a bulk job's output"):
+        finished_paths(tmp_path)
+    assert (tmp_path / "someone-elses.parquet").exists()
