@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,7 @@ class Row:
     name: str
     latencies: list[float]
     wall: float
+    server_ms: list[float] = field(default_factory=list)  # the server's own total per request
 
     @property
     def images_per_s(self) -> float:
@@ -131,6 +132,7 @@ def timed_clients(
 ) -> Row:
     """``concurrency`` threads share one channel and take images from a common list."""
     latencies: list[float] = []
+    server_ms: list[float] = []
     lock = threading.Lock()
     next_index = iter(range(len(images)))
 
@@ -141,9 +143,11 @@ def timed_clients(
             if index is None:
                 return
             t0 = time.perf_counter()
-            client.extract(images[index], prompt=PROMPT, outputs=outputs)
+            result = client.extract(images[index], prompt=PROMPT, outputs=outputs)
             with lock:
                 latencies.append(time.perf_counter() - t0)
+                if result.timings is not None:
+                    server_ms.append(result.timings.total_ms)
 
     threads = [threading.Thread(target=worker) for _ in range(concurrency)]
     started = time.perf_counter()
@@ -151,7 +155,7 @@ def timed_clients(
         thread.start()
     for thread in threads:
         thread.join()
-    return Row(name, latencies, time.perf_counter() - started)
+    return Row(name, latencies, time.perf_counter() - started, server_ms)
 
 
 def measure_in_process(path: Path, args: argparse.Namespace, images: Sequence[bytes]) -> list[Row]:
@@ -195,8 +199,9 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
         torch.cuda.empty_cache()  # the server process holds its own copy of the model
     serve_args = ["--model", str(path), "--device", args.device, "--dtype", args.dtype]
     with ServerProcess(serve_args) as server, EmbeddingClient(server.address) as client:
-        for warm in images[:2]:
-            client.extract(warm, outputs=OUTPUT_SETS["full"])
+        for outputs in OUTPUT_SETS.values():  # warm the server up on every output set
+            for warm in images[:3]:
+                client.extract(warm, outputs=outputs)
         for outputs_name, outputs in OUTPUT_SETS.items():
             for concurrency in args.concurrency:
                 name = f"service c={concurrency}, {outputs_name}"
@@ -217,11 +222,15 @@ def report(rows: list[Row], args: argparse.Namespace) -> None:
     by_name = {row.name: row for row in rows}
     in_process = statistics.median(by_name["in-process core, pooled"].latencies)
     first = args.concurrency[0]
-    service = statistics.median(by_name[f"service c={first}, pooled"].latencies)
+    service_row = by_name[f"service c={first}, pooled"]
+    service = statistics.median(service_row.latencies)
     print(
         f"\nRPC overhead at concurrency {first} (p50, pooled): {(service - in_process) * 1000:+.1f} ms "
         f"= {(service / in_process - 1) * 100:+.1f} % of the in-process latency"
     )
+    if service_row.server_ms:
+        outside = service * 1000 - statistics.median(service_row.server_ms)
+        print(f"  of which outside the server's own processing (network, codec, client): {outside:+.1f} ms")
     if not args.quick:
         transfer = measure_transfer()
         print(
