@@ -15,9 +15,10 @@ Order of the checks in a request's life:
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from qwen25vl_embed.v1 import embed_pb2 as pb
+if TYPE_CHECKING:  # the request type only: this module (used by decoding) stays free of gRPC code
+    from qwen25vl_embed.v1 import embed_pb2 as pb
 
 from .errors import InvalidInputError
 
