@@ -438,3 +438,36 @@ def test_extract_security_flags_need_a_server(tmp_path: Path, capsys: pytest.Cap
     image.write_bytes(png_bytes(noise_image(8, 8)))
     assert cli.main(["extract", str(image), "--model", "tiny-random", "--token-env", "X"]) == 2
     assert "need --server" in capsys.readouterr().err
+
+
+# -- what the server reads and logs ----------------------------------------------------------
+
+
+def test_logs_never_hold_tokens_or_image_bytes(auth_server: BackgroundServer, caplog: pytest.LogCaptureFixture) -> None:
+    """Every log record of good, bad and unauthenticated calls, at DEBUG, is free of secrets."""
+    marker = b"SECRET-PIXELS-0123456789"
+    good = png_bytes(noise_image(40, 40))
+    bad = b"\x89PNG\r\n\x1a\n" + marker * 8  # a corrupt PNG carrying a recognisable payload
+    caplog.set_level(logging.DEBUG)
+    with EmbeddingClient(auth_server.address, token=TOKENS[0]) as client:
+        client.extract(good, request_id="log-check", timeout=TIMEOUT)
+        with pytest.raises(EmbeddingError):
+            client.extract(bad, timeout=TIMEOUT)
+    with EmbeddingClient(auth_server.address, token="wrong-" + TOKENS[1]) as client, pytest.raises(EmbeddingError):
+        client.extract(good, timeout=TIMEOUT)
+    logged = "\n".join(f"{r.getMessage()} {r.__dict__}" for r in caplog.records)
+    assert "log-check" in logged  # the request line was captured: the check looks at real logs
+    for secret in (*TOKENS, "wrong-" + TOKENS[1], marker.decode(), repr(good[:16]), good[:16].hex()):
+        assert secret not in logged
+
+
+def test_the_server_never_opens_a_path_named_by_a_request(auth_server: BackgroundServer, tmp_path: Path) -> None:
+    """Image bytes that spell a path (or URL) are bytes, not a reference: nothing is read."""
+    real_image = tmp_path / "real.png"
+    noise_image(40, 40).save(real_image)
+    with EmbeddingClient(auth_server.address, token=TOKENS[0]) as client:
+        for reference in (str(real_image).encode(), real_image.as_uri().encode(), b"http://127.0.0.1/x.png"):
+            with pytest.raises(EmbeddingError) as caught:
+                client.extract(reference, timeout=TIMEOUT)
+            assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
+            assert "not a recognised image format" in caught.value.details
