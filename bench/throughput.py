@@ -158,9 +158,11 @@ def timed_clients(
     return Row(name, latencies, time.perf_counter() - started, server_ms)
 
 
-def measure_in_process(path: Path, args: argparse.Namespace, images: Sequence[bytes]) -> list[Row]:
-    """The baseline and the extraction core, one image at a time, in this process."""
-    loaded = load_model(LoadOptions(model=str(path), device=args.device, dtype=args.dtype))
+def measure_in_process(loaded: LoadedModel, images: Sequence[bytes]) -> tuple[list[Row], Callable[[bytes], Any]]:
+    """The baseline and the extraction core, one image at a time, in this process.
+
+    Also returns the in-process call, for the interleaved RPC-overhead pass.
+    """
     extractor = Extractor(loaded)
     pooled_plan = extractor.plan(OUTPUT_SETS["pooled"])
 
@@ -173,10 +175,33 @@ def measure_in_process(path: Path, args: argparse.Namespace, images: Sequence[by
     for warm in images[:2]:
         baseline(warm)
         in_process(warm)
-    return [
+    rows = [
         timed_sequential("baseline (original script)", images, baseline, loaded.device),
         timed_sequential("in-process core, pooled", images, in_process, loaded.device),
     ]
+    return rows, in_process
+
+
+def interleaved_overhead(
+    in_process: Callable[[bytes], Any], client: EmbeddingClient, images: Sequence[bytes], device: torch.device
+) -> float:
+    """RPC overhead at concurrency 1: the median, over images, of service / in-process latency - 1.
+
+    The two calls alternate image by image, with a pause before each, so that drift in the
+    machine's speed and the other side's idle threads affect both alike.
+    """
+    ratios = []
+    for image in images:
+        time.sleep(0.2)
+        started = time.perf_counter()
+        in_process(image)
+        sync(device)
+        local = time.perf_counter() - started
+        time.sleep(0.2)
+        started = time.perf_counter()
+        client.extract(image, prompt=PROMPT, outputs=OUTPUT_SETS["pooled"])
+        ratios.append((time.perf_counter() - started) / local)
+    return statistics.median(ratios) - 1
 
 
 def main(argv: Sequence[str] | None = None) -> list[Row]:
@@ -194,9 +219,8 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
     dtype = getattr(torch, args.dtype)
     path = checkpoint(args.shape, args.device, dtype)
     images = [noise_png(args.size, seed) for seed in range(args.images)]
-    rows = measure_in_process(path, args, images)
-    if args.device.startswith("cuda"):
-        torch.cuda.empty_cache()  # the server process holds its own copy of the model
+    loaded = load_model(LoadOptions(model=str(path), device=args.device, dtype=args.dtype))
+    rows, in_process = measure_in_process(loaded, images)
     serve_args = ["--model", str(path), "--device", args.device, "--dtype", args.dtype]
     with ServerProcess(serve_args) as server, EmbeddingClient(server.address) as client:
         for outputs in OUTPUT_SETS.values():  # warm the server up on every output set
@@ -206,11 +230,12 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
             for concurrency in args.concurrency:
                 name = f"service c={concurrency}, {outputs_name}"
                 rows.append(timed_clients(name, client, images, concurrency, outputs))
-    report(rows, args)
+        overhead = interleaved_overhead(in_process, client, images, loaded.device)
+    report(rows, args, overhead)
     return rows
 
 
-def report(rows: list[Row], args: argparse.Namespace) -> None:
+def report(rows: list[Row], args: argparse.Namespace, overhead: float) -> None:
     baseline = rows[0].images_per_s
     print(f"\n{args.images} images of {args.size}x{args.size}, model '{args.shape}' on {args.device} ({args.dtype})")
     print(f"{'':38} {'img/s':>8} {'vs base':>8} {'p50 ms':>9} {'p99 ms':>9}")
@@ -225,12 +250,16 @@ def report(rows: list[Row], args: argparse.Namespace) -> None:
     service_row = by_name[f"service c={first}, pooled"]
     service = statistics.median(service_row.latencies)
     print(
-        f"\nRPC overhead at concurrency {first} (p50, pooled): {(service - in_process) * 1000:+.1f} ms "
-        f"= {(service / in_process - 1) * 100:+.1f} % of the in-process latency"
+        f"\nRPC overhead at concurrency 1, pooled (interleaved pairs, median): {overhead * 100:+.1f} % "
+        f"of the in-process latency"
+    )
+    print(
+        f"  the rows above, sequential p50: service c={first} {service * 1000:.0f} ms, "
+        f"in-process {in_process * 1000:.0f} ms"
     )
     if service_row.server_ms:
         outside = service * 1000 - statistics.median(service_row.server_ms)
-        print(f"  of which outside the server's own processing (network, codec, client): {outside:+.1f} ms")
+        print(f"  time outside the server's own processing (network, codec, client): {outside:+.1f} ms")
     if not args.quick:
         transfer = measure_transfer()
         print(
