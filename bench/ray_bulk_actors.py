@@ -48,7 +48,7 @@ def main() -> None:
         for index in range(args.images):
             pixels = np.random.default_rng(index).integers(0, 256, (args.side, args.side, 3), dtype=np.uint8)
             Image.fromarray(pixels).save(images / f"{index:05d}.jpg", quality=90)
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
         try:
             reports: dict[tuple[int, float], BulkReport] = {}
             for actors, cpus in CONFIGURATIONS:

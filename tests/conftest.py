@@ -48,6 +48,7 @@ def ray_cluster() -> Iterator[None]:
     """One local Ray instance (2 CPUs, no dashboard) for the Ray Serve and Ray Data tests."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False)
+    # Loopback only: Ray's processes talk to each other over 127.0.0.1, not the machine's address.
+    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1")
     yield
     ray.shutdown()
