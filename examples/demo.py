@@ -35,7 +35,7 @@ class _Prefixed:
 
 def main() -> int:
     print("$ qwen25vl-embed serve --model tiny-random --port 0")
-    server = ServerProcess(["--model", "tiny-random"], echo=_Prefixed()).start()  # type: ignore[arg-type]
+    server = ServerProcess(["--model", "tiny-random"], echo=_Prefixed()).start()
     try:
         with EmbeddingClient(server.address) as client:
             info = client.info()

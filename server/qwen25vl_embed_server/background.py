@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Sequence
 from types import TracebackType
-from typing import IO
+from typing import IO, Protocol
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -78,14 +78,20 @@ class BackgroundServer:
         self.stop()
 
 
+class Writer(Protocol):
+    """Anything with ``write(str)``: a text stream, or an object that decorates the lines."""
+
+    def write(self, text: str, /) -> object: ...
+
+
 class ServerProcess:
     """``qwen25vl-embed serve ARGS`` in a child process, ready (health SERVING) on entry.
 
     The port is chosen by the server (``--port 0``) and read from its log; the log is echoed to
-    ``echo`` (a writable text stream, or None to drop it). Exit sends SIGTERM and waits.
+    ``echo`` (anything with ``write(str)``, or None to drop it). Exit sends SIGTERM and waits.
     """
 
-    def __init__(self, args: Sequence[str], echo: IO[str] | None = None, timeout: float = 300) -> None:
+    def __init__(self, args: Sequence[str], echo: Writer | None = None, timeout: float = 300) -> None:
         self._command = [sys.executable, "-m", "qwen25vl_embed_server.cli", "serve", "--port", "0", *args]
         self._echo = echo
         self._timeout = timeout

@@ -32,7 +32,7 @@ from .extractor import Extraction, Extractor, Prepared
 from .limits import Limits, check_prompt_tokens, check_request
 from .metrics import Metrics
 from .observe import RequestObservation
-from .outputs import DEFAULT_OUTPUTS
+from .outputs import DEFAULT_OUTPUTS, OutputPlan
 from .preprocess import DEFAULT_PROMPT
 from .status import log_failure, status_for
 
@@ -205,7 +205,7 @@ class EmbeddingService(pb_grpc.EmbeddingServiceServicer):
             )
         check_request(request, self._config.limits)
         dtype = _wire_dtype(request.dtype)
-        batcher.extractor.plan(list(request.outputs))  # unknown outputs fail before any decoding
+        plan = batcher.extractor.plan(list(request.outputs))  # unknown outputs fail before any decoding
         if self._in_flight >= self._max_in_flight:
             raise OverloadedError(f"the server is at capacity ({self._in_flight} requests in flight); retry later")
         self._in_flight += 1
@@ -214,7 +214,7 @@ class EmbeddingService(pb_grpc.EmbeddingServiceServicer):
             observation = observe.current()
             started = time.perf_counter()
             prepared = await loop.run_in_executor(
-                self._preprocess, _prepare, batcher.extractor, request, dtype, self._config.limits
+                self._preprocess, _prepare, batcher.extractor, request, plan, dtype, self._config.limits
             )
             if observation is not None:
                 observation.preprocessed(started)
@@ -251,12 +251,12 @@ class EmbeddingService(pb_grpc.EmbeddingServiceServicer):
         yield message
 
 
-def _prepare(extractor: Extractor, request: pb.ImageRequest, dtype: str, limits: Limits) -> Prepared:
+def _prepare(extractor: Extractor, request: pb.ImageRequest, plan: OutputPlan, dtype: str, limits: Limits) -> Prepared:
     """Decode and preprocess one request (runs on a preprocessing thread)."""
     images = [decode_image(image.data, index, limits.max_pixels) for index, image in enumerate(request.images)]
     prompt = request.prompt if request.HasField("prompt") else DEFAULT_PROMPT
     check_prompt_tokens(extractor.loaded.processor.tokenizer, prompt, limits)
-    return extractor.prepare(images, prompt, extractor.plan(list(request.outputs)), dtype, request.normalize)
+    return extractor.prepare(images, prompt, plan, dtype, request.normalize)
 
 
 def _timings(observation: RequestObservation) -> pb.Timings:
