@@ -22,9 +22,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import throughput
 
-from qwen25vl_embed_server.decoding import decode_image
-from qwen25vl_embed_server.extractor import Extractor
-from qwen25vl_embed_server.loading import LoadOptions, load_model
+from qwen25vl_embed_server.core.extractor import Extractor
+from qwen25vl_embed_server.core.image_decoding import decode_image
+from qwen25vl_embed_server.core.loading import LoadOptions, load_model
 
 # bf16 dense tensor-core peaks (TFLOP/s), by a substring of torch.cuda.get_device_name().
 PEAK_BF16_TFLOPS = {

@@ -44,8 +44,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
 from qwen25vl_embed import EmbeddingClient, EmbeddingError, Embeddings
-from qwen25vl_embed.client import build_request
-from qwen25vl_embed.embeddings import ResultBuilder
+from qwen25vl_embed.assembly import ResultBuilder
+from qwen25vl_embed.requests import build_request
 from qwen25vl_embed.v1 import embed_pb2 as pb
 from qwen25vl_embed.v1 import embed_pb2_grpc as pb_grpc
 
@@ -436,7 +436,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.server:
         report = run_load(args.server, config)
     else:
-        from qwen25vl_embed_server.background import ServerProcess
+        from qwen25vl_embed_server.rpc.harness import ServerProcess
 
         serve_args = ["--model", args.model, "--device", args.device]
         if args.max_queue is not None:

@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from qwen25vl_embed_server.loading import LoadOptions
-from qwen25vl_embed_server.ray_bulk import BulkJob, BulkReport, run_bulk
-from qwen25vl_embed_server.tiny_model import build_tiny_model
+from qwen25vl_embed_server.core.loading import LoadOptions
+from qwen25vl_embed_server.core.tiny_model import build_tiny_model
+from qwen25vl_embed_server.ray.bulk_job import BulkJob, BulkReport, run_bulk
 
 CONFIGURATIONS = ((1, 1.0), (2, 1.0), (1, 2.0))  # (actors, CPUs per actor)
 

@@ -34,11 +34,11 @@ sys.path.insert(0, str(Path(__file__).parent))  # run as a script: bench/ module
 from transfer import measure_transfer
 
 from qwen25vl_embed import EmbeddingClient
-from qwen25vl_embed_server.background import ServerProcess
-from qwen25vl_embed_server.decoding import decode_image
-from qwen25vl_embed_server.extractor import Extractor
-from qwen25vl_embed_server.loading import LoadedModel, LoadOptions, load_model
-from qwen25vl_embed_server.tiny_model import BENCH_SHAPE, QWEN25VL_7B_SHAPE, TinyShape, build_tiny_model
+from qwen25vl_embed_server.core.extractor import Extractor
+from qwen25vl_embed_server.core.image_decoding import decode_image
+from qwen25vl_embed_server.core.loading import LoadedModel, LoadOptions, load_model
+from qwen25vl_embed_server.core.tiny_model import BENCH_SHAPE, QWEN25VL_7B_SHAPE, TinyShape, build_tiny_model
+from qwen25vl_embed_server.rpc.harness import ServerProcess
 
 SHAPES = {"tiny": TinyShape(), "bench": BENCH_SHAPE, "7b": QWEN25VL_7B_SHAPE}
 PROMPT = "Describe the image."

@@ -21,7 +21,7 @@ import grpc
 import numpy as np
 
 from qwen25vl_embed import codec
-from qwen25vl_embed.embeddings import ResultBuilder
+from qwen25vl_embed.assembly import ResultBuilder
 from qwen25vl_embed.v1 import embed_pb2 as pb
 
 _METHOD = "/bench.Transfer/Stream"

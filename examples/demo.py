@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from qwen25vl_embed import EmbeddingClient
-from qwen25vl_embed_server.background import ServerProcess
+from qwen25vl_embed_server.rpc.harness import ServerProcess
 
 HERE = Path(__file__).parent
 IMAGE = HERE / "images" / "landscape.png"

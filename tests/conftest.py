@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 
 from qwen25vl_embed import EmbeddingClient
-from qwen25vl_embed_server.background import BackgroundServer
-from qwen25vl_embed_server.extractor import Extractor
-from qwen25vl_embed_server.loading import LoadedModel, LoadOptions, load_model
-from qwen25vl_embed_server.tiny_model import build_tiny_model
+from qwen25vl_embed_server.core.extractor import Extractor
+from qwen25vl_embed_server.core.loading import LoadedModel, LoadOptions, load_model
+from qwen25vl_embed_server.core.tiny_model import build_tiny_model
+from qwen25vl_embed_server.rpc.harness import BackgroundServer
 
 
 @pytest.fixture(scope="session")

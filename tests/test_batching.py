@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from qwen25vl_embed_server.extractor import Extractor, Prepared
+from qwen25vl_embed_server.core.extractor import Extractor, Prepared
 
 from .helpers import noise_image
 

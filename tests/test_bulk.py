@@ -11,11 +11,11 @@ import pytest
 from qwen25vl_embed import EmbeddingClient, EmbeddingError, Embeddings
 from qwen25vl_embed.v1 import embed_pb2 as pb
 from qwen25vl_embed.v1 import embed_pb2_grpc as pb_grpc
-from qwen25vl_embed_server.background import BackgroundServer
-from qwen25vl_embed_server.batcher import BatchingConfig
-from qwen25vl_embed_server.extractor import Extraction, Extractor
-from qwen25vl_embed_server.server import ServerConfig
-from qwen25vl_embed_server.service import EmbeddingService, ServiceConfig
+from qwen25vl_embed_server.core.batcher import BatchingConfig
+from qwen25vl_embed_server.core.extractor import Extraction, Extractor
+from qwen25vl_embed_server.rpc.harness import BackgroundServer
+from qwen25vl_embed_server.rpc.server import ServerConfig
+from qwen25vl_embed_server.rpc.servicer import EmbeddingService, ServiceConfig
 
 from .helpers import noise_image, png_bytes
 
@@ -107,7 +107,7 @@ class _CountingService(EmbeddingService):
 def test_server_reads_no_further_ahead_than_its_stream_window(
     extractor: Extractor, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("qwen25vl_embed_server.server.EmbeddingService", _CountingService)
+    monkeypatch.setattr("qwen25vl_embed_server.rpc.server.EmbeddingService", _CountingService)
     config = ServerConfig(port=0, service=ServiceConfig(stream_window=2, batching=BatchingConfig(max_wait_ms=20)))
     requests = [pb.ImageRequest(images=[pb.Image(data=data)], request_id=f"r{i}") for i, data in enumerate(_images(8))]
     with BackgroundServer(extractor, config) as server, grpc.insecure_channel(server.address) as channel:

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from qwen25vl_embed import EmbeddingClient
-from qwen25vl_embed_server.background import BackgroundServer, ServerProcess
 from qwen25vl_embed_server.cli import main
+from qwen25vl_embed_server.rpc.harness import BackgroundServer, ServerProcess
 
 from .helpers import noise_image
 

@@ -8,10 +8,10 @@ import grpc
 import pytest
 
 from qwen25vl_embed import EmbeddingClient, EmbeddingError, Embeddings
-from qwen25vl_embed_server.auth import AuthConfig
-from qwen25vl_embed_server.background import BackgroundServer
-from qwen25vl_embed_server.extractor import Extractor
-from qwen25vl_embed_server.server import ServerConfig
+from qwen25vl_embed_server.core.extractor import Extractor
+from qwen25vl_embed_server.rpc.auth import AuthConfig
+from qwen25vl_embed_server.rpc.harness import BackgroundServer
+from qwen25vl_embed_server.rpc.server import ServerConfig
 
 from .helpers import noise_image, png_bytes
 

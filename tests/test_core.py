@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from qwen25vl_embed_server.errors import InvalidInputError
-from qwen25vl_embed_server.extractor import Extractor, Prepared
-from qwen25vl_embed_server.outputs import DEFAULT_OUTPUTS
+from qwen25vl_embed_server.core.errors import InvalidInputError
+from qwen25vl_embed_server.core.extractor import Extractor, Prepared
+from qwen25vl_embed_server.core.outputs import DEFAULT_OUTPUTS
 
 from .helpers import noise_image
 

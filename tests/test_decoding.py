@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from qwen25vl_embed_server.decoding import ALLOWED_FORMATS, decode_image
-from qwen25vl_embed_server.errors import InvalidInputError
-from qwen25vl_embed_server.limits import DEFAULT_MAX_PIXELS
+from qwen25vl_embed_server.core.errors import InvalidInputError
+from qwen25vl_embed_server.core.image_decoding import ALLOWED_FORMATS, decode_image
+from qwen25vl_embed_server.core.limits import DEFAULT_MAX_PIXELS
 
 from .helpers import noise_image, png_bytes
 

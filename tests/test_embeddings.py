@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from qwen25vl_embed import Embeddings, codec
+from qwen25vl_embed.assembly import ResultBuilder
 from qwen25vl_embed.codec import CodecError
-from qwen25vl_embed.embeddings import ResultBuilder
 from qwen25vl_embed.v1 import embed_pb2 as pb
 
 # Two images with different grids: 1x4x6 = 24 patches -> 6 tokens, 1x2x4 = 8 patches -> 2 tokens.

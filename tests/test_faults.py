@@ -25,15 +25,15 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from qwen25vl_embed import EmbeddingClient, EmbeddingError, Embeddings
-from qwen25vl_embed.client import build_request
+from qwen25vl_embed.requests import build_request
 from qwen25vl_embed.v1 import embed_pb2_grpc as pb_grpc
-from qwen25vl_embed_server import extractor as extractor_module
-from qwen25vl_embed_server.background import BackgroundServer
-from qwen25vl_embed_server.batcher import Batcher, BatchingConfig
-from qwen25vl_embed_server.errors import DeadlineExceededError
-from qwen25vl_embed_server.extractor import Extractor
-from qwen25vl_embed_server.server import ServerConfig
-from qwen25vl_embed_server.service import ServiceConfig
+from qwen25vl_embed_server.core import extractor as extractor_module
+from qwen25vl_embed_server.core.batcher import Batcher, BatchingConfig
+from qwen25vl_embed_server.core.errors import DeadlineExceededError
+from qwen25vl_embed_server.core.extractor import Extractor
+from qwen25vl_embed_server.rpc.harness import BackgroundServer
+from qwen25vl_embed_server.rpc.server import ServerConfig
+from qwen25vl_embed_server.rpc.servicer import ServiceConfig
 
 from .helpers import noise_image, png_bytes
 

@@ -23,10 +23,10 @@ from PIL import Image
 
 from qwen25vl_embed.v1 import embed_pb2 as pb
 from qwen25vl_embed.v1 import embed_pb2_grpc as pb_grpc
-from qwen25vl_embed_server.background import BackgroundServer
-from qwen25vl_embed_server.decoding import ALLOWED_FORMATS, decode_image
-from qwen25vl_embed_server.errors import InvalidInputError
-from qwen25vl_embed_server.limits import Limits, check_request
+from qwen25vl_embed_server.core.errors import InvalidInputError
+from qwen25vl_embed_server.core.image_decoding import ALLOWED_FORMATS, decode_image
+from qwen25vl_embed_server.core.limits import Limits, check_request
+from qwen25vl_embed_server.rpc.harness import BackgroundServer
 
 from .helpers import noise_image
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from qwen25vl_embed.images import image_stem, to_image_message
+from qwen25vl_embed.images import to_image_message
 
 
 @pytest.mark.parametrize("mode", ["1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA", "CMYK", "YCbCr", "F"])
@@ -37,8 +37,6 @@ def test_arrays_paths_and_bytes(tmp_path: Path) -> None:
     message = to_image_message(path)
     assert message.data == path.read_bytes()
     assert message.mime_type == "image/jpeg"
-    assert image_stem(path, 3) == "photo"
-    assert image_stem(b"...", 3) == "image_3"
     with pytest.raises(ValueError, match=r"must have shape \[H, W, 3\]"):
         to_image_message(np.zeros((2, 2, 2), dtype=np.uint8))
     with pytest.raises(TypeError):

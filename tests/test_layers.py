@@ -15,10 +15,10 @@ def _modules_after_import(*modules: str) -> set[str]:
 
 def test_the_extraction_core_imports_no_grpc_and_no_generated_code() -> None:
     core = [
-        "qwen25vl_embed_server.extractor",
-        "qwen25vl_embed_server.batcher",
-        "qwen25vl_embed_server.decoding",
-        "qwen25vl_embed_server.loading",
+        "qwen25vl_embed_server.core.extractor",
+        "qwen25vl_embed_server.core.batcher",
+        "qwen25vl_embed_server.core.image_decoding",
+        "qwen25vl_embed_server.core.loading",
     ]
     loaded = _modules_after_import(*core)
     assert "torch" in loaded  # the probe works: the core does load torch
@@ -27,7 +27,7 @@ def test_the_extraction_core_imports_no_grpc_and_no_generated_code() -> None:
 
 
 def test_the_client_sdk_imports_no_torch_and_no_transformers() -> None:
-    loaded = _modules_after_import("qwen25vl_embed", "qwen25vl_embed.aio", "qwen25vl_embed.bulk")
+    loaded = _modules_after_import("qwen25vl_embed", "qwen25vl_embed.aio", "qwen25vl_embed.extract_many")
     assert "grpc" in loaded
     assert {"torch", "transformers", "qwen25vl_embed_server"}.isdisjoint(loaded)
 

@@ -9,20 +9,20 @@ from PIL import Image
 
 from qwen25vl_embed.v1 import embed_pb2 as pb
 from qwen25vl_embed.v1 import embed_pb2_grpc as pb_grpc
-from qwen25vl_embed_server import cli
-from qwen25vl_embed_server.background import BackgroundServer
-from qwen25vl_embed_server.decoding import decode_image
-from qwen25vl_embed_server.errors import InvalidInputError
-from qwen25vl_embed_server.extractor import Extractor
-from qwen25vl_embed_server.limits import (
+from qwen25vl_embed_server.cli import app as cli
+from qwen25vl_embed_server.core.errors import InvalidInputError
+from qwen25vl_embed_server.core.extractor import Extractor
+from qwen25vl_embed_server.core.image_decoding import decode_image
+from qwen25vl_embed_server.core.limits import (
     PROMPT_CHARS_PER_TOKEN,
     RESERVED_PROMPT_TOKENS,
     Limits,
     check_prompt_tokens,
     check_request,
 )
-from qwen25vl_embed_server.loading import LoadedModel
-from qwen25vl_embed_server.server import ServerConfig
+from qwen25vl_embed_server.core.loading import LoadedModel
+from qwen25vl_embed_server.rpc.harness import BackgroundServer
+from qwen25vl_embed_server.rpc.server import ServerConfig
 
 from .helpers import noise_image, png_bytes
 

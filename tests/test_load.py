@@ -18,11 +18,11 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))  # bench/ holds scripts, not a package
 from load_test import LoadConfig, run_load
 
-from qwen25vl_embed_server.background import BackgroundServer
-from qwen25vl_embed_server.batcher import BatchingConfig
-from qwen25vl_embed_server.extractor import Extractor
-from qwen25vl_embed_server.server import ServerConfig
-from qwen25vl_embed_server.service import ServiceConfig
+from qwen25vl_embed_server.core.batcher import BatchingConfig
+from qwen25vl_embed_server.core.extractor import Extractor
+from qwen25vl_embed_server.rpc.harness import BackgroundServer
+from qwen25vl_embed_server.rpc.server import ServerConfig
+from qwen25vl_embed_server.rpc.servicer import ServiceConfig
 
 log = logging.getLogger(__name__)
 

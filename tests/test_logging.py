@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from qwen25vl_embed import EmbeddingClient, EmbeddingError
-from qwen25vl_embed_server.background import BackgroundServer
-from qwen25vl_embed_server.logging_setup import JsonFormatter, configure_logging
+from qwen25vl_embed_server.cli.logging_setup import JsonFormatter, configure_logging
+from qwen25vl_embed_server.rpc.harness import BackgroundServer
 
 from .helpers import noise_image, png_bytes
 

@@ -9,12 +9,12 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from qwen25vl_embed import EmbeddingClient, EmbeddingError, Embeddings, Timings
-from qwen25vl_embed.embeddings import ResultBuilder
+from qwen25vl_embed.assembly import ResultBuilder
 from qwen25vl_embed.v1 import embed_pb2 as pb
-from qwen25vl_embed_server import cli
-from qwen25vl_embed_server.background import BackgroundServer
-from qwen25vl_embed_server.extractor import Extractor
-from qwen25vl_embed_server.server import ServerConfig
+from qwen25vl_embed_server.cli import app as cli
+from qwen25vl_embed_server.core.extractor import Extractor
+from qwen25vl_embed_server.rpc.harness import BackgroundServer
+from qwen25vl_embed_server.rpc.server import ServerConfig
 
 from .helpers import noise_image, png_bytes
 

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 
 from qwen25vl_embed import EmbeddingClient
-from qwen25vl_embed.client import build_request
+from qwen25vl_embed.requests import build_request
 from qwen25vl_embed.v1 import embed_pb2_grpc as pb_grpc
-from qwen25vl_embed_server.background import BackgroundServer
+from qwen25vl_embed_server.rpc.harness import BackgroundServer
 
 from .helpers import noise_image, png_bytes
 from .npm import npm_ci

@@ -14,8 +14,11 @@ import pytest
 
 from qwen25vl_embed import EmbeddingClient
 from qwen25vl_embed_server.cli import main
-from qwen25vl_embed_server.loading import LoadOptions
-from qwen25vl_embed_server.ray_bulk import BulkJob, finished_paths, iter_rows, list_images, run_bulk
+from qwen25vl_embed_server.core.limits import Limits
+from qwen25vl_embed_server.core.loading import LoadOptions
+from qwen25vl_embed_server.ray.bulk_job import BulkJob, run_bulk
+from qwen25vl_embed_server.ray.bulk_listing import list_images
+from qwen25vl_embed_server.ray.parquet_format import finished_paths, iter_rows
 
 from .helpers import noise_image, png_bytes
 
@@ -103,6 +106,30 @@ def test_rows_equal_the_clients_results_and_reruns_do_only_the_rest(
     # Third run: nothing left, nothing written, no Ray job started.
     third = run_bulk(BulkJob(source=str(images), output=output, load=job.load, outputs=OUTPUTS))
     assert (third.listed, third.skipped, third.written) == (7, 7, 0)
+
+
+def test_a_prompt_over_the_token_limit_fails_each_image_as_in_the_server(
+    ray_cluster: None, images: Path, tiny_model_path: Path, tmp_path: Path
+) -> None:
+    # Few characters (under the character bound), more tokens than the limit: the token check decides.
+    prompt = "one two three four five six seven eight"
+    job = BulkJob(
+        source=f"{images}/image[02].png",
+        output=tmp_path / "embeddings",
+        load=LoadOptions(model=str(tiny_model_path), device="cpu", dtype="float32"),
+        prompt=prompt,
+        batch_size=2,
+        limits=Limits(max_prompt_tokens=3),
+    )
+    assert len(prompt) <= job.limits.max_prompt_chars
+    report = run_bulk(job)
+    assert (report.listed, report.written, report.failed) == (2, 2, 2)
+    rows = list(iter_rows(job.output))
+    assert sorted(row.path for row in rows) == [str(images / "image0.png"), str(images / "image2.png")]
+    for row in rows:
+        assert row.error is not None
+        assert "tokens; the limit is max_prompt_tokens=3" in row.error
+        assert row.tensors == {}
 
 
 def test_listing_a_glob_a_parquet_file_and_refusals(images: Path, tmp_path: Path) -> None:

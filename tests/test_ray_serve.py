@@ -20,17 +20,14 @@ import pytest
 import yaml
 
 from qwen25vl_embed import EmbeddingClient, EmbeddingError, Embeddings
-from qwen25vl_embed.client import build_request
+from qwen25vl_embed.requests import build_request
 from qwen25vl_embed.v1 import embed_pb2_grpc as pb_grpc
 from qwen25vl_embed_server.cli import main
-from qwen25vl_embed_server.ray_serve import (
-    APP_NAME,
-    SERVICER_FUNCTION,
-    EmbedderSettings,
-    deploy,
-    load_config,
-)
-from qwen25vl_embed_server.service import DEFAULT_CHUNK_BYTES, ServiceConfig
+from qwen25vl_embed_server.core.defaults import DEFAULT_CHUNK_BYTES
+from qwen25vl_embed_server.core.pipeline import PipelineConfig
+from qwen25vl_embed_server.ray.deploy import deploy, load_config
+from qwen25vl_embed_server.ray.deployment import APP_NAME, SERVICER_FUNCTION, EmbedderSettings
+from qwen25vl_embed_server.rpc.calls import ServiceConfig
 
 from .helpers import noise_image, png_bytes
 from .npm import npm_ci
@@ -168,7 +165,9 @@ def test_example_configs_expose_the_service_and_validate() -> None:
     assert load_config(raw).grpc_options.grpc_servicer_functions == [SERVICER_FUNCTION]
     assert EmbedderSettings().chunk_bytes == DEFAULT_CHUNK_BYTES
     # Every service setting can be given to the replicas.
-    assert {field.name for field in dataclasses.fields(ServiceConfig)} <= set(EmbedderSettings.model_fields)
+    settings = {field.name for field in dataclasses.fields(ServiceConfig) if field.name != "pipeline"}
+    settings |= {field.name for field in dataclasses.fields(PipelineConfig) if field.name != "limit_hints"}
+    assert settings <= set(EmbedderSettings.model_fields)
     with pytest.raises(ValueError, match="unknown_setting"):
         EmbedderSettings.model_validate({"unknown_setting": 1})
 

@@ -24,12 +24,13 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from qwen25vl_embed import EmbeddingClient, EmbeddingError
 from qwen25vl_embed.channels import TLSConfig, create_channel
-from qwen25vl_embed_server import cli
-from qwen25vl_embed_server.auth import AuthConfig, load_tokens
-from qwen25vl_embed_server.background import BackgroundServer
-from qwen25vl_embed_server.extractor import Extractor
-from qwen25vl_embed_server.server import ServerConfig, create_server
-from qwen25vl_embed_server.tls import TLSServerConfig, exposure_warnings, is_loopback
+from qwen25vl_embed_server.cli import app as cli
+from qwen25vl_embed_server.core.extractor import Extractor
+from qwen25vl_embed_server.rpc.auth import AuthConfig, load_tokens
+from qwen25vl_embed_server.rpc.harness import BackgroundServer
+from qwen25vl_embed_server.rpc.server import ServerConfig, create_server
+from qwen25vl_embed_server.rpc.exposure import exposure_warnings, is_loopback
+from qwen25vl_embed_server.rpc.tls import TLSServerConfig
 
 from .helpers import noise_image, png_bytes
 
@@ -358,7 +359,7 @@ def _start_and_stop(config: ServerConfig) -> None:
 
 
 def test_binding_all_interfaces_unprotected_logs_warnings(caplog: pytest.LogCaptureFixture, pki: PKI) -> None:
-    with caplog.at_level(logging.WARNING, logger="qwen25vl_embed_server.server"):
+    with caplog.at_level(logging.WARNING, logger="qwen25vl_embed_server.rpc.server"):
         _start_and_stop(ServerConfig(host="0.0.0.0", port=0))
     messages = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
     assert any("0.0.0.0 without TLS" in message for message in messages)
@@ -366,7 +367,7 @@ def test_binding_all_interfaces_unprotected_logs_warnings(caplog: pytest.LogCapt
     caplog.clear()
     # Loopback: nothing; all interfaces with mutual TLS (authenticates clients): nothing either.
     mtls = TLSServerConfig(cert_chain=pki.server_cert, private_key=pki.server_key, client_ca=pki.ca)
-    with caplog.at_level(logging.WARNING, logger="qwen25vl_embed_server.server"):
+    with caplog.at_level(logging.WARNING, logger="qwen25vl_embed_server.rpc.server"):
         _start_and_stop(ServerConfig(host="127.0.0.1", port=0))
         _start_and_stop(ServerConfig(host="0.0.0.0", port=0, tls=mtls))
     assert not [record for record in caplog.records if record.levelno >= logging.WARNING]

@@ -14,11 +14,11 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from qwen25vl_embed import EmbeddingClient, EmbeddingError
 from qwen25vl_embed.v1 import embed_pb2 as pb
 from qwen25vl_embed.v1 import embed_pb2_grpc as pb_grpc
-from qwen25vl_embed_server.background import BackgroundServer
-from qwen25vl_embed_server.decoding import decode_image
-from qwen25vl_embed_server.extractor import Extractor
-from qwen25vl_embed_server.server import ServerConfig
-from qwen25vl_embed_server.service import ServiceConfig
+from qwen25vl_embed_server.core.extractor import Extractor
+from qwen25vl_embed_server.core.image_decoding import decode_image
+from qwen25vl_embed_server.rpc.harness import BackgroundServer
+from qwen25vl_embed_server.rpc.server import ServerConfig
+from qwen25vl_embed_server.rpc.servicer import ServiceConfig
 
 from .helpers import noise_image, png_bytes
 
@@ -173,7 +173,7 @@ def test_unloaded_model_is_unavailable() -> None:
     """Before the model is attached, calls get UNAVAILABLE (health says NOT_SERVING)."""
     import asyncio
 
-    from qwen25vl_embed_server.server import create_server
+    from qwen25vl_embed_server.rpc.server import create_server
 
     async def scenario() -> tuple[grpc.StatusCode, int]:
         running = await create_server(ServerConfig(port=0))

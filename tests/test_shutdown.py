@@ -23,8 +23,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from qwen25vl_embed import EmbeddingClient, EmbeddingError, Embeddings
-from qwen25vl_embed_server.background import ServerProcess
-from qwen25vl_embed_server.server import SERVICE_NAME
+from qwen25vl_embed_server.rpc.harness import ServerProcess
+from qwen25vl_embed_server.rpc.server import SERVICE_NAME
 
 from .helpers import noise_image, png_bytes
 

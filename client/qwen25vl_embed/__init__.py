@@ -9,6 +9,23 @@ Example::
         result.projected_tokens  # float32 [Nv, D]
 
 :class:`AsyncEmbeddingClient` has the same methods for asyncio (``await client.extract(...)``).
+
+The SDK is light: it depends on grpcio, protobuf and numpy (with ml_dtypes for bfloat16, Pillow
+for image inputs and tqdm for progress bars), never on torch or transformers. Its modules, one job
+each:
+
+- :mod:`~qwen25vl_embed.client`, :mod:`~qwen25vl_embed.aio`: the sync and asyncio clients.
+- :mod:`~qwen25vl_embed.requests`: arguments -> validated ``ImageRequest``.
+- :mod:`~qwen25vl_embed.images`: the accepted image kinds -> ``Image`` messages.
+- :mod:`~qwen25vl_embed.assembly`: a response stream -> :class:`Embeddings`.
+- :mod:`~qwen25vl_embed.extract_many`: in-order results and error policy of ``extract_many``.
+- :mod:`~qwen25vl_embed.embeddings`: the result value; :mod:`~qwen25vl_embed.on_disk`: its
+  ``*.npy`` + ``manifest.json`` format.
+- :mod:`~qwen25vl_embed.codec`: numpy array <-> ``Tensor`` message (shared with the server).
+- :mod:`~qwen25vl_embed.channels`, :mod:`~qwen25vl_embed.errors`, :mod:`~qwen25vl_embed.info`:
+  channels (TLS, tokens), :class:`EmbeddingError`, :class:`ServerInfo`.
+
+``qwen25vl_embed.v1`` is the code generated from ``protos/`` (messages and service stub).
 """
 
 from __future__ import annotations

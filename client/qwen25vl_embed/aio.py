@@ -1,8 +1,8 @@
 """The asyncio client: :class:`EmbeddingClient`'s surface, awaitable, on ``grpc.aio``.
 
 Requests, results and errors are built by the same code as the blocking client's
-(:func:`~qwen25vl_embed.client.build_request`, :class:`~qwen25vl_embed.embeddings.ResultBuilder`,
-:mod:`qwen25vl_embed.bulk`); only the waiting differs.
+(:func:`~qwen25vl_embed.requests.build_request`, :class:`~qwen25vl_embed.assembly.ResultBuilder`,
+:mod:`qwen25vl_embed.extract_many`); only the waiting differs.
 
 Example::
 
@@ -22,13 +22,14 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 
-from qwen25vl_embed.bulk import ErrorPolicy, ResultCollector, in_order, progress_bar, sized
+from qwen25vl_embed.assembly import ResultBuilder
 from qwen25vl_embed.channels import TLSConfig, create_aio_channel
-from qwen25vl_embed.client import build_request
-from qwen25vl_embed.embeddings import Embeddings, ResultBuilder
+from qwen25vl_embed.embeddings import Embeddings
 from qwen25vl_embed.errors import EmbeddingError, from_rpc_error
+from qwen25vl_embed.extract_many import ErrorPolicy, ResultCollector, in_order, progress_bar, sized
 from qwen25vl_embed.images import ImageInput
 from qwen25vl_embed.info import ServerInfo
+from qwen25vl_embed.requests import build_request
 from qwen25vl_embed.v1 import embed_pb2 as pb
 from qwen25vl_embed.v1 import embed_pb2_grpc
 

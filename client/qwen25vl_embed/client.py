@@ -7,24 +7,25 @@ import itertools
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from qwen25vl_embed import codec
-from qwen25vl_embed.bulk import ErrorPolicy, ResultCollector, in_order, progress_bar, sized
+from qwen25vl_embed.assembly import ResultBuilder
 from qwen25vl_embed.channels import TLSConfig, create_channel
-from qwen25vl_embed.embeddings import Embeddings, ResultBuilder
+from qwen25vl_embed.embeddings import Embeddings
 from qwen25vl_embed.errors import EmbeddingError, from_rpc_error
-from qwen25vl_embed.images import ImageInput, to_image_message
+from qwen25vl_embed.extract_many import ErrorPolicy, ResultCollector, in_order, progress_bar, sized
+from qwen25vl_embed.images import ImageInput
 from qwen25vl_embed.info import ServerInfo
+from qwen25vl_embed.requests import build_request
 from qwen25vl_embed.v1 import embed_pb2 as pb
 from qwen25vl_embed.v1 import embed_pb2_grpc
 
 if TYPE_CHECKING:
     from typing_extensions import Self
 
-__all__ = ["EmbeddingClient", "build_request"]
+__all__ = ["EmbeddingClient"]
 
 
 class EmbeddingClient:
@@ -212,37 +213,3 @@ class EmbeddingClient:
 
     def _deadline(self, timeout: float | None) -> float | None:
         return timeout if timeout is not None else self._timeout
-
-
-def build_request(
-    image: ImageInput | Sequence[ImageInput],
-    prompt: str | None = None,
-    outputs: Sequence[str] = (),
-    dtype: str = "float32",
-    normalize: bool = False,
-    request_id: str = "",
-) -> pb.ImageRequest:
-    """The ``ImageRequest`` for :meth:`EmbeddingClient.extract`'s arguments, validated.
-
-    Raises:
-        ValueError: no image, or a dtype other than "float32", "float16", "bfloat16".
-        TypeError: an image of an unsupported kind, or ``outputs`` given as a single string.
-    """
-    # Only lists and tuples mean several images: str and bytes are sequences too.
-    images = list(image) if isinstance(image, (list, tuple)) else [cast(ImageInput, image)]
-    if not images:
-        raise ValueError("at least one image is required")
-    if isinstance(outputs, str):
-        raise TypeError(f"outputs must be a sequence of names, not the string {outputs!r}")
-    if dtype not in codec.FLOAT_DTYPE_NAMES:
-        raise ValueError(f"dtype must be one of {list(codec.FLOAT_DTYPE_NAMES)}, got {dtype!r}")
-    request = pb.ImageRequest(
-        images=[to_image_message(item) for item in images],
-        outputs=list(outputs),
-        dtype=codec.dtype_from_name(dtype),
-        request_id=request_id,
-        normalize=normalize,
-    )
-    if prompt is not None:
-        request.prompt = prompt
-    return request

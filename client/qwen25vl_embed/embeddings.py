@@ -1,38 +1,33 @@
-"""The typed result of one Extract call, and how it is built from the response stream."""
+"""The typed result of one Extract call: :class:`Embeddings` (and its :class:`Timings`).
+
+A value: its outputs by name, with accessors and :meth:`Embeddings.split_by_image`. Building one
+from a response stream lives in :mod:`qwen25vl_embed.assembly`, writing one to disk in
+:mod:`qwen25vl_embed.on_disk`; the methods here that do those delegate to them.
+"""
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import tempfile
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import IO, Any
+from typing import Any
 
-import ml_dtypes
 import numpy as np
 import numpy.typing as npt
 
-from qwen25vl_embed import codec
+from qwen25vl_embed import on_disk
 from qwen25vl_embed.v1 import embed_pb2 as pb
 
-__all__ = ["MANIFEST_FORMAT_VERSION", "Embeddings", "ResultBuilder", "Timings"]
-
-MANIFEST_FORMAT_VERSION = 1
+__all__ = ["Embeddings", "Timings"]
 
 # Per-image token tensors and the count that splits them: vision patches or image tokens.
 _PATCH_ROWS = re.compile(r"vision_tokens|vision_layer_-?\d+")
 _TOKEN_ROWS = frozenset({"projected_tokens", "lm_image_tokens"})
 # Metadata outputs with one row per image.
 _IMAGE_ROWS = frozenset({"visual_token_lens", "image_grid_thw"})
-# Tensor names become file names: no separators, no leading dot.
-_FILE_SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
-_MANIFEST_KEYS = frozenset(
-    {"format_version", "request_id", "sequence_length", "visual_token_lens", "image_grid_thw", "files"}
-)
 
 
 @dataclass(frozen=True)
@@ -127,10 +122,9 @@ class Embeddings:
             qwen25vl_embed.codec.CodecError: the stream is empty, lacks metadata on its first
                 response, or holds an incomplete or inconsistent tensor.
         """
-        builder = ResultBuilder()
-        for response in responses:
-            builder.add(response)
-        return builder.build()
+        from qwen25vl_embed.assembly import from_response_stream  # assembly imports this module
+
+        return from_response_stream(responses)
 
     # --- access by name ------------------------------------------------------------------------
 
@@ -294,95 +288,7 @@ class Embeddings:
                 file name.
             TypeError: ``extra_manifest`` is not JSON-serialisable.
         """
-        extra = dict(extra_manifest or {})
-        clash = sorted(_MANIFEST_KEYS & extra.keys())
-        if clash:
-            raise ValueError(f"extra_manifest may not set the manifest's own keys: {clash}")
-        arrays = dict(self.tensors)
-        arrays.setdefault("visual_token_lens", self.visual_token_lens)
-        arrays.setdefault("image_grid_thw", self.image_grid_thw)
-        files: dict[str, dict[str, Any]] = {}
-        for name, array in arrays.items():
-            if not _FILE_SAFE_NAME.fullmatch(name):
-                raise ValueError(f"output name {name!r} cannot be used as a file name")
-            # numpy's dtype names equal the wire names for every wire dtype.
-            entry: dict[str, Any] = {
-                "file": f"{name}.npy",
-                "shape": list(array.shape),
-                "dtype": array.dtype.name,
-            }
-            if array.dtype == ml_dtypes.bfloat16:
-                entry["saved_dtype"] = "float32"
-            files[name] = entry
-        manifest = {
-            "format_version": MANIFEST_FORMAT_VERSION,
-            "request_id": self.request_id,
-            "sequence_length": self.sequence_length,
-            "visual_token_lens": self.visual_token_lens.tolist(),
-            "image_grid_thw": self.image_grid_thw.tolist(),
-            "files": files,
-            **extra,
-        }
-        # Serialised before anything is written, so that a bad extra_manifest writes nothing.
-        text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
-
-        out = Path(outdir)
-        out.mkdir(parents=True, exist_ok=True)
-        for name, array in arrays.items():
-            saved = array.astype(np.float32) if "saved_dtype" in files[name] else array
-            _save_npy(out / files[name]["file"], saved)
-        _write_atomic(out / "manifest.json", lambda f: f.write(text.encode()))
-        return out
-
-
-class ResultBuilder:
-    """Accumulates the responses of one Extract stream, in order, into an :class:`Embeddings`.
-
-    Shared by the sync and asyncio clients: call :meth:`add` for each response, then :meth:`build`.
-    """
-
-    def __init__(self) -> None:
-        self._assembler = codec.TensorAssembler()
-        self._metadata: pb.ResponseMetadata | None = None
-        self._request_id = ""
-
-    def add(self, response: pb.EmbeddingResponse) -> None:
-        """Take the next response of the stream.
-
-        Raises:
-            qwen25vl_embed.codec.CodecError: metadata missing from the first response or present on
-                a later one, or a tensor part out of order.
-        """
-        has_metadata = response.HasField("metadata")
-        if self._metadata is None:
-            if not has_metadata:
-                raise codec.CodecError("the first response of the stream carries no metadata")
-            self._metadata = response.metadata
-            self._request_id = response.request_id
-        elif has_metadata:
-            raise codec.CodecError("metadata received again after the first response")
-        for tensor in response.tensors:
-            self._assembler.add(tensor)
-
-    def build(self) -> Embeddings:
-        """The result, once the stream has ended.
-
-        Raises:
-            qwen25vl_embed.codec.CodecError: no response arrived, or a tensor is incomplete.
-        """
-        if self._metadata is None:
-            raise codec.CodecError("the stream ended before its first response")
-        meta = self._metadata
-        grid = [(g.t, g.h, g.w) for g in meta.image_grid_thw]
-        return Embeddings(
-            tensors=self._assembler.finish(),
-            visual_token_lens=np.array(meta.visual_token_lens, dtype=np.int64),
-            image_grid_thw=np.array(grid, dtype=np.int64).reshape(-1, 3),
-            image_token_positions=np.array(meta.image_token_positions, dtype=np.int64),
-            sequence_length=meta.sequence_length,
-            request_id=self._request_id,
-            timings=Timings.from_proto(meta.timings) if meta.HasField("timings") else None,
-        )
+        return on_disk.save(self, outdir, extra_manifest)
 
 
 def _int_array(value: object, name: str) -> npt.NDArray[np.int64]:
@@ -402,18 +308,3 @@ def _read_only(array: np.ndarray) -> np.ndarray:
 def _bounds(counts: npt.NDArray[np.int64]) -> list[int]:
     """Start offsets of consecutive blocks of ``counts`` rows, then the total: ``[0, c0, c0+c1, ...]``."""
     return [0, *np.cumsum(counts, dtype=np.int64).tolist()]
-
-
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    _write_atomic(path, lambda f: np.save(f, array, allow_pickle=False))
-
-
-def _write_atomic(path: Path, write: Callable[[IO[bytes]], object]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -13,7 +13,7 @@ from PIL import Image as PILImage
 
 from qwen25vl_embed.v1 import embed_pb2 as pb
 
-__all__ = ["ImageInput", "image_stem", "to_image_message"]
+__all__ = ["ImageInput", "to_image_message"]
 
 ImageInput: TypeAlias = str | os.PathLike[str] | bytes | PILImage.Image | np.ndarray
 """An image: a file path, the encoded bytes of a file, a PIL image, or an ``[H, W, 3]`` / ``[H, W]``
@@ -53,18 +53,6 @@ def to_image_message(image: ImageInput) -> pb.Image:
         f"unsupported image type {type(image).__name__}; expected a path (str or os.PathLike), "
         "encoded bytes, a PIL.Image.Image or a uint8 numpy array"
     )
-
-
-def image_stem(image: ImageInput, index: int) -> str:
-    """A name for ``image`` (e.g. for an output folder): a path's stem, else ``image_<index>``.
-
-    Two paths with the same stem get the same name; callers that care must disambiguate.
-    """
-    if isinstance(image, (str, os.PathLike)):
-        stem = Path(image).stem
-        if stem:
-            return stem
-    return f"image_{index}"
 
 
 def _array_to_pil(array: np.ndarray) -> PILImage.Image:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import ml_dtypes
 import numpy as np
@@ -17,15 +18,16 @@ import torch
 from PIL import Image
 from torch.nn import functional
 
-from . import outputs as names
-from .capture import capturing
-from .errors import DeviceOutOfMemoryError, InvalidInputError
-from .loading import LoadedModel
-from .outputs import OutputPlan, available_outputs, merge_plans, plan_outputs
-from .preprocess import DEFAULT_PROMPT, prepare_inputs
-from .window_order import to_image_order, window_index
-
-WIRE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+from qwen25vl_embed_server.core import outputs as names
+from qwen25vl_embed_server.core.capture import capturing
+from qwen25vl_embed_server.core.defaults import DEFAULT_PROMPT, DEFAULT_WIRE_DTYPE
+from qwen25vl_embed_server.core.dtypes import TORCH_DTYPES, dtype_name
+from qwen25vl_embed_server.core.errors import DeviceOutOfMemoryError, InvalidInputError
+from qwen25vl_embed_server.core.loading import LoadedModel
+from qwen25vl_embed_server.core.model_info import ModelInfo
+from qwen25vl_embed_server.core.outputs import DEFAULT_OUTPUTS, OutputPlan, available_outputs, merge_plans, plan_outputs
+from qwen25vl_embed_server.core.prompt import prepare_inputs
+from qwen25vl_embed_server.core.window_order import to_image_order, window_index
 
 
 @dataclass(frozen=True)
@@ -38,7 +40,7 @@ class Prepared:
 
     inputs: dict[str, torch.Tensor]
     plan: OutputPlan
-    dtype: str = "float32"
+    dtype: str = DEFAULT_WIRE_DTYPE
     normalize: bool = False
 
     @property
@@ -89,6 +91,29 @@ class Extractor:
     def outputs(self) -> tuple[str, ...]:
         return available_outputs(self.num_lm_layers, self.num_vision_layers)
 
+    def info(self) -> ModelInfo:
+        """What callers may know of the model: sizes, resize range, outputs."""
+        loaded = self.loaded
+        vision = loaded.model.config.vision_config
+        size = loaded.processor.image_processor.size
+        return ModelInfo(
+            model=loaded.name,
+            device=str(loaded.device),
+            dtype=dtype_name(loaded.dtype),
+            vision_hidden_size=int(vision.hidden_size),
+            hidden_size=int(loaded.model.config.text_config.hidden_size),
+            patch_size=int(vision.patch_size),
+            spatial_merge_size=int(vision.spatial_merge_size),
+            temporal_patch_size=int(vision.temporal_patch_size),
+            min_pixels=int(size["shortest_edge"]),
+            max_pixels=int(size["longest_edge"]),
+            outputs=self.outputs,
+            default_outputs=DEFAULT_OUTPUTS,
+            num_lm_layers=self.num_lm_layers,
+            num_vision_layers=self.num_vision_layers,
+            load_seconds=loaded.load_seconds,
+        )
+
     def plan(self, requested: Sequence[str]) -> OutputPlan:
         """Validate output names for this model (raises :class:`InvalidInputError`)."""
         return plan_outputs(tuple(requested), self.num_lm_layers, self.num_vision_layers)
@@ -98,13 +123,18 @@ class Extractor:
         images: Sequence[Image.Image],
         prompt: str = DEFAULT_PROMPT,
         plan: OutputPlan | None = None,
-        dtype: str = "float32",
+        dtype: str = DEFAULT_WIRE_DTYPE,
         normalize: bool = False,
+        processor: Any = None,
     ) -> Prepared:
-        """Preprocess one request (thread-safe; CPU only). Raises :class:`InvalidInputError`."""
-        if dtype not in WIRE_DTYPES:
-            raise InvalidInputError(f"unknown dtype {dtype!r}; expected one of {', '.join(WIRE_DTYPES)}")
-        inputs = prepare_inputs(self.loaded.processor, images, prompt)
+        """Preprocess one request (CPU only). Raises :class:`InvalidInputError`.
+
+        ``processor``: one private to the calling thread (None: the model's own, which one thread
+        at a time may use; see :func:`~qwen25vl_embed_server.core.request.check_prompt_tokens`).
+        """
+        if dtype not in TORCH_DTYPES:
+            raise InvalidInputError(f"unknown dtype {dtype!r}; expected one of {', '.join(TORCH_DTYPES)}")
+        inputs = prepare_inputs(processor if processor is not None else self.loaded.processor, images, prompt)
         return Prepared(inputs=dict(inputs), plan=plan or self.plan(()), dtype=dtype, normalize=normalize)
 
     def extract(
@@ -112,7 +142,7 @@ class Extractor:
         images: Sequence[Image.Image],
         prompt: str = DEFAULT_PROMPT,
         plan: OutputPlan | None = None,
-        dtype: str = "float32",
+        dtype: str = DEFAULT_WIRE_DTYPE,
         normalize: bool = False,
     ) -> Extraction:
         """Run the model on ``images`` (one multi-image prompt) and ``prompt``.
@@ -201,7 +231,7 @@ class Extractor:
         out[names.IMAGE_GRID_THW] = grid
         if names.LM_LAST_HIDDEN in out:
             out[names.LM_IMAGE_TOKENS] = out[names.LM_LAST_HIDDEN][0, positions.to(self.loaded.device)]
-        wire = WIRE_DTYPES[item.dtype]
+        wire = TORCH_DTYPES[item.dtype]
         arrays = {}
         for name in item.plan.names:
             tensor = _pool(name, out) if name in names.POOLED else out[name]

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from .outputs import OutputPlan
+from qwen25vl_embed_server.core.outputs import OutputPlan
 
 
 @dataclass

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import signal
 from dataclasses import dataclass, field
@@ -15,15 +14,15 @@ from grpc_reflection.v1alpha import reflection
 
 from qwen25vl_embed.v1 import embed_pb2 as pb
 from qwen25vl_embed.v1 import embed_pb2_grpc as pb_grpc
-
-from .auth import AuthConfig, BearerTokenInterceptor
-from .extractor import Extractor
-from .limits import Limits
-from .loading import LoadOptions, load_model
-from .metrics import Metrics
-from .service import EmbeddingService, ServiceConfig
-from .status import ErrorMappingInterceptor
-from .tls import TLSServerConfig, exposure_warnings, is_loopback, server_credentials
+from qwen25vl_embed_server.core.extractor import Extractor
+from qwen25vl_embed_server.core.loading import LoadOptions, load_model
+from qwen25vl_embed_server.rpc.auth import AuthConfig, BearerTokenInterceptor
+from qwen25vl_embed_server.rpc.calls import ServiceConfig
+from qwen25vl_embed_server.rpc.error_mapping import ErrorMappingInterceptor
+from qwen25vl_embed_server.rpc.exposure import exposure_warnings, is_loopback
+from qwen25vl_embed_server.rpc.metrics import Metrics
+from qwen25vl_embed_server.rpc.servicer import EmbeddingService
+from qwen25vl_embed_server.rpc.tls import TLSServerConfig, server_credentials
 
 log = logging.getLogger(__name__)
 
@@ -32,16 +31,16 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EmbeddingService"].full_name
 
 @dataclass(frozen=True)
 class ServerConfig:
-    """Where to listen, request limits, TLS and bearer tokens. Binds loopback unless told otherwise.
+    """Where to listen, the service, TLS and bearer tokens. Binds loopback unless told otherwise.
 
-    ``limits.max_request_bytes`` is gRPC's receive limit; ``tls`` None: plaintext; ``auth`` None:
+    ``service.pipeline.limits`` are the request limits (``max_request_bytes`` is gRPC's receive
+    limit); ``tls`` None: plaintext; ``auth`` None:
     no token needed. ``metrics_port``: serve Prometheus metrics over plain HTTP on this port (0: any
     free port; None: no endpoint) at ``metrics_host`` (None: ``host``).
     """
 
     host: str = "127.0.0.1"
     port: int = 50051
-    limits: Limits = field(default_factory=Limits)
     tls: TLSServerConfig | None = None
     auth: AuthConfig | None = None
     service: ServiceConfig = field(default_factory=ServiceConfig)
@@ -91,9 +90,9 @@ async def create_server(config: ServerConfig) -> RunningServer:
         interceptors.insert(0, BearerTokenInterceptor(config.auth.tokens))
     server = grpc.aio.server(
         interceptors=interceptors,
-        options=[("grpc.max_receive_message_length", config.limits.max_request_bytes)],
+        options=[("grpc.max_receive_message_length", config.service.pipeline.limits.max_request_bytes)],
     )
-    service = EmbeddingService(dataclasses.replace(config.service, limits=config.limits), Metrics())
+    service = EmbeddingService(config.service, Metrics())
     pb_grpc.add_EmbeddingServiceServicer_to_server(service, server)
     health_servicer = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -13,11 +13,11 @@ from typing import Any
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from .tiny_model import TINY_MODEL_NAME, build_tiny_model
+from qwen25vl_embed_server.core.defaults import DEFAULT_DEVICE, DEFAULT_DTYPE
+from qwen25vl_embed_server.core.dtypes import TORCH_DTYPES, dtype_name
+from qwen25vl_embed_server.core.tiny_model import TINY_MODEL_NAME, build_tiny_model
 
 log = logging.getLogger(__name__)
-
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -25,8 +25,8 @@ class LoadOptions:
     """How to load a model. ``device``/``dtype`` "auto": cuda > mps > cpu; bf16 on cuda else fp32."""
 
     model: str
-    device: str = "auto"
-    dtype: str = "auto"
+    device: str = DEFAULT_DEVICE
+    dtype: str = DEFAULT_DTYPE
     min_pixels: int | None = None
     max_pixels: int | None = None
     attn_implementation: str | None = None
@@ -68,9 +68,9 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     try:
-        return _DTYPES[dtype]
+        return TORCH_DTYPES[dtype]
     except KeyError:
-        raise ValueError(f"unknown dtype {dtype!r}; expected auto, {', '.join(_DTYPES)}") from None
+        raise ValueError(f"unknown dtype {dtype!r}; expected auto, {', '.join(TORCH_DTYPES)}") from None
 
 
 def tiny_model_dir() -> Path:
@@ -113,7 +113,7 @@ def load_model(options: LoadOptions) -> LoadedModel:
         kwargs["attn_implementation"] = options.attn_implementation
     model = AutoModelForImageTextToText.from_pretrained(path, **kwargs).to(device).eval()  # type: ignore[arg-type]
     seconds = time.perf_counter() - started
-    log.info("loaded %s on %s (%s) in %.1f s", options.model, device, str(dtype).removeprefix("torch."), seconds)
+    log.info("loaded %s on %s (%s) in %.1f s", options.model, device, dtype_name(dtype), seconds)
     return LoadedModel(
         name=options.model, model=model, processor=processor, device=device, dtype=dtype, load_seconds=seconds
     )

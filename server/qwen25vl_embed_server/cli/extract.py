@@ -8,44 +8,36 @@ image is reported and skipped; the exit code is then 1.
 from __future__ import annotations
 
 import argparse
-import glob
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qwen25vl_embed import EmbeddingClient, Embeddings
-
-from .errors import InvalidInputError
+from qwen25vl_embed_server.cli.commands import client_of, load_options
+from qwen25vl_embed_server.cli.flags import uses_client_security
+from qwen25vl_embed_server.cli.inputs import expand_inputs
+from qwen25vl_embed_server.core.errors import InvalidInputError
+from qwen25vl_embed_server.core.outputs import DEFAULT_OUTPUTS, IMAGE_GRID_THW, TOKEN_OUTPUTS
 
 if TYPE_CHECKING:
-    from .loading import LoadOptions
-
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".avif"})
+    from qwen25vl_embed_server.core.loading import LoadOptions
 # Up to this many images, one line per image; beyond, a progress bar and a summary.
 _VERBOSE_UP_TO = 10
 
 
-def expand_inputs(inputs: list[str]) -> list[Path]:
-    """Files as given; folders -> their image files (recursively, sorted); globs -> their matches.
-
-    Raises :class:`FileNotFoundError` naming every input that matched nothing.
-    """
-    paths: list[Path] = []
-    missing: list[str] = []
-    for item in inputs:
-        path = Path(item)
-        if path.is_file():
-            paths.append(path)
-        elif path.is_dir():
-            paths += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-        elif matches := sorted(glob.glob(item, recursive=True)):
-            paths += [Path(m) for m in matches if Path(m).is_file()]
-        else:
-            missing.append(item)
-    if missing:
-        raise FileNotFoundError(f"no such image file, folder or match: {', '.join(missing)}")
-    return list(dict.fromkeys(paths))
+def extract(args: argparse.Namespace) -> int:
+    """``qwen25vl-embed extract``: the exit code."""
+    outputs = list(args.outputs or (*DEFAULT_OUTPUTS, *(TOKEN_OUTPUTS if args.save_tokens else ())))
+    outputs.append(IMAGE_GRID_THW)
+    if not args.server and uses_client_security(args):
+        print("error: the TLS and token flags need --server", file=sys.stderr)
+        return 2
+    try:
+        return run_extract(args, outputs, lambda: client_of(args), lambda: load_options(args))
+    except (ValueError, OSError) as err:  # unreadable TLS or token files
+        print(f"error: {err}", file=sys.stderr)
+        return 2
 
 
 def run_extract(
@@ -100,9 +92,9 @@ def _extract_here(
     args: argparse.Namespace, options: LoadOptions, outputs: list[str], paths: list[Path]
 ) -> Iterator[Embeddings | Exception]:
     """In-process, one image at a time: the original script's way, through the extraction core."""
-    from .decoding import decode_image
-    from .extractor import Extractor
-    from .loading import load_model
+    from qwen25vl_embed_server.core.extractor import Extractor
+    from qwen25vl_embed_server.core.image_decoding import decode_image
+    from qwen25vl_embed_server.core.loading import load_model
 
     extractor = Extractor(load_model(options))
     plan = extractor.plan(outputs)

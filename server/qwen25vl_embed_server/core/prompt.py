@@ -7,9 +7,7 @@ from typing import Any
 
 from PIL import Image
 
-from .errors import InvalidInputError
-
-DEFAULT_PROMPT = "Describe the image."
+from qwen25vl_embed_server.core.errors import InvalidInputError
 
 
 def render_prompt(processor: Any, num_images: int, prompt: str) -> str:

@@ -14,7 +14,7 @@ from typing import Any
 
 import grpc
 
-from .errors import (
+from qwen25vl_embed_server.core.errors import (
     DeadlineExceededError,
     DeviceOutOfMemoryError,
     InvalidInputError,

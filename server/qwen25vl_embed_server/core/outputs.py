@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .errors import InvalidInputError
+from qwen25vl_embed_server.core.errors import InvalidInputError
 
 VISION_TOKENS = "vision_tokens"
 PROJECTED_TOKENS = "projected_tokens"

@@ -1,4 +1,4 @@
-"""Bulk extraction over ExtractBatch: many requests in flight, results back in input order.
+"""The machinery behind ``extract_many``: many requests over one ExtractBatch stream, in input order.
 
 Shared by the sync and asyncio clients: :class:`ResultCollector` turns the response stream (whose
 results arrive in completion order, each tagged with its request id) into per-request results,
@@ -14,11 +14,12 @@ from typing import Any, Literal
 
 import grpc
 
-from qwen25vl_embed.embeddings import Embeddings, ResultBuilder
+from qwen25vl_embed.assembly import ResultBuilder
+from qwen25vl_embed.embeddings import Embeddings
 from qwen25vl_embed.errors import EmbeddingError
 from qwen25vl_embed.v1 import embed_pb2 as pb
 
-__all__ = ["ErrorPolicy", "ResultCollector", "in_order", "progress_bar"]
+__all__ = ["ErrorPolicy", "ResultCollector", "in_order", "progress_bar", "release", "sized"]
 
 ErrorPolicy = Literal["raise", "return"]
 
@@ -85,11 +86,6 @@ class ResultCollector:
                 return
             self.next_index += 1
             yield self.next_index - 1, result
-
-    @property
-    def pending(self) -> int:
-        """Results received but held back behind an earlier, unfinished one."""
-        return len(self._finished)
 
 
 def in_order(

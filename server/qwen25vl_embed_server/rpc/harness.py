@@ -20,9 +20,9 @@ from typing import IO, Protocol
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from .extractor import Extractor
-from .server import RunningServer, ServerConfig, create_server
-from .service import EmbeddingService
+from qwen25vl_embed_server.core.extractor import Extractor
+from qwen25vl_embed_server.rpc.server import RunningServer, ServerConfig, create_server
+from qwen25vl_embed_server.rpc.servicer import EmbeddingService
 
 
 class BackgroundServer:

@@ -31,8 +31,8 @@ import struct
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import InvalidInputError
-from .limits import DEFAULT_MAX_PIXELS, flag_for
+from qwen25vl_embed_server.core.errors import InvalidInputError, LimitExceededError
+from qwen25vl_embed_server.core.limits import DEFAULT_MAX_PIXELS
 
 _WANTED_FORMATS = (
     "PNG",  # APNG too
@@ -48,6 +48,15 @@ _WANTED_FORMATS = (
 Image.init()
 ALLOWED_FORMATS: tuple[str, ...] = tuple(name for name in _WANTED_FORMATS if name in Image.OPEN)
 """Pillow format names that :func:`decode_image` opens (those of the list this Pillow has)."""
+
+# MPO (multi-picture JPEG) opens through the JPEG plugin, which does not register its suffix.
+_EXTRA_SUFFIXES = {"JPEG": (".mpo",)}
+IMAGE_SUFFIXES: frozenset[str] = frozenset(
+    {suffix for suffix, name in Image.registered_extensions().items() if name in ALLOWED_FORMATS}
+    | {suffix for name in ALLOWED_FORMATS for suffix in _EXTRA_SUFFIXES.get(name, ())}
+)
+"""File suffixes (lower case, with the dot) of the allowed formats: what a folder of images is
+searched for, by ``extract`` and ``bulk`` alike."""
 
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
 _ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa"})
@@ -97,8 +106,8 @@ def decode_image(data: bytes, index: int = 0, max_pixels: int = DEFAULT_MAX_PIXE
     except InvalidInputError:
         raise
     except Image.DecompressionBombError as err:  # beyond Pillow's own hard limit, even at open()
-        raise InvalidInputError(
-            f"image {index} is too large to decode: {err} (our limit is {max_pixels} pixels, {flag_for('max_pixels')})"
+        raise LimitExceededError(
+            "max_pixels", f"image {index} is too large to decode: {err} (the limit is max_pixels={max_pixels})"
         ) from err
     except UnidentifiedImageError as err:
         raise InvalidInputError(
@@ -117,8 +126,8 @@ def _check_pixels(image: Image.Image, index: int, max_pixels: int) -> None:
         raise InvalidInputError(f"image {index} declares an empty size {width}x{height}")
     pixels = width * height
     if pixels > max_pixels:
-        raise InvalidInputError(
-            f"image {index} is {width}x{height} = {pixels} pixels; the limit is {max_pixels} ({flag_for('max_pixels')})"
+        raise LimitExceededError(
+            "max_pixels", f"image {index} is {width}x{height} = {pixels} pixels; the limit is max_pixels={max_pixels}"
         )
 
 

@@ -1,9 +1,8 @@
 """One request's observation: where its time went, its metrics, and its line in the request log.
 
-The service opens a :class:`RequestObservation` when it starts on a request (an Extract call, or
-one request of an ExtractBatch stream) and finishes it exactly once, whatever the outcome. The
-stages fill it in as they pass; :func:`current` finds the observation of the running task, so
-that the pipeline's internal signatures stay free of it.
+The RPCs (:mod:`.calls`) open a :class:`RequestObservation` when they start on a request (an
+Extract call, or one request of an ExtractBatch stream), hand it to the pipeline as its stage
+observer, and finish it exactly once, whatever the outcome.
 
 The request log is the logger ``qwen25vl_embed_server.requests``: one INFO line per request, its
 fields also attached to the record (``extra``) for structured formatters (``--log-format json``).
@@ -15,24 +14,17 @@ import asyncio
 import logging
 import time
 from collections.abc import Sequence
-from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
-from .batcher import BatchTiming
-from .metrics import Metrics
-from .status import status_for
+from qwen25vl_embed.v1 import embed_pb2 as pb
+from qwen25vl_embed_server.core.batcher import BatchTiming
+from qwen25vl_embed_server.rpc.error_mapping import status_for
+from qwen25vl_embed_server.rpc.metrics import Metrics
 
 request_log = logging.getLogger("qwen25vl_embed_server.requests")
 
-_current: ContextVar[RequestObservation | None] = ContextVar("qwen25vl_embed_request", default=None)
-
 CANCELLED = "CANCELLED"
-
-
-def current() -> RequestObservation | None:
-    """The observation of the request this task works on, if any."""
-    return _current.get()
 
 
 @dataclass
@@ -60,16 +52,15 @@ class RequestObservation:
     def begin(
         cls, method: str, request_id: str, images: int, outputs: Sequence[str], metrics: Metrics
     ) -> RequestObservation:
-        """Start observing a request, as the current one of this task."""
+        """Start observing a request."""
         observation = cls(method, request_id, images, tuple(outputs), metrics)
         metrics.request_started(method)
-        _current.set(observation)
         return observation
 
-    def preprocessed(self, started: float) -> None:
-        """Preprocessing, begun at ``started`` (``time.perf_counter()``), is done."""
-        self.preprocess = time.perf_counter() - started
-        self.metrics.preprocess_seconds.observe(self.preprocess)
+    def preprocessed(self, seconds: float) -> None:
+        """Preprocessing took ``seconds``."""
+        self.preprocess = seconds
+        self.metrics.preprocess_seconds.observe(seconds)
 
     def batched(self, timing: BatchTiming) -> None:
         self.queue, self.model, self.batch_size = timing.queued, timing.model, timing.batch_size
@@ -83,6 +74,16 @@ class RequestObservation:
         """The response messages, begun at ``started``, are all handed to gRPC."""
         self.serialize = time.perf_counter() - started
         self.metrics.serialize_seconds.observe(self.serialize)
+
+    def timings(self) -> pb.Timings:
+        """The timings so far, for ResponseMetadata (milliseconds)."""
+        return pb.Timings(
+            queue_ms=(self.queue or 0.0) * 1000,
+            preprocess_ms=(self.preprocess or 0.0) * 1000,
+            model_ms=(self.model or 0.0) * 1000,
+            total_ms=(self.ready or 0.0) * 1000,
+            batch_size=self.batch_size,
+        )
 
     def failed(self, error: BaseException) -> None:
         """Record the outcome of a request that raised ``error``."""

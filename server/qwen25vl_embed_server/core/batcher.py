@@ -20,10 +20,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
-from .errors import DeadlineExceededError, ModelNotReadyError, OverloadedError
+from qwen25vl_embed_server.core.errors import DeadlineExceededError, ModelNotReadyError, OverloadedError
 
 if TYPE_CHECKING:  # only types: keeps this module (and BatchingConfig for the CLI) free of torch
-    from .extractor import Extraction, Extractor, Prepared
+    from qwen25vl_embed_server.core.extractor import Extraction, Extractor, Prepared
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,3 @@
+from qwen25vl_embed_server.cli.app import main
+
+__all__ = ["main"]

@@ -1,0 +1,123 @@
+"""``qwen25vl-embed``: serve, extract (in-process or through a server), info, make-tiny-model;
+serve-ray and bulk with Ray (the ``ray`` extra).
+
+``extract`` keeps the original script's flags and layout: ``<outdir>/<image_stem>/*.npy`` plus
+``manifest.json``; pooled vectors by default, token tensors with ``--save-tokens``.
+Torch and transformers are imported only by the commands that run the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from qwen25vl_embed import EmbeddingError
+from qwen25vl_embed_server.cli import commands
+from qwen25vl_embed_server.cli.extract import extract
+from qwen25vl_embed_server.cli.flags import (
+    batching_flags,
+    client_security_flags,
+    limit_flags,
+    model_flags,
+    prompt_flag,
+    server_security_flags,
+)
+from qwen25vl_embed_server.cli.logging_setup import LOG_FORMATS, configure_logging
+from qwen25vl_embed_server.core import defaults
+from qwen25vl_embed_server.core.errors import InvalidInputError
+from qwen25vl_embed_server.core.outputs import TOKEN_OUTPUTS
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(args.log_level, args.log_format)
+    try:
+        return int(args.run(args))
+    except (EmbeddingError, InvalidInputError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qwen25vl-embed", description=(__doc__ or "").split("\n")[0])
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--log-format", default="text", choices=LOG_FORMATS, help="text lines or JSON lines (text)")
+    subcommands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    serve = subcommands.add_parser("serve", help="run the gRPC server")
+    model_flags(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
+    serve.add_argument("--port", type=int, default=50051, help="0 picks a free port (default: 50051)")
+    serve.add_argument(
+        "--chunk-bytes",
+        type=int,
+        default=defaults.DEFAULT_CHUNK_BYTES,
+        help=f"largest response message ({defaults.DEFAULT_CHUNK_BYTES >> 20} MiB)",
+    )
+    serve.add_argument("--grace", type=float, default=10.0, help="seconds in-flight calls get at shutdown")
+    batching_flags(serve)
+    serve.add_argument(
+        "--metrics-port", type=int, default=0, help="serve Prometheus metrics over HTTP on this port (0: off)"
+    )
+    serve.add_argument("--metrics-host", default=None, help="bind address of the metrics endpoint (default: --host)")
+    limit_flags(serve)
+    server_security_flags(serve)
+    serve.set_defaults(run=commands.serve)
+
+    extract_ = subcommands.add_parser("extract", help="extract embeddings of images into files")
+    extract_.add_argument("images", nargs="+", metavar="IMAGE", help="image files, folders or glob patterns")
+    where = extract_.add_mutually_exclusive_group()
+    where.add_argument("--server", help="host:port of a running server (default: run the model here)")
+    model_flags(extract_, group=where)
+    prompt_flag(extract_)
+    extract_.add_argument("--outdir", type=Path, default=Path("out"), help="output folder (default: out)")
+    extract_.add_argument(
+        "--save-tokens", action="store_true", help=f"also save the token tensors ({', '.join(TOKEN_OUTPUTS)})"
+    )
+    extract_.add_argument("--outputs", nargs="+", default=None, help="exact output names (overrides the defaults)")
+    extract_.add_argument(
+        "--wire-dtype", default=defaults.DEFAULT_WIRE_DTYPE, choices=["float32", "float16", "bfloat16"]
+    )
+    extract_.add_argument("--normalize", action="store_true", help="L2-normalise the pooled vectors")
+    extract_.add_argument("--concurrency", type=int, default=8, help="requests in flight with --server (8)")
+    client_security_flags(extract_)
+    extract_.set_defaults(run=extract)
+
+    info = subcommands.add_parser("info", help="describe a running server's model")
+    info.add_argument("--server", required=True, help="host:port")
+    client_security_flags(info)
+    info.set_defaults(run=commands.info)
+
+    serve_ray = subcommands.add_parser("serve-ray", help="serve through Ray Serve's gRPC proxy (needs the ray extra)")
+    serve_ray.add_argument("--config", required=True, type=Path, help="Ray Serve config file (examples/ray/serve.yaml)")
+    serve_ray.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else start a local one)")
+    serve_ray.set_defaults(run=commands.serve_ray)
+
+    bulk = subcommands.add_parser("bulk", help="images to Parquet with Ray Data, resumable (needs the ray extra)")
+    bulk.add_argument("input", metavar="INPUT", help="folder, quoted glob, or Parquet/CSV file with a path column")
+    bulk.add_argument("output", metavar="OUTPUT", type=Path, help="Parquet folder; rerun to resume")
+    model_flags(bulk)
+    bulk.add_argument("--outputs", nargs="+", default=None, help="output names (default: the pooled vectors)")
+    prompt_flag(bulk)
+    bulk.add_argument("--normalize", action="store_true", help="L2-normalise the pooled vectors")
+    bulk.add_argument("--batch-size", type=int, default=16, help="images per model call (16)")
+    bulk.add_argument("--num-gpus", type=int, default=0, help="GPUs to use, one actor (model copy) each (0)")
+    bulk.add_argument("--actors", type=int, default=None, help="model copies (default: --num-gpus, or 1)")
+    bulk.add_argument("--cpus-per-actor", type=float, default=1.0, help="Ray CPUs (and torch threads) per actor (1)")
+    bulk.add_argument("--path-column", default="path", help="column of a Parquet/CSV listing (path)")
+    bulk.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else start a local one)")
+    bulk.set_defaults(run=commands.bulk)
+
+    tiny = subcommands.add_parser("make-tiny-model", help="write a random-weight Qwen2.5-VL checkpoint")
+    tiny.add_argument("outdir", type=Path)
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.set_defaults(run=commands.make_tiny_model)
+    return parser
+
+
+if __name__ == "__main__":
+    sys.exit(main())

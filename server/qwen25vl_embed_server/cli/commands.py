@@ -1,0 +1,174 @@
+"""The commands other than ``extract``: serve, info, serve-ray, bulk, make-tiny-model.
+
+Each takes the parsed flags and returns the exit code. Torch and transformers are imported only by
+the commands that run the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from dataclasses import asdict
+from typing import TYPE_CHECKING
+
+from qwen25vl_embed import EmbeddingClient
+from qwen25vl_embed_server.cli.flags import LIMIT_FLAGS, batching_of, limits_of
+from qwen25vl_embed_server.core import defaults
+from qwen25vl_embed_server.core.limits import Limits
+
+if TYPE_CHECKING:
+    from qwen25vl_embed_server.core.loading import LoadOptions
+    from qwen25vl_embed_server.rpc.server import ServerConfig
+
+
+def server_config(args: argparse.Namespace) -> ServerConfig:
+    """The ServerConfig of the serve flags. Raises ValueError or OSError for bad flags or files."""
+    from qwen25vl_embed_server.core.pipeline import PipelineConfig
+    from qwen25vl_embed_server.rpc.auth import AuthConfig
+    from qwen25vl_embed_server.rpc.calls import ServiceConfig
+    from qwen25vl_embed_server.rpc.server import ServerConfig
+    from qwen25vl_embed_server.rpc.tls import TLSServerConfig
+
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise ValueError("--tls-cert and --tls-key go together")
+    if args.tls_client_ca is not None and args.tls_cert is None:
+        raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
+    tls = TLSServerConfig.from_files(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
+    auth = None
+    if args.auth_token_file is not None or args.auth_token_env is not None:
+        auth = AuthConfig.from_sources(args.auth_token_file, args.auth_token_env)
+    return ServerConfig(
+        host=args.host,
+        port=args.port,
+        tls=tls,
+        auth=auth,
+        service=ServiceConfig(
+            chunk_bytes=args.chunk_bytes,
+            stream_window=args.stream_window,
+            pipeline=PipelineConfig(
+                preprocess_workers=args.preprocess_workers,
+                batching=batching_of(args),
+                limits=_limits(args),
+                limit_hints=LIMIT_FLAGS,
+            ),
+        ),
+        grace_seconds=args.grace,
+        metrics_port=args.metrics_port or None,
+        metrics_host=args.metrics_host,
+    )
+
+
+def _limits(args: argparse.Namespace) -> Limits:
+    try:
+        return limits_of(args)
+    except ValueError as err:  # name the flag, not the field
+        message = str(err)
+        for name, flag in LIMIT_FLAGS.items():
+            if message.startswith(f"{name} "):
+                raise ValueError(f"{flag}{message.removeprefix(name)}") from None
+        raise
+
+
+def client_of(args: argparse.Namespace) -> EmbeddingClient:
+    """The SDK client of ``--server`` and the client TLS/token flags. Raises ValueError or OSError."""
+    from qwen25vl_embed.channels import TLSConfig
+    from qwen25vl_embed_server.rpc.auth import load_tokens
+
+    tls = None
+    if args.tls or args.tls_ca is not None or args.tls_cert is not None or args.tls_key is not None:
+        tls = TLSConfig(ca_cert=args.tls_ca, client_cert=args.tls_cert, client_key=args.tls_key)
+    token = None
+    if args.token_file is not None or args.token_env is not None:
+        tokens = load_tokens(args.token_file, args.token_env)
+        if len(tokens) != 1:
+            raise ValueError(f"expected one bearer token, found {len(tokens)}")
+        token = tokens[0]
+    return EmbeddingClient(args.server, tls=tls, token=token)
+
+
+def load_options(args: argparse.Namespace) -> LoadOptions:
+    from qwen25vl_embed_server.core.loading import LoadOptions
+
+    return LoadOptions(
+        model=args.model or defaults.DEFAULT_MODEL,
+        device=args.device,
+        dtype=args.dtype,
+        min_pixels=args.min_pixels,
+        max_pixels=args.max_pixels,
+    )
+
+
+def serve(args: argparse.Namespace) -> int:
+    from qwen25vl_embed_server.rpc.server import serve as run_server
+
+    try:
+        config = server_config(args)
+    except (ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    asyncio.run(run_server(config, load_options(args)))
+    return 0
+
+
+def info(args: argparse.Namespace) -> int:
+    try:
+        client = client_of(args)
+    except (ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    with client:
+        print(json.dumps(asdict(client.info()), indent=2))
+    return 0
+
+
+def serve_ray(args: argparse.Namespace) -> int:
+    try:
+        from qwen25vl_embed_server.ray.deploy import serve_config_file
+    except ImportError as err:
+        print(f"error: serve-ray needs Ray: pip install 'qwen25vl-embed[ray]' ({err})", file=sys.stderr)
+        return 2
+    try:
+        serve_config_file(args.config, args.address)
+    except (ValueError, OSError) as err:  # pydantic's ValidationError is a ValueError
+        print(f"error: {args.config}: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def bulk(args: argparse.Namespace) -> int:
+    try:
+        from qwen25vl_embed_server.ray.bulk_job import BulkJob, run_bulk
+    except ImportError as err:
+        print(f"error: bulk needs Ray: pip install 'qwen25vl-embed[ray]' ({err})", file=sys.stderr)
+        return 2
+    actors = args.actors or max(1, args.num_gpus)
+    job = BulkJob(
+        source=args.input,
+        output=args.output,
+        load=load_options(args),
+        outputs=tuple(args.outputs or ()),
+        prompt=args.prompt,
+        normalize=args.normalize,
+        batch_size=args.batch_size,
+        actors=actors,
+        gpus_per_actor=args.num_gpus / actors,
+        cpus_per_actor=args.cpus_per_actor,
+        path_column=args.path_column,
+        address=args.address,
+    )
+    try:
+        report = run_bulk(job)
+    except (ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(report.summary())
+    return 1 if report.failed else 0  # as extract: failed images are reported, the others kept
+
+
+def make_tiny_model(args: argparse.Namespace) -> int:
+    from qwen25vl_embed_server.core.tiny_model import build_tiny_model
+
+    print(build_tiny_model(args.outdir, seed=args.seed))
+    return 0

@@ -1,0 +1,155 @@
+"""The command line's shared flag groups, each reading its defaults from the core's one home.
+
+Also :data:`LIMIT_FLAGS`: which ``serve`` flag sets each limit, so a refusal can tell the operator.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from qwen25vl_embed_server.core import defaults
+from qwen25vl_embed_server.core.batcher import BatchingConfig
+from qwen25vl_embed_server.core.limits import Limits
+
+LIMIT_FLAGS: dict[str, str] = {
+    "max_request_bytes": "--max-request-bytes",
+    "max_images": "--max-images",
+    "max_image_bytes": "--max-image-bytes",
+    # --max-pixels is the processor's resize target; this is the decoder's refusal threshold.
+    "max_pixels": "--max-image-pixels",
+    "max_prompt_tokens": "--max-prompt-tokens",
+}
+"""``serve`` flag of each :class:`Limits` field."""
+
+
+def model_flags(parser: argparse.ArgumentParser, group: Any = None) -> None:
+    """--model (in ``group`` when given, e.g. exclusive with --server), --device, --dtype, pixels."""
+    (group or parser).add_argument(
+        "--model", default=None, help=f"hub id or local path, or 'tiny-random' (default: {defaults.DEFAULT_MODEL})"
+    )
+    parser.add_argument(
+        "--device", default=defaults.DEFAULT_DEVICE, help="auto (cuda > mps > cpu), cuda, cuda:1, mps or cpu"
+    )
+    parser.add_argument(
+        "--dtype", default=defaults.DEFAULT_DTYPE, help="auto (bf16 on cuda, else fp32), float32, float16, bfloat16"
+    )
+    parser.add_argument("--min-pixels", type=int, default=None, help="processor min_pixels (checkpoint's default)")
+    parser.add_argument("--max-pixels", type=int, default=None, help="processor max_pixels (checkpoint's default)")
+
+
+def prompt_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--prompt", default=defaults.DEFAULT_PROMPT, help=f"text after the image ({defaults.DEFAULT_PROMPT!r})"
+    )
+
+
+def limit_flags(parser: argparse.ArgumentParser) -> None:
+    limits = Limits()
+    parser.add_argument(
+        LIMIT_FLAGS["max_request_bytes"],
+        type=int,
+        default=limits.max_request_bytes,
+        help=f"largest request ({limits.max_request_bytes >> 20} MiB)",
+    )
+    parser.add_argument(
+        LIMIT_FLAGS["max_images"], type=int, default=limits.max_images, help=f"images per request ({limits.max_images})"
+    )
+    parser.add_argument(
+        LIMIT_FLAGS["max_image_bytes"],
+        type=int,
+        default=limits.max_image_bytes,
+        help=f"largest encoded image ({limits.max_image_bytes >> 20} MiB)",
+    )
+    parser.add_argument(
+        LIMIT_FLAGS["max_pixels"],
+        type=int,
+        default=limits.max_pixels,
+        help=f"largest decoded image, width x height, checked before decoding ({limits.max_pixels})",
+    )
+    parser.add_argument(
+        LIMIT_FLAGS["max_prompt_tokens"],
+        type=int,
+        default=limits.max_prompt_tokens,
+        help=f"longest prompt in tokens ({limits.max_prompt_tokens})",
+    )
+
+
+def limits_of(args: argparse.Namespace) -> Limits:
+    """The :class:`Limits` of the limit flags. Raises ValueError for a bad value."""
+    return Limits(
+        max_request_bytes=args.max_request_bytes,
+        max_images=args.max_images,
+        max_image_bytes=args.max_image_bytes,
+        max_pixels=args.max_image_pixels,
+        max_prompt_tokens=args.max_prompt_tokens,
+    )
+
+
+def batching_flags(parser: argparse.ArgumentParser) -> None:
+    batching = BatchingConfig()
+    group = parser.add_argument_group("batching and pipeline (requests that arrive together run as one forward)")
+    group.add_argument(
+        "--batch-max-images", type=int, default=batching.max_images, help=f"images per batch ({batching.max_images})"
+    )
+    group.add_argument(
+        "--batch-max-tokens",
+        type=int,
+        default=batching.max_tokens,
+        help=f"vision patches + LM tokens per batch ({batching.max_tokens})",
+    )
+    group.add_argument(
+        "--batch-max-wait-ms",
+        type=float,
+        default=batching.max_wait_ms,
+        help=f"wait for company when idle ({batching.max_wait_ms:g} ms)",
+    )
+    group.add_argument(
+        "--max-queue", type=int, default=batching.max_queue, help=f"queued requests, then refuse ({batching.max_queue})"
+    )
+    group.add_argument(
+        "--preprocess-workers",
+        type=int,
+        default=defaults.DEFAULT_PREPROCESS_WORKERS,
+        help=f"threads decoding and preprocessing ({defaults.DEFAULT_PREPROCESS_WORKERS})",
+    )
+    group.add_argument(
+        "--stream-window",
+        type=int,
+        default=defaults.DEFAULT_STREAM_WINDOW,
+        help=f"requests in flight per ExtractBatch stream ({defaults.DEFAULT_STREAM_WINDOW})",
+    )
+
+
+def batching_of(args: argparse.Namespace) -> BatchingConfig:
+    return BatchingConfig(
+        max_images=args.batch_max_images,
+        max_tokens=args.batch_max_tokens,
+        max_wait_ms=args.batch_max_wait_ms,
+        max_queue=args.max_queue,
+    )
+
+
+def server_security_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("TLS and authentication (tokens are never given on the command line)")
+    group.add_argument("--tls-cert", type=Path, help="server certificate chain (PEM); with --tls-key enables TLS")
+    group.add_argument("--tls-key", type=Path, help="server private key (PEM)")
+    group.add_argument("--tls-client-ca", type=Path, help="CA (PEM) that signs client certificates: mutual TLS")
+    group.add_argument("--auth-token-file", type=Path, help="file of accepted bearer tokens, one per line")
+    group.add_argument("--auth-token-env", metavar="VAR", help="environment variable holding the accepted token(s)")
+
+
+def client_security_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("TLS and authentication, with --server (tokens never on the command line)")
+    group.add_argument("--tls", action="store_true", help="use TLS with the system's root certificates")
+    group.add_argument("--tls-ca", type=Path, help="CA (PEM) that signs the server's certificate; implies --tls")
+    group.add_argument("--tls-cert", type=Path, help="client certificate (PEM) for mutual TLS; implies --tls")
+    group.add_argument("--tls-key", type=Path, help="client private key (PEM)")
+    group.add_argument("--token-file", type=Path, help="file holding the bearer token")
+    group.add_argument("--token-env", metavar="VAR", help="environment variable holding the bearer token")
+
+
+def uses_client_security(args: argparse.Namespace) -> bool:
+    flags = (args.tls_ca, args.tls_cert, args.tls_key, args.token_file, args.token_env)
+    return bool(args.tls) or any(flag is not None for flag in flags)

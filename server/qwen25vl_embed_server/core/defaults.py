@@ -1,0 +1,32 @@
+"""Every default of the service in one place: the CLI flags, Ray settings and configs read them.
+
+Torch-free, so the command line can show them without loading the model's libraries. Limits have
+their own home (:class:`~qwen25vl_embed_server.core.limits.Limits`), and so do the batcher's
+bounds (:class:`~qwen25vl_embed_server.core.batcher.BatchingConfig`).
+"""
+
+from __future__ import annotations
+
+DEFAULT_MODEL = "Qwen/Qwen2.5-VL-7B-Instruct"
+"""The checkpoint loaded when none is named (a hub id; ``tiny-random`` builds one offline)."""
+
+DEFAULT_PROMPT = "Describe the image."
+"""The text after the image(s) in the user turn when a request sets no prompt."""
+
+DEFAULT_CHUNK_BYTES = 1 << 20
+"""Largest response message (1 MiB): token tensors are split across messages of at most this."""
+
+DEFAULT_PREPROCESS_WORKERS = 4
+"""Threads decoding images and running the processor, beside the one model thread."""
+
+DEFAULT_STREAM_WINDOW = 64
+"""Requests of one ExtractBatch stream in flight at once; the server reads no further ahead."""
+
+DEFAULT_DEVICE = "auto"
+"""cuda > mps > cpu."""
+
+DEFAULT_DTYPE = "auto"
+"""bfloat16 on cuda, float32 elsewhere (exact against transformers on the CPU)."""
+
+DEFAULT_WIRE_DTYPE = "float32"
+"""The dtype floating outputs travel in when a request names none."""

@@ -1,0 +1,50 @@
+"""Domain errors of the extraction core. Each edge maps them to its own codes (gRPC status codes
+in :mod:`qwen25vl_embed_server.rpc.error_mapping`; exit codes and messages in the CLI)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+
+class InvalidInputError(ValueError):
+    """The request cannot be served as asked: bad image, unknown output, bad dtype, ...
+
+    The message names the problem and is safe to return to the caller.
+    """
+
+
+class LimitExceededError(InvalidInputError):
+    """The request is over one of the :class:`~qwen25vl_embed_server.core.limits.Limits`.
+
+    ``limit`` is the field name (``max_images``, ...); the message names it and its value. An edge
+    that lets an operator set the limit adds how (:meth:`with_hint`: a flag, a settings key).
+    """
+
+    def __init__(self, limit: str, message: str) -> None:
+        super().__init__(message)
+        self.limit = limit
+
+    def with_hint(self, hints: Mapping[str, str]) -> LimitExceededError:
+        """This error with `` (set with HINT)`` appended, if ``hints`` knows the limit."""
+        hint = hints.get(self.limit)
+        if hint is None:
+            return self
+        hinted = LimitExceededError(self.limit, f"{self} (set with {hint})")
+        hinted.__cause__ = self.__cause__
+        return hinted
+
+
+class ModelNotReadyError(RuntimeError):
+    """The model is not loaded (yet, or any more)."""
+
+
+class OverloadedError(RuntimeError):
+    """The request queue is full (or the server is stopping): retry later."""
+
+
+class DeadlineExceededError(RuntimeError):
+    """The caller's deadline passed before the model ran the request."""
+
+
+class DeviceOutOfMemoryError(RuntimeError):
+    """The device ran out of memory on this request; memory was released, the server goes on."""

@@ -1,0 +1,31 @@
+"""What a loaded model is, as callers may know it: a small typed value, torch-free."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """The model's facts (the proto's InfoResponse carries them; see its field comments).
+
+    ``min_pixels`` / ``max_pixels``: the processor's resize range (width x height), as loaded.
+    ``outputs``: every output name this model serves; ``default_outputs``: those of a request
+    that names none. ``load_seconds``: how long loading took.
+    """
+
+    model: str
+    device: str
+    dtype: str
+    vision_hidden_size: int
+    hidden_size: int
+    patch_size: int
+    spatial_merge_size: int
+    temporal_patch_size: int
+    min_pixels: int
+    max_pixels: int
+    outputs: tuple[str, ...]
+    default_outputs: tuple[str, ...]
+    num_lm_layers: int
+    num_vision_layers: int
+    load_seconds: float

@@ -1,0 +1,163 @@
+"""One request as every edge receives it, and the checks and preparation it goes through.
+
+An :class:`EncodedRequest` is transport-neutral: the gRPC servicer, the Ray Serve replica, the
+in-process CLI and the bulk job all build one. :func:`prepare_request` is the one chain
+``checked -> decoded -> prompt-checked -> processed`` that turns it into a
+:class:`~qwen25vl_embed_server.core.extractor.Prepared` for the model; the asynchronous
+:class:`~qwen25vl_embed_server.core.pipeline.Pipeline` runs that chain on worker threads and
+the result in batches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from qwen25vl_embed_server.core.defaults import DEFAULT_PROMPT, DEFAULT_WIRE_DTYPE
+from qwen25vl_embed_server.core.errors import InvalidInputError, LimitExceededError
+from qwen25vl_embed_server.core.limits import MAX_REQUEST_ID_CHARS, PROMPT_CHARS_PER_TOKEN, Limits
+
+if TYPE_CHECKING:  # torch is loaded by the extractor, not by the checks
+    from qwen25vl_embed_server.core.extractor import Extractor, Prepared
+    from qwen25vl_embed_server.core.outputs import OutputPlan
+
+# Placeholder tokens that the processor expands or counts: in a user prompt they would be taken for
+# images or videos that the request does not have.
+RESERVED_PROMPT_TOKENS: tuple[str, ...] = (
+    "<|image_pad|>",
+    "<|video_pad|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+)
+
+
+@dataclass(frozen=True)
+class EncodedRequest:
+    """One request: encoded images, the prompt and what to return.
+
+    Attributes:
+        images: the encoded image files, in prompt order.
+        prompt: the user text after the images; None: :data:`~.defaults.DEFAULT_PROMPT`.
+        outputs: output names; empty: the defaults.
+        dtype: the floating outputs' dtype ("float32", "float16" or "bfloat16").
+        normalize: L2-normalise the pooled vectors.
+        request_id: the caller's tag, echoed back.
+    """
+
+    images: Sequence[bytes]
+    prompt: str | None = None
+    outputs: Sequence[str] = ()
+    dtype: str = DEFAULT_WIRE_DTYPE
+    normalize: bool = False
+    request_id: str = ""
+
+    @property
+    def text(self) -> str:
+        """The prompt in force."""
+        return DEFAULT_PROMPT if self.prompt is None else self.prompt
+
+
+def check_request(request: EncodedRequest, limits: Limits) -> None:
+    """Cheap checks, before anything is decoded or tokenized.
+
+    Raises:
+        InvalidInputError: no image, or a request id over :data:`~.limits.MAX_REQUEST_ID_CHARS`.
+        LimitExceededError: more than ``max_images`` images, an image over ``max_image_bytes``, or
+            a prompt over ``limits.max_prompt_chars`` characters.
+    """
+    if len(request.request_id) > MAX_REQUEST_ID_CHARS:
+        raise InvalidInputError(
+            f"request_id is {len(request.request_id)} characters; the limit is {MAX_REQUEST_ID_CHARS}"
+        )
+    count = len(request.images)
+    if count == 0:
+        raise InvalidInputError("the request has no image; send at least one")
+    if count > limits.max_images:
+        raise LimitExceededError(
+            "max_images", f"request has {count} images; the limit is max_images={limits.max_images}"
+        )
+    for index, data in enumerate(request.images):
+        if len(data) > limits.max_image_bytes:
+            raise LimitExceededError(
+                "max_image_bytes",
+                f"image {index} is {len(data)} bytes; the limit is max_image_bytes={limits.max_image_bytes}",
+            )
+    if request.prompt is not None:
+        _check_prompt_chars(request.prompt, limits)
+
+
+def check_prompt_tokens(tokenizer: Any, prompt: str, limits: Limits) -> int:
+    """Count the prompt's tokens (without special tokens) and check them.
+
+    Args:
+        tokenizer: the checkpoint's tokenizer (``processor.tokenizer``): anything with
+            ``encode(text, add_special_tokens=False) -> list[int]``. Fast (Rust) tokenizers refuse
+            concurrent use of one object when padding or truncation settings change
+            (huggingface/tokenizers#537): the pipeline gives each worker thread its own processor.
+        prompt: the user text, as the request gives it (before the chat template).
+        limits: the limits in force.
+
+    Returns:
+        The number of tokens.
+
+    Raises:
+        InvalidInputError: the prompt holds an image/video placeholder token
+            (:data:`RESERVED_PROMPT_TOKENS`).
+        LimitExceededError: more than ``max_prompt_tokens`` tokens.
+    """
+    _check_prompt_chars(prompt, limits)
+    for token in RESERVED_PROMPT_TOKENS:
+        if token in prompt:
+            raise InvalidInputError(
+                f"the prompt contains {token}, which is reserved for images and videos; remove it "
+                "(images go in ImageRequest.images)"
+            )
+    count = len(tokenizer.encode(prompt, add_special_tokens=False)) if prompt else 0
+    if count > limits.max_prompt_tokens:
+        raise LimitExceededError(
+            "max_prompt_tokens",
+            f"prompt has {count} tokens; the limit is max_prompt_tokens={limits.max_prompt_tokens}",
+        )
+    return count
+
+
+def prepare_request(
+    extractor: Extractor,
+    request: EncodedRequest,
+    limits: Limits,
+    plan: OutputPlan | None = None,
+    processor: Any = None,
+) -> Prepared:
+    """Check, decode, prompt-check and preprocess one request: what the model needs.
+
+    Args:
+        extractor: the model's extractor (for the output plan and the processor).
+        request: the request.
+        limits: the limits in force.
+        plan: the request's output plan, if already made (:meth:`Extractor.plan`).
+        processor: a processor private to the calling thread (None: the model's own; use that
+            from one thread at a time).
+
+    Raises:
+        InvalidInputError: anything wrong with the request (LimitExceededError for a limit).
+    """
+    from qwen25vl_embed_server.core.image_decoding import decode_image
+
+    check_request(request, limits)
+    if plan is None:
+        plan = extractor.plan(request.outputs)
+    processor = processor if processor is not None else extractor.loaded.processor
+    images = [decode_image(data, index, limits.max_pixels) for index, data in enumerate(request.images)]
+    check_prompt_tokens(processor.tokenizer, request.text, limits)
+    return extractor.prepare(images, request.text, plan, request.dtype, request.normalize, processor=processor)
+
+
+def _check_prompt_chars(prompt: str, limits: Limits) -> None:
+    if len(prompt) > limits.max_prompt_chars:
+        raise LimitExceededError(
+            "max_prompt_tokens",
+            f"prompt has {len(prompt)} characters; the limit is {limits.max_prompt_chars} "
+            f"({PROMPT_CHARS_PER_TOKEN} per token of max_prompt_tokens={limits.max_prompt_tokens})",
+        )

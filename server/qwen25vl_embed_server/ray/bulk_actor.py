@@ -1,0 +1,85 @@
+"""The Ray Data actor of a bulk job: the model loaded once, batches of paths turned into rows.
+
+Each image goes through :func:`~qwen25vl_embed_server.core.request.prepare_request`, the chain
+the server uses, so a bulk job applies the same checks (the job's
+:attr:`~qwen25vl_embed_server.ray.bulk_job.BulkJob.limits`, the prompt's tokens included).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pyarrow as pa
+
+from qwen25vl_embed_server.core.errors import DeviceOutOfMemoryError, InvalidInputError
+from qwen25vl_embed_server.core.extractor import Extraction, Extractor, Prepared
+from qwen25vl_embed_server.core.request import EncodedRequest, prepare_request
+from qwen25vl_embed_server.ray.parquet_format import _table, output_schema
+
+if TYPE_CHECKING:
+    from qwen25vl_embed_server.ray.bulk_job import BulkJob
+
+
+class BulkExtractionActor:
+    """The Ray Data actor: loads the model once, then turns batches of paths into Arrow rows."""
+
+    def __init__(self, job: BulkJob) -> None:
+        import torch
+
+        from qwen25vl_embed_server.core.loading import load_model
+
+        if job.gpus_per_actor == 0:
+            torch.set_num_threads(max(1, int(job.cpus_per_actor)))
+        self._job = job
+        self._limits = job.limits
+        self._extractor = Extractor(load_model(job.load))
+        self._plan = self._extractor.plan(job.outputs)
+        self._schema = output_schema(self._plan.names)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        paths = [str(path) for path in batch["path"]]
+        outcomes: list[Extraction | str] = ["" for _ in paths]
+        prepared: list[tuple[int, Prepared]] = []
+        for index, path in enumerate(paths):
+            try:
+                request = EncodedRequest(
+                    images=[Path(path).read_bytes()],
+                    prompt=self._job.prompt,
+                    outputs=self._job.outputs,
+                    normalize=self._job.normalize,
+                )
+                item = prepare_request(self._extractor, request, self._limits, self._plan)
+            except (InvalidInputError, OSError) as error:
+                outcomes[index] = str(error)
+            else:
+                prepared.append((index, item))
+        for chunk in _chunks(prepared, self._job.max_batch_tokens):
+            for index, outcome in zip([i for i, _ in chunk], self._run([item for _, item in chunk]), strict=True):
+                outcomes[index] = outcome
+        return _table(paths, outcomes, self._schema)
+
+    def _run(self, items: list[Prepared]) -> list[Extraction | str]:
+        """One model call; when it fails (device memory, a rejected image), each item alone."""
+        try:
+            return list(self._extractor.run(items))
+        except (InvalidInputError, DeviceOutOfMemoryError) as error:
+            if len(items) == 1:
+                return [str(error)]
+        return [outcome for item in items for outcome in self._run([item])]
+
+
+def _chunks(items: list[tuple[int, Prepared]], max_tokens: int) -> Iterator[list[tuple[int, Prepared]]]:
+    """Consecutive runs of ``items`` whose cost stays within ``max_tokens`` (at least one each)."""
+    chunk: list[tuple[int, Prepared]] = []
+    tokens = 0
+    for entry in items:
+        if chunk and tokens + entry[1].cost > max_tokens:
+            yield chunk
+            chunk, tokens = [], 0
+        chunk.append(entry)
+        tokens += entry[1].cost
+    if chunk:
+        yield chunk

@@ -1,0 +1,154 @@
+"""Bulk extraction with Ray Data: image files in, Parquet out, the model loaded once per actor.
+
+Input (:func:`~qwen25vl_embed_server.ray.bulk_listing.list_images`): a folder (searched
+recursively for image files), a glob pattern, or a Parquet or CSV file with a column of paths
+(relative ones are relative to that file's folder).
+
+Output: a folder of Parquet files, one row per image: its path, an ``error`` (null unless the
+image failed), the image's metadata and one column per output, in plain Arrow types; the columns
+are described in :mod:`~qwen25vl_embed_server.ray.parquet_format`, and
+:func:`~qwen25vl_embed_server.ray.parquet_format.iter_rows` rebuilds the arrays. Each image gets
+the server's checks (:attr:`BulkJob.limits`); a failed image (unreadable, corrupt, over a limit,
+refused by the processor) gets a row with ``error`` set; other failures stop the job.
+
+Resumable: images whose path already has a row in the output folder are skipped, so rerunning
+the same command after an interruption does only what is left. A Parquet file that cannot be
+read (cut off by the interruption) is renamed ``_<name>.unreadable`` and its images run again.
+Run one job per output folder at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from qwen25vl_embed_server.core.batcher import BatchingConfig
+from qwen25vl_embed_server.core.defaults import DEFAULT_PROMPT
+from qwen25vl_embed_server.core.limits import Limits
+from qwen25vl_embed_server.core.loading import LoadOptions
+from qwen25vl_embed_server.core.outputs import plan_outputs
+from qwen25vl_embed_server.ray.bulk_actor import BulkExtractionActor
+from qwen25vl_embed_server.ray.bulk_listing import list_images
+from qwen25vl_embed_server.ray.parquet_format import _count_rows, finished_paths
+
+log = logging.getLogger(__name__)
+
+# Rows per input block: a block is written as its own file(s), so this bounds what an interruption
+# loses, while keeping the file count reasonable for millions of images.
+_ROWS_PER_BLOCK = 256
+
+
+@dataclass(frozen=True)
+class BulkJob:
+    """One bulk extraction.
+
+    Attributes:
+        source: a folder, a glob pattern, or a Parquet/CSV file listing paths (see
+            :func:`~qwen25vl_embed_server.ray.bulk_listing.list_images`).
+        output: the Parquet folder (created; rows already there are kept and skipped).
+        load: the model, as for ``qwen25vl-embed serve``.
+        outputs: output names (empty: the pooled vectors); visual_token_lens and image_grid_thw
+            are always written.
+        prompt / normalize: as in ``ImageRequest``.
+        batch_size: images per model call in an actor.
+        actors: model copies (Ray actors).
+        gpus_per_actor / cpus_per_actor: Ray resources of each actor. On the CPU, torch in each
+            actor uses ``max(1, int(cpus_per_actor))`` threads.
+        path_column: the column of a Parquet/CSV listing that holds the paths.
+        max_batch_tokens: a model call's bound in tokens (vision patches, plus the sequence when
+            the language model runs); a batch above it is split.
+        limits: the per-image limits, as in the server (one image per request): image bytes,
+            ``max_pixels`` (checked before decoding), prompt tokens; an image over one fails.
+        address: the Ray cluster to join when Ray is not initialised yet (None: ``RAY_ADDRESS``,
+            else a local cluster).
+    """
+
+    source: str
+    output: Path
+    load: LoadOptions
+    outputs: tuple[str, ...] = ()
+    prompt: str = DEFAULT_PROMPT
+    normalize: bool = False
+    batch_size: int = 16
+    actors: int = 1
+    gpus_per_actor: float = 0.0
+    cpus_per_actor: float = 1.0
+    path_column: str = "path"
+    max_batch_tokens: int = field(default_factory=lambda: BatchingConfig().max_tokens)
+    limits: Limits = field(default_factory=Limits)
+    address: str | None = None
+
+
+@dataclass(frozen=True)
+class BulkReport:
+    """What a run did: ``listed`` images, ``skipped`` (already in the output), ``written`` rows
+    (``failed`` of them with an error), in ``seconds`` (actor start and model loading included)."""
+
+    listed: int
+    skipped: int
+    written: int
+    failed: int
+    seconds: float
+
+    @property
+    def images_per_second(self) -> float:
+        return self.written / self.seconds if self.seconds > 0 else 0.0
+
+    def summary(self) -> str:
+        if self.listed and self.skipped == self.listed:
+            return f"nothing to do: all {self.listed} images are already in the output"
+        return (
+            f"{self.written} images written ({self.failed} failed), {self.skipped} already done, "
+            f"in {self.seconds:.1f} s: {self.images_per_second:.2f} images/s"
+        )
+
+
+def run_bulk(job: BulkJob) -> BulkReport:
+    """Extract every image of ``job.source`` not yet in ``job.output``; return what was done.
+
+    Ray Data shows its progress bars while the job runs.
+
+    Raises:
+        ValueError: bad job settings, an unknown output name, or an unusable listing.
+        FileNotFoundError: the source does not exist.
+    """
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    if job.batch_size < 1 or job.actors < 1:
+        raise ValueError("batch_size and actors must be at least 1")
+    plan_outputs(job.outputs, sys.maxsize, sys.maxsize)  # unknown names fail here; layer ranges in the actors
+    listed = list_images(job.source, job.path_column)
+    done = finished_paths(job.output)
+    todo = [path for path in listed if path not in done]
+    log.info(
+        "%d images listed, %d already in %s, %d to do", len(listed), len(listed) - len(todo), job.output, len(todo)
+    )
+    if not todo:
+        return BulkReport(listed=len(listed), skipped=len(listed), written=0, failed=0, seconds=0.0)
+    if not ray.is_initialized():
+        ray.init(address=job.address)
+    started = time.perf_counter()
+    blocks = min(len(todo), max(4 * job.actors, math.ceil(len(todo) / _ROWS_PER_BLOCK)))
+    paths = ray.data.from_items([{"path": path} for path in todo], override_num_blocks=blocks)
+    rows = paths.map_batches(
+        BulkExtractionActor,
+        fn_constructor_args=(job,),
+        batch_size=job.batch_size,
+        batch_format="numpy",
+        compute=ActorPoolStrategy(size=job.actors),
+        num_cpus=job.cpus_per_actor,
+        num_gpus=job.gpus_per_actor or None,
+    )
+    job.output.mkdir(parents=True, exist_ok=True)
+    # Writing is light; zero CPUs lets it run beside actors that hold every CPU of the cluster.
+    rows.write_parquet(str(job.output), ray_remote_args={"num_cpus": 0})
+    seconds = time.perf_counter() - started
+    written, failed = _count_rows(job.output, set(todo))
+    return BulkReport(
+        listed=len(listed), skipped=len(listed) - len(todo), written=written, failed=failed, seconds=seconds
+    )

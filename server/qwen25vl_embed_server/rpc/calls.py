@@ -1,0 +1,158 @@
+"""The RPCs' behaviour on protobuf messages, free of any transport's call context.
+
+:class:`EmbeddingCalls` turns ImageRequests into the core's requests, runs them through the
+:class:`~qwen25vl_embed_server.core.pipeline.Pipeline`, observes each one, and yields the
+response messages. The gRPC servicer (:mod:`.servicer`) and the Ray Serve replica
+(:mod:`qwen25vl_embed_server.ray.deployment`) are thin adapters over it: each supplies the
+caller's deadline and, for ExtractBatch, where to write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+
+from qwen25vl_embed.v1 import embed_pb2 as pb
+from qwen25vl_embed_server.core.defaults import DEFAULT_CHUNK_BYTES, DEFAULT_STREAM_WINDOW
+from qwen25vl_embed_server.core.errors import ModelNotReadyError
+from qwen25vl_embed_server.core.extractor import Extractor
+from qwen25vl_embed_server.core.outputs import DEFAULT_OUTPUTS
+from qwen25vl_embed_server.core.pipeline import Pipeline, PipelineConfig
+from qwen25vl_embed_server.rpc.error_mapping import log_failure, status_for
+from qwen25vl_embed_server.rpc.messages import error_message, info_response, response_messages, to_encoded
+from qwen25vl_embed_server.rpc.metrics import Metrics
+from qwen25vl_embed_server.rpc.observation import RequestObservation
+
+Write = Callable[[pb.EmbeddingResponse], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """``chunk_bytes``: the largest EmbeddingResponse sent. ``stream_window``: requests of one
+    ExtractBatch stream in flight at once (the server reads no further ahead). ``pipeline``:
+    limits, preprocessing and batching (:class:`PipelineConfig`)."""
+
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    stream_window: int = DEFAULT_STREAM_WINDOW
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+
+    def __post_init__(self) -> None:
+        for name in ("chunk_bytes", "stream_window"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+
+
+def server_version() -> str:
+    try:
+        return version("qwen25vl-embed")
+    except PackageNotFoundError:
+        return "0.0.0"
+
+
+class EmbeddingCalls:
+    """Extract, ExtractBatch and Info, once :meth:`attach` gave them a model.
+
+    ``metrics``: where to record (a private :class:`Metrics` when not given).
+    """
+
+    def __init__(self, config: ServiceConfig = ServiceConfig(), metrics: Metrics | None = None) -> None:
+        self.config = config
+        self.metrics = metrics if metrics is not None else Metrics(process_metrics=False)
+        self._pipeline: Pipeline | None = None
+
+    def attach(self, extractor: Extractor) -> None:
+        """Start serving ``extractor`` (call on the event loop that serves the calls)."""
+        pipeline = Pipeline(extractor, self.config.pipeline, batch_observer=self.metrics)
+        self._pipeline = pipeline
+        self.metrics.watch_queue(lambda: pipeline.queue_depth)
+        self.metrics.model_loaded(extractor.loaded.load_seconds)
+
+    async def close(self) -> None:
+        if self._pipeline is not None:
+            await self._pipeline.close()
+
+    @property
+    def pipeline(self) -> Pipeline:
+        if self._pipeline is None:
+            raise ModelNotReadyError("the model is still loading; retry later")
+        return self._pipeline
+
+    async def extract(self, request: pb.ImageRequest, deadline: float | None) -> AsyncIterator[pb.EmbeddingResponse]:
+        """The response messages of one request; a failure raises (the edge maps it to a status).
+
+        ``deadline``: ``time.monotonic()`` after which the caller no longer waits (None: never).
+        """
+        observation = self._observe("Extract", request, request.request_id)
+        try:
+            result = await self.pipeline.run(to_encoded(request), deadline, observation)
+            observation.outputs_ready(result.sequence_length)
+            started = time.perf_counter()
+            for message in response_messages(
+                request.request_id, result, self.config.chunk_bytes, observation.timings()
+            ):
+                yield message
+            observation.serialized(started)
+        except BaseException as error:  # cancellation included: the caller went away
+            observation.failed(error)
+            raise
+        finally:
+            observation.finish()
+
+    async def extract_batch(
+        self, requests: AsyncIterator[pb.ImageRequest], deadline: float | None, write: Write
+    ) -> None:
+        """Run a stream of requests, at most ``stream_window`` at once, writing each one's messages
+        with ``write`` as it completes; a failed request gets one error message, the others go on."""
+        self.pipeline  # noqa: B018 - fail the whole stream at once while the model loads
+        window = asyncio.Semaphore(self.config.stream_window)
+        writing = asyncio.Lock()
+        tasks: set[asyncio.Task[None]] = set()
+
+        async def one(request: pb.ImageRequest, request_id: str) -> None:
+            observation = self._observe("ExtractBatch", request, request_id)
+            try:
+                result = await self.pipeline.run(to_encoded(request, request_id), deadline, observation)
+                observation.outputs_ready(result.sequence_length)
+                async with writing:
+                    started = time.perf_counter()
+                    for message in response_messages(
+                        request_id, result, self.config.chunk_bytes, observation.timings()
+                    ):
+                        await write(message)
+                    observation.serialized(started)
+            except asyncio.CancelledError as error:
+                observation.failed(error)
+                raise
+            except Exception as error:
+                observation.failed(error)
+                code, details = status_for(error)
+                log_failure("ExtractBatch", request_id, error)
+                async with writing:
+                    await write(error_message(request_id, code.value[0], details))
+            finally:
+                window.release()
+                observation.finish()
+
+        try:
+            index = 0
+            async for request in requests:
+                await window.acquire()  # flow control: stop reading while the window is full
+                task = asyncio.create_task(one(request, request.request_id or str(index)))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+                index += 1
+            if tasks:
+                await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    def info(self) -> pb.InfoResponse:
+        return info_response(self.pipeline.info(), self.config.chunk_bytes, server_version())
+
+    def _observe(self, method: str, request: pb.ImageRequest, request_id: str) -> RequestObservation:
+        outputs = list(request.outputs) or list(DEFAULT_OUTPUTS)
+        return RequestObservation.begin(method, request_id, len(request.images), outputs, self.metrics)

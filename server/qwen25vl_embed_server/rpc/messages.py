@@ -1,0 +1,87 @@
+"""Protobuf <-> the core's values: requests in, response messages and Info out."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from qwen25vl_embed import codec
+from qwen25vl_embed.v1 import embed_pb2 as pb
+from qwen25vl_embed_server.core.defaults import DEFAULT_WIRE_DTYPE
+from qwen25vl_embed_server.core.errors import InvalidInputError
+from qwen25vl_embed_server.core.extractor import Extraction
+from qwen25vl_embed_server.core.model_info import ModelInfo
+from qwen25vl_embed_server.core.request import EncodedRequest
+
+
+def to_encoded(request: pb.ImageRequest, request_id: str | None = None) -> EncodedRequest:
+    """The core's request for ``request``; ``request_id`` overrides the message's own.
+
+    Raises:
+        InvalidInputError: a dtype that is not a floating-point wire dtype.
+    """
+    return EncodedRequest(
+        images=[image.data for image in request.images],
+        prompt=request.prompt if request.HasField("prompt") else None,
+        outputs=tuple(request.outputs),
+        dtype=wire_dtype(request.dtype),
+        normalize=request.normalize,
+        request_id=request.request_id if request_id is None else request_id,
+    )
+
+
+def wire_dtype(dtype: int) -> str:
+    """The proto's DType -> the core's dtype name (UNSPECIFIED: float32)."""
+    if dtype == pb.DTYPE_UNSPECIFIED:
+        return DEFAULT_WIRE_DTYPE
+    if dtype in (pb.DTYPE_FLOAT32, pb.DTYPE_FLOAT16, pb.DTYPE_BFLOAT16):
+        return codec.dtype_name(dtype)
+    name = pb.DType.Name(dtype) if dtype in pb.DType.values() else str(dtype)  # type: ignore[arg-type]
+    raise InvalidInputError(f"dtype {name} is not a floating-point wire dtype; use FLOAT32, FLOAT16 or BFLOAT16")
+
+
+def response_messages(
+    request_id: str, result: Extraction, chunk_bytes: int, timings: pb.Timings | None = None
+) -> Iterator[pb.EmbeddingResponse]:
+    """Metadata (with ``timings``, if given) first, then the tensors in messages of at most
+    ``chunk_bytes``; the final one has ``last`` set."""
+    message = pb.EmbeddingResponse(
+        request_id=request_id,
+        metadata=pb.ResponseMetadata(
+            visual_token_lens=result.visual_token_lens.tolist(),
+            image_grid_thw=[pb.ImageGrid(t=t, h=h, w=w) for t, h, w in result.image_grid_thw.tolist()],
+            image_token_positions=result.image_token_positions.tolist(),
+            sequence_length=result.sequence_length,
+            timings=timings,
+        ),
+    )
+    for parts in codec.pack(result.tensors, chunk_bytes):
+        yield message
+        message = pb.EmbeddingResponse(request_id=request_id, tensors=parts)
+    message.last = True
+    yield message
+
+
+def error_message(request_id: str, code: int, details: str) -> pb.EmbeddingResponse:
+    """The one message that ends a failed request of an ExtractBatch stream."""
+    return pb.EmbeddingResponse(request_id=request_id, error=pb.RequestError(code=code, message=details), last=True)
+
+
+def info_response(info: ModelInfo, chunk_bytes: int, server_version: str) -> pb.InfoResponse:
+    return pb.InfoResponse(
+        model=info.model,
+        device=info.device,
+        dtype=info.dtype,
+        vision_hidden_size=info.vision_hidden_size,
+        hidden_size=info.hidden_size,
+        patch_size=info.patch_size,
+        spatial_merge_size=info.spatial_merge_size,
+        temporal_patch_size=info.temporal_patch_size,
+        min_pixels=info.min_pixels,
+        max_pixels=info.max_pixels,
+        outputs=list(info.outputs),
+        default_outputs=list(info.default_outputs),
+        num_lm_layers=info.num_lm_layers,
+        num_vision_layers=info.num_vision_layers,
+        chunk_bytes=chunk_bytes,
+        server_version=server_version,
+    )

@@ -1,0 +1,62 @@
+"""The gRPC servicer: the generated service's methods over :class:`~.calls.EmbeddingCalls`.
+
+Pipeline per request: cheap validation on the event loop; image decoding and the processor on a
+pool of preprocessing threads; the model in the batcher's batches on the one device thread;
+response messages built as they are sent. Failures raise domain errors, which
+:class:`~.error_mapping.ErrorMappingInterceptor` turns into status codes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+
+from qwen25vl_embed.v1 import embed_pb2 as pb
+from qwen25vl_embed.v1 import embed_pb2_grpc as pb_grpc
+from qwen25vl_embed_server.core.extractor import Extractor
+from qwen25vl_embed_server.rpc.calls import EmbeddingCalls, ServiceConfig
+from qwen25vl_embed_server.rpc.metrics import Metrics
+
+Context = grpc.aio.ServicerContext[pb.ImageRequest, pb.EmbeddingResponse]
+
+
+class EmbeddingService(pb_grpc.EmbeddingServiceServicer):
+    """Serves Extract, ExtractBatch and Info once :meth:`attach` gave it a model."""
+
+    def __init__(self, config: ServiceConfig | None = None, metrics: Metrics | None = None) -> None:
+        self.calls = EmbeddingCalls(config or ServiceConfig(), metrics)
+
+    @property
+    def metrics(self) -> Metrics:
+        return self.calls.metrics
+
+    def attach(self, extractor: Extractor) -> None:
+        """Start serving ``extractor`` (call on the server's event loop)."""
+        self.calls.attach(extractor)
+
+    async def close(self) -> None:
+        await self.calls.close()
+
+    async def Extract(  # noqa: N802 - the RPC's name
+        self, request: pb.ImageRequest, context: Context
+    ) -> AsyncIterator[pb.EmbeddingResponse]:
+        async for message in self.calls.extract(request, _deadline(context)):
+            yield message
+
+    # A coroutine that writes with context.write (grpc.aio allows it; the stubs expect an iterator).
+    async def ExtractBatch(  # type: ignore[override]  # noqa: N802 - the RPC's name
+        self, request_iterator: AsyncIterator[pb.ImageRequest], context: Context
+    ) -> None:
+        await self.calls.extract_batch(request_iterator, _deadline(context), context.write)
+
+    async def Info(  # noqa: N802 - the RPC's name
+        self, request: pb.InfoRequest, context: grpc.aio.ServicerContext[pb.InfoRequest, pb.InfoResponse]
+    ) -> pb.InfoResponse:
+        return self.calls.info()
+
+
+def _deadline(context: Context) -> float | None:
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
