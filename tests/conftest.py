@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -12,6 +13,8 @@ from qwen25vl_embed_server.core.extractor import Extractor
 from qwen25vl_embed_server.core.loading import LoadedModel, LoadOptions, load_model
 from qwen25vl_embed_server.core.tiny_model import build_tiny_model
 from qwen25vl_embed_server.rpc.harness import BackgroundServer
+
+from .helpers import server_config
 
 
 @pytest.fixture(scope="session")
@@ -31,8 +34,21 @@ def extractor(loaded: LoadedModel) -> Extractor:
 
 
 @pytest.fixture(scope="session")
-def server(extractor: Extractor) -> Iterator[BackgroundServer]:
-    with BackgroundServer(extractor) as running:
+def tiny_server(extractor: Extractor) -> Callable[..., BackgroundServer]:
+    """The one way tests start a server of their own: a real gRPC server on 127.0.0.1, serving the
+    tiny model, started on entry of ``with tiny_server(**settings) as server:`` and stopped on exit.
+    ``settings`` are :func:`tests.helpers.server_config`'s keywords."""
+
+    def start(**settings: Any) -> BackgroundServer:
+        return BackgroundServer(extractor, server_config(**settings))
+
+    return start
+
+
+@pytest.fixture(scope="session")
+def server(tiny_server: Callable[..., BackgroundServer]) -> Iterator[BackgroundServer]:
+    """The shared server with default settings."""
+    with tiny_server() as running:
         yield running
 
 

@@ -1,11 +1,19 @@
-"""Test inputs: deterministic images."""
+"""Test inputs (deterministic images) and server settings."""
 
 from __future__ import annotations
 
 import io
+from typing import Any
 
 import numpy as np
 from PIL import Image
+
+from qwen25vl_embed_server.core.batcher import BatchingConfig
+from qwen25vl_embed_server.core.defaults import DEFAULT_CHUNK_BYTES, DEFAULT_STREAM_WINDOW
+from qwen25vl_embed_server.core.limits import Limits
+from qwen25vl_embed_server.core.pipeline import PipelineConfig
+from qwen25vl_embed_server.rpc.calls import ServiceConfig
+from qwen25vl_embed_server.rpc.server import ServerConfig
 
 
 def noise_image(width: int, height: int, seed: int = 0) -> Image.Image:
@@ -18,3 +26,34 @@ def png_bytes(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def server_config(
+    *,
+    batching: BatchingConfig | None = None,
+    limits: Limits | None = None,
+    max_in_flight: int | None = None,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    stream_window: int = DEFAULT_STREAM_WINDOW,
+    **server: Any,
+) -> ServerConfig:
+    """A ServerConfig on a free loopback port; the service settings flattened into keywords, the
+    others (``auth``, ``tls``, ``metrics_port``, ...) are ServerConfig's own."""
+    pipeline = PipelineConfig(
+        batching=batching or BatchingConfig(), limits=limits or Limits(), max_in_flight=max_in_flight
+    )
+    service = ServiceConfig(chunk_bytes=chunk_bytes, stream_window=stream_window, pipeline=pipeline)
+    return ServerConfig(port=0, service=service, **server)
+
+
+BATCHED_RTOL = 1e-5
+"""What batching promises: each value within 1e-5 of the unbatched one, relative to the tensor's scale."""
+
+
+def assert_batched_close(actual: np.ndarray, expected: np.ndarray, name: str = "") -> None:
+    """``actual`` (possibly computed in a batch) equals the unbatched ``expected`` as promised:
+    within :data:`BATCHED_RTOL` relative, where values near zero are compared at the tensor's
+    scale (a batched kernel reorders sums: its error is relative to the terms, not to the result)."""
+    wide, reference = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    scale = float(np.abs(reference).max(initial=0.0))
+    np.testing.assert_allclose(wide, reference, rtol=BATCHED_RTOL, atol=BATCHED_RTOL * scale, err_msg=name)

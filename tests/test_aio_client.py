@@ -14,10 +14,8 @@ import numpy as np
 import pytest
 
 from qwen25vl_embed import AsyncEmbeddingClient, EmbeddingClient, EmbeddingError, Embeddings
-from qwen25vl_embed_server.core.extractor import Extractor
 from qwen25vl_embed_server.rpc.auth import AuthConfig
 from qwen25vl_embed_server.rpc.harness import BackgroundServer
-from qwen25vl_embed_server.rpc.server import ServerConfig
 
 from .helpers import noise_image, png_bytes
 
@@ -139,8 +137,7 @@ def test_leaving_extract_many_early_ends_the_stream(server: BackgroundServer) ->
     assert run(scenario, server.address).num_images == 1
 
 
-def test_token_is_sent_on_a_plain_channel(extractor: Extractor) -> None:
-    config = ServerConfig(port=0, auth=AuthConfig(("s3cret-token",)))
+def test_token_is_sent_on_a_plain_channel(tiny_server: Callable[..., BackgroundServer]) -> None:
     image = _images(1)[0]
 
     async def scenario(aio: AsyncEmbeddingClient) -> int:
@@ -148,7 +145,7 @@ def test_token_is_sent_on_a_plain_channel(extractor: Extractor) -> None:
         streamed = [r async for r in aio.extract_many([image])]
         return result.num_images + len(streamed)
 
-    with BackgroundServer(extractor, config) as server:
+    with tiny_server(auth=AuthConfig(("s3cret-token",))) as server:
         assert run(scenario, server.address, token="s3cret-token") == 2
         with pytest.raises(EmbeddingError) as caught:
             run(scenario, server.address, token="wrong")
@@ -194,7 +191,7 @@ def test_cancelling_a_call_in_flight_stops_it_and_the_server_keeps_serving(
 def test_cancelling_a_queued_call_frees_its_place_at_once(server: BackgroundServer, big_request: list[bytes]) -> None:
     preprocessed = "qwen25vl_embed_preprocess_duration_seconds_count"
     preprocessed_before = _sample(server, preprocessed)
-    batches_before = server.service.batcher.batches_run
+    batches_before = server.pipeline.batcher.batches_run
 
     async def scenario(aio: AsyncEmbeddingClient) -> Embeddings:
         busy = asyncio.create_task(aio.extract(big_request, outputs=["lm_pooled_mean"]))
@@ -209,4 +206,4 @@ def test_cancelling_a_queued_call_frees_its_place_at_once(server: BackgroundServ
         return await busy
 
     assert run(scenario, server.address).num_images == 16
-    assert server.service.batcher.batches_run == batches_before + 1  # the cancelled request never ran
+    assert server.pipeline.batcher.batches_run == batches_before + 1  # the cancelled request never ran

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
 
 import grpc
 import numpy as np
@@ -12,10 +13,9 @@ from qwen25vl_embed import EmbeddingClient, EmbeddingError, Embeddings
 from qwen25vl_embed.v1 import embed_pb2 as pb
 from qwen25vl_embed.v1 import embed_pb2_grpc as pb_grpc
 from qwen25vl_embed_server.core.batcher import BatchingConfig
-from qwen25vl_embed_server.core.extractor import Extraction, Extractor
+from qwen25vl_embed_server.core.extractor import Extraction
+from qwen25vl_embed_server.core.pipeline import Pipeline
 from qwen25vl_embed_server.rpc.harness import BackgroundServer
-from qwen25vl_embed_server.rpc.server import ServerConfig
-from qwen25vl_embed_server.rpc.servicer import EmbeddingService, ServiceConfig
 
 from .helpers import noise_image, png_bytes
 
@@ -89,30 +89,36 @@ def test_client_window_bounds_requests_ahead_of_consumption(client: EmbeddingCli
         assert pulled <= consumed + concurrency + 1
 
 
-class _CountingService(EmbeddingService):
+class _CountingRuns:
     """The real service, recording how many requests of a stream were being extracted at once."""
 
     in_flight = 0
     most = 0
 
-    async def _extract(self, request: pb.ImageRequest, deadline: float | None) -> Extraction:
+    def __init__(self, run: Callable[..., Awaitable[Extraction]]) -> None:
+        self._run = run
+
+    async def __call__(self, pipeline: Pipeline, *args: Any, **kwargs: Any) -> Extraction:
         type(self).in_flight += 1
         type(self).most = max(type(self).most, type(self).in_flight)
         try:
-            return await super()._extract(request, deadline)
+            return await self._run(pipeline, *args, **kwargs)
         finally:
             type(self).in_flight -= 1
 
 
 def test_server_reads_no_further_ahead_than_its_stream_window(
-    extractor: Extractor, monkeypatch: pytest.MonkeyPatch
+    tiny_server: Callable[..., BackgroundServer], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("qwen25vl_embed_server.rpc.server.EmbeddingService", _CountingService)
-    config = ServerConfig(port=0, service=ServiceConfig(stream_window=2, batching=BatchingConfig(max_wait_ms=20)))
+    counting = _CountingRuns(Pipeline.run)
+    monkeypatch.setattr(Pipeline, "run", lambda *args, **kwargs: counting(*args, **kwargs))
     requests = [pb.ImageRequest(images=[pb.Image(data=data)], request_id=f"r{i}") for i, data in enumerate(_images(8))]
-    with BackgroundServer(extractor, config) as server, grpc.insecure_channel(server.address) as channel:
+    with (
+        tiny_server(stream_window=2, batching=BatchingConfig(max_wait_ms=20)) as server,
+        grpc.insecure_channel(server.address) as channel,
+    ):
         responses = list(pb_grpc.EmbeddingServiceStub(channel).ExtractBatch(iter(requests)))
-    assert _CountingService.most == 2
+    assert _CountingRuns.most == 2
     finished = [r.request_id for r in responses if r.last]
     assert sorted(finished) == sorted(r.request_id for r in requests)
     # Each request's responses are consecutive: metadata first, `last` at the end.
@@ -126,12 +132,11 @@ def test_server_reads_no_further_ahead_than_its_stream_window(
             current = None
 
 
-def test_concurrent_requests_are_batched(extractor: Extractor) -> None:
+def test_concurrent_requests_are_batched(tiny_server: Callable[..., BackgroundServer]) -> None:
     """Requests arriving together run as fewer forwards than requests."""
-    config = ServerConfig(port=0, service=ServiceConfig(batching=BatchingConfig(max_wait_ms=200)))
-    with BackgroundServer(extractor, config) as server, EmbeddingClient(server.address) as sdk:
-        before = server.service.batcher.batches_run
+    with tiny_server(batching=BatchingConfig(max_wait_ms=200)) as server, EmbeddingClient(server.address) as sdk:
+        before = server.pipeline.batcher.batches_run
         results = list(sdk.extract_many(_images(8), outputs=OUTPUTS, concurrency=8))
-        batches = server.service.batcher.batches_run - before
+        batches = server.pipeline.batcher.batches_run - before
     assert len(results) == 8
     assert batches < 8

@@ -4,6 +4,8 @@ bidirectional): e.g. Ray Serve's ``application`` key. Checked through a server t
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import grpc
 import pytest
 
@@ -11,16 +13,15 @@ from qwen25vl_embed import EmbeddingClient, EmbeddingError, Embeddings
 from qwen25vl_embed_server.core.extractor import Extractor
 from qwen25vl_embed_server.rpc.auth import AuthConfig
 from qwen25vl_embed_server.rpc.harness import BackgroundServer
-from qwen25vl_embed_server.rpc.server import ServerConfig
 
 from .helpers import noise_image, png_bytes
 
 TOKEN = "metadata-test-token"
 
 
-def test_metadata_goes_with_every_call(extractor: Extractor) -> None:
+def test_metadata_goes_with_every_call(extractor: Extractor, tiny_server: Callable[..., BackgroundServer]) -> None:
     image = png_bytes(noise_image(56, 56))
-    with BackgroundServer(extractor, ServerConfig(port=0, auth=AuthConfig((TOKEN,)))) as server:
+    with tiny_server(auth=AuthConfig((TOKEN,))) as server:
         metadata = [("authorization", f"Bearer {TOKEN}"), ("application", "qwen25vl_embed")]
         with EmbeddingClient(server.address, metadata=metadata) as sdk:
             assert sdk.info().num_lm_layers == extractor.num_lm_layers

@@ -240,14 +240,13 @@ def test_decompression_bomb_is_refused_before_decoding() -> None:
     message = str(caught.value)
     assert message.startswith("image 3 ")
     assert f"{width * height}" in message
-    assert f"the limit is {DEFAULT_MAX_PIXELS}" in message
-    assert "--max-image-pixels" in message
+    assert f"the limit is max_pixels={DEFAULT_MAX_PIXELS}" in message
 
 
 def test_declared_size_is_checked_against_the_given_limit() -> None:
     data = png_bytes(noise_image(100, 100))
     assert decode_image(data, max_pixels=10_000).size == (100, 100)
-    with pytest.raises(InvalidInputError, match=r"image 1 is 100x100 = 10000 pixels; the limit is 9999"):
+    with pytest.raises(InvalidInputError, match=r"image 1 is 100x100 = 10000 pixels; the limit is max_pixels=9999"):
         decode_image(data, index=1, max_pixels=9_999)
 
 

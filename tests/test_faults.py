@@ -19,7 +19,6 @@ from types import TracebackType
 from typing import Any
 
 import grpc
-import numpy as np
 import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -32,10 +31,8 @@ from qwen25vl_embed_server.core.batcher import Batcher, BatchingConfig
 from qwen25vl_embed_server.core.errors import DeadlineExceededError
 from qwen25vl_embed_server.core.extractor import Extractor
 from qwen25vl_embed_server.rpc.harness import BackgroundServer
-from qwen25vl_embed_server.rpc.server import ServerConfig
-from qwen25vl_embed_server.rpc.servicer import ServiceConfig
 
-from .helpers import noise_image, png_bytes
+from .helpers import assert_batched_close, noise_image, png_bytes, server_config
 
 OUTPUTS = ["projected_pooled_mean", "lm_image_pooled_mean", "lm_last_token"]
 CALL_TIMEOUT = 30.0
@@ -111,8 +108,10 @@ class ModelProbe:
 
 @contextmanager
 def serving(extractor: Extractor, batching: BatchingConfig) -> Iterator[tuple[BackgroundServer, EmbeddingClient]]:
-    config = ServerConfig(port=0, service=ServiceConfig(batching=batching))
-    with BackgroundServer(extractor, config) as server, EmbeddingClient(server.address, timeout=CALL_TIMEOUT) as sdk:
+    with (
+        BackgroundServer(extractor, server_config(batching=batching)) as server,
+        EmbeddingClient(server.address, timeout=CALL_TIMEOUT) as sdk,
+    ):
         yield server, sdk
 
 
@@ -134,7 +133,7 @@ def status_of(call: Callable[[], object]) -> grpc.StatusCode:
 
 def assert_matches(result: Embeddings, reference: Embeddings) -> None:
     for name in OUTPUTS:
-        np.testing.assert_allclose(result[name], reference[name], rtol=1e-5, atol=1e-6, err_msg=name)
+        assert_batched_close(result[name], reference[name], name)
 
 
 @pytest.fixture(scope="module")
@@ -158,7 +157,7 @@ def test_a_request_whose_deadline_passes_while_queued_is_dropped_unrun(
         assert code == grpc.StatusCode.DEADLINE_EXCEEDED
         assert time.monotonic() - started < 5  # the caller hears at its deadline, not after the model
         # Its place in the queue is free while the model is still busy.
-        wait_for(lambda: server.service.batcher.queue_depth == 0, "the expired request left the queue")
+        wait_for(lambda: server.pipeline.batcher.queue_depth == 0, "the expired request left the queue")
         probe.release()
         assert_matches(first.result(CALL_TIMEOUT), references[HOLD])
         assert_matches(sdk.extract(image_bytes(GOOD[0]), outputs=OUTPUTS), references[GOOD[0]])
@@ -201,7 +200,7 @@ def test_a_cancelled_request_frees_its_place_and_never_runs(
         ThreadPoolExecutor(2) as pool,
         ModelProbe(extractor, hold=HOLD) as probe,
     ):
-        batcher = server.service.batcher
+        batcher = server.pipeline.batcher
         first = pool.submit(sdk.extract, image_bytes(HOLD), outputs=OUTPUTS)
         assert probe.holding.wait(CALL_TIMEOUT)
         call = pb_grpc.EmbeddingServiceStub(channel).Extract(
@@ -230,7 +229,7 @@ def test_a_full_queue_refuses_new_requests_at_once_and_serves_the_accepted_ones(
         ThreadPoolExecutor(8) as pool,
         ModelProbe(extractor, hold=HOLD) as probe,
     ):
-        batcher = server.service.batcher
+        batcher = server.pipeline.batcher
         first = pool.submit(sdk.extract, image_bytes(HOLD), outputs=OUTPUTS)
         assert probe.holding.wait(CALL_TIMEOUT)
         queued = {size: pool.submit(sdk.extract, image_bytes(size), outputs=OUTPUTS) for size in GOOD[:2]}
@@ -273,7 +272,7 @@ def test_device_out_of_memory_fails_only_that_request_and_the_server_goes_on(
         # Queue the failing request among good ones, so that they first run as one batch.
         good = {size: pool.submit(sdk.extract, image_bytes(size), outputs=OUTPUTS) for size in GOOD[:3]}
         failing = pool.submit(sdk.extract, image_bytes(OOM), outputs=OUTPUTS)
-        wait_for(lambda: server.service.batcher.queue_depth == 4, "four requests are queued")
+        wait_for(lambda: server.pipeline.batcher.queue_depth == 4, "four requests are queued")
         probe.release()
         with pytest.raises(EmbeddingError) as caught:
             failing.result(CALL_TIMEOUT)
@@ -299,9 +298,7 @@ def test_requests_beyond_the_in_flight_bound_are_refused_before_any_work(
     extractor: Extractor, references: dict[tuple[int, int], Embeddings]
 ) -> None:
     """Admitted requests (preprocessing, queued or running) are bounded: beyond, refused at once."""
-    config = ServerConfig(
-        port=0, service=ServiceConfig(max_in_flight=2, batching=BatchingConfig(max_wait_ms=1, max_queue=8))
-    )
+    config = server_config(max_in_flight=2, batching=BatchingConfig(max_wait_ms=1, max_queue=8))
     with (
         BackgroundServer(extractor, config) as server,
         EmbeddingClient(server.address, timeout=CALL_TIMEOUT) as sdk,
@@ -311,7 +308,7 @@ def test_requests_beyond_the_in_flight_bound_are_refused_before_any_work(
         first = pool.submit(sdk.extract, image_bytes(HOLD), outputs=OUTPUTS)
         assert probe.holding.wait(CALL_TIMEOUT)
         queued = pool.submit(sdk.extract, image_bytes(GOOD[0]), outputs=OUTPUTS)
-        wait_for(lambda: server.service.batcher.queue_depth == 1, "one request is queued")
+        wait_for(lambda: server.pipeline.batcher.queue_depth == 1, "one request is queued")
         # The queue has room for 7 more, but 2 requests are in flight: the next is refused.
         with pytest.raises(EmbeddingError, match=r"RESOURCE_EXHAUSTED.*2 requests in flight"):
             sdk.extract(image_bytes(EXTRA), outputs=OUTPUTS)

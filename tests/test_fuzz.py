@@ -25,8 +25,10 @@ from qwen25vl_embed.v1 import embed_pb2 as pb
 from qwen25vl_embed.v1 import embed_pb2_grpc as pb_grpc
 from qwen25vl_embed_server.core.errors import InvalidInputError
 from qwen25vl_embed_server.core.image_decoding import ALLOWED_FORMATS, decode_image
-from qwen25vl_embed_server.core.limits import Limits, check_request
+from qwen25vl_embed_server.core.limits import Limits
+from qwen25vl_embed_server.core.request import check_request
 from qwen25vl_embed_server.rpc.harness import BackgroundServer
+from qwen25vl_embed_server.rpc.messages import to_encoded
 
 from .helpers import noise_image
 
@@ -224,7 +226,7 @@ def test_check_request_refuses_exactly_what_exceeds_a_limit(sizes: list[int], pr
     )
     refusal = None
     try:
-        check_request(request, FUZZ_LIMITS)
+        check_request(to_encoded(request), FUZZ_LIMITS)
     except InvalidInputError as err:
         refusal = str(err)
     event("passed" if refusal is None else "refused")
@@ -263,7 +265,7 @@ def test_check_request_on_mutated_messages(data: bytes) -> None:
         event("unparsable")
         return
     try:
-        check_request(request, FUZZ_LIMITS)
+        check_request(to_encoded(request), FUZZ_LIMITS)
         event("passed")
     except InvalidInputError:
         event("refused")

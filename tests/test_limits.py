@@ -3,6 +3,8 @@ processor's own refusals (tiny and extreme images) surfacing as clean InvalidInp
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import grpc
 import pytest
 from PIL import Image
@@ -10,30 +12,32 @@ from PIL import Image
 from qwen25vl_embed.v1 import embed_pb2 as pb
 from qwen25vl_embed.v1 import embed_pb2_grpc as pb_grpc
 from qwen25vl_embed_server.cli import app as cli
-from qwen25vl_embed_server.core.errors import InvalidInputError
+from qwen25vl_embed_server.cli.commands import server_config
+from qwen25vl_embed_server.core.errors import InvalidInputError, LimitExceededError
 from qwen25vl_embed_server.core.extractor import Extractor
 from qwen25vl_embed_server.core.image_decoding import decode_image
-from qwen25vl_embed_server.core.limits import (
-    PROMPT_CHARS_PER_TOKEN,
+from qwen25vl_embed_server.core.limits import PROMPT_CHARS_PER_TOKEN, Limits
+from qwen25vl_embed_server.core.loading import LoadedModel
+from qwen25vl_embed_server.core.request import (
     RESERVED_PROMPT_TOKENS,
-    Limits,
+    EncodedRequest,
     check_prompt_tokens,
     check_request,
 )
-from qwen25vl_embed_server.core.loading import LoadedModel
+from qwen25vl_embed_server.ray.deployment import EmbedderSettings
 from qwen25vl_embed_server.rpc.harness import BackgroundServer
-from qwen25vl_embed_server.rpc.server import ServerConfig
 
 from .helpers import noise_image, png_bytes
 
 MIB = 1 << 20
 
 
-def request(*sizes: int, prompt: str | None = None) -> pb.ImageRequest:
-    message = pb.ImageRequest(images=[pb.Image(data=b"\x00" * size) for size in sizes])
-    if prompt is not None:
-        message.prompt = prompt
-    return message
+def request(*sizes: int, prompt: str | None = None) -> EncodedRequest:
+    return EncodedRequest(images=[b"\x00" * size for size in sizes], prompt=prompt)
+
+
+def message(*sizes: int) -> pb.ImageRequest:
+    return pb.ImageRequest(images=[pb.Image(data=b"\x00" * size) for size in sizes])
 
 
 def test_defaults() -> None:
@@ -63,7 +67,7 @@ def test_a_request_within_the_limits_passes() -> None:
 
 
 def test_too_many_images() -> None:
-    with pytest.raises(InvalidInputError, match=r"^request has 20 images; the limit is 16 \(--max-images\)$"):
+    with pytest.raises(InvalidInputError, match=r"^request has 20 images; the limit is max_images=16$"):
         check_request(request(*[1] * 20), Limits())
 
 
@@ -73,13 +77,13 @@ def test_no_image() -> None:
 
 
 def test_image_too_large_names_its_index() -> None:
-    with pytest.raises(InvalidInputError, match=r"^image 2 is 101 bytes; the limit is 100 \(--max-image-bytes\)$"):
+    with pytest.raises(InvalidInputError, match=r"^image 2 is 101 bytes; the limit is max_image_bytes=100$"):
         check_request(request(1, 100, 101, 1000), Limits(max_image_bytes=100))
 
 
 def test_prompt_too_long_in_characters_is_refused_without_tokenizing() -> None:
     limits = Limits(max_prompt_tokens=2)
-    with pytest.raises(InvalidInputError, match=r"prompt has 65 characters; the limit is 64 .*--max-prompt-tokens"):
+    with pytest.raises(InvalidInputError, match=r"prompt has 65 characters; the limit is 64 .*max_prompt_tokens=2"):
         check_request(request(1, prompt="x" * 65), limits)
 
 
@@ -92,7 +96,7 @@ def test_prompt_tokens_are_counted_with_the_model_tokenizer(loaded: LoadedModel)
     assert check_prompt_tokens(tokenizer, "", Limits(max_prompt_tokens=1)) == 0
     with pytest.raises(
         InvalidInputError,
-        match=rf"^prompt has {count} tokens; the limit is {count - 1} \(--max-prompt-tokens\)$",
+        match=rf"^prompt has {count} tokens; the limit is max_prompt_tokens={count - 1}$",
     ):
         check_prompt_tokens(tokenizer, prompt, Limits(max_prompt_tokens=count - 1))
 
@@ -103,26 +107,40 @@ def test_image_placeholder_tokens_in_the_prompt_are_refused(loaded: LoadedModel,
         check_prompt_tokens(loaded.processor.tokenizer, f"look: {token} here", Limits())
 
 
-def test_pixel_limit_names_its_flag() -> None:
-    with pytest.raises(InvalidInputError, match=r"the limit is 100 \(--max-image-pixels\)"):
+def test_the_core_names_the_limit_and_each_edge_adds_how_to_set_it() -> None:
+    with pytest.raises(LimitExceededError) as caught:
+        check_request(request(*[1] * 20), Limits())
+    assert caught.value.limit == "max_images"
+    serve = server_config(cli.build_parser().parse_args(["serve"])).service.pipeline.limit_hints
+    assert str(caught.value.with_hint(serve)).endswith("the limit is max_images=16 (set with --max-images)")
+    ray = EmbedderSettings().service_config().pipeline.limit_hints
+    assert "--" not in str(caught.value.with_hint(ray))  # Ray users have no flags
+    assert "limits.max_images" in str(caught.value.with_hint(ray))
+    assert caught.value.with_hint({}) is caught.value  # bulk and in-process: no hint
+
+
+def test_pixel_limit_names_the_limit() -> None:
+    with pytest.raises(LimitExceededError, match=r"the limit is max_pixels=100$"):
         decode_image(png_bytes(noise_image(11, 10)), max_pixels=100)
 
 
-def test_request_size_is_enforced_by_grpc(extractor: Extractor) -> None:
-    config = ServerConfig(port=0, limits=Limits(max_request_bytes=1 * MIB))
-    with BackgroundServer(extractor, config) as small, grpc.insecure_channel(small.address) as channel:
+def test_request_size_is_enforced_by_grpc(tiny_server: Callable[..., BackgroundServer]) -> None:
+    with (
+        tiny_server(limits=Limits(max_request_bytes=1 * MIB)) as small,
+        grpc.insecure_channel(small.address) as channel,
+    ):
         stub = pb_grpc.EmbeddingServiceStub(channel)
         with pytest.raises(grpc.RpcError) as caught:
-            list(stub.Extract(request(2 * MIB), timeout=30))
+            list(stub.Extract(message(2 * MIB), timeout=30))
         assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         # Just under the limit the request is read: this one is then refused for its content.
         with pytest.raises(grpc.RpcError) as caught:
-            list(stub.Extract(request(MIB - 100), timeout=30))
+            list(stub.Extract(message(MIB - 100), timeout=30))
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
 def test_serve_flags_set_the_limits() -> None:
-    args = cli._parser().parse_args(
+    args = cli.build_parser().parse_args(
         [
             "serve",
             "--max-request-bytes=1000000",
@@ -132,16 +150,16 @@ def test_serve_flags_set_the_limits() -> None:
             "--max-prompt-tokens=9",
         ]
     )
-    config = cli._server_config(args)
-    assert config.limits == Limits(
+    config = server_config(args)
+    assert config.service.pipeline.limits == Limits(
         max_request_bytes=1_000_000, max_images=3, max_image_bytes=5000, max_pixels=7000, max_prompt_tokens=9
     )
-    assert cli._server_config(cli._parser().parse_args(["serve"])).limits == Limits()
+    assert server_config(cli.build_parser().parse_args(["serve"])).service.pipeline.limits == Limits()
 
 
 def test_serve_refuses_a_bad_limit(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["serve", "--max-images=0"]) == 2
-    assert "max_images (--max-images) must be a positive integer" in capsys.readouterr().err
+    assert "--max-images must be a positive integer" in capsys.readouterr().err
 
 
 # -- what the processor does with tiny and extreme images ------------------------------------

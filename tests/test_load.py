@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -19,15 +20,14 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))  # bench/ holds scr
 from load_test import LoadConfig, run_load
 
 from qwen25vl_embed_server.core.batcher import BatchingConfig
-from qwen25vl_embed_server.core.extractor import Extractor
 from qwen25vl_embed_server.rpc.harness import BackgroundServer
-from qwen25vl_embed_server.rpc.server import ServerConfig
-from qwen25vl_embed_server.rpc.servicer import ServiceConfig
 
 log = logging.getLogger(__name__)
 
 
-def test_mixed_load_loses_nothing_and_gives_every_request_its_own_result(extractor: Extractor) -> None:
+def test_mixed_load_loses_nothing_and_gives_every_request_its_own_result(
+    tiny_server: Callable[..., BackgroundServer],
+) -> None:
     config = LoadConfig(
         clients=12,
         requests_per_client=10,
@@ -37,10 +37,9 @@ def test_mixed_load_loses_nothing_and_gives_every_request_its_own_result(extract
         call_timeout=30,
         max_seconds=60,
     )
-    server_config = ServerConfig(port=0, service=ServiceConfig(batching=BatchingConfig(max_wait_ms=5)))
-    with BackgroundServer(extractor, server_config) as server:
+    with tiny_server(batching=BatchingConfig(max_wait_ms=5)) as server:
         report = run_load(server.address, config)
-        batcher = server.service.batcher
+        batcher = server.pipeline.batcher
         assert batcher.queue_depth == 0
         batches = batcher.batches_run
     log.info("load test:\n%s", report.summary())

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -12,9 +12,8 @@ from qwen25vl_embed import EmbeddingClient, EmbeddingError, Embeddings, Timings
 from qwen25vl_embed.assembly import ResultBuilder
 from qwen25vl_embed.v1 import embed_pb2 as pb
 from qwen25vl_embed_server.cli import app as cli
-from qwen25vl_embed_server.core.extractor import Extractor
+from qwen25vl_embed_server.cli.commands import server_config
 from qwen25vl_embed_server.rpc.harness import BackgroundServer
-from qwen25vl_embed_server.rpc.server import ServerConfig
 
 from .helpers import noise_image, png_bytes
 
@@ -22,9 +21,9 @@ Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
 @pytest.fixture(scope="module")
-def metered(extractor: Extractor) -> Iterator[BackgroundServer]:
+def metered(tiny_server: Callable[..., BackgroundServer]) -> Iterator[BackgroundServer]:
     """A server of its own (fresh counters) with the metrics endpoint on a free port."""
-    with BackgroundServer(extractor, ServerConfig(port=0, metrics_port=0)) as running:
+    with tiny_server(metrics_port=0) as running:
         yield running
 
 
@@ -91,11 +90,11 @@ def test_without_a_metrics_port_no_endpoint_runs(server: BackgroundServer) -> No
 
 
 def test_serve_flags_configure_the_endpoint() -> None:
-    config = cli._server_config(cli._parser().parse_args(["serve", "--metrics-port", "9464"]))
+    config = server_config(cli.build_parser().parse_args(["serve", "--metrics-port", "9464"]))
     assert (config.metrics_port, config.metrics_host) == (9464, None)  # None: gRPC's host
-    config = cli._server_config(cli._parser().parse_args(["serve", "--metrics-port=9464", "--metrics-host=0.0.0.0"]))
+    config = server_config(cli.build_parser().parse_args(["serve", "--metrics-port=9464", "--metrics-host=0.0.0.0"]))
     assert config.metrics_host == "0.0.0.0"
-    assert cli._server_config(cli._parser().parse_args(["serve"])).metrics_port is None  # 0 (default): off
+    assert server_config(cli.build_parser().parse_args(["serve"])).metrics_port is None  # 0 (default): off
 
 
 def test_every_result_carries_the_servers_timings(metered: BackgroundServer) -> None:

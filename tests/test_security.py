@@ -9,7 +9,7 @@ import ipaddress
 import json
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,11 +25,11 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from qwen25vl_embed import EmbeddingClient, EmbeddingError
 from qwen25vl_embed.channels import TLSConfig, create_channel
 from qwen25vl_embed_server.cli import app as cli
-from qwen25vl_embed_server.core.extractor import Extractor
+from qwen25vl_embed_server.cli.commands import server_config
 from qwen25vl_embed_server.rpc.auth import AuthConfig, load_tokens
+from qwen25vl_embed_server.rpc.exposure import exposure_warnings, is_loopback
 from qwen25vl_embed_server.rpc.harness import BackgroundServer
 from qwen25vl_embed_server.rpc.server import ServerConfig, create_server
-from qwen25vl_embed_server.rpc.exposure import exposure_warnings, is_loopback
 from qwen25vl_embed_server.rpc.tls import TLSServerConfig
 
 from .helpers import noise_image, png_bytes
@@ -145,25 +145,25 @@ def pki() -> PKI:
 
 
 @pytest.fixture(scope="module")
-def auth_server(extractor: Extractor) -> Iterator[BackgroundServer]:
+def auth_server(tiny_server: Callable[..., BackgroundServer]) -> Iterator[BackgroundServer]:
     """Plaintext, bearer tokens."""
-    with BackgroundServer(extractor, ServerConfig(port=0, auth=AuthConfig(TOKENS))) as running:
+    with tiny_server(auth=AuthConfig(TOKENS)) as running:
         yield running
 
 
 @pytest.fixture(scope="module")
-def tls_server(extractor: Extractor, pki: PKI) -> Iterator[BackgroundServer]:
+def tls_server(tiny_server: Callable[..., BackgroundServer], pki: PKI) -> Iterator[BackgroundServer]:
     """TLS and bearer tokens."""
     tls = TLSServerConfig(cert_chain=pki.server_cert, private_key=pki.server_key)
-    with BackgroundServer(extractor, ServerConfig(port=0, tls=tls, auth=AuthConfig(TOKENS))) as running:
+    with tiny_server(tls=tls, auth=AuthConfig(TOKENS)) as running:
         yield running
 
 
 @pytest.fixture(scope="module")
-def mtls_server(extractor: Extractor, pki: PKI) -> Iterator[BackgroundServer]:
+def mtls_server(tiny_server: Callable[..., BackgroundServer], pki: PKI) -> Iterator[BackgroundServer]:
     """Mutual TLS, no tokens."""
     tls = TLSServerConfig(cert_chain=pki.server_cert, private_key=pki.server_key, client_ca=pki.ca)
-    with BackgroundServer(extractor, ServerConfig(port=0, tls=tls)) as running:
+    with tiny_server(tls=tls) as running:
         yield running
 
 
@@ -388,7 +388,7 @@ def _write_pki(pki: PKI, folder: Path) -> dict[str, Path]:
 def test_serve_security_flags(pki: PKI, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     paths = _write_pki(pki, tmp_path)
     monkeypatch.setenv("EMBED_TOKEN", TOKENS[0])
-    args = cli._parser().parse_args(
+    args = cli.build_parser().parse_args(
         [
             "serve",
             f"--tls-cert={paths['server_cert']}",
@@ -397,10 +397,10 @@ def test_serve_security_flags(pki: PKI, tmp_path: Path, monkeypatch: pytest.Monk
             "--auth-token-env=EMBED_TOKEN",
         ]
     )
-    config = cli._server_config(args)
+    config = server_config(args)
     assert config.tls == TLSServerConfig(pki.server_cert, pki.server_key, pki.ca)
     assert config.auth == AuthConfig((TOKENS[0],))
-    plain = cli._server_config(cli._parser().parse_args(["serve"]))
+    plain = server_config(cli.build_parser().parse_args(["serve"]))
     assert plain.tls is None
     assert plain.auth is None
 
@@ -408,7 +408,7 @@ def test_serve_security_flags(pki: PKI, tmp_path: Path, monkeypatch: pytest.Monk
 def test_tokens_cannot_be_given_on_the_command_line(capsys: pytest.CaptureFixture[str]) -> None:
     for argv in (["serve", "--auth-token", "secret"], ["info", "--server", "x:1", "--token", "secret"]):
         with pytest.raises(SystemExit):
-            cli._parser().parse_args(argv)
+            cli.build_parser().parse_args(argv)
     capsys.readouterr()
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import grpc
 import ml_dtypes
@@ -18,7 +18,6 @@ from qwen25vl_embed_server.core.extractor import Extractor
 from qwen25vl_embed_server.core.image_decoding import decode_image
 from qwen25vl_embed_server.rpc.harness import BackgroundServer
 from qwen25vl_embed_server.rpc.server import ServerConfig
-from qwen25vl_embed_server.rpc.servicer import ServiceConfig
 
 from .helpers import noise_image, png_bytes
 
@@ -63,15 +62,14 @@ def test_tensor_over_4_mib_arrives_whole_with_default_limits(
     assert max(sizes) <= 1 << 20
 
 
-def test_configured_chunk_size_is_respected(extractor: Extractor) -> None:
+def test_configured_chunk_size_is_respected(tiny_server: Callable[..., BackgroundServer]) -> None:
     chunk = 64 << 10
-    config = ServerConfig(port=0, service=ServiceConfig(chunk_bytes=chunk))
     request = pb.ImageRequest(
         images=[pb.Image(data=png_bytes(noise_image(448, 448)))],
         outputs=["vision_tokens", "projected_tokens", "lm_last_hidden", "lm_pooled_mean"],
         request_id="r-1",
     )
-    with BackgroundServer(extractor, config) as small, grpc.insecure_channel(small.address) as channel:
+    with tiny_server(chunk_bytes=chunk) as small, grpc.insecure_channel(small.address) as channel:
         responses = list(pb_grpc.EmbeddingServiceStub(channel).Extract(request))
         with EmbeddingClient(small.address) as sdk:
             via_sdk = sdk.extract(request.images[0].data, outputs=list(request.outputs))

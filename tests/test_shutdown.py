@@ -18,7 +18,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
-import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -26,7 +25,7 @@ from qwen25vl_embed import EmbeddingClient, EmbeddingError, Embeddings
 from qwen25vl_embed_server.rpc.harness import ServerProcess
 from qwen25vl_embed_server.rpc.server import SERVICE_NAME
 
-from .helpers import noise_image, png_bytes
+from .helpers import assert_batched_close, noise_image, png_bytes
 
 OUTPUTS = ["projected_pooled_mean", "lm_image_pooled_mean", "lm_last_token"]
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -106,7 +105,7 @@ class HealthWatcher:
 
 def assert_matches(result: Embeddings, reference: Embeddings) -> None:
     for name in OUTPUTS:
-        np.testing.assert_allclose(result[name], reference[name], rtol=1e-5, atol=1e-6, err_msg=name)
+        assert_batched_close(result[name], reference[name], name)
 
 
 @pytest.mark.parametrize("sig", SIGNALS, ids=[sig.name for sig in SIGNALS])

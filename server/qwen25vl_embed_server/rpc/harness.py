@@ -21,6 +21,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from qwen25vl_embed_server.core.extractor import Extractor
+from qwen25vl_embed_server.core.pipeline import Pipeline
 from qwen25vl_embed_server.rpc.server import RunningServer, ServerConfig, create_server
 from qwen25vl_embed_server.rpc.servicer import EmbeddingService
 
@@ -51,6 +52,11 @@ class BackgroundServer:
         if self._running is None:
             raise RuntimeError("the server is not started")
         return self._running.service
+
+    @property
+    def pipeline(self) -> Pipeline:
+        """The request pipeline of the running server (its batcher, its queue)."""
+        return self.service.calls.pipeline
 
     def start(self) -> BackgroundServer:
         self._thread.start()
