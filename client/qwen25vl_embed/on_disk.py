@@ -33,17 +33,9 @@ _MANIFEST_KEYS = frozenset(
 
 
 def save(result: Embeddings, outdir: str | os.PathLike[str], extra_manifest: Mapping[str, Any] | None = None) -> Path:
-    """Write ``result`` to ``outdir``, as documented at :meth:`Embeddings.save
-    <qwen25vl_embed.embeddings.Embeddings.save>`.
-
-    Returns:
-        ``outdir`` as a Path (created if missing).
-
-    Raises:
-        ValueError: ``extra_manifest`` reuses a manifest key, or an output name is not a safe
-            file name.
-        TypeError: ``extra_manifest`` is not JSON-serialisable.
-    """
+    """Write ``result`` to ``outdir``: what :meth:`Embeddings.save
+    <qwen25vl_embed.embeddings.Embeddings.save>` does (its docstring has the layout, return value
+    and errors)."""
     extra = dict(extra_manifest or {})
     clash = sorted(_MANIFEST_KEYS & extra.keys())
     if clash:

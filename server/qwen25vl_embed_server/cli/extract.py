@@ -91,17 +91,26 @@ def run_extract(
 def _extract_here(
     args: argparse.Namespace, options: LoadOptions, outputs: list[str], paths: list[Path]
 ) -> Iterator[Embeddings | Exception]:
-    """In-process, one image at a time: the original script's way, through the extraction core."""
+    """In-process, one image at a time: the original script's way, through the same request checks
+    and preparation as the server (at the default limits)."""
     from qwen25vl_embed_server.core.extractor import Extractor
-    from qwen25vl_embed_server.core.image_decoding import decode_image
+    from qwen25vl_embed_server.core.limits import Limits
     from qwen25vl_embed_server.core.loading import load_model
+    from qwen25vl_embed_server.core.request import EncodedRequest, prepare_request
 
     extractor = Extractor(load_model(options))
     plan = extractor.plan(outputs)
+    limits = Limits()
     for index, path in enumerate(paths):
+        request = EncodedRequest(
+            images=[path.read_bytes()],
+            prompt=args.prompt,
+            outputs=outputs,
+            dtype=args.wire_dtype,
+            normalize=args.normalize,
+        )
         try:
-            image = decode_image(path.read_bytes())
-            extraction = extractor.extract([image], args.prompt, plan, args.wire_dtype, args.normalize)
+            extraction = extractor.run([prepare_request(extractor, request, limits, plan)])[0]
         except InvalidInputError as err:
             yield err
             continue

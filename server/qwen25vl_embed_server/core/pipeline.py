@@ -123,9 +123,8 @@ class Pipeline:
             raise OverloadedError(f"the server is at capacity ({self._in_flight} requests in flight); retry later")
         self._in_flight += 1
         try:
-            loop = asyncio.get_running_loop()
             started = time.perf_counter()
-            prepared = await loop.run_in_executor(self._preprocess, self._prepare, request, plan)
+            prepared = await self.prepare(request, plan)
             if observer is not None:
                 observer.preprocessed(time.perf_counter() - started)
             result, timing = await self.batcher.submit_timed(prepared, deadline)
@@ -134,6 +133,12 @@ class Pipeline:
             return result
         finally:
             self._in_flight -= 1
+
+    async def prepare(self, request: EncodedRequest, plan: OutputPlan | None = None) -> Prepared:
+        """Check, decode and preprocess ``request`` on a worker thread (each with a processor of
+        its own); no admission bound, no model. Raises InvalidInputError."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._preprocess, self._prepare, request, plan or self.plan(request))
 
     async def close(self) -> None:
         """Fail what is queued, stop the model thread and the workers."""

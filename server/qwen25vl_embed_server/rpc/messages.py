@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import asdict
 
 from qwen25vl_embed import codec
 from qwen25vl_embed.v1 import embed_pb2 as pb
@@ -67,21 +68,7 @@ def error_message(request_id: str, code: int, details: str) -> pb.EmbeddingRespo
 
 
 def info_response(info: ModelInfo, chunk_bytes: int, server_version: str) -> pb.InfoResponse:
-    return pb.InfoResponse(
-        model=info.model,
-        device=info.device,
-        dtype=info.dtype,
-        vision_hidden_size=info.vision_hidden_size,
-        hidden_size=info.hidden_size,
-        patch_size=info.patch_size,
-        spatial_merge_size=info.spatial_merge_size,
-        temporal_patch_size=info.temporal_patch_size,
-        min_pixels=info.min_pixels,
-        max_pixels=info.max_pixels,
-        outputs=list(info.outputs),
-        default_outputs=list(info.default_outputs),
-        num_lm_layers=info.num_lm_layers,
-        num_vision_layers=info.num_vision_layers,
-        chunk_bytes=chunk_bytes,
-        server_version=server_version,
-    )
+    """The InfoResponse: the model's facts (field for field), the chunk size and the version."""
+    facts = asdict(info)
+    del facts["load_seconds"]  # a metric, not a fact callers plan with
+    return pb.InfoResponse(**facts, chunk_bytes=chunk_bytes, server_version=server_version)

@@ -15,7 +15,7 @@ from qwen25vl_embed_server.cli import app as cli
 from qwen25vl_embed_server.cli.commands import server_config
 from qwen25vl_embed_server.rpc.harness import BackgroundServer
 
-from .helpers import noise_image, png_bytes
+from ..helpers import noise_image, png_bytes
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 

@@ -32,7 +32,7 @@ from qwen25vl_embed_server.rpc.harness import BackgroundServer
 from qwen25vl_embed_server.rpc.server import ServerConfig, create_server
 from qwen25vl_embed_server.rpc.tls import TLSServerConfig
 
-from .helpers import noise_image, png_bytes
+from ..helpers import noise_image, png_bytes
 
 TOKENS = ("token-alpha-1234", "token-beta-5678")
 TIMEOUT = 10.0

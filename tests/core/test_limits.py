@@ -27,7 +27,7 @@ from qwen25vl_embed_server.core.request import (
 from qwen25vl_embed_server.ray.deployment import EmbedderSettings
 from qwen25vl_embed_server.rpc.harness import BackgroundServer
 
-from .helpers import noise_image, png_bytes
+from ..helpers import noise_image, png_bytes
 
 MIB = 1 << 20
 

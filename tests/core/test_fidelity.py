@@ -19,7 +19,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from qwen25vl_embed import EmbeddingClient, Embeddings
 
-from .helpers import assert_batched_close, noise_image, png_bytes
+from ..helpers import assert_batched_close, noise_image, png_bytes
 
 SIZES = {
     "300x200": [(300, 200)],

@@ -20,10 +20,10 @@ from qwen25vl_embed.requests import build_request
 from qwen25vl_embed.v1 import embed_pb2_grpc as pb_grpc
 from qwen25vl_embed_server.rpc.harness import BackgroundServer
 
-from .helpers import noise_image, png_bytes
-from .npm import npm_ci
+from ..helpers import noise_image, png_bytes
+from ..npm import npm_ci
 
-NODE_EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "node"
+NODE_EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "node"
 # 448x448 and 896x896 give 1024 + 4096 vision patches of 64 values: 1.25 MiB of float32
 # vision_tokens, more than the server's 1 MiB chunk, so that tensor arrives in several parts.
 OUTPUTS = ["vision_tokens", "lm_last_token", "image_grid_thw", "visual_token_lens"]

@@ -14,7 +14,7 @@ from qwen25vl_embed_server.core.extractor import Extractor
 from qwen25vl_embed_server.rpc.auth import AuthConfig
 from qwen25vl_embed_server.rpc.harness import BackgroundServer
 
-from .helpers import noise_image, png_bytes
+from ..helpers import noise_image, png_bytes
 
 TOKEN = "metadata-test-token"
 

@@ -25,7 +25,7 @@ from qwen25vl_embed import EmbeddingClient, EmbeddingError, Embeddings
 from qwen25vl_embed_server.rpc.harness import ServerProcess
 from qwen25vl_embed_server.rpc.server import SERVICE_NAME
 
-from .helpers import assert_batched_close, noise_image, png_bytes
+from ..helpers import assert_batched_close, noise_image, png_bytes
 
 OUTPUTS = ["projected_pooled_mean", "lm_image_pooled_mean", "lm_last_token"]
 SIGNALS = (signal.SIGTERM, signal.SIGINT)

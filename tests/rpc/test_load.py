@@ -16,7 +16,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))  # bench/ holds scripts, not a package
+sys.path.insert(0, str(Path(__file__).parents[2] / "bench"))  # bench/ holds scripts, not a package
 from load_test import LoadConfig, run_load
 
 from qwen25vl_embed_server.core.batcher import BatchingConfig

@@ -15,7 +15,7 @@ from qwen25vl_embed_server.core.errors import InvalidInputError
 from qwen25vl_embed_server.core.extractor import Extractor, Prepared
 from qwen25vl_embed_server.core.outputs import DEFAULT_OUTPUTS
 
-from .helpers import noise_image
+from ..helpers import noise_image
 
 
 @contextmanager

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from .npm import npm_ci
+from ..npm import npm_ci
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BUF_TOOLS = ROOT / "tools" / "buf"
 PROTO = Path("protos/qwen25vl_embed/v1/embed.proto")
 

@@ -15,7 +15,7 @@ from qwen25vl_embed import EmbeddingClient, EmbeddingError
 from qwen25vl_embed_server.cli.logging_setup import JsonFormatter, configure_logging
 from qwen25vl_embed_server.rpc.harness import BackgroundServer
 
-from .helpers import noise_image, png_bytes
+from ..helpers import noise_image, png_bytes
 
 REQUEST_LOG = "qwen25vl_embed_server.requests"
 FIELDS = ("method", "request_id", "images", "tokens", "outputs", "status", "ms")

@@ -16,7 +16,7 @@ from qwen25vl_embed_server.core.errors import InvalidInputError
 from qwen25vl_embed_server.core.image_decoding import ALLOWED_FORMATS, decode_image
 from qwen25vl_embed_server.core.limits import DEFAULT_MAX_PIXELS
 
-from .helpers import noise_image, png_bytes
+from ..helpers import noise_image, png_bytes
 
 RED, BLUE, GREEN, YELLOW = (255, 0, 0), (0, 0, 255), (0, 255, 0), (255, 255, 0)
 

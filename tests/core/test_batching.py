@@ -6,7 +6,7 @@ import numpy as np
 
 from qwen25vl_embed_server.core.extractor import Extractor, Prepared
 
-from .helpers import noise_image
+from ..helpers import noise_image
 
 ALL = [
     "vision_tokens",

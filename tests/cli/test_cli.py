@@ -12,7 +12,7 @@ from qwen25vl_embed import EmbeddingClient
 from qwen25vl_embed_server.cli import main
 from qwen25vl_embed_server.rpc.harness import BackgroundServer, ServerProcess
 
-from .helpers import assert_batched_close, noise_image
+from ..helpers import assert_batched_close, noise_image
 
 
 @pytest.fixture
@@ -55,7 +55,7 @@ def test_extract_local_and_via_server_write_the_same_files(
         other = remote_files[name]
         if isinstance(value, np.ndarray):
             # In-process runs each image alone; the server may batch them: equal as batching promises.
-            assert_batched_close(other, value, name)
+            assert_batched_close(np.asarray(other), value, name)
         else:
             manifest = dict(value)  # type: ignore[call-overload]
             other_manifest = dict(other)  # type: ignore[call-overload]
@@ -133,3 +133,25 @@ def test_extract_takes_folders_and_globs_and_skips_bad_images(
     pattern = str(folder / "**" / "img0[0-3].png")
     assert main(["extract", pattern, "--outdir", str(globbed), "--server", server.address]) == 0
     assert sorted(p.name for p in globbed.iterdir()) == ["img00", "img01", "img02", "img03"]
+
+
+@pytest.mark.parametrize(
+    ("prompt", "message"),
+    [
+        ("x" * 9000, "prompt has 9000 tokens; the limit is max_prompt_tokens=8192"),
+        ("look: <|image_pad|>", "reserved for images and videos"),
+    ],
+    ids=["too-many-tokens", "reserved-token"],
+)
+def test_in_process_extract_checks_the_prompt_as_the_server_does(
+    tmp_path: Path,
+    images: list[Path],
+    tiny_model_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    prompt: str,
+    message: str,
+) -> None:
+    argv = ["extract", str(images[0]), "--prompt", prompt, "--outdir", str(tmp_path / "out")]
+    assert main([*argv, "--model", str(tiny_model_path), "--device", "cpu"]) == 1
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out" / "cat").exists()

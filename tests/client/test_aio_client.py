@@ -17,7 +17,7 @@ from qwen25vl_embed import AsyncEmbeddingClient, EmbeddingClient, EmbeddingError
 from qwen25vl_embed_server.rpc.auth import AuthConfig
 from qwen25vl_embed_server.rpc.harness import BackgroundServer
 
-from .helpers import noise_image, png_bytes
+from ..helpers import noise_image, png_bytes
 
 OUTPUTS = ["projected_tokens", "lm_pooled_mean", "lm_last_token"]
 T = TypeVar("T")

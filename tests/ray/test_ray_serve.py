@@ -29,11 +29,11 @@ from qwen25vl_embed_server.ray.deploy import deploy, load_config
 from qwen25vl_embed_server.ray.deployment import APP_NAME, SERVICER_FUNCTION, EmbedderSettings
 from qwen25vl_embed_server.rpc.calls import ServiceConfig
 
-from .helpers import noise_image, png_bytes
-from .npm import npm_ci
-from .test_node_client import NODE_EXAMPLE, run_node
+from ..contract.test_node_client import NODE_EXAMPLE, run_node
+from ..helpers import noise_image, png_bytes
+from ..npm import npm_ci
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "ray"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "ray"
 # Smaller than the plain server's 1 MiB, so that a 448x448 image's vision_tokens (256 KiB) is
 # split across messages here: the numbers must still match.
 CHUNK_BYTES = 64 << 10

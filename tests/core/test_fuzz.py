@@ -30,7 +30,7 @@ from qwen25vl_embed_server.core.request import check_request
 from qwen25vl_embed_server.rpc.harness import BackgroundServer
 from qwen25vl_embed_server.rpc.messages import to_encoded
 
-from .helpers import noise_image
+from ..helpers import noise_image
 
 # Small enough that a header mutated to a large size costs little, large enough for every seed.
 FUZZ_MAX_PIXELS = 1 << 22

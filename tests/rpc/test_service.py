@@ -19,7 +19,7 @@ from qwen25vl_embed_server.core.image_decoding import decode_image
 from qwen25vl_embed_server.rpc.harness import BackgroundServer
 from qwen25vl_embed_server.rpc.server import ServerConfig
 
-from .helpers import noise_image, png_bytes
+from ..helpers import noise_image, png_bytes
 
 FOUR_MIB = 4 << 20
 

@@ -32,7 +32,7 @@ from qwen25vl_embed_server.core.errors import DeadlineExceededError
 from qwen25vl_embed_server.core.extractor import Extractor
 from qwen25vl_embed_server.rpc.harness import BackgroundServer
 
-from .helpers import assert_batched_close, noise_image, png_bytes, server_config
+from ..helpers import assert_batched_close, noise_image, png_bytes, server_config
 
 OUTPUTS = ["projected_pooled_mean", "lm_image_pooled_mean", "lm_last_token"]
 CALL_TIMEOUT = 30.0

@@ -1,0 +1,1 @@
+"""The extraction core: capture points and fidelity against transformers, batching, decoding, limits, pipeline."""

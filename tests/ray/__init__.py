@@ -1,0 +1,1 @@
+"""Ray Serve and the Ray Data bulk job."""

@@ -1,0 +1,1 @@
+"""The gRPC edge: servicer, status codes, security, metrics, logs, faults, shutdown, load."""
