@@ -312,3 +312,64 @@ def test_formats_outside_the_allow_list_are_refused() -> None:
 def test_empty_bytes_are_invalid_input() -> None:
     with pytest.raises(InvalidInputError, match=r"^image 4 is empty"):
         decode_image(b"", index=4)
+
+
+# -- entropy-coded data that libjpeg would pad (it warns; Pillow hides the warning) -------------
+
+
+def scan_start(data: bytes) -> int:
+    """Offset just after the first SOS segment's header: where entropy-coded data begins."""
+    sos = data.index(b"\xff\xda")
+    (length,) = struct.unpack(">H", data[sos + 2 : sos + 4])
+    return int(sos + 2 + length)
+
+
+def broken_jpegs() -> dict[str, bytes]:
+    image = noise_image(64, 48)
+    baseline = encode(image, "JPEG", quality=90)
+    progressive = encode(image, "JPEG", quality=90, progressive=True)
+    cmyk = encode(image.convert("CMYK"), "JPEG", quality=90)
+    start, middle = scan_start(baseline), (scan_start(baseline) + len(baseline)) // 2
+    return {
+        "cut, end marker added": baseline[:middle] + b"\xff\xd9",
+        "progressive cut, end marker added": progressive[: len(progressive) * 2 // 3] + b"\xff\xd9",
+        "progressive, first scan cut": progressive[: (scan_start(progressive) + len(progressive)) // 4] + b"\xff\xd9",
+        "zeroed bytes mid-scan": baseline[:middle] + bytes(64) + baseline[middle + 64 :],
+        "zeroed start of scan": baseline[:start] + bytes(32) + baseline[start + 32 :],
+        "cmyk cut, end marker added": cmyk[: (scan_start(cmyk) + len(cmyk)) // 2] + b"\xff\xd9",
+    }
+
+
+@pytest.mark.parametrize("case", sorted(broken_jpegs()))
+def test_corrupt_jpeg_scans_are_invalid_input(case: str) -> None:
+    data = broken_jpegs()[case]
+    with Image.open(io.BytesIO(data)) as image:
+        image.load()  # what made this a bug: Pillow alone "decodes" it, gray-padded
+    with pytest.raises(InvalidInputError, match=r"^image 3 could not be decoded \(corrupt or truncated JPEG data\)"):
+        decode_image(data, index=3)
+
+
+@pytest.mark.parametrize("params", [{}, {"progressive": True}, {"quality": 30, "subsampling": 2}, {"optimize": True}])
+def test_intact_jpegs_still_decode(params: dict[str, Any]) -> None:
+    image = noise_image(64, 48)
+    for source in (image, image.convert("L"), image.convert("CMYK")):
+        data = encode(source, "JPEG", **params)
+        assert decode_image(data + b"trailing bytes after the end marker").size == (64, 48)
+
+
+def test_other_formats_with_broken_compressed_data_are_invalid_input() -> None:
+    image = noise_image(64, 48)
+    png = png_bytes(image)
+    idat = png.index(b"IDAT") + 4
+    middle = (idat + len(png)) // 2
+    gif = encode(image, "GIF")
+    cases = {
+        "png zeroed inside IDAT": png[:middle] + bytes(64) + png[middle + 64 :],
+        "png cut, IEND added": png[:middle] + png_chunk(b"IEND", b""),
+        "gif cut, trailer added": gif[: len(gif) // 2] + b"\x3b",
+        "webp cut": encode(image, "WEBP")[:200],
+    }
+    for case, data in cases.items():
+        with pytest.raises(InvalidInputError, match=r"^image 0 could not be decoded"):
+            decode_image(data)
+        assert case

@@ -9,6 +9,14 @@ Safety (the bytes come from the network):
   decompression bomb (a small file that decodes to a gigantic image) costs a header read.
 - Truncated or corrupt files are refused, never padded (Pillow's ``LOAD_TRUNCATED_IMAGES`` is
   left off).
+- JPEG is checked strictly as well: libjpeg treats a scan cut short (and given an end marker),
+  or garbled entropy-coded data, as a *warning*, pads the missing blocks with gray, and Pillow
+  silences those warnings. The scan is therefore also decoded by libjpeg-turbo through
+  ``simplejpeg`` in strict mode (warnings are errors), at 1/8 scale: entropy decoding still reads
+  every coefficient, the inverse DCT is cheap (layouts TurboJPEG cannot read, such as subsampled
+  CMYK, keep Pillow's checks only). Formats without entropy-coded checks stay as
+  lenient as their decoders: a lossy WebP (VP8) or JPEG 2000 stream has no checksum, so bytes
+  overwritten in place decode to a different picture and cannot be told from a real one.
 
 Conversions (what the model sees):
 - EXIF orientation is applied, so the model sees the image as a viewer shows it (orientations 5
@@ -29,6 +37,7 @@ import io
 import struct
 
 import numpy as np
+import simplejpeg
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from qwen25vl_embed_server.core.errors import InvalidInputError, LimitExceededError
@@ -98,6 +107,8 @@ def decode_image(data: bytes, index: int = 0, max_pixels: int = DEFAULT_MAX_PIXE
     try:
         with Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS) as image:
             _check_pixels(image, index, max_pixels)  # header only: nothing decoded yet
+            if image.format in _JPEG_FORMATS:
+                _check_jpeg_scan(data, image.mode, index)
             image.load()
             # Some formats learn their final size while loading (e.g. a GIF frame larger than its
             # logical screen); check again before any further copy.
@@ -118,6 +129,31 @@ def decode_image(data: bytes, index: int = 0, max_pixels: int = DEFAULT_MAX_PIXE
         raise InvalidInputError(
             f"image {index} could not be decoded (corrupt or truncated?): {type(err).__name__}: {err}"
         ) from err
+
+
+_JPEG_FORMATS = frozenset({"JPEG", "MPO"})
+
+
+def _check_jpeg_scan(data: bytes, mode: str, index: int) -> None:
+    """Refuse a JPEG whose entropy-coded data libjpeg can only read with warnings."""
+    try:
+        simplejpeg.decode_jpeg_header(data)
+    except ValueError:
+        # A layout TurboJPEG's API does not take (e.g. chroma-subsampled CMYK) that Pillow's
+        # libjpeg decodes: only Pillow's own (lenient) checks apply to it.
+        return
+    try:
+        simplejpeg.decode_jpeg(
+            data,
+            colorspace="CMYK" if mode == "CMYK" else "RGB",  # TurboJPEG cannot turn CMYK into RGB
+            min_height=1,
+            min_width=1,
+            min_factor=8,
+            strict=True,
+        )
+    except ValueError as err:
+        # libjpeg's own words, e.g. "Corrupt JPEG data: premature end of data segment".
+        raise InvalidInputError(f"image {index} could not be decoded (corrupt or truncated JPEG data): {err}") from err
 
 
 def _check_pixels(image: Image.Image, index: int, max_pixels: int) -> None:
