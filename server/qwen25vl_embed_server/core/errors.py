@@ -5,6 +5,17 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+CLIENT_TEXT_CHARS = 64
+"""The most characters of a client's string that a message or log line quotes."""
+
+
+def quoted(text: str, limit: int = CLIENT_TEXT_CHARS) -> str:
+    """``text`` from a client, safe to put in a message or a log line: Python-quoted (control
+    characters, newlines and quotes escaped) and cut to ``limit`` characters, saying how long it was."""
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} characters)"
+
 
 class InvalidInputError(ValueError):
     """The request cannot be served as asked: bad image, unknown output, bad dtype, ...

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from qwen25vl_embed_server.core.errors import InvalidInputError
+from qwen25vl_embed_server.core.errors import InvalidInputError, quoted
 
 VISION_TOKENS = "vision_tokens"
 PROJECTED_TOKENS = "projected_tokens"
@@ -27,7 +27,7 @@ TOKEN_OUTPUTS = (VISION_TOKENS, PROJECTED_TOKENS, LM_LAST_HIDDEN, LM_IMAGE_TOKEN
 FIXED_OUTPUTS = (*TOKEN_OUTPUTS, *POOLED, VISUAL_TOKEN_LENS, IMAGE_GRID_THW)
 
 _NEEDS_LM = frozenset({LM_LAST_HIDDEN, LM_IMAGE_TOKENS, LM_POOLED_MEAN, LM_IMAGE_POOLED_MEAN, LM_LAST_TOKEN})
-_LAYER = re.compile(r"^(lm|vision)_layer_(-?\d+)$")
+_LAYER = re.compile(r"^(lm|vision)_layer_(-?[0-9]{1,9})$")  # bounded: int() of 5,000 digits raises
 
 
 @dataclass(frozen=True)
@@ -73,12 +73,13 @@ def plan_outputs(requested: list[str] | tuple[str, ...], num_lm_layers: int, num
         match = _LAYER.match(name)
         if match is None:
             raise InvalidInputError(
-                f"unknown output {name!r}; expected one of {', '.join(FIXED_OUTPUTS)}, lm_layer_<k> or vision_layer_<k>"
+                f"unknown output {quoted(name)}; expected one of {', '.join(FIXED_OUTPUTS)}, "
+                "lm_layer_<k> or vision_layer_<k>"
             )
         kind, k = match.group(1), int(match.group(2))
         depth = num_lm_layers if kind == "lm" else num_vision_layers
         if not -depth <= k < depth:
-            raise InvalidInputError(f"output {name!r}: layer {k} out of range for {depth} {kind} layers")
+            raise InvalidInputError(f"output {quoted(name)}: layer {k} out of range for {depth} {kind} layers")
         target = lm_layers if kind == "lm" else vision_layers
         target.setdefault(k % depth, []).append(name)
     return OutputPlan(

@@ -27,6 +27,8 @@ from typing import Any
 
 import grpc
 
+from qwen25vl_embed_server.core.errors import quoted
+
 log = logging.getLogger(__name__)
 
 OPEN_METHOD_PREFIXES: tuple[str, ...] = ("/grpc.health.v1.Health/",)
@@ -119,7 +121,7 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-a
         problem = self._problem(handler_call_details.invocation_metadata)
         if problem is None:
             return await continuation(handler_call_details)
-        log.info("%s -> UNAUTHENTICATED: %s", method, problem)
+        log.info("%s -> UNAUTHENTICATED: %s", quoted(method), problem)  # the path is the client's
         handler = await continuation(handler_call_details)
         return _refusing_handler(handler, problem)
 

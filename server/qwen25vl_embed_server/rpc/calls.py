@@ -17,12 +17,19 @@ from importlib.metadata import PackageNotFoundError, version
 
 from qwen25vl_embed.v1 import embed_pb2 as pb
 from qwen25vl_embed_server.core.defaults import DEFAULT_CHUNK_BYTES, DEFAULT_STREAM_WINDOW
-from qwen25vl_embed_server.core.errors import ModelNotReadyError
+from qwen25vl_embed_server.core.errors import InvalidInputError, ModelNotReadyError, quoted
 from qwen25vl_embed_server.core.extractor import Extractor
+from qwen25vl_embed_server.core.limits import MAX_REQUEST_ID_CHARS
 from qwen25vl_embed_server.core.outputs import DEFAULT_OUTPUTS
 from qwen25vl_embed_server.core.pipeline import Pipeline, PipelineConfig
 from qwen25vl_embed_server.rpc.error_mapping import log_failure, status_for
-from qwen25vl_embed_server.rpc.messages import error_message, info_response, response_messages, to_encoded
+from qwen25vl_embed_server.rpc.messages import (
+    Undecodable,
+    error_message,
+    info_response,
+    response_messages,
+    to_encoded,
+)
 from qwen25vl_embed_server.rpc.metrics import Metrics
 from qwen25vl_embed_server.rpc.observation import RequestObservation
 
@@ -102,18 +109,27 @@ class EmbeddingCalls:
             observation.finish()
 
     async def extract_batch(
-        self, requests: AsyncIterator[pb.ImageRequest], deadline: float | None, write: Write
+        self, requests: AsyncIterator[pb.ImageRequest | Undecodable], deadline: float | None, write: Write
     ) -> None:
         """Run a stream of requests, at most ``stream_window`` at once, writing each one's messages
-        with ``write`` as it completes; a failed request gets one error message, the others go on."""
+        with ``write`` as it completes; a failed request gets one error message, the others go on.
+
+        A request that is not a valid message (:class:`Undecodable`), or that reuses a request_id
+        of the stream, is one such failure (INVALID_ARGUMENT); see :class:`StreamIds` for the ids.
+        """
         self.pipeline  # noqa: B018 - fail the whole stream at once while the model loads
         window = asyncio.Semaphore(self.config.stream_window)
         writing = asyncio.Lock()
         tasks: set[asyncio.Task[None]] = set()
+        ids = StreamIds()
 
-        async def one(request: pb.ImageRequest, request_id: str) -> None:
+        async def one(request: pb.ImageRequest | Undecodable, request_id: str, refusal: str | None) -> None:
             observation = self._observe("ExtractBatch", request, request_id)
             try:
+                if isinstance(request, Undecodable):
+                    raise request.error(f"request {request_id} of the stream")
+                if refusal is not None:
+                    raise InvalidInputError(refusal)
                 result = await self.pipeline.run(to_encoded(request, request_id), deadline, observation)
                 observation.outputs_ready(result.sequence_length)
                 async with writing:
@@ -140,7 +156,8 @@ class EmbeddingCalls:
             index = 0
             async for request in requests:
                 await window.acquire()  # flow control: stop reading while the window is full
-                task = asyncio.create_task(one(request, request.request_id or str(index)))
+                explicit = "" if isinstance(request, Undecodable) else request.request_id
+                task = asyncio.create_task(one(request, *ids.assign(explicit, index)))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
                 index += 1
@@ -153,6 +170,41 @@ class EmbeddingCalls:
     def info(self) -> pb.InfoResponse:
         return info_response(self.pipeline.info(), self.config.chunk_bytes, server_version())
 
-    def _observe(self, method: str, request: pb.ImageRequest, request_id: str) -> RequestObservation:
+    def _observe(self, method: str, request: pb.ImageRequest | Undecodable, request_id: str) -> RequestObservation:
+        if isinstance(request, Undecodable):
+            return RequestObservation.begin(method, request_id, 0, (), self.metrics)
         outputs = list(request.outputs) or list(DEFAULT_OUTPUTS)
         return RequestObservation.begin(method, request_id, len(request.images), outputs, self.metrics)
+
+
+class StreamIds:
+    """The request ids of one ExtractBatch stream: each id answers one request only.
+
+    An empty id becomes the request's 0-based index in decimal, or, if the stream already used that
+    id, ``<index>.<n>`` with the smallest n >= 1 not used. An explicit id already used (explicitly,
+    or given to an earlier request in place of an empty one) is refused. Ids over the length limit
+    are not remembered: the request is refused for its length anyway.
+    """
+
+    def __init__(self) -> None:
+        self._used: dict[str, int] = {}
+
+    def assign(self, explicit: str, index: int) -> tuple[str, str | None]:
+        """The id that the request at ``index`` is answered under, and why it is refused (None: it
+        is not)."""
+        if explicit:
+            earlier = self._used.get(explicit)
+            if earlier is not None:
+                return explicit, (
+                    f"request_id {quoted(explicit)} is already used by request {earlier} of this stream; "
+                    "request ids must be unique within a stream"
+                )
+            if len(explicit) <= MAX_REQUEST_ID_CHARS:
+                self._used[explicit] = index
+            return explicit, None
+        candidate, n = str(index), 0
+        while candidate in self._used:
+            n += 1
+            candidate = f"{index}.{n}"
+        self._used[candidate] = index
+        return candidate, None

@@ -20,7 +20,9 @@ from qwen25vl_embed_server.core.errors import (
     InvalidInputError,
     ModelNotReadyError,
     OverloadedError,
+    quoted,
 )
+from qwen25vl_embed_server.rpc.messages import Undecodable, tolerant
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +45,9 @@ def log_failure(method: str, request_id: str, error: BaseException) -> None:
     as the request log (``qwen25vl_embed_server.requests``) already has one INFO line per request."""
     code, message = status_for(error)
     if code == grpc.StatusCode.INTERNAL:
-        log.error("%s [%s] failed", method, request_id, exc_info=error)
+        log.error("%s [%s] failed", quoted(method), quoted(request_id), exc_info=error)
     else:
-        log.debug("%s [%s] -> %s: %s", method, request_id, code.name, message)
+        log.debug("%s [%s] -> %s: %s", quoted(method), quoted(request_id), code.name, message)
 
 
 async def _abort(context: grpc.aio.ServicerContext[Any, Any], method: str, error: Exception) -> None:
@@ -57,7 +59,9 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-
     """Wraps handlers so domain errors become status codes.
 
     Covers unary-unary, unary-stream and coroutine stream-stream handlers (those that write with
-    ``context.write``); async-generator stream-stream handlers pass through unchanged.
+    ``context.write``); async-generator stream-stream handlers pass through unchanged. The
+    handlers it wraps parse requests with :func:`~.messages.tolerant`: a malformed request message
+    is INVALID_ARGUMENT (a stream handler receives an :class:`~.messages.Undecodable` in its place).
     """
 
     async def intercept_service(
@@ -72,7 +76,7 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
                 _wrap_unary(handler.unary_unary, method),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=tolerant(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None:
@@ -80,13 +84,13 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-
             wrap = _wrap_unary if inspect.iscoroutinefunction(handler.unary_stream) else _wrap_stream
             return grpc.unary_stream_rpc_method_handler(
                 wrap(handler.unary_stream, method),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=tolerant(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         if handler.stream_stream is not None and inspect.iscoroutinefunction(handler.stream_stream):
             return grpc.stream_stream_rpc_method_handler(
                 _wrap_unary(handler.stream_stream, method),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=tolerant(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         return handler
@@ -95,6 +99,8 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-
 def _wrap_unary(behavior: Any, method: str) -> Any:
     async def wrapped(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         try:
+            if isinstance(request, Undecodable):
+                raise request.error()
             return await behavior(request, context)
         except grpc.aio.AbortError:
             raise
@@ -107,6 +113,8 @@ def _wrap_unary(behavior: Any, method: str) -> Any:
 def _wrap_stream(behavior: Any, method: str) -> Any:
     async def wrapped(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
         try:
+            if isinstance(request, Undecodable):
+                raise request.error()
             async for response in behavior(request, context):
                 yield response
         except grpc.aio.AbortError:

@@ -2,16 +2,50 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import asdict
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from google.protobuf.message import DecodeError
 
 from qwen25vl_embed import codec
 from qwen25vl_embed.v1 import embed_pb2 as pb
 from qwen25vl_embed_server.core.defaults import DEFAULT_WIRE_DTYPE
-from qwen25vl_embed_server.core.errors import InvalidInputError
+from qwen25vl_embed_server.core.errors import InvalidInputError, quoted
 from qwen25vl_embed_server.core.extractor import Extraction
 from qwen25vl_embed_server.core.model_info import ModelInfo
 from qwen25vl_embed_server.core.request import EncodedRequest
+
+
+@dataclass(frozen=True)
+class Undecodable:
+    """A request message that did not parse: what :func:`tolerant` yields in its place, so that the
+    call (or, in a stream, that one request) is refused with INVALID_ARGUMENT instead of failing
+    inside gRPC (UNKNOWN, or INTERNAL for the whole stream with results lost)."""
+
+    size: int
+    reason: str
+
+    def error(self, what: str = "the request") -> InvalidInputError:
+        return InvalidInputError(
+            f"{what} is not a valid protobuf message of this method's request type "
+            f"({self.size} bytes): {quoted(self.reason, 200)}"
+        )
+
+
+def tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """``deserializer`` returning an :class:`Undecodable` instead of raising on malformed bytes
+    (bad wire format, invalid UTF-8 in a string field); None (raw bytes) stays None."""
+    if deserializer is None:
+        return None
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except (DecodeError, ValueError) as error:  # UnicodeDecodeError is a ValueError
+            return Undecodable(len(data), str(error) or type(error).__name__)
+
+    return parse
 
 
 def to_encoded(request: pb.ImageRequest, request_id: str | None = None) -> EncodedRequest:

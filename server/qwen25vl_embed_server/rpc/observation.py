@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -19,12 +20,30 @@ from typing import Any
 
 from qwen25vl_embed.v1 import embed_pb2 as pb
 from qwen25vl_embed_server.core.batcher import BatchTiming
+from qwen25vl_embed_server.core.errors import CLIENT_TEXT_CHARS, quoted
 from qwen25vl_embed_server.rpc.error_mapping import status_for
 from qwen25vl_embed_server.rpc.metrics import Metrics
 
 request_log = logging.getLogger("qwen25vl_embed_server.requests")
 
 CANCELLED = "CANCELLED"
+
+# Client strings (request ids, output names) are written as they are when they look like this,
+# else quoted and cut (:func:`quoted`): a log line is one line, of bounded length.
+_PLAIN = re.compile(rf"[A-Za-z0-9_.:/+-]{{1,{CLIENT_TEXT_CHARS}}}")
+_LOGGED_OUTPUTS = 16
+
+
+def loggable(text: str) -> str:
+    """``text`` from a client as a log line shows it."""
+    return text if _PLAIN.fullmatch(text) else quoted(text)
+
+
+def _loggable_outputs(outputs: Sequence[str]) -> list[str]:
+    shown = [loggable(name) for name in outputs[:_LOGGED_OUTPUTS]]
+    if len(outputs) > _LOGGED_OUTPUTS:
+        shown.append(f"... ({len(outputs)} outputs)")
+    return shown
 
 
 @dataclass
@@ -106,10 +125,10 @@ class RequestObservation:
         request_log.info(
             "%s id=%s images=%d tokens=%d outputs=%s status=%s ms=%.1f%s",
             self.method,
-            self.request_id or "-",
+            loggable(self.request_id) if self.request_id else "-",
             self.images,
             self.tokens,
-            ",".join(self.outputs),
+            ",".join(_loggable_outputs(self.outputs)),
             self.status,
             fields["ms"],
             f" error={self.error!r}" if self.error else "",
@@ -120,10 +139,10 @@ class RequestObservation:
         """The log record's structured fields (durations in milliseconds)."""
         return {
             "method": self.method,
-            "request_id": self.request_id,
+            "request_id": loggable(self.request_id) if self.request_id else "",
             "images": self.images,
             "tokens": self.tokens,
-            "outputs": list(self.outputs),
+            "outputs": _loggable_outputs(self.outputs),
             "status": self.status,
             "ms": _ms(seconds),
             "preprocess_ms": _ms(self.preprocess),
