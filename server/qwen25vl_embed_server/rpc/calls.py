@@ -31,9 +31,13 @@ from qwen25vl_embed_server.rpc.messages import (
     to_encoded,
 )
 from qwen25vl_embed_server.rpc.metrics import Metrics
-from qwen25vl_embed_server.rpc.observation import RequestObservation
+from qwen25vl_embed_server.rpc.observation import CANCELLED, RequestObservation
 
 Write = Callable[[pb.EmbeddingResponse], Awaitable[None]]
+
+# gRPC cancels a call at its deadline by its own clock; ours (monotonic + time_remaining() at the
+# start) can be a little later. A cancellation this close to the deadline is the deadline's.
+DEADLINE_SLACK_SECONDS = 0.05
 
 
 @dataclass(frozen=True)
@@ -69,6 +73,21 @@ class EmbeddingCalls:
         self.config = config
         self.metrics = metrics if metrics is not None else Metrics(process_metrics=False)
         self._pipeline: Pipeline | None = None
+        self._cut_at: float | None = None
+
+    def stopping(self, grace: float | None) -> None:
+        """The server stops, giving calls ``grace`` seconds (None: 0): calls cancelled after that
+        were cut by the server, which their callers receive as UNAVAILABLE."""
+        self._cut_at = time.monotonic() + (grace or 0.0)
+
+    def cancelled_status(self, deadline: float | None) -> tuple[str, str]:
+        """The status (name, reason) that a caller whose call was just cancelled received."""
+        now = time.monotonic()
+        if self._cut_at is not None and now >= self._cut_at - DEADLINE_SLACK_SECONDS:
+            return "UNAVAILABLE", "the server stopped (end of its grace period) before the request finished"
+        if deadline is not None and now >= deadline - DEADLINE_SLACK_SECONDS:
+            return "DEADLINE_EXCEEDED", "the caller's deadline passed"
+        return CANCELLED, "the caller went away"
 
     def attach(self, extractor: Extractor) -> None:
         """Start serving ``extractor`` (call on the event loop that serves the calls)."""
@@ -103,7 +122,7 @@ class EmbeddingCalls:
                 yield message
             observation.serialized(started)
         except BaseException as error:  # cancellation included: the caller went away
-            observation.failed(error)
+            observation.failed(error, self.cancelled_status(deadline))
             raise
         finally:
             observation.finish()
@@ -140,7 +159,7 @@ class EmbeddingCalls:
                         await write(message)
                     observation.serialized(started)
             except asyncio.CancelledError as error:
-                observation.failed(error)
+                observation.failed(error, self.cancelled_status(deadline))
                 raise
             except Exception as error:
                 observation.failed(error)

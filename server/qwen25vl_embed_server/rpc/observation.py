@@ -104,10 +104,12 @@ class RequestObservation:
             batch_size=self.batch_size,
         )
 
-    def failed(self, error: BaseException) -> None:
-        """Record the outcome of a request that raised ``error``."""
+    def failed(self, error: BaseException, cancelled: tuple[str, str] = (CANCELLED, "the caller went away")) -> None:
+        """Record the outcome of a request that raised ``error``; ``cancelled``: the status the
+        caller received, and why, when the call was cancelled under it (the transport knows: its
+        deadline passed, the server stopped, or the caller cancelled)."""
         if isinstance(error, (asyncio.CancelledError, GeneratorExit)):
-            self.status, self.error = CANCELLED, "the caller went away"
+            self.status, self.error = cancelled
         else:
             code, details = status_for(error)
             self.status, self.error = code.name, details

@@ -74,6 +74,7 @@ class RunningServer:
     async def stop(self, grace: float | None) -> None:
         """NOT_SERVING, refuse new calls, let in-flight ones finish within ``grace`` seconds."""
         await self.health.enter_graceful_shutdown()
+        self.service.calls.stopping(grace)
         await self.server.stop(grace)
         await self.service.close()
         self.metrics.stop_http()

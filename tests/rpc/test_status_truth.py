@@ -1,0 +1,88 @@
+"""Metrics and the request log record the status the client received, also when gRPC (not our
+code) ended the call: its deadline passed (DEADLINE_EXCEEDED), or the server stopped at the end of
+its grace period (UNAVAILABLE)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+
+from qwen25vl_embed import EmbeddingClient, EmbeddingError
+from qwen25vl_embed_server.core.batcher import BatchingConfig
+from qwen25vl_embed_server.core.extractor import Extractor
+from qwen25vl_embed_server.rpc.harness import BackgroundServer
+from qwen25vl_embed_server.rpc.metrics import Metrics
+
+from ..helpers import server_config
+from .test_faults import CALL_TIMEOUT, HOLD, LATE, OUTPUTS, ModelProbe, image_bytes
+
+REQUEST_LOG = "qwen25vl_embed_server.requests"
+
+
+def logged_status(caplog: pytest.LogCaptureFixture, request_id: str) -> str:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        for record in caplog.records:
+            if record.name == REQUEST_LOG and vars(record)["request_id"] == request_id:
+                return str(vars(record)["status"])
+        time.sleep(0.01)
+    raise AssertionError(f"no request log line for {request_id}")
+
+
+def code_of(call: Callable[[], object]) -> grpc.StatusCode:
+    try:
+        call()
+    except EmbeddingError as error:
+        return error.code
+    return grpc.StatusCode.OK
+
+
+def counted(metrics: Metrics, status: str) -> float:
+    sample = metrics.registry.get_sample_value("qwen25vl_embed_requests_total", {"method": "Extract", "status": status})
+    return sample or 0.0
+
+
+def test_a_deadline_is_recorded_as_deadline_exceeded(extractor: Extractor, caplog: pytest.LogCaptureFixture) -> None:
+    with (
+        BackgroundServer(extractor, server_config(batching=BatchingConfig(max_wait_ms=1))) as server,
+        EmbeddingClient(server.address, timeout=CALL_TIMEOUT) as sdk,
+        ThreadPoolExecutor(1) as pool,
+        ModelProbe(extractor, hold=HOLD) as probe,
+        caplog.at_level(logging.INFO, logger=REQUEST_LOG),
+    ):
+        held = pool.submit(sdk.extract, image_bytes(HOLD), outputs=OUTPUTS, request_id="held")
+        assert probe.holding.wait(CALL_TIMEOUT)
+        code = code_of(lambda: sdk.extract(image_bytes(LATE), outputs=OUTPUTS, request_id="late", timeout=0.3))
+        assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert logged_status(caplog, "late") == code.name
+        assert counted(server.service.metrics, "DEADLINE_EXCEEDED") == 1
+        assert counted(server.service.metrics, "CANCELLED") == 0
+        probe.release()
+        held.result(CALL_TIMEOUT)
+
+
+def test_a_call_cut_at_the_end_of_the_grace_period_is_recorded_as_the_client_saw_it(
+    extractor: Extractor, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = BackgroundServer(extractor, server_config(batching=BatchingConfig(max_wait_ms=1))).start()
+    with (
+        EmbeddingClient(server.address, timeout=CALL_TIMEOUT) as sdk,
+        ThreadPoolExecutor(2) as pool,
+        ModelProbe(extractor, hold=HOLD) as probe,
+        caplog.at_level(logging.INFO, logger=REQUEST_LOG),
+    ):
+        held = pool.submit(code_of, lambda: sdk.extract(image_bytes(HOLD), outputs=OUTPUTS, request_id="cut"))
+        assert probe.holding.wait(CALL_TIMEOUT)
+        metrics = server.service.metrics
+        stopped = pool.submit(server.stop, 0.2)
+        code = held.result(CALL_TIMEOUT)
+        assert code == grpc.StatusCode.UNAVAILABLE
+        assert logged_status(caplog, "cut") == code.name
+        assert counted(metrics, "UNAVAILABLE") == 1
+        probe.release()
+        stopped.result(CALL_TIMEOUT)
