@@ -14,7 +14,7 @@ from dataclasses import asdict
 from typing import TYPE_CHECKING
 
 from qwen25vl_embed import EmbeddingClient
-from qwen25vl_embed_server.cli.flags import LIMIT_FLAGS, batching_of, limits_of
+from qwen25vl_embed_server.cli.flags import LIMIT_FLAGS, batching_of, check_serve_flags, limits_of
 from qwen25vl_embed_server.core import defaults
 from qwen25vl_embed_server.core.limits import Limits
 
@@ -31,6 +31,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
     from qwen25vl_embed_server.rpc.server import ServerConfig
     from qwen25vl_embed_server.rpc.tls import TLSServerConfig
 
+    check_serve_flags(args)
     if (args.tls_cert is None) != (args.tls_key is None):
         raise ValueError("--tls-cert and --tls-key go together")
     if args.tls_client_ca is not None and args.tls_cert is None:
@@ -101,6 +102,7 @@ def load_options(args: argparse.Namespace) -> LoadOptions:
 
 
 def serve(args: argparse.Namespace) -> int:
+    from qwen25vl_embed_server.rpc.server import ListenError
     from qwen25vl_embed_server.rpc.server import serve as run_server
 
     try:
@@ -108,7 +110,11 @@ def serve(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    asyncio.run(run_server(config, load_options(args)))
+    try:
+        asyncio.run(run_server(config, load_options(args)))
+    except ListenError as err:
+        print(f"error: {err} (--host, --port, --metrics-host, --metrics-port)", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -6,6 +6,7 @@ Also :data:`LIMIT_FLAGS`: which ``serve`` flag sets each limit, so a refusal can
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 from typing import Any
 
@@ -153,3 +154,40 @@ def client_security_flags(parser: argparse.ArgumentParser) -> None:
 def uses_client_security(args: argparse.Namespace) -> bool:
     flags = (args.tls_ca, args.tls_cert, args.tls_key, args.token_file, args.token_env)
     return bool(args.tls) or any(flag is not None for flag in flags)
+
+
+# serve's numeric flags: (flag, attribute, smallest, largest or None). A value outside would hang
+# (--stream-window 0), crash (--preprocess-workers 0) or refuse everything (--max-queue 0).
+_INT32_MAX = 2**31 - 1  # gRPC's message size options are C ints
+SERVE_FLAG_RANGES: tuple[tuple[str, str, float, float | None], ...] = (
+    ("--port", "port", 0, 65535),
+    ("--metrics-port", "metrics_port", 0, 65535),
+    ("--chunk-bytes", "chunk_bytes", 1024, _INT32_MAX),
+    ("--stream-window", "stream_window", 1, None),
+    ("--preprocess-workers", "preprocess_workers", 1, 1024),
+    ("--max-queue", "max_queue", 1, None),
+    ("--batch-max-images", "batch_max_images", 1, None),
+    ("--batch-max-tokens", "batch_max_tokens", 1, None),
+    ("--batch-max-wait-ms", "batch_max_wait_ms", 0, 60_000),
+    ("--grace", "grace", 0, 86_400),
+    ("--min-pixels", "min_pixels", 1, None),
+    ("--max-pixels", "max_pixels", 1, None),
+    (LIMIT_FLAGS["max_request_bytes"], "max_request_bytes", 1, _INT32_MAX),
+    (LIMIT_FLAGS["max_images"], "max_images", 1, None),
+    (LIMIT_FLAGS["max_image_bytes"], "max_image_bytes", 1, None),
+    (LIMIT_FLAGS["max_pixels"], "max_image_pixels", 1, None),
+    (LIMIT_FLAGS["max_prompt_tokens"], "max_prompt_tokens", 1, None),
+)
+
+
+def check_serve_flags(args: argparse.Namespace) -> None:
+    """Raise ValueError naming the first serve flag whose value is out of range (NaN included)."""
+    for flag, attribute, smallest, largest in SERVE_FLAG_RANGES:
+        value = getattr(args, attribute, None)
+        if value is None:  # not given, where None means "the checkpoint's default"
+            continue
+        if not (math.isfinite(value) and value >= smallest and (largest is None or value <= largest)):
+            bound = f"at least {smallest:g}" if largest is None else f"between {smallest:g} and {largest:g}"
+            raise ValueError(f"{flag} must be {bound}, got {value!r}")
+    if args.min_pixels is not None and args.max_pixels is not None and args.min_pixels > args.max_pixels:
+        raise ValueError(f"--min-pixels ({args.min_pixels}) must not exceed --max-pixels ({args.max_pixels})")

@@ -29,6 +29,11 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EmbeddingService"].full_name
 
 
+class ListenError(OSError):
+    """The server cannot listen where it was told to (the port is in use, or the host is not an
+    address of this machine)."""
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     """Where to listen, the service, TLS and bearer tokens. Binds loopback unless told otherwise.
@@ -91,7 +96,12 @@ async def create_server(config: ServerConfig) -> RunningServer:
         interceptors.insert(0, BearerTokenInterceptor(config.auth.tokens))
     server = grpc.aio.server(
         interceptors=interceptors,
-        options=[("grpc.max_receive_message_length", config.service.pipeline.limits.max_request_bytes)],
+        options=[
+            ("grpc.max_receive_message_length", config.service.pipeline.limits.max_request_bytes),
+            # gRPC sets SO_REUSEPORT by default on Linux: a second server on a port in use would
+            # bind too and take a share of its connections. Off, that bind fails.
+            ("grpc.so_reuseport", 0),
+        ],
     )
     service = EmbeddingService(config.service, Metrics())
     pb_grpc.add_EmbeddingServiceServicer_to_server(service, server)
@@ -104,18 +114,23 @@ async def create_server(config: ServerConfig) -> RunningServer:
         server,
     )
     address = _address(config.host, config.port)
-    if config.tls is not None:
-        port = server.add_secure_port(address, server_credentials(config.tls))
-    else:
-        port = server.add_insecure_port(address)
+    try:
+        if config.tls is not None:
+            port = server.add_secure_port(address, server_credentials(config.tls))
+        else:
+            port = server.add_insecure_port(address)
+    except RuntimeError as err:  # what grpc raises when the bind fails
+        raise ListenError(
+            f"cannot listen on {address}: the port is in use, or the host is not an address here"
+        ) from err
     await server.start()
     if config.metrics_port is not None:
         host = config.metrics_host if config.metrics_host is not None else config.host
         try:
             metrics_port = service.metrics.serve_http(host, config.metrics_port)
-        except OSError:
+        except OSError as err:
             await server.stop(None)
-            raise
+            raise ListenError(f"cannot serve metrics on {_address(host, config.metrics_port)}: {err}") from err
         log.info("metrics on http://%s/metrics", _address(host, metrics_port))
         if not is_loopback(host):
             log.warning("the metrics endpoint on %s is plain HTTP without authentication", host)

@@ -1,0 +1,72 @@
+"""serve's start-up checks: an out-of-range flag value exits 2 with one line naming the flag; a
+port in use is an error, not a second server sharing its connections."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from qwen25vl_embed_server.cli import main
+from qwen25vl_embed_server.core.extractor import Extractor
+from qwen25vl_embed_server.rpc.harness import BackgroundServer
+from qwen25vl_embed_server.rpc.server import ListenError, ServerConfig, create_server
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [
+        ("--stream-window", "0"),
+        ("--preprocess-workers", "0"),
+        ("--max-queue", "0"),
+        ("--chunk-bytes", "0"),
+        ("--batch-max-images", "0"),
+        ("--batch-max-tokens", "-5"),
+        ("--batch-max-wait-ms", "-1"),
+        ("--grace", "-1"),
+        ("--grace", "nan"),
+        ("--port", "70000"),
+        ("--metrics-port", "-1"),
+        ("--max-images", "0"),
+        ("--max-request-bytes", str(2**31)),
+        ("--min-pixels", "0"),
+    ],
+)
+def test_an_out_of_range_flag_exits_2_with_one_line_naming_it(
+    flag: str, value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["serve", "--model", "unused-never-loaded", flag, value]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert err.startswith(f"error: {flag} must be ")
+    floats = ("--grace", "--batch-max-wait-ms")
+    assert err.rstrip().endswith(f"got {float(value)!r}" if flag in floats else f"got {int(value)}")
+
+
+def test_min_pixels_above_max_pixels_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["serve", "--min-pixels", "5000", "--max-pixels", "4000"]) == 2
+    assert capsys.readouterr().err == "error: --min-pixels (5000) must not exceed --max-pixels (4000)\n"
+
+
+def test_a_port_in_use_cannot_be_bound_twice(extractor: Extractor) -> None:
+    with BackgroundServer(extractor, ServerConfig(port=0)) as first:
+        port = int(first.address.rsplit(":", 1)[1])
+
+        async def second() -> None:
+            running = await create_server(ServerConfig(port=port))
+            await running.stop(None)  # only reached when the bind wrongly succeeded
+
+        with pytest.raises(ListenError, match=rf"^cannot listen on 127\.0\.0\.1:{port}: the port is in use"):
+            asyncio.run(second())
+
+
+def test_serve_on_a_port_in_use_exits_2_with_one_line(
+    extractor: Extractor, tiny_model_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with BackgroundServer(extractor, ServerConfig(port=0)) as first:
+        port = first.address.rsplit(":", 1)[1]
+        assert main(["--log-level", "warning", "serve", "--model", str(tiny_model_path), "--port", port]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1].startswith(f"error: cannot listen on 127.0.0.1:{port}: the port is in use")
+    assert err[-1].endswith("(--host, --port, --metrics-host, --metrics-port)")
