@@ -159,7 +159,7 @@ def test_serve_flags_set_the_limits() -> None:
 
 def test_serve_refuses_a_bad_limit(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["serve", "--max-images=0"]) == 2
-    assert "--max-images must be a positive integer" in capsys.readouterr().err
+    assert capsys.readouterr().err == "error: --max-images must be at least 1, got 0\n"
 
 
 # -- what the processor does with tiny and extreme images ------------------------------------

@@ -21,6 +21,7 @@ LIMIT_FLAGS: dict[str, str] = {
     # --max-pixels is the processor's resize target; this is the decoder's refusal threshold.
     "max_pixels": "--max-image-pixels",
     "max_prompt_tokens": "--max-prompt-tokens",
+    "max_request_tokens": "--max-request-tokens",
 }
 """``serve`` flag of each :class:`Limits` field."""
 
@@ -75,6 +76,12 @@ def limit_flags(parser: argparse.ArgumentParser) -> None:
         default=limits.max_prompt_tokens,
         help=f"longest prompt in tokens ({limits.max_prompt_tokens})",
     )
+    parser.add_argument(
+        LIMIT_FLAGS["max_request_tokens"],
+        type=int,
+        default=limits.max_request_tokens,
+        help=f"most work in one request: vision patches + LM sequence ({limits.max_request_tokens})",
+    )
 
 
 def limits_of(args: argparse.Namespace) -> Limits:
@@ -85,6 +92,7 @@ def limits_of(args: argparse.Namespace) -> Limits:
         max_image_bytes=args.max_image_bytes,
         max_pixels=args.max_image_pixels,
         max_prompt_tokens=args.max_prompt_tokens,
+        max_request_tokens=args.max_request_tokens,
     )
 
 
@@ -114,6 +122,24 @@ def batching_flags(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=defaults.DEFAULT_PREPROCESS_WORKERS,
         help=f"threads decoding and preprocessing ({defaults.DEFAULT_PREPROCESS_WORKERS})",
+    )
+    group.add_argument(
+        "--max-tokens-in-flight",
+        type=int,
+        default=defaults.DEFAULT_MAX_TOKENS_IN_FLIGHT,
+        help=f"server-wide tokens decoded, not yet run; new work waits ({defaults.DEFAULT_MAX_TOKENS_IN_FLIGHT})",
+    )
+    group.add_argument(
+        "--max-pixels-in-flight",
+        type=int,
+        default=defaults.DEFAULT_MAX_PIXELS_IN_FLIGHT,
+        help=f"server-wide decoded pixels being preprocessed ({defaults.DEFAULT_MAX_PIXELS_IN_FLIGHT})",
+    )
+    group.add_argument(
+        "--max-result-bytes",
+        type=int,
+        default=defaults.DEFAULT_MAX_RESULT_BYTES,
+        help=f"server-wide bytes of results not yet sent ({defaults.DEFAULT_MAX_RESULT_BYTES >> 20} MiB)",
     )
     group.add_argument(
         "--stream-window",
@@ -177,6 +203,10 @@ SERVE_FLAG_RANGES: tuple[tuple[str, str, float, float | None], ...] = (
     (LIMIT_FLAGS["max_image_bytes"], "max_image_bytes", 1, None),
     (LIMIT_FLAGS["max_pixels"], "max_image_pixels", 1, None),
     (LIMIT_FLAGS["max_prompt_tokens"], "max_prompt_tokens", 1, None),
+    (LIMIT_FLAGS["max_request_tokens"], "max_request_tokens", 1, None),
+    ("--max-tokens-in-flight", "max_tokens_in_flight", 1, None),
+    ("--max-pixels-in-flight", "max_pixels_in_flight", 1, None),
+    ("--max-result-bytes", "max_result_bytes", 1, None),
 )
 
 

@@ -30,3 +30,13 @@ DEFAULT_DTYPE = "auto"
 
 DEFAULT_WIRE_DTYPE = "float32"
 """The dtype floating outputs travel in when a request names none."""
+
+DEFAULT_MAX_TOKENS_IN_FLIGHT = 262_144
+"""Server-wide tokens (patches + LM sequence) between decoding and the end of the model run: two
+requests at the per-request cap, or hundreds of small ones."""
+
+DEFAULT_MAX_PIXELS_IN_FLIGHT = 200_000_000
+"""Server-wide decoded pixels being preprocessed (600 MB as RGB): four images at the decoder's limit."""
+
+DEFAULT_MAX_RESULT_BYTES = 1 << 30
+"""Server-wide bytes of results computed or being computed and not yet sent (1 GiB)."""

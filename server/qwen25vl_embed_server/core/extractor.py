@@ -88,6 +88,27 @@ class Extractor:
         self.num_vision_layers = len(self._visual.blocks)
 
     @property
+    def merge_unit(self) -> int:
+        """Vision patches per image token (spatial_merge_size squared)."""
+        return self._merge_unit
+
+    def result_bytes(self, prepared: Prepared) -> int:
+        """Bytes of ``prepared``'s outputs once run (see :func:`~.cost.result_bytes`)."""
+        from qwen25vl_embed_server.core.cost import result_bytes
+
+        config = self.loaded.model.config
+        return result_bytes(
+            prepared.plan,
+            int(prepared.inputs["image_grid_thw"].shape[0]),
+            prepared.num_patches,
+            prepared.sequence_length,
+            self._merge_unit,
+            int(config.vision_config.hidden_size),
+            int(config.text_config.hidden_size),
+            prepared.dtype,
+        )
+
+    @property
     def outputs(self) -> tuple[str, ...]:
         return available_outputs(self.num_lm_layers, self.num_vision_layers)
 

@@ -35,6 +35,8 @@ from __future__ import annotations
 
 import io
 import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import simplejpeg
@@ -102,18 +104,32 @@ def decode_image(data: bytes, index: int = 0, max_pixels: int = DEFAULT_MAX_PIXE
         InvalidInputError: empty, unsupported, corrupt or truncated data, or too many pixels; the
             message names the image index and the problem.
     """
+    with _opened(data, index, max_pixels) as image:
+        if image.format in _JPEG_FORMATS:
+            _check_jpeg_scan(data, image.mode, index)
+        image.load()
+        # Some formats learn their final size while loading (e.g. a GIF frame larger than its
+        # logical screen); check again before any further copy.
+        _check_pixels(image, index, max_pixels)
+        return to_rgb(ImageOps.exif_transpose(image))
+
+
+def declared_size(data: bytes, index: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
+    """(width, height) from the header alone, nothing decoded; refusals as :func:`decode_image`'s.
+    (EXIF rotation may swap the two; the pixel count, which is what costs, stays.)"""
+    with _opened(data, index, max_pixels) as image:
+        return image.size
+
+
+@contextmanager
+def _opened(data: bytes, index: int, max_pixels: int) -> Iterator[Image.Image]:
+    """The image opened (header read, size checked), Pillow's errors turned into ours."""
     if not data:
         raise InvalidInputError(f"image {index} is empty (0 bytes)")
     try:
         with Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS) as image:
             _check_pixels(image, index, max_pixels)  # header only: nothing decoded yet
-            if image.format in _JPEG_FORMATS:
-                _check_jpeg_scan(data, image.mode, index)
-            image.load()
-            # Some formats learn their final size while loading (e.g. a GIF frame larger than its
-            # logical screen); check again before any further copy.
-            _check_pixels(image, index, max_pixels)
-            return to_rgb(ImageOps.exif_transpose(image))
+            yield image
     except InvalidInputError:
         raise
     except Image.DecompressionBombError as err:  # beyond Pillow's own hard limit, even at open()

@@ -7,7 +7,10 @@ Order of the checks in a request's life:
 2. ``request.check_request``: image count, bytes per image, prompt length in characters (no decoding);
 3. ``image_decoding.decode_image(..., max_pixels=limits.max_pixels)``: declared width x height,
    from the header, before pixels are decoded;
-4. ``request.check_prompt_tokens``: the prompt's token count, and no image/video placeholder tokens.
+4. ``request.estimate_request``: the least the request can cost in tokens, from the declared
+   sizes (the processor's resize is known), against ``max_request_tokens``, before decoding;
+5. ``request.check_prompt_tokens``: the prompt's token count, and no image/video placeholder tokens;
+6. ``request.check_cost``: the exact cost after preprocessing against ``max_request_tokens``.
 
 Every refusal is a :class:`~qwen25vl_embed_server.core.errors.LimitExceededError` that names the
 limit and its value.
@@ -36,6 +39,9 @@ class Limits:
         max_pixels: largest decoded image, width x height; far above the processor's own resize
             target (12.8 M pixels for the released checkpoints), so it only stops bombs.
         max_prompt_tokens: longest prompt (the user text, before the chat template), in tokens.
+        max_request_tokens: most work in one request, in tokens: vision patches, plus the LM
+            sequence when the language model runs. The default takes one image at the released
+            checkpoints' largest resize (65,536 patches + 16,384 image tokens) with room to spare.
     """
 
     max_request_bytes: int = 64 * MIB
@@ -43,6 +49,7 @@ class Limits:
     max_image_bytes: int = 20 * MIB
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_prompt_tokens: int = 8192
+    max_request_tokens: int = 131_072
 
     def __post_init__(self) -> None:
         for item in fields(self):

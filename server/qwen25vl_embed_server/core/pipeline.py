@@ -12,16 +12,29 @@ import asyncio
 import copy
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from qwen25vl_embed_server.core.batcher import Batcher, BatchingConfig, BatchObserver, BatchTiming
-from qwen25vl_embed_server.core.defaults import DEFAULT_PREPROCESS_WORKERS
+from qwen25vl_embed_server.core.budget import Budget
+from qwen25vl_embed_server.core.defaults import (
+    DEFAULT_MAX_PIXELS_IN_FLIGHT,
+    DEFAULT_MAX_RESULT_BYTES,
+    DEFAULT_MAX_TOKENS_IN_FLIGHT,
+    DEFAULT_PREPROCESS_WORKERS,
+)
 from qwen25vl_embed_server.core.errors import LimitExceededError, OverloadedError
 from qwen25vl_embed_server.core.limits import Limits
-from qwen25vl_embed_server.core.request import EncodedRequest, check_request, prepare_request
+from qwen25vl_embed_server.core.request import (
+    EncodedRequest,
+    Estimate,
+    check_request,
+    estimate_request,
+    prepare_request,
+)
 
 if TYPE_CHECKING:
     from qwen25vl_embed_server.core.extractor import Extraction, Extractor, Prepared
@@ -42,6 +55,12 @@ class PipelineConfig:
             threads, plus one full batch).
         limit_hints: how an operator sets each limit at this edge (``{"max_images":
             "--max-images"}``), appended to the refusal's message.
+        max_tokens_in_flight: server-wide budget, in tokens (:class:`~.request.Estimate`), of the
+            requests between decoding and the end of their model run; new ones wait for it.
+        max_pixels_in_flight: server-wide budget of decoded pixels (width x height) of the
+            requests being decoded and preprocessed; new ones wait for it.
+        max_result_bytes: server-wide budget of result bytes, taken before the model runs and held
+            until the caller has been sent the result (or went away); new ones wait for it.
     """
 
     preprocess_workers: int = DEFAULT_PREPROCESS_WORKERS
@@ -49,10 +68,14 @@ class PipelineConfig:
     limits: Limits = field(default_factory=Limits)
     max_in_flight: int | None = None
     limit_hints: Mapping[str, str] = field(default_factory=dict)
+    max_tokens_in_flight: int = DEFAULT_MAX_TOKENS_IN_FLIGHT
+    max_pixels_in_flight: int = DEFAULT_MAX_PIXELS_IN_FLIGHT
+    max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES
 
     def __post_init__(self) -> None:
-        if self.preprocess_workers < 1:
-            raise ValueError(f"preprocess_workers must be at least 1, got {self.preprocess_workers}")
+        for name in ("preprocess_workers", "max_tokens_in_flight", "max_pixels_in_flight", "max_result_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
 
     @property
     def admitted(self) -> int:
@@ -86,6 +109,9 @@ class Pipeline:
             config.preprocess_workers, thread_name_prefix="preprocess", initializer=self._start_worker
         )
         self._in_flight = 0
+        self.tokens = Budget(config.max_tokens_in_flight, "tokens in flight")
+        self.pixels = Budget(config.max_pixels_in_flight, "decoded pixels in flight")
+        self.result_bytes = Budget(config.max_result_bytes, "result bytes held")
 
     @property
     def queue_depth(self) -> int:
@@ -105,7 +131,20 @@ class Pipeline:
     async def run(
         self, request: EncodedRequest, deadline: float | None = None, observer: StageObserver | None = None
     ) -> Extraction:
-        """Check, preprocess (a worker thread), then run in a batch (the model thread).
+        """:meth:`running`, the result's bytes given back as it is returned."""
+        async with self.running(request, deadline, observer) as result:
+            return result
+
+    @asynccontextmanager
+    async def running(
+        self, request: EncodedRequest, deadline: float | None = None, observer: StageObserver | None = None
+    ) -> AsyncIterator[Extraction]:
+        """Check, preprocess (a worker thread), then run in a batch (the model thread); the result's
+        bytes count against ``max_result_bytes`` until the block ends (send the result inside it).
+
+        Stages and budgets: the headers give an :class:`Estimate`; its decoded pixels are held
+        while decoding and preprocessing, its tokens until the model has run, the exact result
+        bytes from before the model runs until the block ends. Each is waited for in order.
 
         Args:
             request: the request.
@@ -115,24 +154,47 @@ class Pipeline:
         Raises:
             InvalidInputError: a bad request (LimitExceededError: over a limit).
             OverloadedError: the server is at capacity.
-            DeadlineExceededError: the deadline passed while queued.
+            DeadlineExceededError: the deadline passed while queued or waiting for a budget.
             DeviceOutOfMemoryError: the model ran out of memory on this request.
         """
         plan = self.plan(request)  # unknown outputs and limits fail before any decoding
         if self._in_flight >= self.config.admitted:
             raise OverloadedError(f"the server is at capacity ({self._in_flight} requests in flight); retry later")
         self._in_flight += 1
+        held: dict[Budget, int] = {}
         try:
             started = time.perf_counter()
+            estimate = await self._in_worker(self._estimate, request, plan)
+            held[self.pixels] = await self.pixels.acquire(estimate.pixels, deadline)
+            held[self.tokens] = await self.tokens.acquire(estimate.tokens, deadline)
             prepared = await self.prepare(request, plan)
+            self._give_back(held, self.pixels)  # the decoded images are gone
+            held[self.result_bytes] = await self.result_bytes.acquire(self.extractor.result_bytes(prepared), deadline)
             if observer is not None:
                 observer.preprocessed(time.perf_counter() - started)
             result, timing = await self.batcher.submit_timed(prepared, deadline)
+            self._give_back(held, self.tokens)
             if observer is not None:
                 observer.batched(timing)
-            return result
+            yield result
         finally:
+            for budget in list(held):
+                self._give_back(held, budget)
             self._in_flight -= 1
+
+    @staticmethod
+    def _give_back(held: dict[Budget, int], budget: Budget) -> None:
+        if budget in held:
+            budget.release(held.pop(budget))
+
+    async def _in_worker(self, function: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._preprocess, function, *args)
+
+    def _estimate(self, request: EncodedRequest, plan: OutputPlan) -> Estimate:
+        try:
+            return estimate_request(self.extractor, request, self.config.limits, plan)
+        except LimitExceededError as error:
+            raise error.with_hint(self.config.limit_hints) from error.__cause__
 
     async def prepare(self, request: EncodedRequest, plan: OutputPlan | None = None) -> Prepared:
         """Check, decode and preprocess ``request`` on a worker thread (each with a processor of

@@ -123,6 +123,63 @@ def check_prompt_tokens(tokenizer: Any, prompt: str, limits: Limits) -> int:
     return count
 
 
+@dataclass(frozen=True)
+class Estimate:
+    """What a request will cost, from its images' headers (nothing decoded).
+
+    ``pixels``: decoded pixels of all its images (width x height, summed). ``tokens``: an upper
+    bound of its cost in tokens (patches, image tokens, and the prompt's UTF-8 bytes plus the chat
+    template when the LM runs). ``least_tokens``: the cost without the prompt (a lower bound).
+    """
+
+    pixels: int
+    tokens: int
+    least_tokens: int
+
+
+# Tokens the chat template adds around the images and the prompt (system turn, role markers),
+# with room to spare: about 30 for the Qwen2.5-VL template.
+TEMPLATE_TOKENS = 128
+
+
+def estimate_request(extractor: Extractor, request: EncodedRequest, limits: Limits, plan: OutputPlan) -> Estimate:
+    """The request's :class:`Estimate` from its headers, refusing it when even its least cost is over
+    ``max_request_tokens`` (before any pixel is decoded).
+
+    Raises:
+        InvalidInputError: an image that does not open, or whose size the processor refuses
+            (LimitExceededError: over ``max_pixels`` or ``max_request_tokens``).
+    """
+    from qwen25vl_embed_server.core.cost import image_patches, tokens_before_decoding
+    from qwen25vl_embed_server.core.image_decoding import declared_size
+
+    sizes = [declared_size(data, index, limits.max_pixels) for index, data in enumerate(request.images)]
+    image_processor = extractor.loaded.processor.image_processor
+    try:
+        patches = [image_patches(width, height, image_processor) for width, height in sizes]
+    except (ValueError, ZeroDivisionError) as err:  # e.g. an aspect ratio beyond the processor's limit
+        listed = ", ".join(f"{width}x{height}" for width, height in sizes)
+        raise InvalidInputError(f"the processor rejected the image(s) ({listed}): {err}") from err
+    least = tokens_before_decoding(patches, extractor.merge_unit, plan)
+    _check_tokens(least, limits, "at least ")
+    prompt = len(request.text.encode()) + TEMPLATE_TOKENS if plan.needs_lm else 0
+    return Estimate(pixels=sum(width * height for width, height in sizes), tokens=least + prompt, least_tokens=least)
+
+
+def check_cost(prepared: Prepared, limits: Limits) -> None:
+    """Refuse a prepared request whose exact cost is over ``max_request_tokens``."""
+    _check_tokens(prepared.cost, limits, "")
+
+
+def _check_tokens(tokens: int, limits: Limits, qualifier: str) -> None:
+    if tokens > limits.max_request_tokens:
+        raise LimitExceededError(
+            "max_request_tokens",
+            f"request costs {qualifier}{tokens} tokens (vision patches + LM sequence); "
+            f"the limit is max_request_tokens={limits.max_request_tokens}",
+        )
+
+
 def prepare_request(
     extractor: Extractor,
     request: EncodedRequest,
@@ -141,17 +198,21 @@ def prepare_request(
             from one thread at a time).
 
     Raises:
-        InvalidInputError: anything wrong with the request (LimitExceededError for a limit).
+        InvalidInputError: anything wrong with the request (LimitExceededError for a limit,
+            ``max_request_tokens`` included: checked on the headers, then exactly).
     """
     from qwen25vl_embed_server.core.image_decoding import decode_image
 
     check_request(request, limits)
     if plan is None:
         plan = extractor.plan(request.outputs)
+    estimate_request(extractor, request, limits, plan)  # headers only: refuse before decoding
     processor = processor if processor is not None else extractor.loaded.processor
     images = [decode_image(data, index, limits.max_pixels) for index, data in enumerate(request.images)]
     check_prompt_tokens(processor.tokenizer, request.text, limits)
-    return extractor.prepare(images, request.text, plan, request.dtype, request.normalize, processor=processor)
+    prepared = extractor.prepare(images, request.text, plan, request.dtype, request.normalize, processor=processor)
+    check_cost(prepared, limits)
+    return prepared
 
 
 def _check_prompt_chars(prompt: str, limits: Limits) -> None:

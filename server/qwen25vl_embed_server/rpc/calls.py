@@ -113,14 +113,15 @@ class EmbeddingCalls:
         """
         observation = self._observe("Extract", request, request.request_id)
         try:
-            result = await self.pipeline.run(to_encoded(request), deadline, observation)
-            observation.outputs_ready(result.sequence_length)
-            started = time.perf_counter()
-            for message in response_messages(
-                request.request_id, result, self.config.chunk_bytes, observation.timings()
-            ):
-                yield message
-            observation.serialized(started)
+            # The result's bytes count against the server's budget until the last message is sent.
+            async with self.pipeline.running(to_encoded(request), deadline, observation) as result:
+                observation.outputs_ready(result.sequence_length)
+                started = time.perf_counter()
+                for message in response_messages(
+                    request.request_id, result, self.config.chunk_bytes, observation.timings()
+                ):
+                    yield message
+                observation.serialized(started)
         except BaseException as error:  # cancellation included: the caller went away
             observation.failed(error, self.cancelled_status(deadline))
             raise
@@ -149,15 +150,15 @@ class EmbeddingCalls:
                     raise request.error(f"request {request_id} of the stream")
                 if refusal is not None:
                     raise InvalidInputError(refusal)
-                result = await self.pipeline.run(to_encoded(request, request_id), deadline, observation)
-                observation.outputs_ready(result.sequence_length)
-                async with writing:
-                    started = time.perf_counter()
-                    for message in response_messages(
-                        request_id, result, self.config.chunk_bytes, observation.timings()
-                    ):
-                        await write(message)
-                    observation.serialized(started)
+                async with self.pipeline.running(to_encoded(request, request_id), deadline, observation) as result:
+                    observation.outputs_ready(result.sequence_length)
+                    async with writing:
+                        started = time.perf_counter()
+                        for message in response_messages(
+                            request_id, result, self.config.chunk_bytes, observation.timings()
+                        ):
+                            await write(message)
+                        observation.serialized(started)
             except asyncio.CancelledError as error:
                 observation.failed(error, self.cancelled_status(deadline))
                 raise
