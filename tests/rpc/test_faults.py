@@ -27,6 +27,7 @@ from qwen25vl_embed import EmbeddingClient, EmbeddingError, Embeddings
 from qwen25vl_embed.requests import build_request
 from qwen25vl_embed.v1 import embed_pb2_grpc as pb_grpc
 from qwen25vl_embed_server.core import extractor as extractor_module
+from qwen25vl_embed_server.core import image_decoding
 from qwen25vl_embed_server.core.batcher import Batcher, BatchingConfig
 from qwen25vl_embed_server.core.errors import DeadlineExceededError
 from qwen25vl_embed_server.core.extractor import Extractor
@@ -61,12 +62,20 @@ class ModelProbe:
 
     ``forwards``: the image grids of each vision-tower forward, in order. A forward that includes
     the grid of ``hold`` waits until :meth:`release` (``holding`` is set meanwhile); one that
-    includes the grid of ``oom`` raises ``torch.OutOfMemoryError``, as CUDA does.
+    includes the grid of ``oom`` raises ``oom_error`` (default ``torch.OutOfMemoryError``, as CUDA
+    does; ``MemoryError`` is what the CPU gives).
     """
 
     def __init__(
-        self, extractor: Extractor, hold: tuple[int, int] | None = None, oom: tuple[int, int] | None = None
+        self,
+        extractor: Extractor,
+        hold: tuple[int, int] | None = None,
+        oom: tuple[int, int] | None = None,
+        oom_error: BaseException | None = None,
     ) -> None:
+        self._oom_error = oom_error or torch.OutOfMemoryError(
+            "CUDA out of memory. Tried to allocate 20.00 GiB (injected)"
+        )
         self._visual = extractor.loaded.visual
         self._hold = grid(hold) if hold else None
         self._oom = grid(oom) if oom else None
@@ -103,7 +112,7 @@ class ModelProbe:
             if not self._released.wait(CALL_TIMEOUT):
                 raise RuntimeError("the test never released the held forward")
         if self._oom in rows:
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (injected)")
+            raise self._oom_error
 
 
 @contextmanager
@@ -251,8 +260,19 @@ def test_a_full_queue_refuses_new_requests_at_once_and_serves_the_accepted_ones(
     assert not probe.ran(EXTRA)
 
 
-def test_device_out_of_memory_fails_only_that_request_and_the_server_goes_on(
-    extractor: Extractor, references: dict[tuple[int, int], Embeddings], monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(
+    "oom_error",
+    [
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (injected)"),
+        MemoryError(),  # the CPU's: host RAM ran out
+    ],
+    ids=["device", "host"],
+)
+def test_out_of_memory_fails_only_that_request_and_the_server_goes_on(
+    extractor: Extractor,
+    references: dict[tuple[int, int], Embeddings],
+    monkeypatch: pytest.MonkeyPatch,
+    oom_error: BaseException,
 ) -> None:
     releases: list[torch.device] = []
     release_device_memory = extractor_module._release_device_memory
@@ -265,7 +285,7 @@ def test_device_out_of_memory_fails_only_that_request_and_the_server_goes_on(
     with (
         serving(extractor, BatchingConfig(max_wait_ms=1)) as (server, sdk),
         ThreadPoolExecutor(8) as pool,
-        ModelProbe(extractor, hold=HOLD, oom=OOM) as probe,
+        ModelProbe(extractor, hold=HOLD, oom=OOM, oom_error=oom_error) as probe,
     ):
         first = pool.submit(sdk.extract, image_bytes(HOLD), outputs=OUTPUTS)
         assert probe.holding.wait(CALL_TIMEOUT)
@@ -318,3 +338,23 @@ def test_requests_beyond_the_in_flight_bound_are_refused_before_any_work(
         # Capacity comes back once requests finish.
         assert_matches(sdk.extract(image_bytes(GOOD[1]), outputs=OUTPUTS), references[GOOD[1]])
     assert not probe.ran(EXTRA)
+
+
+def test_out_of_memory_while_preprocessing_fails_only_that_request(
+    extractor: Extractor, references: dict[tuple[int, int], Embeddings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_decode = image_decoding.decode_image
+
+    def decode(data: bytes, index: int = 0, max_pixels: int = 0) -> Any:
+        if data == image_bytes(OOM):
+            raise MemoryError  # what a huge decode or processor array gives on the CPU
+        return real_decode(data, index, max_pixels)
+
+    monkeypatch.setattr(image_decoding, "decode_image", decode)
+    # prepare_request imports decode_image from image_decoding at call time: the patch applies.
+    with serving(extractor, BatchingConfig(max_wait_ms=1)) as (_server, sdk):
+        with pytest.raises(EmbeddingError) as caught:
+            sdk.extract(image_bytes(OOM), outputs=OUTPUTS)
+        assert caught.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "ran out of memory preprocessing" in caught.value.details
+        assert_matches(sdk.extract(image_bytes(GOOD[0]), outputs=OUTPUTS), references[GOOD[0]])

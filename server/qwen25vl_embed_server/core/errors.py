@@ -57,5 +57,10 @@ class DeadlineExceededError(RuntimeError):
     """The caller's deadline passed before the model ran the request."""
 
 
-class DeviceOutOfMemoryError(RuntimeError):
-    """The device ran out of memory on this request; memory was released, the server goes on."""
+class OutOfMemoryError(RuntimeError):
+    """Memory ran out on this request (host RAM or the device); the server goes on."""
+
+
+class DeviceOutOfMemoryError(OutOfMemoryError):
+    """The model's run of this request ran out of memory (the device's, or host RAM on the CPU);
+    memory was released, the server goes on."""

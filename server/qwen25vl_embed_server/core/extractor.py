@@ -188,11 +188,12 @@ class Extractor:
                     if group:
                         extractions = self._run_group([batch[i] for i in group], needs_lm)
                         results.update(zip(group, extractions, strict=True))
-        except torch.OutOfMemoryError as error:
+        except (torch.OutOfMemoryError, MemoryError) as error:  # the device's memory, or host RAM
             results.clear()
             _release_device_memory(self.loaded.device)
+            where = "the device" if isinstance(error, torch.OutOfMemoryError) else "the server (host memory)"
             raise DeviceOutOfMemoryError(
-                f"the device ran out of memory on {len(batch)} request(s) "
+                f"{where} ran out of memory on {len(batch)} request(s) "
                 f"({sum(item.num_patches for item in batch)} patches); retry with fewer or smaller images"
             ) from error
         return [results[i] for i in range(len(batch))]

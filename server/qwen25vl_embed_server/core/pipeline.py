@@ -26,7 +26,7 @@ from qwen25vl_embed_server.core.defaults import (
     DEFAULT_MAX_TOKENS_IN_FLIGHT,
     DEFAULT_PREPROCESS_WORKERS,
 )
-from qwen25vl_embed_server.core.errors import LimitExceededError, OverloadedError
+from qwen25vl_embed_server.core.errors import LimitExceededError, OutOfMemoryError, OverloadedError
 from qwen25vl_embed_server.core.limits import Limits
 from qwen25vl_embed_server.core.request import (
     EncodedRequest,
@@ -218,3 +218,8 @@ class Pipeline:
             return prepare_request(self.extractor, request, self.config.limits, plan, processor)
         except LimitExceededError as error:
             raise error.with_hint(self.config.limit_hints) from error.__cause__
+        except MemoryError as error:  # this request's decoding or processor: the others go on
+            raise OutOfMemoryError(
+                f"the server ran out of memory preprocessing this request ({len(request.images)} image(s)); "
+                "retry with fewer or smaller images"
+            ) from error

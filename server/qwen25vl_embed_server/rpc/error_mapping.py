@@ -1,7 +1,8 @@
 """Domain errors -> gRPC status codes, in one place: a server interceptor.
 
 InvalidInputError -> INVALID_ARGUMENT with its message; OverloadedError and
-DeviceOutOfMemoryError -> RESOURCE_EXHAUSTED; DeadlineExceededError -> DEADLINE_EXCEEDED;
+OutOfMemoryError (device or host, model run or preprocessing) -> RESOURCE_EXHAUSTED;
+DeadlineExceededError -> DEADLINE_EXCEEDED;
 ModelNotReadyError -> UNAVAILABLE; anything else -> INTERNAL with a generic message, the traceback logged on the server.
 """
 
@@ -16,9 +17,9 @@ import grpc
 
 from qwen25vl_embed_server.core.errors import (
     DeadlineExceededError,
-    DeviceOutOfMemoryError,
     InvalidInputError,
     ModelNotReadyError,
+    OutOfMemoryError,
     OverloadedError,
     quoted,
 )
@@ -31,7 +32,7 @@ def status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
     """The status code and caller-facing message for ``error``."""
     if isinstance(error, InvalidInputError):
         return grpc.StatusCode.INVALID_ARGUMENT, str(error)
-    if isinstance(error, (OverloadedError, DeviceOutOfMemoryError)):
+    if isinstance(error, (OverloadedError, OutOfMemoryError)):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(error)
     if isinstance(error, DeadlineExceededError):
         return grpc.StatusCode.DEADLINE_EXCEEDED, str(error)
