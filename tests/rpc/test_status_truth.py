@@ -86,3 +86,21 @@ def test_a_call_cut_at_the_end_of_the_grace_period_is_recorded_as_the_client_saw
         assert counted(metrics, "UNAVAILABLE") == 1
         probe.release()
         stopped.result(CALL_TIMEOUT)
+
+
+def test_stop_returns_after_the_grace_period_even_mid_forward(extractor: Extractor) -> None:
+    """A forward still running when the grace period ends is not waited for (the process then
+    exits at once: ``serve`` leaves without joining the model thread)."""
+    server = BackgroundServer(extractor, server_config(batching=BatchingConfig(max_wait_ms=1))).start()
+    with (
+        EmbeddingClient(server.address, timeout=CALL_TIMEOUT) as sdk,
+        ThreadPoolExecutor(2) as pool,
+        ModelProbe(extractor, hold=HOLD) as probe,
+    ):
+        held = pool.submit(code_of, lambda: sdk.extract(image_bytes(HOLD), outputs=OUTPUTS))
+        assert probe.holding.wait(CALL_TIMEOUT)
+        stopped = pool.submit(server.stop, 0.2)
+        stopped.result(CALL_TIMEOUT / 3)  # the forward is held for CALL_TIMEOUT: stop did not wait for it
+        assert held.result(CALL_TIMEOUT) == grpc.StatusCode.UNAVAILABLE
+        assert not probe._released.is_set()  # still mid-forward
+        probe.release()

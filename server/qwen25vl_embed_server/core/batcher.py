@@ -83,6 +83,7 @@ class Batcher:
         self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="batcher")
         self.batches_run = 0
+        self._runs = 0
 
     @property
     def queue_depth(self) -> int:
@@ -113,14 +114,23 @@ class Batcher:
                 self._queue.remove(pending)
             raise
 
-    async def close(self) -> None:
-        """Stop taking batches; fail what is still queued; wait for the model thread."""
+    @property
+    def running(self) -> bool:
+        """True while a model run is in progress on the model thread."""
+        return self._runs > 0
+
+    async def close(self, wait: bool = True) -> None:
+        """Stop taking batches; fail what is still queued; wait for the model thread (``wait``
+        False: do not wait for a model run in progress, whose callers are gone)."""
         self._task.cancel()
         for pending in self._queue:
             if not pending.future.done():
                 pending.future.set_exception(ModelNotReadyError("the server is shutting down; retry elsewhere"))
         self._queue.clear()
-        await asyncio.get_running_loop().run_in_executor(None, self._model_thread.shutdown)
+        if wait:
+            await asyncio.get_running_loop().run_in_executor(None, self._model_thread.shutdown)
+        else:
+            self._model_thread.shutdown(wait=False, cancel_futures=True)
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -160,7 +170,11 @@ class Batcher:
     def _run(self, items: Sequence[Prepared]) -> tuple[list[Extraction], float]:
         """The model run and its duration (on the model thread, so no event-loop hop is counted)."""
         started = time.monotonic()
-        results = self.extractor.run(items)
+        self._runs += 1
+        try:
+            results = self.extractor.run(items)
+        finally:
+            self._runs -= 1
         return results, time.monotonic() - started
 
     def _ran(self, batch: list[_Pending], seconds: float) -> None:

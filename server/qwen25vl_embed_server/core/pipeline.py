@@ -202,9 +202,10 @@ class Pipeline:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._preprocess, self._prepare, request, plan or self.plan(request))
 
-    async def close(self) -> None:
-        """Fail what is queued, stop the model thread and the workers."""
-        await self.batcher.close()
+    async def close(self, wait: bool = True) -> None:
+        """Fail what is queued, stop the model thread and the workers (``wait`` False: without
+        waiting for a model run in progress; see :meth:`Batcher.close`)."""
+        await self.batcher.close(wait)
         self._preprocess.shutdown(wait=False, cancel_futures=True)
 
     def _start_worker(self) -> None:

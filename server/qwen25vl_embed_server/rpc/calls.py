@@ -96,9 +96,15 @@ class EmbeddingCalls:
         self.metrics.watch_queue(lambda: pipeline.queue_depth)
         self.metrics.model_loaded(extractor.loaded.load_seconds)
 
-    async def close(self) -> None:
+    async def close(self, wait: bool = True) -> None:
+        """Stop the pipeline (``wait`` False: without waiting for a model run in progress)."""
         if self._pipeline is not None:
-            await self._pipeline.close()
+            await self._pipeline.close(wait)
+
+    @property
+    def model_running(self) -> bool:
+        """True while a model run is still in progress (after :meth:`close` without waiting)."""
+        return self._pipeline is not None and self._pipeline.batcher.running
 
     @property
     def pipeline(self) -> Pipeline:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
+import sys
 from dataclasses import dataclass, field
 
 import grpc
@@ -81,7 +83,8 @@ class RunningServer:
         await self.health.enter_graceful_shutdown()
         self.service.calls.stopping(grace)
         await self.server.stop(grace)
-        await self.service.close()
+        # Every call has ended by now: a model run still in progress has nobody to answer.
+        await self.service.close(wait=False)
         self.metrics.stop_http()
 
 
@@ -158,4 +161,12 @@ async def serve(config: ServerConfig, load: LoadOptions) -> None:
         await waiter
     log.info("shutting down (grace %.0f s)", config.grace_seconds)
     await running.stop(config.grace_seconds)
+    if running.service.calls.model_running:
+        # Python joins the model thread at exit, which would wait for the forward (minutes for
+        # a large one): leave now, as --grace promises.
+        log.warning("a model run is still in progress; exiting without waiting for it")
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     loader.cancel()

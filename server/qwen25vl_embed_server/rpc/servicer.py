@@ -36,8 +36,8 @@ class EmbeddingService(pb_grpc.EmbeddingServiceServicer):
         """Start serving ``extractor`` (call on the server's event loop)."""
         self.calls.attach(extractor)
 
-    async def close(self) -> None:
-        await self.calls.close()
+    async def close(self, wait: bool = True) -> None:
+        await self.calls.close(wait)
 
     async def Extract(  # noqa: N802 - the RPC's name
         self, request: pb.ImageRequest, context: Context
