@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import (
     CollectorRegistry,
@@ -22,8 +21,9 @@ from prometheus_client import (
     Histogram,
     PlatformCollector,
     ProcessCollector,
-    start_http_server,
 )
+
+from qwen25vl_embed_server.rpc.metrics_http import MetricsHTTPServer
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ class Metrics:
             ProcessCollector(registry=r)  # CPU, memory, open files (Linux)
             PlatformCollector(registry=r)
             GCCollector(registry=r)
-        self._http: WSGIServer | None = None
+        self._http: MetricsHTTPServer | None = None
 
     # --- recording ------------------------------------------------------------------------------
 
@@ -156,19 +156,19 @@ class Metrics:
         return None if self._http is None else int(self._http.server_port)
 
     def serve_http(self, host: str, port: int) -> int:
-        """Serve ``/metrics`` over plain HTTP (no TLS, no authentication) on a daemon thread.
+        """Serve ``/metrics`` over plain HTTP (no TLS, no authentication): a few threads, idle
+        connections closed (:class:`~.metrics_http.MetricsHTTPServer`).
 
         Returns:
             the bound port (``port`` 0 picks a free one).
         """
         if self._http is not None:
             raise RuntimeError("the metrics endpoint is already running")
-        self._http, _ = start_http_server(port, addr=host.strip("[]"), registry=self.registry)
-        return int(self._http.server_port)
+        self._http = MetricsHTTPServer(host.strip("[]"), port, self.registry)
+        return self._http.server_port
 
     def stop_http(self) -> None:
         """Stop the HTTP endpoint, if it runs."""
         if self._http is not None:
-            self._http.shutdown()
-            self._http.server_close()
+            self._http.close()
             self._http = None
