@@ -4,22 +4,29 @@ its grace period (UNAVAILABLE)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
 
 from qwen25vl_embed import EmbeddingClient, EmbeddingError
+from qwen25vl_embed.v1 import embed_pb2 as pb
 from qwen25vl_embed_server.core.batcher import BatchingConfig
+from qwen25vl_embed_server.core.errors import SlowConsumerError
 from qwen25vl_embed_server.core.extractor import Extractor
+from qwen25vl_embed_server.rpc.calls import EmbeddingCalls, ServiceConfig
+from qwen25vl_embed_server.rpc.error_mapping import status_for
 from qwen25vl_embed_server.rpc.harness import BackgroundServer
 from qwen25vl_embed_server.rpc.metrics import Metrics
 
 from ..helpers import server_config
-from .test_faults import CALL_TIMEOUT, HOLD, LATE, OUTPUTS, ModelProbe, image_bytes
+from .test_faults import CALL_TIMEOUT, GOOD, HOLD, LATE, OUTPUTS, ModelProbe, image_bytes
+
+GOOD_SIZE = GOOD[0]
 
 REQUEST_LOG = "qwen25vl_embed_server.requests"
 
@@ -104,3 +111,33 @@ def test_stop_returns_after_the_grace_period_even_mid_forward(extractor: Extract
         assert held.result(CALL_TIMEOUT) == grpc.StatusCode.UNAVAILABLE
         assert not probe._released.is_set()  # still mid-forward
         probe.release()
+
+
+def test_a_batch_caller_that_reads_nothing_is_ended_and_its_results_freed(extractor: Extractor) -> None:
+    """Transport-neutral: a ``write`` that never completes is what gRPC's flow control gives a
+    caller that stopped reading (measured: about 20 MiB of writes complete, then they block)."""
+
+    async def scenario() -> tuple[BaseException, int, int]:
+        calls = EmbeddingCalls(ServiceConfig(send_timeout_seconds=0.2))
+        calls.attach(extractor)
+        try:
+
+            async def requests() -> AsyncIterator[pb.ImageRequest]:
+                for i in range(3):
+                    image = pb.Image(data=image_bytes(GOOD_SIZE))
+                    yield pb.ImageRequest(images=[image], outputs=OUTPUTS, request_id=str(i))
+
+            async def never(message: pb.EmbeddingResponse) -> None:
+                await asyncio.Event().wait()
+
+            with pytest.raises(SlowConsumerError, match=r"read no response for 0\.2 s") as caught:
+                await asyncio.wait_for(calls.extract_batch(requests(), None, never), CALL_TIMEOUT)
+            budget = calls.pipeline.result_bytes
+            return caught.value, budget.used, budget.peak
+        finally:
+            await calls.close()
+
+    error, used, peak = asyncio.run(scenario())
+    assert status_for(error)[0] == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert peak > 0  # results were held for the caller ...
+    assert used == 0  # ... and freed when its call ended

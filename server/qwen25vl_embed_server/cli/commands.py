@@ -48,6 +48,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         service=ServiceConfig(
             chunk_bytes=args.chunk_bytes,
             stream_window=args.stream_window,
+            send_timeout_seconds=args.send_timeout,
             pipeline=PipelineConfig(
                 preprocess_workers=args.preprocess_workers,
                 batching=batching_of(args),

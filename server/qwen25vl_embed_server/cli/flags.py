@@ -142,6 +142,12 @@ def batching_flags(parser: argparse.ArgumentParser) -> None:
         help=f"server-wide bytes of results not yet sent ({defaults.DEFAULT_MAX_RESULT_BYTES >> 20} MiB)",
     )
     group.add_argument(
+        "--send-timeout",
+        type=float,
+        default=defaults.DEFAULT_SEND_TIMEOUT_SECONDS,
+        help=f"end an ExtractBatch call reading no response this long ({defaults.DEFAULT_SEND_TIMEOUT_SECONDS:g} s)",
+    )
+    group.add_argument(
         "--stream-window",
         type=int,
         default=defaults.DEFAULT_STREAM_WINDOW,
@@ -196,6 +202,7 @@ SERVE_FLAG_RANGES: tuple[tuple[str, str, float, float | None], ...] = (
     ("--batch-max-tokens", "batch_max_tokens", 1, None),
     ("--batch-max-wait-ms", "batch_max_wait_ms", 0, 60_000),
     ("--grace", "grace", 0, 86_400),
+    ("--send-timeout", "send_timeout", 0.001, 86_400),
     ("--min-pixels", "min_pixels", 1, None),
     ("--max-pixels", "max_pixels", 1, None),
     (LIMIT_FLAGS["max_request_bytes"], "max_request_bytes", 1, _INT32_MAX),

@@ -40,3 +40,6 @@ DEFAULT_MAX_PIXELS_IN_FLIGHT = 200_000_000
 
 DEFAULT_MAX_RESULT_BYTES = 1 << 30
 """Server-wide bytes of results computed or being computed and not yet sent (1 GiB)."""
+
+DEFAULT_SEND_TIMEOUT_SECONDS = 60.0
+"""How long an ExtractBatch caller may take no response before its call is ended."""

@@ -57,6 +57,10 @@ class DeadlineExceededError(RuntimeError):
     """The caller's deadline passed before the model ran the request."""
 
 
+class SlowConsumerError(RuntimeError):
+    """The caller took no result for the send timeout: its call is ended, its results dropped."""
+
+
 class OutOfMemoryError(RuntimeError):
     """Memory ran out on this request (host RAM or the device); the server goes on."""
 

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 
 from qwen25vl_embed.v1 import embed_pb2 as pb
-from qwen25vl_embed_server.core.defaults import DEFAULT_CHUNK_BYTES, DEFAULT_STREAM_WINDOW
-from qwen25vl_embed_server.core.errors import InvalidInputError, ModelNotReadyError, quoted
+from qwen25vl_embed_server.core.defaults import DEFAULT_CHUNK_BYTES, DEFAULT_SEND_TIMEOUT_SECONDS, DEFAULT_STREAM_WINDOW
+from qwen25vl_embed_server.core.errors import InvalidInputError, ModelNotReadyError, SlowConsumerError, quoted
 from qwen25vl_embed_server.core.extractor import Extractor
 from qwen25vl_embed_server.core.limits import MAX_REQUEST_ID_CHARS
 from qwen25vl_embed_server.core.outputs import DEFAULT_OUTPUTS
@@ -35,6 +35,7 @@ from qwen25vl_embed_server.rpc.observation import CANCELLED, RequestObservation
 
 Write = Callable[[pb.EmbeddingResponse], Awaitable[None]]
 
+
 # gRPC cancels a call at its deadline by its own clock; ours (monotonic + time_remaining() at the
 # start) can be a little later. A cancellation this close to the deadline is the deadline's.
 DEADLINE_SLACK_SECONDS = 0.05
@@ -44,13 +45,19 @@ DEADLINE_SLACK_SECONDS = 0.05
 class ServiceConfig:
     """``chunk_bytes``: the largest EmbeddingResponse sent. ``stream_window``: requests of one
     ExtractBatch stream in flight at once (the server reads no further ahead). ``pipeline``:
-    limits, preprocessing and batching (:class:`PipelineConfig`)."""
+    limits, preprocessing and batching (:class:`PipelineConfig`). ``send_timeout_seconds``: an
+    ExtractBatch caller that takes no response for this long (HTTP/2 flow control stops the
+    writes once its windows are full) has its call ended (:class:`SlowConsumerError`), and the
+    results held for it are freed."""
 
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     stream_window: int = DEFAULT_STREAM_WINDOW
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    send_timeout_seconds: float = DEFAULT_SEND_TIMEOUT_SECONDS
 
     def __post_init__(self) -> None:
+        if not self.send_timeout_seconds > 0:
+            raise ValueError(f"send_timeout_seconds must be positive, got {self.send_timeout_seconds}")
         for name in ("chunk_bytes", "stream_window"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -163,17 +170,20 @@ class EmbeddingCalls:
                         for message in response_messages(
                             request_id, result, self.config.chunk_bytes, observation.timings()
                         ):
-                            await write(message)
+                            await self._send(write, message)
                         observation.serialized(started)
             except asyncio.CancelledError as error:
                 observation.failed(error, self.cancelled_status(deadline))
+                raise
+            except SlowConsumerError as error:  # the whole call ends: no error message can go out
+                observation.failed(error)
                 raise
             except Exception as error:
                 observation.failed(error)
                 code, details = status_for(error)
                 log_failure("ExtractBatch", request_id, error)
                 async with writing:
-                    await write(error_message(request_id, code.value[0], details))
+                    await self._send(write, error_message(request_id, code.value[0], details))
             finally:
                 window.release()
                 observation.finish()
@@ -192,6 +202,17 @@ class EmbeddingCalls:
         finally:
             for task in tasks:
                 task.cancel()
+            # Let them end (and give their budgets back) before the call does.
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _send(self, write: Write, message: pb.EmbeddingResponse) -> None:
+        timeout = self.config.send_timeout_seconds
+        try:
+            await asyncio.wait_for(write(message), timeout)
+        except TimeoutError:
+            raise SlowConsumerError(
+                f"the caller read no response for {timeout:g} s; the call is ended and its results dropped"
+            ) from None
 
     def info(self) -> pb.InfoResponse:
         return info_response(self.pipeline.info(), self.config.chunk_bytes, server_version())

@@ -1,7 +1,7 @@
 """Domain errors -> gRPC status codes, in one place: a server interceptor.
 
 InvalidInputError -> INVALID_ARGUMENT with its message; OverloadedError and
-OutOfMemoryError (device or host, model run or preprocessing) -> RESOURCE_EXHAUSTED;
+OutOfMemoryError (device or host, model run or preprocessing) and SlowConsumerError -> RESOURCE_EXHAUSTED;
 DeadlineExceededError -> DEADLINE_EXCEEDED;
 ModelNotReadyError -> UNAVAILABLE; anything else -> INTERNAL with a generic message, the traceback logged on the server.
 """
@@ -21,6 +21,7 @@ from qwen25vl_embed_server.core.errors import (
     ModelNotReadyError,
     OutOfMemoryError,
     OverloadedError,
+    SlowConsumerError,
     quoted,
 )
 from qwen25vl_embed_server.rpc.messages import Undecodable, tolerant
@@ -32,7 +33,7 @@ def status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
     """The status code and caller-facing message for ``error``."""
     if isinstance(error, InvalidInputError):
         return grpc.StatusCode.INVALID_ARGUMENT, str(error)
-    if isinstance(error, (OverloadedError, OutOfMemoryError)):
+    if isinstance(error, (OverloadedError, OutOfMemoryError, SlowConsumerError)):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(error)
     if isinstance(error, DeadlineExceededError):
         return grpc.StatusCode.DEADLINE_EXCEEDED, str(error)
