@@ -3,7 +3,8 @@ port in use is an error, not a second server sharing its connections."""
 
 from __future__ import annotations
 
-import asyncio
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ import pytest
 from qwen25vl_embed_server.cli import main
 from qwen25vl_embed_server.core.extractor import Extractor
 from qwen25vl_embed_server.rpc.harness import BackgroundServer
-from qwen25vl_embed_server.rpc.server import ListenError, ServerConfig, create_server
+from qwen25vl_embed_server.rpc.server import ListenError, ServerConfig
 
 
 @pytest.mark.parametrize(
@@ -52,21 +53,27 @@ def test_min_pixels_above_max_pixels_is_refused(capsys: pytest.CaptureFixture[st
 def test_a_port_in_use_cannot_be_bound_twice(extractor: Extractor) -> None:
     with BackgroundServer(extractor, ServerConfig(port=0)) as first:
         port = int(first.address.rsplit(":", 1)[1])
+        second = BackgroundServer(extractor, ServerConfig(port=port))
+        try:
+            with pytest.raises(ListenError, match=rf"^cannot listen on 127\.0\.0\.1:{port}: the port is in use"):
+                second.start()
+        finally:
+            second.stop()
 
-        async def second() -> None:
-            running = await create_server(ServerConfig(port=port))
-            await running.stop(None)  # only reached when the bind wrongly succeeded
 
-        with pytest.raises(ListenError, match=rf"^cannot listen on 127\.0\.0\.1:{port}: the port is in use"):
-            asyncio.run(second())
-
-
-def test_serve_on_a_port_in_use_exits_2_with_one_line(
-    extractor: Extractor, tiny_model_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_serve_on_a_port_in_use_exits_2_with_one_line(extractor: Extractor, tiny_model_path: Path) -> None:
+    # In a child process: serve runs its own event loop, which gRPC's poller must not outlive here.
     with BackgroundServer(extractor, ServerConfig(port=0)) as first:
         port = first.address.rsplit(":", 1)[1]
-        assert main(["--log-level", "warning", "serve", "--model", str(tiny_model_path), "--port", port]) == 2
-    err = capsys.readouterr().err.splitlines()
-    assert err[-1].startswith(f"error: cannot listen on 127.0.0.1:{port}: the port is in use")
-    assert err[-1].endswith("(--host, --port, --metrics-host, --metrics-port)")
+        command = [sys.executable, "-m", "qwen25vl_embed_server.cli", "--log-level", "warning", "serve"]
+        done = subprocess.run(
+            [*command, "--model", str(tiny_model_path), "--port", port],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+    assert done.returncode == 2, done.stderr[-2000:]
+    last = done.stderr.splitlines()[-1]
+    assert last.startswith(f"error: cannot listen on 127.0.0.1:{port}: the port is in use")
+    assert last.endswith("(--host, --port, --metrics-host, --metrics-port)")

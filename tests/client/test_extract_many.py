@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 import grpc
@@ -90,19 +91,22 @@ def test_client_window_bounds_requests_ahead_of_consumption(client: EmbeddingCli
 
 
 class _CountingRuns:
-    """The real service, recording how many requests of a stream were being extracted at once."""
+    """The real service, recording how many requests of a stream were being extracted (or their
+    results sent) at once."""
 
     in_flight = 0
     most = 0
 
-    def __init__(self, run: Callable[..., Awaitable[Extraction]]) -> None:
-        self._run = run
+    def __init__(self, running: Callable[..., AbstractAsyncContextManager[Extraction]]) -> None:
+        self._running = running
 
-    async def __call__(self, pipeline: Pipeline, *args: Any, **kwargs: Any) -> Extraction:
+    @asynccontextmanager
+    async def __call__(self, pipeline: Pipeline, *args: Any, **kwargs: Any) -> AsyncIterator[Extraction]:
         type(self).in_flight += 1
         type(self).most = max(type(self).most, type(self).in_flight)
         try:
-            return await self._run(pipeline, *args, **kwargs)
+            async with self._running(pipeline, *args, **kwargs) as result:
+                yield result
         finally:
             type(self).in_flight -= 1
 
@@ -110,8 +114,8 @@ class _CountingRuns:
 def test_server_reads_no_further_ahead_than_its_stream_window(
     tiny_server: Callable[..., BackgroundServer], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    counting = _CountingRuns(Pipeline.run)
-    monkeypatch.setattr(Pipeline, "run", lambda *args, **kwargs: counting(*args, **kwargs))
+    counting = _CountingRuns(Pipeline.running)
+    monkeypatch.setattr(Pipeline, "running", lambda *args, **kwargs: counting(*args, **kwargs))
     requests = [pb.ImageRequest(images=[pb.Image(data=data)], request_id=f"r{i}") for i, data in enumerate(_images(8))]
     with (
         tiny_server(stream_window=2, batching=BatchingConfig(max_wait_ms=20)) as server,

@@ -80,6 +80,10 @@ class EmbedderSettings(BaseModel):
     batching: BatchingConfig = BatchingConfig()
     limits: Limits = Limits()
     max_in_flight: int | None = None
+    max_tokens_in_flight: int = defaults.DEFAULT_MAX_TOKENS_IN_FLIGHT
+    max_pixels_in_flight: int = defaults.DEFAULT_MAX_PIXELS_IN_FLIGHT
+    max_result_bytes: int = defaults.DEFAULT_MAX_RESULT_BYTES
+    send_timeout_seconds: float = defaults.DEFAULT_SEND_TIMEOUT_SECONDS
 
     def load_options(self) -> LoadOptions:
         from qwen25vl_embed_server.core.loading import LoadOptions
@@ -99,12 +103,16 @@ class EmbedderSettings(BaseModel):
         return ServiceConfig(
             chunk_bytes=self.chunk_bytes,
             stream_window=self.stream_window,
+            send_timeout_seconds=self.send_timeout_seconds,
             pipeline=PipelineConfig(
                 preprocess_workers=self.preprocess_workers,
                 batching=self.batching,
                 limits=self.limits,
                 max_in_flight=self.max_in_flight,
                 limit_hints=_LIMIT_HINTS,
+                max_tokens_in_flight=self.max_tokens_in_flight,
+                max_pixels_in_flight=self.max_pixels_in_flight,
+                max_result_bytes=self.max_result_bytes,
             ),
         )
 

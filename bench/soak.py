@@ -1,0 +1,182 @@
+"""Soak: a bounded mixed attack on a real ``serve`` process (loopback, tiny model) beside good traffic.
+
+For ``--seconds``, attacker threads send, over and over:
+
+  bomb        a small PNG that decodes to --bomb-side x --bomb-side pixels (one image)
+  bomb16      16 such images in one request (refused for its cost before decoding)
+  nonreader   an ExtractBatch stream of 8 bombs whose caller never reads (ended by --send-timeout)
+  malformed   bytes that are not an ImageRequest
+  jpegcut     a JPEG cut mid-scan with an end marker added
+  dupids      an ExtractBatch stream reusing one request id
+  hostile     a 100,000-character output name with newlines
+
+while --good-clients threads send small valid requests and time them. At the end it prints the
+server's peak RSS (VmHWM from /proc), the outcome counts per kind and the good requests' latency,
+and checks that every good request got its own correct result.
+
+    python bench/soak.py                    # 180 s, defaults
+    python bench/soak.py --seconds 60 --bomb-side 3584
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import grpc
+import numpy as np
+from PIL import Image
+
+from qwen25vl_embed import EmbeddingClient, EmbeddingError
+from qwen25vl_embed.v1 import embed_pb2 as pb
+from qwen25vl_embed_server.core.tiny_model import build_tiny_model
+from qwen25vl_embed_server.rpc.harness import ServerProcess
+
+SERVICE = "/qwen25vl_embed.v1.EmbeddingService/"
+
+
+def png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG", optimize=True)
+    return buffer.getvalue()
+
+
+def noise(width: int, height: int, seed: int) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def peak_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+class Soak:
+    def __init__(self, address: str, seconds: float, bomb_side: int) -> None:
+        self.address = address
+        self.until = time.monotonic() + seconds
+        self.outcomes: Counter[tuple[str, str]] = Counter()
+        self.good_latency: list[float] = []
+        self.wrong = 0
+        self.lock = threading.Lock()
+        self.bomb = png(Image.new("RGB", (bomb_side, bomb_side), (120, 30, 200)))
+        jpeg = io.BytesIO()
+        noise(256, 256, 1).save(jpeg, "JPEG", quality=90)
+        data = jpeg.getvalue()
+        self.jpegcut = data[: len(data) // 2] + b"\xff\xd9"
+        self.good = [png(noise(56 + 28 * (i % 3), 56, i)) for i in range(6)]
+        with EmbeddingClient(address, timeout=120) as client:
+            self.reference = [client.extract(image, outputs=["lm_last_token"])["lm_last_token"] for image in self.good]
+
+    def record(self, kind: str, status: str) -> None:
+        with self.lock:
+            self.outcomes[(kind, status)] += 1
+
+    def good_client(self, seed: int) -> None:
+        with EmbeddingClient(self.address, timeout=60) as client:
+            i = seed
+            while time.monotonic() < self.until:
+                index = i % len(self.good)
+                started = time.monotonic()
+                try:
+                    result = client.extract(self.good[index], outputs=["lm_last_token"], request_id=f"good-{i}")
+                except EmbeddingError as error:
+                    self.record("good", error.code.name)
+                else:
+                    with self.lock:
+                        self.good_latency.append(time.monotonic() - started)
+                    ok = result.request_id == f"good-{i}" and np.allclose(
+                        result["lm_last_token"], self.reference[index], rtol=1e-4, atol=1e-5
+                    )
+                    self.wrong += 0 if ok else 1
+                    self.record("good", "OK" if ok else "WRONG")
+                i += 7
+
+    def attacker(self, kind: str) -> None:
+        with grpc.insecure_channel(self.address) as channel, EmbeddingClient(self.address, timeout=60) as client:
+            while time.monotonic() < self.until:
+                self.record(kind, self.attack(kind, channel, client))
+
+    def attack(self, kind: str, channel: grpc.Channel, client: EmbeddingClient) -> str:
+        raw_batch = channel.stream_stream(
+            SERVICE + "ExtractBatch", request_serializer=None, response_deserializer=pb.EmbeddingResponse.FromString
+        )
+        try:
+            if kind == "bomb":
+                client.extract(self.bomb, outputs=["projected_pooled_mean"])
+            elif kind == "bomb16":
+                client.extract([self.bomb] * 16)
+            elif kind == "jpegcut":
+                client.extract(self.jpegcut)
+            elif kind == "hostile":
+                client.extract(self.good[0], outputs=["x\n" * 50_000])
+            elif kind == "malformed":
+                extract = channel.unary_stream(SERVICE + "Extract", request_serializer=None, response_deserializer=None)
+                list(extract(b"\x0a\xe8\x07abc", timeout=30))
+            elif kind == "dupids":
+                request = pb.ImageRequest(images=[pb.Image(data=self.good[1])], request_id="same").SerializeToString()
+                codes = {r.error.code for r in raw_batch(iter([request] * 3), timeout=60) if r.HasField("error")}
+                return "refused-per-request" if codes == {grpc.StatusCode.INVALID_ARGUMENT.value[0]} else f"{codes}"
+            elif kind == "nonreader":
+                unread = pb.ImageRequest(images=[pb.Image(data=self.bomb)], outputs=["vision_tokens"])
+                call = raw_batch(iter([unread.SerializeToString()] * 8), timeout=60)
+                time.sleep(15)  # read nothing: the server ends the call after --send-timeout
+                call.cancel()  # type: ignore[no-untyped-call]  # grpc-stubs leaves it untyped
+                return "abandoned unread"
+        except grpc.RpcError as error:
+            return error.code().name
+        except EmbeddingError as error:
+            return error.code.name
+        return "OK"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    parser.add_argument("--seconds", type=float, default=180)
+    parser.add_argument("--good-clients", type=int, default=4)
+    parser.add_argument("--bomb-side", type=int, default=1792, help="side of the decompression-bomb image")
+    parser.add_argument("--send-timeout", type=float, default=5)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as folder:
+        model = build_tiny_model(Path(folder) / "tiny")
+        serve_args = ["--model", str(model), "--send-timeout", str(args.send_timeout), "--log-level", "warning"]
+        with ServerProcess(serve_args, echo=None) as server:
+            assert server.process is not None
+            soak = Soak(server.address, args.seconds, args.bomb_side)
+            kinds = ["bomb", "bomb16", "nonreader", "nonreader", "malformed", "jpegcut", "dupids", "hostile"]
+            threads = [threading.Thread(target=soak.attacker, args=(kind,)) for kind in kinds]
+            threads += [threading.Thread(target=soak.good_client, args=(seed,)) for seed in range(args.good_clients)]
+            started = time.monotonic()
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            elapsed = time.monotonic() - started
+            rss = peak_rss_mib(server.process.pid)
+            with EmbeddingClient(server.address, timeout=60) as client:
+                still_ok = client.extract(soak.good[0], outputs=["lm_last_token"]).num_images == 1
+    latency = sorted(soak.good_latency)
+    print(f"soak: {elapsed:.0f} s, bomb {args.bomb_side}x{args.bomb_side}, send timeout {args.send_timeout:g} s")
+    print(f"server peak RSS (VmHWM): {rss:.0f} MiB")
+    for (kind, status), count in sorted(soak.outcomes.items()):
+        print(f"  {kind:10s} {status:28s} {count}")
+    if latency:
+        p95 = latency[int(0.95 * (len(latency) - 1))]
+        print(
+            f"good requests: {len(latency)} ok, latency p50 {statistics.median(latency) * 1000:.0f} ms, "
+            f"p95 {p95 * 1000:.0f} ms, max {latency[-1] * 1000:.0f} ms; wrong {soak.wrong}"
+        )
+    print(f"server healthy afterwards: {still_ok}")
+    return 0 if soak.wrong == 0 and still_ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
