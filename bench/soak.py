@@ -147,7 +147,7 @@ def main() -> int:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:
         model = build_tiny_model(Path(folder) / "tiny")
-        serve_args = ["--model", str(model), "--send-timeout", str(args.send_timeout), "--log-level", "warning"]
+        serve_args = ["--model", str(model), "--send-timeout", str(args.send_timeout)]
         with ServerProcess(serve_args, echo=None) as server:
             assert server.process is not None
             soak = Soak(server.address, args.seconds, args.bomb_side)
