@@ -22,6 +22,7 @@ from qwen25vl_embed_server.rpc.calls import EmbeddingCalls, ServiceConfig
 from qwen25vl_embed_server.rpc.error_mapping import status_for
 from qwen25vl_embed_server.rpc.harness import BackgroundServer
 from qwen25vl_embed_server.rpc.metrics import Metrics
+from qwen25vl_embed_server.rpc.servicer import EmbeddingService
 
 from ..helpers import server_config
 from .test_faults import CALL_TIMEOUT, GOOD, HOLD, LATE, OUTPUTS, ModelProbe, image_bytes
@@ -141,3 +142,31 @@ def test_a_batch_caller_that_reads_nothing_is_ended_and_its_results_freed(extrac
     assert status_for(error)[0] == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert peak > 0  # results were held for the caller ...
     assert used == 0  # ... and freed when its call ended
+
+
+def test_an_extract_caller_that_reads_nothing_is_ended_and_its_result_freed(extractor: Extractor) -> None:
+    """The servicer writes each message with a timeout: a context whose write never completes
+    stands for a caller whose flow-control window stays full."""
+
+    class StalledContext:
+        def time_remaining(self) -> float | None:
+            return None
+
+        async def write(self, message: pb.EmbeddingResponse) -> None:
+            await asyncio.Event().wait()
+
+    async def scenario() -> tuple[int, int]:
+        service = EmbeddingService(ServiceConfig(send_timeout_seconds=0.2))
+        service.attach(extractor)
+        try:
+            request = pb.ImageRequest(images=[pb.Image(data=image_bytes(GOOD_SIZE))], outputs=OUTPUTS)
+            with pytest.raises(SlowConsumerError, match=r"read no response for 0\.2 s"):
+                await asyncio.wait_for(service.Extract(request, StalledContext()), CALL_TIMEOUT)  # type: ignore[arg-type]
+            budget = service.calls.pipeline.result_bytes
+            return budget.used, budget.peak
+        finally:
+            await service.close()
+
+    used, peak = asyncio.run(scenario())
+    assert peak > 0
+    assert used == 0

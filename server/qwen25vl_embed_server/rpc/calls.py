@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 
@@ -119,7 +119,9 @@ class EmbeddingCalls:
             raise ModelNotReadyError("the model is still loading; retry later")
         return self._pipeline
 
-    async def extract(self, request: pb.ImageRequest, deadline: float | None) -> AsyncIterator[pb.EmbeddingResponse]:
+    async def extract(
+        self, request: pb.ImageRequest, deadline: float | None
+    ) -> AsyncGenerator[pb.EmbeddingResponse, None]:
         """The response messages of one request; a failure raises (the edge maps it to a status).
 
         ``deadline``: ``time.monotonic()`` after which the caller no longer waits (None: never).
@@ -170,7 +172,7 @@ class EmbeddingCalls:
                         for message in response_messages(
                             request_id, result, self.config.chunk_bytes, observation.timings()
                         ):
-                            await self._send(write, message)
+                            await self.send(write, message)
                         observation.serialized(started)
             except asyncio.CancelledError as error:
                 observation.failed(error, self.cancelled_status(deadline))
@@ -183,7 +185,7 @@ class EmbeddingCalls:
                 code, details = status_for(error)
                 log_failure("ExtractBatch", request_id, error)
                 async with writing:
-                    await self._send(write, error_message(request_id, code.value[0], details))
+                    await self.send(write, error_message(request_id, code.value[0], details))
             finally:
                 window.release()
                 observation.finish()
@@ -205,7 +207,9 @@ class EmbeddingCalls:
             # Let them end (and give their budgets back) before the call does.
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _send(self, write: Write, message: pb.EmbeddingResponse) -> None:
+    async def send(self, write: Write, message: pb.EmbeddingResponse) -> None:
+        """``write(message)``, or :class:`SlowConsumerError` when the caller takes it for longer
+        than the send timeout (HTTP/2 flow control holds the write while it reads nothing)."""
         timeout = self.config.send_timeout_seconds
         try:
             await asyncio.wait_for(write(message), timeout)

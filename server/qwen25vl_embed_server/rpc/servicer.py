@@ -39,11 +39,17 @@ class EmbeddingService(pb_grpc.EmbeddingServiceServicer):
     async def close(self, wait: bool = True) -> None:
         await self.calls.close(wait)
 
-    async def Extract(  # noqa: N802 - the RPC's name
+    # A coroutine that writes with context.write, so that each write can be timed: a caller that
+    # reads nothing is ended after the send timeout (see ServiceConfig).
+    async def Extract(  # type: ignore[override]  # noqa: N802 - the RPC's name
         self, request: pb.ImageRequest, context: Context
-    ) -> AsyncIterator[pb.EmbeddingResponse]:
-        async for message in self.calls.extract(request, _deadline(context)):
-            yield message
+    ) -> None:
+        messages = self.calls.extract(request, _deadline(context))
+        try:
+            async for message in messages:
+                await self.calls.send(context.write, message)
+        finally:
+            await messages.aclose()
 
     # A coroutine that writes with context.write (grpc.aio allows it; the stubs expect an iterator).
     async def ExtractBatch(  # type: ignore[override]  # noqa: N802 - the RPC's name
