@@ -145,7 +145,7 @@ def batching_flags(parser: argparse.ArgumentParser) -> None:
         "--send-timeout",
         type=float,
         default=defaults.DEFAULT_SEND_TIMEOUT_SECONDS,
-        help=f"end an ExtractBatch call reading no response this long ({defaults.DEFAULT_SEND_TIMEOUT_SECONDS:g} s)",
+        help=f"end a call that reads no response this long ({defaults.DEFAULT_SEND_TIMEOUT_SECONDS:g} s)",
     )
     group.add_argument(
         "--stream-window",
