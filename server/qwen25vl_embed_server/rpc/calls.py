@@ -45,8 +45,8 @@ DEADLINE_SLACK_SECONDS = 0.05
 class ServiceConfig:
     """``chunk_bytes``: the largest EmbeddingResponse sent. ``stream_window``: requests of one
     ExtractBatch stream in flight at once (the server reads no further ahead). ``pipeline``:
-    limits, preprocessing and batching (:class:`PipelineConfig`). ``send_timeout_seconds``: an
-    ExtractBatch caller that takes no response for this long (HTTP/2 flow control stops the
+    limits, preprocessing and batching (:class:`PipelineConfig`). ``send_timeout_seconds``: a
+    caller (Extract or ExtractBatch) that takes no response for this long (HTTP/2 flow control stops the
     writes once its windows are full) has its call ended (:class:`SlowConsumerError`), and the
     results held for it are freed."""
 
