@@ -84,13 +84,16 @@ class AsyncEmbeddingClient:
 
     async def extract(
         self,
-        image: ImageInput | Sequence[ImageInput],
+        image: ImageInput | Sequence[ImageInput] | None,
         prompt: str | None = None,
         outputs: Sequence[str] = (),
         dtype: str = "float32",
         normalize: bool = False,
         request_id: str = "",
         timeout: float | None = None,
+        *,
+        prompt_format: str = "chat",
+        dimensions: int = 0,
     ) -> Embeddings:
         """Run the model on one request and return its outputs.
 
@@ -104,7 +107,10 @@ class AsyncEmbeddingClient:
             qwen25vl_embed.codec.CodecError: the server's stream was malformed.
             asyncio.CancelledError: the awaiting task was cancelled (the call is cancelled too).
         """
-        request = await asyncio.to_thread(build_request, image, prompt, outputs, dtype, normalize, request_id)
+        build = functools.partial(
+            build_request, image, prompt, outputs, dtype, normalize, request_id, prompt_format, dimensions
+        )
+        request = await asyncio.to_thread(build)
         call = self._stub.Extract(request, timeout=self._deadline(timeout), metadata=self._metadata)
         builder = ResultBuilder()
         try:

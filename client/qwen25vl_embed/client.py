@@ -71,20 +71,28 @@ class EmbeddingClient:
 
     def extract(
         self,
-        image: ImageInput | Sequence[ImageInput],
+        image: ImageInput | Sequence[ImageInput] | None,
         prompt: str | None = None,
         outputs: Sequence[str] = (),
         dtype: str = "float32",
         normalize: bool = False,
         request_id: str = "",
         timeout: float | None = None,
+        *,
+        prompt_format: str = "chat",
+        dimensions: int = 0,
     ) -> Embeddings:
         """Run the model on one request and return its outputs.
 
         Args:
-            image: one image, or a list or tuple of images that form one multi-image prompt.
+            image: one image, or a list or tuple of images that form one multi-image prompt;
+                None: a text request (a prompt is then required; only LM outputs exist).
             prompt: the user text after the images; None lets the server use its default
                 ("Describe the image."), "" sends no text.
+            prompt_format: "chat" (the chat template), "raw" (the prompt is the whole text,
+                "<image>" where each image goes), "query" / "document" (the server's retrieval
+                recipe; see ``ServerInfo.recipe``).
+            dimensions: Matryoshka size of the retrieval outputs (0: all).
             outputs: output names (see ``ServerInfo.outputs``); empty asks for the pooled vectors
                 and visual_token_lens.
             dtype: wire dtype of floating outputs: "float32", "float16" or "bfloat16" (arrays of
@@ -100,7 +108,7 @@ class EmbeddingClient:
             TypeError: an image of an unsupported kind, or ``outputs`` given as a single string.
             qwen25vl_embed.codec.CodecError: the server's stream was malformed.
         """
-        request = build_request(image, prompt, outputs, dtype, normalize, request_id)
+        request = build_request(image, prompt, outputs, dtype, normalize, request_id, prompt_format, dimensions)
         call = self._stub.Extract(request, timeout=self._deadline(timeout), metadata=self._metadata)
         builder = ResultBuilder()
         try:

@@ -13,27 +13,47 @@ from qwen25vl_embed import codec
 from qwen25vl_embed.images import ImageInput, to_image_message
 from qwen25vl_embed.v1 import embed_pb2 as pb
 
-__all__ = ["build_request"]
+__all__ = ["PROMPT_FORMATS", "build_request"]
+
+PROMPT_FORMATS = {
+    "chat": pb.PROMPT_FORMAT_CHAT,
+    "raw": pb.PROMPT_FORMAT_RAW,
+    "query": pb.PROMPT_FORMAT_QUERY,
+    "document": pb.PROMPT_FORMAT_DOCUMENT,
+}
+"""The prompt formats (see the proto's PromptFormat): chat (default), raw, query, document."""
 
 
 def build_request(
-    image: ImageInput | Sequence[ImageInput],
+    image: ImageInput | Sequence[ImageInput] | None,
     prompt: str | None = None,
     outputs: Sequence[str] = (),
     dtype: str = "float32",
     normalize: bool = False,
     request_id: str = "",
+    prompt_format: str = "chat",
+    dimensions: int = 0,
 ) -> pb.ImageRequest:
     """The ``ImageRequest`` for :meth:`EmbeddingClient.extract`'s arguments, validated.
 
+    ``image`` None (or an empty list): a text request, which needs a prompt.
+
     Raises:
-        ValueError: no image, or a dtype other than "float32", "float16", "bfloat16".
+        ValueError: neither image nor prompt, an unknown prompt format, negative ``dimensions``,
+            or a dtype other than "float32", "float16", "bfloat16".
         TypeError: an image of an unsupported kind, or ``outputs`` given as a single string.
     """
     # Only lists and tuples mean several images: str and bytes are sequences too.
-    images = list(image) if isinstance(image, (list, tuple)) else [cast(ImageInput, image)]
-    if not images:
-        raise ValueError("at least one image is required")
+    if image is None:
+        images: list[ImageInput] = []
+    else:
+        images = list(image) if isinstance(image, (list, tuple)) else [cast(ImageInput, image)]
+    if not images and prompt is None:
+        raise ValueError("a request needs an image or a prompt (a text request)")
+    if prompt_format not in PROMPT_FORMATS:
+        raise ValueError(f"prompt_format must be one of {list(PROMPT_FORMATS)}, got {prompt_format!r}")
+    if dimensions < 0:
+        raise ValueError(f"dimensions must be 0 (all) or positive, got {dimensions}")
     if isinstance(outputs, str):
         raise TypeError(f"outputs must be a sequence of names, not the string {outputs!r}")
     if dtype not in codec.FLOAT_DTYPE_NAMES:
@@ -44,6 +64,8 @@ def build_request(
         dtype=codec.dtype_from_name(dtype),
         request_id=request_id,
         normalize=normalize,
+        prompt_format=PROMPT_FORMATS[prompt_format],
+        dimensions=dimensions,
     )
     if prompt is not None:
         request.prompt = prompt

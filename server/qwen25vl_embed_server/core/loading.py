@@ -15,6 +15,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from qwen25vl_embed_server.core.defaults import DEFAULT_DEVICE, DEFAULT_DTYPE
 from qwen25vl_embed_server.core.dtypes import TORCH_DTYPES, dtype_name
+from qwen25vl_embed_server.core.recipes import Recipe
 from qwen25vl_embed_server.core.tiny_model import TINY_MODEL_NAME, build_tiny_model
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,11 @@ class LoadOptions:
 
 @dataclass(frozen=True)
 class LoadedModel:
-    """A model in eval mode on its device, with the processor that prepares its inputs."""
+    """A model in eval mode on its device, with the processor that prepares its inputs.
+
+    ``model.model`` is the Qwen2.5-VL body (``visual``, ``language_model``); ``recipe`` and ``head``
+    (ColQwen2.5's ``custom_text_proj``) are set for a retrieval model.
+    """
 
     name: str
     model: Any
@@ -42,6 +47,8 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     load_seconds: float
+    recipe: Recipe | None = None
+    head: Any = None
 
     @property
     def visual(self) -> Any:

@@ -44,6 +44,9 @@ class EncodedRequest:
         dtype: the floating outputs' dtype ("float32", "float16" or "bfloat16").
         normalize: L2-normalise the pooled vectors.
         request_id: the caller's tag, echoed back.
+        prompt_format: "chat", "raw", "query" or "document" (:mod:`~.prompt`).
+        dimensions: keep the first this many components of the retrieval vectors, renormalised
+            (Matryoshka); 0: all.
     """
 
     images: Sequence[bytes]
@@ -52,18 +55,24 @@ class EncodedRequest:
     dtype: str = DEFAULT_WIRE_DTYPE
     normalize: bool = False
     request_id: str = ""
+    prompt_format: str = "chat"
+    dimensions: int = 0
 
     @property
     def text(self) -> str:
-        """The prompt in force."""
-        return DEFAULT_PROMPT if self.prompt is None else self.prompt
+        """The prompt in force (the default applies to the chat format only)."""
+        if self.prompt is None:
+            return DEFAULT_PROMPT if self.prompt_format == "chat" and self.images else ""
+        return self.prompt
 
 
 def check_request(request: EncodedRequest, limits: Limits) -> None:
     """Cheap checks, before anything is decoded or tokenized.
 
     Raises:
-        InvalidInputError: no image, or a request id over :data:`~.limits.MAX_REQUEST_ID_CHARS`.
+        InvalidInputError: neither an image nor a prompt, a prompt where the format takes none (or
+            none where it needs one), a negative ``dimensions``, or a request id over
+            :data:`~.limits.MAX_REQUEST_ID_CHARS`.
         LimitExceededError: more than ``max_images`` images, an image over ``max_image_bytes``, or
             a prompt over ``limits.max_prompt_chars`` characters.
     """
@@ -72,8 +81,14 @@ def check_request(request: EncodedRequest, limits: Limits) -> None:
             f"request_id is {len(request.request_id)} characters; the limit is {MAX_REQUEST_ID_CHARS}"
         )
     count = len(request.images)
-    if count == 0:
-        raise InvalidInputError("the request has no image; send at least one")
+    if count == 0 and request.prompt is None:
+        raise InvalidInputError("the request has neither an image nor a prompt; send at least one")
+    if request.prompt_format in ("raw", "query") and request.prompt is None:
+        raise InvalidInputError(f"the {request.prompt_format} format needs a prompt")
+    if request.prompt_format == "document" and request.prompt is not None:
+        raise InvalidInputError("the document format takes no prompt: the recipe's template is the text")
+    if request.dimensions < 0:
+        raise InvalidInputError(f"dimensions must be 0 (all) or positive, got {request.dimensions}")
     if count > limits.max_images:
         raise LimitExceededError(
             "max_images", f"request has {count} images; the limit is max_images={limits.max_images}"
@@ -112,7 +127,7 @@ def check_prompt_tokens(tokenizer: Any, prompt: str, limits: Limits) -> int:
         if token in prompt:
             raise InvalidInputError(
                 f"the prompt contains {token}, which is reserved for images and videos; remove it "
-                "(images go in ImageRequest.images)"
+                "(images go in ImageRequest.images; the raw format places each with <image>)"
             )
     count = len(tokenizer.encode(prompt, add_special_tokens=False)) if prompt else 0
     if count > limits.max_prompt_tokens:
@@ -147,11 +162,20 @@ def prepare_request(
 
     check_request(request, limits)
     if plan is None:
-        plan = extractor.plan(request.outputs)
+        plan = extractor.plan_request(request)
     processor = processor if processor is not None else extractor.loaded.processor
     images = [decode_image(data, index, limits.max_pixels) for index, data in enumerate(request.images)]
     check_prompt_tokens(processor.tokenizer, request.text, limits)
-    return extractor.prepare(images, request.text, plan, request.dtype, request.normalize, processor=processor)
+    return extractor.prepare(
+        images,
+        request.text,
+        plan,
+        request.dtype,
+        request.normalize,
+        processor=processor,
+        prompt_format=request.prompt_format,
+        dimensions=request.dimensions,
+    )
 
 
 def _check_prompt_chars(prompt: str, limits: Limits) -> None:
