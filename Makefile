@@ -14,6 +14,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -c constraints.txt torch torchvision
 	$(BIN)/pip install --quiet -c constraints.txt -e ".[server,dev,ray]"
+	$(BIN)/pip install --quiet --no-deps -c constraints.txt colpali-engine
 	touch $(STAMP)
 
 ## Start a server on the offline tiny model, extract a bundled image through the client, stop.

@@ -15,7 +15,8 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from qwen25vl_embed_server.core.defaults import DEFAULT_DEVICE, DEFAULT_DTYPE
 from qwen25vl_embed_server.core.dtypes import TORCH_DTYPES, dtype_name
-from qwen25vl_embed_server.core.recipes import Recipe
+from qwen25vl_embed_server.core.recipes import Recipe, detect_recipe, get_recipe
+from qwen25vl_embed_server.core.retrieval_model import RetrievalLayout, find_layout, load_retrieval
 from qwen25vl_embed_server.core.tiny_model import TINY_MODEL_NAME, build_tiny_model
 
 log = logging.getLogger(__name__)
@@ -23,7 +24,12 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class LoadOptions:
-    """How to load a model. ``device``/``dtype`` "auto": cuda > mps > cpu; bf16 on cuda else fp32."""
+    """How to load a model. ``device``/``dtype`` "auto": cuda > mps > cpu; bf16 on cuda else fp32.
+
+    ``recipe``: "auto" (detected from the checkpoint: a ColQwen2.5 / BiQwen2.5 config or adapter),
+    "none" (raw states) or a name of :data:`~.recipes.RECIPES`. ``pooling`` / ``image_tokens_only``
+    override the recipe's (see :func:`~.recipes.get_recipe`).
+    """
 
     model: str
     device: str = DEFAULT_DEVICE
@@ -31,6 +37,9 @@ class LoadOptions:
     min_pixels: int | None = None
     max_pixels: int | None = None
     attn_implementation: str | None = None
+    recipe: str = "auto"
+    pooling: str | None = None
+    image_tokens_only: bool = False
 
 
 @dataclass(frozen=True)
@@ -108,19 +117,53 @@ def load_model(options: LoadOptions) -> LoadedModel:
     device = resolve_device(options.device)
     dtype = resolve_dtype(options.dtype, device)
     path = resolve_model_path(options.model)
-    processor = AutoProcessor.from_pretrained(path)
+    layout = find_layout(path)
+    recipe = choose_recipe(options, layout)
+    head = None
+    if layout is not None:
+        model, processor, head = load_retrieval(layout, recipe or get_recipe("biqwen2.5"), dtype, device)
+    else:
+        if recipe is not None and recipe.head:
+            raise ValueError(f"recipe {recipe.name} needs a custom_text_proj head; {path} is a plain checkpoint")
+        processor = AutoProcessor.from_pretrained(path)
     size = dict(processor.image_processor.size)
     if options.min_pixels is not None:
         size["shortest_edge"] = options.min_pixels
     if options.max_pixels is not None:
         size["longest_edge"] = options.max_pixels
     processor.image_processor.size = {k: size[k] for k in ("shortest_edge", "longest_edge")}
-    kwargs: dict[str, Any] = {"dtype": dtype}
-    if options.attn_implementation:
-        kwargs["attn_implementation"] = options.attn_implementation
-    model = AutoModelForImageTextToText.from_pretrained(path, **kwargs).to(device).eval()  # type: ignore[arg-type]
+    if layout is None:
+        kwargs: dict[str, Any] = {"dtype": dtype}
+        if options.attn_implementation:
+            kwargs["attn_implementation"] = options.attn_implementation
+        model = AutoModelForImageTextToText.from_pretrained(path, **kwargs).to(device).eval()  # type: ignore[arg-type]
     seconds = time.perf_counter() - started
-    log.info("loaded %s on %s (%s) in %.1f s", options.model, device, dtype_name(dtype), seconds)
-    return LoadedModel(
-        name=options.model, model=model, processor=processor, device=device, dtype=dtype, load_seconds=seconds
+    log.info(
+        "loaded %s on %s (%s) in %.1f s, recipe %s",
+        options.model,
+        device,
+        dtype_name(dtype),
+        seconds,
+        recipe.name if recipe else "none",
     )
+    return LoadedModel(
+        name=options.model,
+        model=model,
+        processor=processor,
+        device=device,
+        dtype=dtype,
+        load_seconds=seconds,
+        recipe=recipe,
+        head=head,
+    )
+
+
+def choose_recipe(options: LoadOptions, layout: RetrievalLayout | None) -> Recipe | None:
+    """The recipe ``options`` ask for; "auto": the one the checkpoint's architectures name."""
+    name: str | None = options.recipe
+    if name == "auto":
+        name = detect_recipe(list(layout.architectures)) if layout is not None else None
+    if name in (None, "none"):
+        return None
+    assert name is not None
+    return get_recipe(name, options.pooling, options.image_tokens_only)
