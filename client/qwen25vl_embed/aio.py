@@ -16,15 +16,17 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable, Iterable, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
+import numpy as np
+import numpy.typing as npt
 
 from qwen25vl_embed.assembly import ResultBuilder
 from qwen25vl_embed.channels import TLSConfig, create_aio_channel
-from qwen25vl_embed.embeddings import Embeddings
+from qwen25vl_embed.embeddings import Embeddings, retrieval_vectors
 from qwen25vl_embed.errors import EmbeddingError, from_rpc_error
 from qwen25vl_embed.extract_many import ErrorPolicy, ResultCollector, in_order, progress_bar, sized
 from qwen25vl_embed.images import ImageInput
@@ -147,22 +149,67 @@ class AsyncEmbeddingClient:
         Raises:
             EmbeddingError: the stream failed, or a request failed and ``errors="raise"``.
         """
+
+        async def builds() -> AsyncIterator[Callable[[], pb.ImageRequest]]:
+            async for index, image in _numbered(images):
+                yield functools.partial(build_request, image, prompt, outputs, dtype, normalize, str(index))
+
+        async for result in self._stream(builds(), sized(images), concurrency, progress, errors, timeout):
+            yield result
+
+    async def embed_queries(
+        self, texts: Iterable[str], dimensions: int = 0, *, concurrency: int = 16, timeout: float | None = None
+    ) -> list[npt.NDArray[np.float32]]:
+        """As :meth:`EmbeddingClient.embed_queries <qwen25vl_embed.EmbeddingClient.embed_queries>`."""
+
+        async def builds() -> AsyncIterator[Callable[[], pb.ImageRequest]]:
+            for index, text in enumerate(texts):
+                yield functools.partial(
+                    build_request, None, text, (), "float32", False, str(index), "query", dimensions
+                )
+
+        return [retrieval_vectors(r) async for r in self._stream(builds(), None, concurrency, False, "raise", timeout)]
+
+    async def embed_images(
+        self, images: Iterable[ImageInput], dimensions: int = 0, *, concurrency: int = 16, timeout: float | None = None
+    ) -> list[npt.NDArray[np.float32]]:
+        """As :meth:`EmbeddingClient.embed_images <qwen25vl_embed.EmbeddingClient.embed_images>`."""
+
+        async def builds() -> AsyncIterator[Callable[[], pb.ImageRequest]]:
+            for index, image in enumerate(images):
+                yield functools.partial(
+                    build_request, image, None, (), "float32", False, str(index), "document", dimensions
+                )
+
+        return [retrieval_vectors(r) async for r in self._stream(builds(), None, concurrency, False, "raise", timeout)]
+
+    async def _stream(
+        self,
+        builds: AsyncIterator[Callable[[], pb.ImageRequest]],
+        total: int | None,
+        concurrency: int,
+        progress: bool,
+        errors: ErrorPolicy,
+        timeout: float | None,
+    ) -> AsyncGenerator[Embeddings | EmbeddingError, None]:
+        """One ExtractBatch stream over the requests ``builds`` make (built on a worker thread)."""
         if concurrency < 1:
             raise ValueError(f"concurrency must be at least 1, got {concurrency}")
         window = asyncio.Semaphore(concurrency)
         collector = ResultCollector()
 
         async def requests() -> AsyncIterator[pb.ImageRequest]:
-            async for index, image in _numbered(images):
-                build = functools.partial(build_request, image, prompt, outputs, dtype, normalize, str(index))
+            index = 0
+            async for build in builds:
                 request = await asyncio.to_thread(collector.build, index, build)
+                index += 1
                 if request is None:  # reported in its place; never sent, holds no window slot
                     continue
                 await window.acquire()
                 yield request
 
         call = self._stub.ExtractBatch(requests(), timeout=self._deadline(timeout), metadata=self._metadata)
-        bar = progress_bar(progress, sized(images))
+        bar = progress_bar(progress, total)
         try:
             async for response in call:
                 collector.add(response)

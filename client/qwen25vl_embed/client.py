@@ -5,15 +5,17 @@ from __future__ import annotations
 import functools
 import itertools
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 import grpc
+import numpy as np
+import numpy.typing as npt
 
 from qwen25vl_embed.assembly import ResultBuilder
 from qwen25vl_embed.channels import TLSConfig, create_channel
-from qwen25vl_embed.embeddings import Embeddings
+from qwen25vl_embed.embeddings import Embeddings, retrieval_vectors
 from qwen25vl_embed.errors import EmbeddingError, from_rpc_error
 from qwen25vl_embed.extract_many import ErrorPolicy, ResultCollector, in_order, progress_bar, sized
 from qwen25vl_embed.images import ImageInput
@@ -152,16 +154,68 @@ class EmbeddingClient:
         Raises:
             EmbeddingError: the stream failed, or a request failed and ``errors="raise"``.
         """
+        builds = (
+            functools.partial(build_request, image, prompt, outputs, dtype, normalize, str(index))
+            for index, image in enumerate(images)
+        )
+        return self._stream(builds, sized(images), concurrency, progress, errors, timeout)
+
+    def embed_queries(
+        self, texts: Iterable[str], dimensions: int = 0, *, concurrency: int = 16, timeout: float | None = None
+    ) -> list[npt.NDArray[np.float32]]:
+        """The server's retrieval vectors for text queries, in order (the recipe's query format).
+
+        Each is ``[T, E]`` (multi_vector: one row per token) or ``[1, E]`` (single_vector), float32,
+        L2-normalised rows; ``dimensions`` truncates (Matryoshka, renormalised). Sent over one
+        ExtractBatch stream, so the server batches them.
+
+        Raises:
+            EmbeddingError: a query failed (e.g. INVALID_ARGUMENT: the server has no recipe).
+        """
+        builds = (
+            functools.partial(build_request, None, text, (), "float32", False, str(index), "query", dimensions)
+            for index, text in enumerate(texts)
+        )
+        return [retrieval_vectors(r) for r in self._stream(builds, None, concurrency, False, "raise", timeout)]
+
+    def embed_images(
+        self,
+        images: Iterable[ImageInput],
+        dimensions: int = 0,
+        *,
+        concurrency: int = 16,
+        timeout: float | None = None,
+    ) -> list[npt.NDArray[np.float32]]:
+        """The server's retrieval vectors for documents (one image each, the recipe's document
+        template), in order; shapes as :meth:`embed_queries`.
+
+        Raises:
+            EmbeddingError: an image failed.
+        """
+        builds = (
+            functools.partial(build_request, image, None, (), "float32", False, str(index), "document", dimensions)
+            for index, image in enumerate(images)
+        )
+        return [retrieval_vectors(r) for r in self._stream(builds, None, concurrency, False, "raise", timeout)]
+
+    def _stream(
+        self,
+        builds: Iterable[Callable[[], pb.ImageRequest]],
+        total: int | None,
+        concurrency: int,
+        progress: bool,
+        errors: ErrorPolicy,
+        timeout: float | None,
+    ) -> Iterator[Embeddings | EmbeddingError]:
+        """One ExtractBatch stream over the requests ``builds`` make (built lazily, in order)."""
         if concurrency < 1:
             raise ValueError(f"concurrency must be at least 1, got {concurrency}")
         window = threading.Semaphore(concurrency)
         closed = threading.Event()
 
         def requests() -> Iterator[pb.ImageRequest]:
-            for index, image in enumerate(images):
-                request = collector.build(
-                    index, functools.partial(build_request, image, prompt, outputs, dtype, normalize, str(index))
-                )
+            for index, build in enumerate(builds):
+                request = collector.build(index, build)
                 if request is None:  # reported in its place; never sent, holds no window slot
                     continue
                 while not window.acquire(timeout=0.1):
@@ -173,7 +227,7 @@ class EmbeddingClient:
 
         collector = ResultCollector()
         call = self._stub.ExtractBatch(requests(), timeout=self._deadline(timeout), metadata=self._metadata)
-        bar = progress_bar(progress, sized(images))
+        bar = progress_bar(progress, total)
         try:
             # A final None drains what is left once the stream ends (e.g. trailing local failures).
             for response in itertools.chain(call, [None]):

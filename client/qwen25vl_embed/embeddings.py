@@ -21,7 +21,9 @@ import numpy.typing as npt
 from qwen25vl_embed import on_disk
 from qwen25vl_embed.v1 import embed_pb2 as pb
 
-__all__ = ["Embeddings", "Timings"]
+__all__ = ["Embeddings", "Timings", "retrieval_vectors"]
+
+RETRIEVAL_OUTPUTS = ("multi_vector", "single_vector")
 
 # Per-image token tensors and the count that splits them: vision patches or image tokens.
 _PATCH_ROWS = re.compile(r"vision_tokens|vision_layer_-?\d+")
@@ -308,3 +310,15 @@ def _read_only(array: np.ndarray) -> np.ndarray:
 def _bounds(counts: npt.NDArray[np.int64]) -> list[int]:
     """Start offsets of consecutive blocks of ``counts`` rows, then the total: ``[0, c0, c0+c1, ...]``."""
     return [0, *np.cumsum(counts, dtype=np.int64).tolist()]
+
+
+def retrieval_vectors(result: Embeddings | Any) -> npt.NDArray[np.float32]:
+    """The retrieval output (multi_vector or single_vector) of a result; raises the result itself
+    when it is an error, ValueError when it has no retrieval output."""
+    if isinstance(result, BaseException):
+        raise result
+    for name in RETRIEVAL_OUTPUTS:
+        if name in result.tensors:
+            vectors: npt.NDArray[np.float32] = result.tensors[name]
+            return vectors
+    raise ValueError(f"the result has no retrieval output ({', '.join(RETRIEVAL_OUTPUTS)}); got {list(result.tensors)}")

@@ -29,8 +29,8 @@ QUERIES = ["where is the cat", "a chart of quarterly revenue by region", "x"]
 
 
 @pytest.fixture(scope="module")
-def col_adapter(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_retrieval(tmp_path_factory.mktemp("colqwen"), "colqwen2.5")
+def col_adapter(colqwen_adapter: Path) -> Path:
+    return colqwen_adapter
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +43,8 @@ def _extractor(path: Path, **options: Any) -> Extractor:
 
 
 @pytest.fixture(scope="module")
-def col(col_adapter: Path) -> Extractor:
-    return _extractor(col_adapter)
+def col(colqwen: Extractor) -> Extractor:
+    return colqwen
 
 
 @pytest.fixture(scope="module")

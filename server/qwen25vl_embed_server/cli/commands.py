@@ -97,6 +97,9 @@ def load_options(args: argparse.Namespace) -> LoadOptions:
         dtype=args.dtype,
         min_pixels=args.min_pixels,
         max_pixels=args.max_pixels,
+        recipe=args.recipe,
+        pooling=args.pooling,
+        image_tokens_only=args.image_tokens_only,
     )
 
 

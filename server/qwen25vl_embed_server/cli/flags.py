@@ -12,6 +12,7 @@ from typing import Any
 from qwen25vl_embed_server.core import defaults
 from qwen25vl_embed_server.core.batcher import BatchingConfig
 from qwen25vl_embed_server.core.limits import Limits
+from qwen25vl_embed_server.core.recipes import RECIPE_CHOICES
 
 LIMIT_FLAGS: dict[str, str] = {
     "max_request_bytes": "--max-request-bytes",
@@ -37,6 +38,18 @@ def model_flags(parser: argparse.ArgumentParser, group: Any = None) -> None:
     )
     parser.add_argument("--min-pixels", type=int, default=None, help="processor min_pixels (checkpoint's default)")
     parser.add_argument("--max-pixels", type=int, default=None, help="processor max_pixels (checkpoint's default)")
+    parser.add_argument(
+        "--recipe",
+        choices=RECIPE_CHOICES,
+        default="auto",
+        help="retrieval recipe: auto (detected from a ColQwen2.5/BiQwen2.5 checkpoint or adapter), none (raw states)",
+    )
+    parser.add_argument(
+        "--pooling", choices=("last", "mean"), default=None, help="single-vector recipes: pooling (recipe's default)"
+    )
+    parser.add_argument(
+        "--image-tokens-only", action="store_true", help="multi-vector recipes: documents keep image-token vectors only"
+    )
 
 
 def prompt_flag(parser: argparse.ArgumentParser) -> None:
