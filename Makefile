@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -c constraints.txt torch torchvision
-	$(BIN)/pip install --quiet -c constraints.txt -e ".[server,dev,ray,search]"
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[server,dev,ray,search,examples]"
 	$(BIN)/pip install --quiet --no-deps -c constraints.txt colpali-engine
 	touch $(STAMP)
 
