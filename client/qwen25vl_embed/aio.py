@@ -21,7 +21,6 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
-import numpy as np
 import numpy.typing as npt
 
 from qwen25vl_embed.assembly import ResultBuilder
@@ -32,6 +31,7 @@ from qwen25vl_embed.extract_many import ErrorPolicy, ResultCollector, in_order, 
 from qwen25vl_embed.images import ImageInput
 from qwen25vl_embed.info import ServerInfo
 from qwen25vl_embed.requests import build_request
+from qwen25vl_embed.requests import retrieval_request as _retrieval_request
 from qwen25vl_embed.v1 import embed_pb2 as pb
 from qwen25vl_embed.v1 import embed_pb2_grpc
 
@@ -96,6 +96,7 @@ class AsyncEmbeddingClient:
         *,
         prompt_format: str = "chat",
         dimensions: int = 0,
+        vector_encoding: str = "float",
     ) -> Embeddings:
         """Run the model on one request and return its outputs.
 
@@ -110,7 +111,16 @@ class AsyncEmbeddingClient:
             asyncio.CancelledError: the awaiting task was cancelled (the call is cancelled too).
         """
         build = functools.partial(
-            build_request, image, prompt, outputs, dtype, normalize, request_id, prompt_format, dimensions
+            build_request,
+            image,
+            prompt,
+            outputs,
+            dtype,
+            normalize,
+            request_id,
+            prompt_format,
+            dimensions,
+            vector_encoding,
         )
         request = await asyncio.to_thread(build)
         call = self._stub.Extract(request, timeout=self._deadline(timeout), metadata=self._metadata)
@@ -158,28 +168,36 @@ class AsyncEmbeddingClient:
             yield result
 
     async def embed_queries(
-        self, texts: Iterable[str], dimensions: int = 0, *, concurrency: int = 16, timeout: float | None = None
-    ) -> list[npt.NDArray[np.float32]]:
+        self,
+        texts: Iterable[str],
+        dimensions: int = 0,
+        *,
+        encoding: str = "float",
+        concurrency: int = 16,
+        timeout: float | None = None,
+    ) -> list[npt.NDArray[Any]]:
         """As :meth:`EmbeddingClient.embed_queries <qwen25vl_embed.EmbeddingClient.embed_queries>`."""
 
         async def builds() -> AsyncIterator[Callable[[], pb.ImageRequest]]:
             for index, text in enumerate(texts):
-                yield functools.partial(
-                    build_request, None, text, (), "float32", False, str(index), "query", dimensions
-                )
+                yield functools.partial(_retrieval_request, None, text, index, "query", dimensions, encoding)
 
         return [retrieval_vectors(r) async for r in self._stream(builds(), None, concurrency, False, "raise", timeout)]
 
     async def embed_images(
-        self, images: Iterable[ImageInput], dimensions: int = 0, *, concurrency: int = 16, timeout: float | None = None
-    ) -> list[npt.NDArray[np.float32]]:
+        self,
+        images: Iterable[ImageInput],
+        dimensions: int = 0,
+        *,
+        encoding: str = "float",
+        concurrency: int = 16,
+        timeout: float | None = None,
+    ) -> list[npt.NDArray[Any]]:
         """As :meth:`EmbeddingClient.embed_images <qwen25vl_embed.EmbeddingClient.embed_images>`."""
 
         async def builds() -> AsyncIterator[Callable[[], pb.ImageRequest]]:
             for index, image in enumerate(images):
-                yield functools.partial(
-                    build_request, image, None, (), "float32", False, str(index), "document", dimensions
-                )
+                yield functools.partial(_retrieval_request, image, None, index, "document", dimensions, encoding)
 
         return [retrieval_vectors(r) async for r in self._stream(builds(), None, concurrency, False, "raise", timeout)]
 

@@ -10,7 +10,6 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 import grpc
-import numpy as np
 import numpy.typing as npt
 
 from qwen25vl_embed.assembly import ResultBuilder
@@ -83,6 +82,7 @@ class EmbeddingClient:
         *,
         prompt_format: str = "chat",
         dimensions: int = 0,
+        vector_encoding: str = "float",
     ) -> Embeddings:
         """Run the model on one request and return its outputs.
 
@@ -95,6 +95,7 @@ class EmbeddingClient:
                 "<image>" where each image goes), "query" / "document" (the server's retrieval
                 recipe; see ``ServerInfo.recipe``).
             dimensions: Matryoshka size of the retrieval outputs (0: all).
+            vector_encoding: their wire form: "float" (``dtype``), "int8" or "binary".
             outputs: output names (see ``ServerInfo.outputs``); empty asks for the pooled vectors
                 and visual_token_lens.
             dtype: wire dtype of floating outputs: "float32", "float16" or "bfloat16" (arrays of
@@ -110,7 +111,9 @@ class EmbeddingClient:
             TypeError: an image of an unsupported kind, or ``outputs`` given as a single string.
             qwen25vl_embed.codec.CodecError: the server's stream was malformed.
         """
-        request = build_request(image, prompt, outputs, dtype, normalize, request_id, prompt_format, dimensions)
+        request = build_request(
+            image, prompt, outputs, dtype, normalize, request_id, prompt_format, dimensions, vector_encoding
+        )
         call = self._stub.Extract(request, timeout=self._deadline(timeout), metadata=self._metadata)
         builder = ResultBuilder()
         try:
@@ -161,19 +164,28 @@ class EmbeddingClient:
         return self._stream(builds, sized(images), concurrency, progress, errors, timeout)
 
     def embed_queries(
-        self, texts: Iterable[str], dimensions: int = 0, *, concurrency: int = 16, timeout: float | None = None
-    ) -> list[npt.NDArray[np.float32]]:
+        self,
+        texts: Iterable[str],
+        dimensions: int = 0,
+        *,
+        encoding: str = "float",
+        concurrency: int = 16,
+        timeout: float | None = None,
+    ) -> list[npt.NDArray[Any]]:
         """The server's retrieval vectors for text queries, in order (the recipe's query format).
 
         Each is ``[T, E]`` (multi_vector: one row per token) or ``[1, E]`` (single_vector), float32,
-        L2-normalised rows; ``dimensions`` truncates (Matryoshka, renormalised). Sent over one
+        L2-normalised rows; ``dimensions`` truncates (Matryoshka, renormalised); ``encoding``
+        "int8" / "binary" returns them in those wire forms (see the proto's VectorEncoding). Sent over one
         ExtractBatch stream, so the server batches them.
 
         Raises:
             EmbeddingError: a query failed (e.g. INVALID_ARGUMENT: the server has no recipe).
         """
         builds = (
-            functools.partial(build_request, None, text, (), "float32", False, str(index), "query", dimensions)
+            functools.partial(
+                build_request, None, text, (), "float32", False, str(index), "query", dimensions, encoding
+            )
             for index, text in enumerate(texts)
         )
         return [retrieval_vectors(r) for r in self._stream(builds, None, concurrency, False, "raise", timeout)]
@@ -183,9 +195,10 @@ class EmbeddingClient:
         images: Iterable[ImageInput],
         dimensions: int = 0,
         *,
+        encoding: str = "float",
         concurrency: int = 16,
         timeout: float | None = None,
-    ) -> list[npt.NDArray[np.float32]]:
+    ) -> list[npt.NDArray[Any]]:
         """The server's retrieval vectors for documents (one image each, the recipe's document
         template), in order; shapes as :meth:`embed_queries`.
 
@@ -193,7 +206,9 @@ class EmbeddingClient:
             EmbeddingError: an image failed.
         """
         builds = (
-            functools.partial(build_request, image, None, (), "float32", False, str(index), "document", dimensions)
+            functools.partial(
+                build_request, image, None, (), "float32", False, str(index), "document", dimensions, encoding
+            )
             for index, image in enumerate(images)
         )
         return [retrieval_vectors(r) for r in self._stream(builds, None, concurrency, False, "raise", timeout)]

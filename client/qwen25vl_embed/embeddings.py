@@ -312,13 +312,13 @@ def _bounds(counts: npt.NDArray[np.int64]) -> list[int]:
     return [0, *np.cumsum(counts, dtype=np.int64).tolist()]
 
 
-def retrieval_vectors(result: Embeddings | Any) -> npt.NDArray[np.float32]:
+def retrieval_vectors(result: Embeddings | Any) -> npt.NDArray[Any]:
     """The retrieval output (multi_vector or single_vector) of a result; raises the result itself
     when it is an error, ValueError when it has no retrieval output."""
     if isinstance(result, BaseException):
         raise result
     for name in RETRIEVAL_OUTPUTS:
         if name in result.tensors:
-            vectors: npt.NDArray[np.float32] = result.tensors[name]
+            vectors: npt.NDArray[Any] = result.tensors[name]
             return vectors
     raise ValueError(f"the result has no retrieval output ({', '.join(RETRIEVAL_OUTPUTS)}); got {list(result.tensors)}")

@@ -13,7 +13,7 @@ from qwen25vl_embed import codec
 from qwen25vl_embed.images import ImageInput, to_image_message
 from qwen25vl_embed.v1 import embed_pb2 as pb
 
-__all__ = ["PROMPT_FORMATS", "build_request"]
+__all__ = ["PROMPT_FORMATS", "VECTOR_ENCODINGS", "build_request", "retrieval_request"]
 
 PROMPT_FORMATS = {
     "chat": pb.PROMPT_FORMAT_CHAT,
@@ -22,6 +22,13 @@ PROMPT_FORMATS = {
     "document": pb.PROMPT_FORMAT_DOCUMENT,
 }
 """The prompt formats (see the proto's PromptFormat): chat (default), raw, query, document."""
+
+VECTOR_ENCODINGS = {
+    "float": pb.VECTOR_ENCODING_FLOAT,
+    "int8": pb.VECTOR_ENCODING_INT8,
+    "binary": pb.VECTOR_ENCODING_BINARY,
+}
+"""Wire forms of the retrieval outputs (the proto's VectorEncoding): float (default), int8, binary."""
 
 
 def build_request(
@@ -33,6 +40,7 @@ def build_request(
     request_id: str = "",
     prompt_format: str = "chat",
     dimensions: int = 0,
+    vector_encoding: str = "float",
 ) -> pb.ImageRequest:
     """The ``ImageRequest`` for :meth:`EmbeddingClient.extract`'s arguments, validated.
 
@@ -52,6 +60,8 @@ def build_request(
         raise ValueError("a request needs an image or a prompt (a text request)")
     if prompt_format not in PROMPT_FORMATS:
         raise ValueError(f"prompt_format must be one of {list(PROMPT_FORMATS)}, got {prompt_format!r}")
+    if vector_encoding not in VECTOR_ENCODINGS:
+        raise ValueError(f"vector_encoding must be one of {list(VECTOR_ENCODINGS)}, got {vector_encoding!r}")
     if dimensions < 0:
         raise ValueError(f"dimensions must be 0 (all) or positive, got {dimensions}")
     if isinstance(outputs, str):
@@ -66,7 +76,17 @@ def build_request(
         normalize=normalize,
         prompt_format=PROMPT_FORMATS[prompt_format],
         dimensions=dimensions,
+        vector_encoding=VECTOR_ENCODINGS[vector_encoding],
     )
     if prompt is not None:
         request.prompt = prompt
     return request
+
+
+def retrieval_request(
+    image: ImageInput | None, text: str | None, index: int, prompt_format: str, dimensions: int, encoding: str
+) -> pb.ImageRequest:
+    """The request of ``embed_queries`` / ``embed_images``: the recipe's format, its default output."""
+    return build_request(
+        image, text, (), "float32", False, str(index), prompt_format, dimensions, vector_encoding=encoding
+    )

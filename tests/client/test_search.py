@@ -69,7 +69,7 @@ def test_maxsim_equals_colpali_scoring(search_client: EmbeddingClient) -> None:
     documents = search_client.embed_images(IMAGES)
     processor = ColQwen2_5_Processor.__new__(ColQwen2_5_Processor)  # scoring needs no tokenizer
     expected = processor.score_multi_vector(
-        [torch.from_numpy(q) for q in queries], [torch.from_numpy(d) for d in documents]
+        [torch.tensor(q) for q in queries], [torch.tensor(d) for d in documents]
     )
     ours = np.stack([maxsim(q, documents) for q in queries])
     np.testing.assert_allclose(ours, expected.numpy(), rtol=1e-5)
@@ -88,3 +88,15 @@ def test_token_pooling_equals_colpali_and_shrinks_storage(search_client: Embeddi
     for ours, reference in zip(pooled, expected, strict=True):
         np.testing.assert_allclose(ours, reference.numpy(), rtol=1e-5, atol=1e-6)
     assert storage_bytes(pooled) <= storage_bytes(documents) / 2
+
+
+def test_int8_and_binary_wire_forms(search_client: EmbeddingClient) -> None:
+    full = search_client.embed_queries(QUERIES[:1], dimensions=64)[0]
+    as_int8 = search_client.embed_queries(QUERIES[:1], dimensions=64, encoding="int8")[0]
+    as_bits = search_client.embed_queries(QUERIES[:1], dimensions=64, encoding="binary")[0]
+    assert (as_int8.dtype, as_int8.shape) == (np.dtype(np.int8), full.shape)
+    np.testing.assert_array_equal(as_int8, np.clip(np.rint(full * 127), -127, 127).astype(np.int8))
+    assert np.abs(as_int8 / 127.0 - full).max() <= 0.5 / 127 + 1e-6
+    assert (as_bits.dtype, as_bits.shape) == (np.dtype(np.uint8), (full.shape[0], 8))
+    np.testing.assert_array_equal(np.unpackbits(as_bits, axis=-1).astype(bool), full > 0)
+    assert storage_bytes([as_bits]) * 32 == storage_bytes([full])

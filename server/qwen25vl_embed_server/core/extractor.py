@@ -28,7 +28,13 @@ from qwen25vl_embed_server.core.model_info import ModelInfo, RecipeInfo
 from qwen25vl_embed_server.core.outputs import DEFAULT_OUTPUTS, OutputPlan, available_outputs, merge_plans, plan_outputs
 from qwen25vl_embed_server.core.prompt import prepare_inputs, render_text
 from qwen25vl_embed_server.core.recipes import MULTI_VECTOR, SINGLE_VECTOR
-from qwen25vl_embed_server.core.retrieval_heads import multi_vector, single_vector, truncate
+from qwen25vl_embed_server.core.retrieval_heads import (
+    VECTOR_ENCODINGS,
+    encode_vectors,
+    multi_vector,
+    single_vector,
+    truncate,
+)
 from qwen25vl_embed_server.core.window_order import to_image_order, window_index
 
 
@@ -45,6 +51,7 @@ class Prepared:
     dtype: str = DEFAULT_WIRE_DTYPE
     normalize: bool = False
     dimensions: int = 0
+    vector_encoding: str = "float"
 
     @property
     def has_images(self) -> bool:
@@ -156,6 +163,7 @@ class Extractor:
         processor: Any = None,
         prompt_format: str = "chat",
         dimensions: int = 0,
+        vector_encoding: str = "float",
     ) -> Prepared:
         """Preprocess one request (CPU only); no images: a text request. Raises :class:`InvalidInputError`.
 
@@ -169,11 +177,22 @@ class Extractor:
         if dimensions and not 0 < dimensions <= self.retrieval_dim:
             limit = f"at most {self.retrieval_dim}" if self.retrieval_dim else "0: the model has no retrieval recipe"
             raise InvalidInputError(f"dimensions={dimensions} is out of range ({limit})")
+        if vector_encoding not in VECTOR_ENCODINGS:
+            raise InvalidInputError(
+                f"unknown vector encoding {vector_encoding!r}; expected one of {', '.join(VECTOR_ENCODINGS)}"
+            )
         processor = processor if processor is not None else self.loaded.processor
         text = render_text(processor, len(images), prompt, prompt_format, self.recipe)
         inputs = prepare_inputs(processor, images, text)
         plan = plan or self.plan((), has_images=bool(images))
-        return Prepared(inputs=dict(inputs), plan=plan, dtype=dtype, normalize=normalize, dimensions=dimensions)
+        return Prepared(
+            inputs=dict(inputs),
+            plan=plan,
+            dtype=dtype,
+            normalize=normalize,
+            dimensions=dimensions,
+            vector_encoding=vector_encoding,
+        )
 
     def extract(
         self,
@@ -289,7 +308,10 @@ class Extractor:
             tensor = _pool(name, out) if name in names.POOLED else out[name]
             if item.normalize and name in names.POOLED:
                 tensor = functional.normalize(tensor, p=2.0, dim=-1)
-            arrays[name] = _to_numpy(tensor, wire)
+            if name == self._retrieval and item.vector_encoding != "float":
+                arrays[name] = encode_vectors(_to_numpy(tensor, torch.float32), item.vector_encoding)
+            else:
+                arrays[name] = _to_numpy(tensor, wire)
         return Extraction(
             tensors=arrays,
             visual_token_lens=lens.numpy(),

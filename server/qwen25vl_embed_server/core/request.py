@@ -47,6 +47,8 @@ class EncodedRequest:
         prompt_format: "chat", "raw", "query" or "document" (:mod:`~.prompt`).
         dimensions: keep the first this many components of the retrieval vectors, renormalised
             (Matryoshka); 0: all.
+        vector_encoding: the retrieval vectors' wire form: "float", "int8" or "binary"
+            (:func:`~.retrieval_heads.encode_vectors`).
     """
 
     images: Sequence[bytes]
@@ -57,6 +59,7 @@ class EncodedRequest:
     request_id: str = ""
     prompt_format: str = "chat"
     dimensions: int = 0
+    vector_encoding: str = "float"
 
     @property
     def text(self) -> str:
@@ -175,6 +178,7 @@ def prepare_request(
         processor=processor,
         prompt_format=request.prompt_format,
         dimensions=request.dimensions,
+        vector_encoding=request.vector_encoding,
     )
 
 

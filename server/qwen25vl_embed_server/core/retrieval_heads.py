@@ -8,6 +8,7 @@ model's dtype, ``x / x.norm()``, multiplication by the masks), on one request's 
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch.nn import functional
 
@@ -50,3 +51,22 @@ def truncate(vectors: torch.Tensor, dimensions: int) -> torch.Tensor:
     if dimensions in (0, vectors.shape[-1]):
         return vectors
     return functional.normalize(vectors[..., :dimensions], p=2.0, dim=-1)
+
+
+VECTOR_ENCODINGS = ("float", "int8", "binary")
+
+
+def encode_vectors(vectors: np.ndarray, encoding: str) -> np.ndarray:
+    """Retrieval vectors (float32, rows L2-normalised) in a compact wire form.
+
+    "int8": ``round(v * 127)`` clipped to [-127, 127], int8, same shape. "binary": 1 bit per
+    component (``v > 0``), packed 8 per byte, first component in the most significant bit:
+    uint8 ``[..., ceil(E / 8)]``. "float": unchanged.
+    """
+    if encoding == "float":
+        return vectors
+    if encoding == "int8":
+        return np.clip(np.rint(vectors * 127.0), -127, 127).astype(np.int8)
+    if encoding == "binary":
+        return np.packbits(vectors > 0, axis=-1, bitorder="big")
+    raise ValueError(f"unknown vector encoding {encoding!r}; expected one of {', '.join(VECTOR_ENCODINGS)}")

@@ -29,7 +29,16 @@ def to_encoded(request: pb.ImageRequest, request_id: str | None = None) -> Encod
         request_id=request.request_id if request_id is None else request_id,
         prompt_format=prompt_format(request.prompt_format),
         dimensions=request.dimensions,
+        vector_encoding=_VECTOR_ENCODINGS.get(request.vector_encoding, str(request.vector_encoding)),
     )
+
+
+_VECTOR_ENCODINGS = {
+    pb.VECTOR_ENCODING_UNSPECIFIED: "float",
+    pb.VECTOR_ENCODING_FLOAT: "float",
+    pb.VECTOR_ENCODING_INT8: "int8",
+    pb.VECTOR_ENCODING_BINARY: "binary",
+}
 
 
 _PROMPT_FORMATS = {
