@@ -68,9 +68,7 @@ def test_maxsim_equals_colpali_scoring(search_client: EmbeddingClient) -> None:
     queries = search_client.embed_queries(QUERIES)
     documents = search_client.embed_images(IMAGES)
     processor = ColQwen2_5_Processor.__new__(ColQwen2_5_Processor)  # scoring needs no tokenizer
-    expected = processor.score_multi_vector(
-        [torch.tensor(q) for q in queries], [torch.tensor(d) for d in documents]
-    )
+    expected = processor.score_multi_vector([torch.tensor(q) for q in queries], [torch.tensor(d) for d in documents])
     ours = np.stack([maxsim(q, documents) for q in queries])
     np.testing.assert_allclose(ours, expected.numpy(), rtol=1e-5)
 
