@@ -126,15 +126,18 @@ class Extractor:
         dtype: str = DEFAULT_WIRE_DTYPE,
         normalize: bool = False,
         processor: Any = None,
+        pixels: tuple[int, int] | None = None,
     ) -> Prepared:
         """Preprocess one request (CPU only). Raises :class:`InvalidInputError`.
 
         ``processor``: one private to the calling thread (None: the model's own, which one thread
         at a time may use; see :func:`~qwen25vl_embed_server.core.request.check_prompt_tokens`).
+        ``pixels``: this request's (min, max) resize range, already checked against
+        :meth:`pixel_range`; None: the processor's.
         """
         if dtype not in TORCH_DTYPES:
             raise InvalidInputError(f"unknown dtype {dtype!r}; expected one of {', '.join(TORCH_DTYPES)}")
-        inputs = prepare_inputs(processor if processor is not None else self.loaded.processor, images, prompt)
+        inputs = prepare_inputs(processor if processor is not None else self.loaded.processor, images, prompt, pixels)
         return Prepared(inputs=dict(inputs), plan=plan or self.plan(()), dtype=dtype, normalize=normalize)
 
     def extract(

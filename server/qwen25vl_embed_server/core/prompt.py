@@ -23,8 +23,13 @@ def render_prompt(processor: Any, num_images: int, prompt: str) -> str:
     return text
 
 
-def prepare_inputs(processor: Any, images: Sequence[Image.Image], prompt: str) -> Any:
+def prepare_inputs(
+    processor: Any, images: Sequence[Image.Image], prompt: str, pixels: tuple[int, int] | None = None
+) -> Any:
     """The processor's ``BatchFeature`` (CPU tensors) for one multi-image prompt.
+
+    ``pixels``: (min, max) resize range of this call, passed to the processor as an argument (the
+    processor, which other requests share, is never changed); None: the processor's own.
 
     Keys: input_ids [1, T], attention_mask [1, T], mm_token_type_ids [1, T] (drives M-RoPE),
     pixel_values [Np, C*t*p*p], image_grid_thw [num_images, 3].
@@ -33,7 +38,10 @@ def prepare_inputs(processor: Any, images: Sequence[Image.Image], prompt: str) -
         raise InvalidInputError("the request has no image; send at least one")
     text = render_prompt(processor, len(images), prompt)
     try:
-        return processor(text=[text], images=list(images), return_tensors="pt")
+        if pixels is None:
+            return processor(text=[text], images=list(images), return_tensors="pt")
+        size = {"shortest_edge": pixels[0], "longest_edge": pixels[1]}
+        return processor(text=[text], images=list(images), return_tensors="pt", size=size)
     except ValueError as err:  # e.g. aspect ratio beyond the processor's limit
         sizes = ", ".join(f"{im.width}x{im.height}" for im in images)
         raise InvalidInputError(f"the processor rejected the image(s) ({sizes}): {err}") from err

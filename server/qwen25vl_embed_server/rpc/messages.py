@@ -27,6 +27,8 @@ def to_encoded(request: pb.ImageRequest, request_id: str | None = None) -> Encod
         dtype=wire_dtype(request.dtype),
         normalize=request.normalize,
         request_id=request.request_id if request_id is None else request_id,
+        min_pixels=request.min_pixels if request.HasField("min_pixels") else None,
+        max_pixels=request.max_pixels if request.HasField("max_pixels") else None,
     )
 
 
