@@ -24,6 +24,7 @@ from qwen25vl_embed_server.cli.flags import (
     model_flags,
     prompt_flag,
     server_security_flags,
+    wait_flag,
 )
 from qwen25vl_embed_server.cli.logging_setup import LOG_FORMATS, configure_logging
 from qwen25vl_embed_server.core import defaults
@@ -126,11 +127,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="skip images whose folder already holds a complete manifest with these outputs (resume)",
     )
+    wait_flag(extract_)
     client_security_flags(extract_)
     extract_.set_defaults(run=extract)
 
     info = subcommands.add_parser("info", help="describe a running server's model")
     info.add_argument("--server", required=True, help="host:port")
+    wait_flag(info)
     client_security_flags(info)
     info.set_defaults(run=commands.info)
 

@@ -19,6 +19,7 @@ from qwen25vl_embed_server.core import defaults
 from qwen25vl_embed_server.core.limits import Limits
 
 if TYPE_CHECKING:
+    from qwen25vl_embed import ServerInfo
     from qwen25vl_embed_server.core.loading import LoadOptions
     from qwen25vl_embed_server.rpc.server import ServerConfig
 
@@ -136,8 +137,13 @@ def info(args: argparse.Namespace) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     with client:
-        print(json.dumps(asdict(client.info()), indent=2))
+        print(json.dumps(asdict(server_info(client, args.wait)), indent=2))
     return 0
+
+
+def server_info(client: EmbeddingClient, wait: float) -> ServerInfo:
+    """The server's info; with ``--wait`` > 0, once it is ready (at most that many seconds)."""
+    return client.wait_ready(wait) if wait > 0 else client.info()
 
 
 def serve_ray(args: argparse.Namespace) -> int:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from qwen25vl_embed import EmbeddingClient, Embeddings
 from qwen25vl_embed.extract_many import progress_bar
-from qwen25vl_embed_server.cli.commands import client_of, load_options, target_error
+from qwen25vl_embed_server.cli.commands import client_of, load_options, server_info, target_error
 from qwen25vl_embed_server.cli.flags import uses_client_security
 from qwen25vl_embed_server.cli.inputs import expand_inputs
 from qwen25vl_embed_server.cli.layout import is_complete, output_folders
@@ -56,8 +56,8 @@ def extract(args: argparse.Namespace) -> int:
 def _flag_problem(args: argparse.Namespace) -> str | None:
     """What is wrong with the flags taken together, or None."""
     if not args.server:
-        if uses_client_security(args):
-            return "the TLS and token flags need --server"
+        if uses_client_security(args) or args.wait:
+            return "--wait and the TLS and token flags need --server"
         return None
     # The server's model, device and dtype are the server's: these flags would be silently ignored.
     ignored = [
@@ -108,7 +108,7 @@ def run_extract(
             pass
         elif args.server:
             with make_client() as client:
-                info = client.info()
+                info = server_info(client, args.wait)
                 unknown = [name for name in outputs if name not in info.outputs]
                 if unknown:  # once, rather than once per image
                     print(f"error: the server has no output {', '.join(map(repr, unknown))}", file=sys.stderr)

@@ -150,6 +150,16 @@ def client_security_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--token-env", metavar="VAR", help="environment variable holding the bearer token")
 
 
+def wait_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--wait",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="wait up to this long for the server to be up and its model loaded (default: do not wait)",
+    )
+
+
 def uses_client_security(args: argparse.Namespace) -> bool:
     flags = (args.tls_ca, args.tls_cert, args.tls_key, args.token_file, args.token_env)
     return bool(args.tls) or any(flag is not None for flag in flags)
