@@ -71,4 +71,6 @@ def test_client_only_install_names_the_server_extra(tmp_path: Path, server: Back
     assert code == 0, err
     assert (tmp_path / "remote" / "cat" / "manifest.json").is_file()
     assert results["imported"] == []
-    assert " ".join(results["help"].split()).count("needs the server extra") >= 3  # serve, extract in-process, make-tiny-model
+    assert (
+        " ".join(results["help"].split()).count("needs the server extra") >= 3
+    )  # serve, extract in-process, make-tiny-model
