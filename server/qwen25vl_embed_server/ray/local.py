@@ -7,6 +7,9 @@ outward-facing one, and talks over it. ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` i
 switch for "no multi-node cluster" (``ray_constants.ENABLE_RAY_CLUSTER``, on by default on Linux,
 off on macOS and Windows): with it off, that function answers loopback in every process. Set in
 this process's environment before ``ray.init``, every Ray process started from here inherits it.
+Ray reads it once, when ``ray`` is imported: in this (driver) process, which has usually imported
+``ray`` already, the value read then is brought in line as well, or the driver would still hand
+the outward address to the GCS and raylet it starts (seen here: both listened on it).
 """
 
 from __future__ import annotations
@@ -35,4 +38,7 @@ def init_ray(address: str | None = None, **options: Any) -> None:
         ray.init(address=address, **options)
         return
     os.environ.update(LOCAL_ONLY_ENV)
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False  # what the environment now says; read at import
     ray.init(_node_ip_address=LOOPBACK, **options)
