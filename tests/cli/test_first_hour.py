@@ -204,3 +204,12 @@ def test_serve_of_a_model_that_cannot_load_ends_in_one_line_and_exit_2() -> None
     assert lines[0].startswith("error: cannot load model 'nobody/no-such-model': "), done.stderr
     assert "Traceback" not in done.stderr
     assert "Event loop is closed" not in done.stderr
+
+
+def test_wait_flag_waits_for_a_ready_server_and_gives_up_on_a_missing_one(
+    server: BackgroundServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["info", "--server", server.address, "--wait", "30"]) == 0
+    assert json.loads(capsys.readouterr().out)["model"] == server.service.calls.pipeline.info().model
+    assert main(["info", "--server", "127.0.0.1:1", "--wait", "0.3"]) == 1
+    assert "DEADLINE_EXCEEDED: the server at 127.0.0.1:1 was not ready within 0.3 s" in capsys.readouterr().err

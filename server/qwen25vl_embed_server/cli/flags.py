@@ -35,8 +35,18 @@ def model_flags(parser: argparse.ArgumentParser, group: Any = None) -> None:
     parser.add_argument(
         "--dtype", default=defaults.DEFAULT_DTYPE, help="auto (bf16 on cuda, else fp32), float32, float16, bfloat16"
     )
-    parser.add_argument("--min-pixels", type=int, default=None, help="processor min_pixels (checkpoint's default)")
-    parser.add_argument("--max-pixels", type=int, default=None, help="processor max_pixels (checkpoint's default)")
+    parser.add_argument(
+        "--min-pixels",
+        type=int,
+        default=None,
+        help="resize images to at least this many pixels (the checkpoint's; with --server: per request, within the server's range)",
+    )
+    parser.add_argument(
+        "--max-pixels",
+        type=int,
+        default=None,
+        help="resize images to at most this many pixels (the checkpoint's; with --server: per request, within the server's range)",
+    )
 
 
 def prompt_flag(parser: argparse.ArgumentParser) -> None:
