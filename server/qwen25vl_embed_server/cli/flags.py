@@ -24,6 +24,9 @@ LIMIT_FLAGS: dict[str, str] = {
 """``serve`` flag of each :class:`Limits` field."""
 
 
+_PER_REQUEST = "; with --server: sent with each request, within the server's range"
+
+
 def model_flags(parser: argparse.ArgumentParser, group: Any = None) -> None:
     """--model (in ``group`` when given, e.g. exclusive with --server), --device, --dtype, pixels."""
     (group or parser).add_argument(
@@ -39,13 +42,13 @@ def model_flags(parser: argparse.ArgumentParser, group: Any = None) -> None:
         "--min-pixels",
         type=int,
         default=None,
-        help="resize images to at least this many pixels (the checkpoint's; with --server: per request, within the server's range)",
+        help=f"resize images to at least this many pixels (the checkpoint's){_PER_REQUEST}",
     )
     parser.add_argument(
         "--max-pixels",
         type=int,
         default=None,
-        help="resize images to at most this many pixels (the checkpoint's; with --server: per request, within the server's range)",
+        help=f"resize images to at most this many pixels (the checkpoint's){_PER_REQUEST}",
     )
 
 
