@@ -44,10 +44,10 @@ def test_repeated_names_in_a_tree_are_mirrored_under_outdir(tmp_path: Path, serv
 
 
 def test_output_folders_name_every_clash_on_a_large_tree() -> None:
-    paths = [Path(f"/data/{year}/IMG_{i:05d}.JPG") for year in (2023, 2024, 2025) for i in range(10_000)]
+    paths = [Path(f"/data/{year}/IMG_{i:05d}.JPG") for year in (2023, 2024, 2025) for i in range(1000)]
     folders = output_folders(paths, Path("out"))
     assert folders[0] == Path("out/2023/IMG_00000")
-    assert folders[-1] == Path("out/2025/IMG_09999")
+    assert folders[-1] == Path("out/2025/IMG_00999")
     clashing = [*paths, Path("/data/2024/IMG_00007.png"), Path("/data/2025/IMG_00042.jpeg")]
     with pytest.raises(ValueError, match="several images would write to the same folder") as caught:
         output_folders(clashing, Path("out"))
@@ -100,7 +100,11 @@ def test_a_wrong_output_name_is_reported_once_before_any_work(
     layer = ["extract", str(tmp_path / "photos"), "--outputs", "lm_layer_99", "--server", server.address]
     assert main(layer) == 2
     assert capsys.readouterr().err.count("lm_layer_99") == 1
+    # A layer counted from the end is valid, though the server's output list names layers from 0.
+    last = ["extract", str(tmp_path / "photos" / "2023" / "IMG_0000.JPG"), "--outputs", "lm_layer_-1"]
+    assert main([*last, "--outdir", str(tmp_path / "last"), "--server", server.address]) == 0
     assert not (tmp_path / "out").exists()
+    assert (tmp_path / "last" / "IMG_0000" / "lm_layer_-1.npy").is_file()
 
 
 def test_ctrl_c_says_what_was_saved_and_skip_existing_goes_on(
@@ -213,3 +217,14 @@ def test_wait_flag_waits_for_a_ready_server_and_gives_up_on_a_missing_one(
     assert json.loads(capsys.readouterr().out)["model"] == server.service.calls.pipeline.info().model
     assert main(["info", "--server", "127.0.0.1:1", "--wait", "0.3"]) == 1
     assert "DEADLINE_EXCEEDED: the server at 127.0.0.1:1 was not ready within 0.3 s" in capsys.readouterr().err
+
+
+def test_a_relative_model_path_is_recorded_absolute(
+    tmp_path: Path, tiny_model_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    image = tmp_path / "cat.png"
+    noise_image(28, 28).save(image)
+    monkeypatch.chdir(tiny_model_path.parent)
+    argv = ["extract", str(image), "--outdir", str(tmp_path / "out"), "--model", tiny_model_path.name]
+    assert main([*argv, "--device", "cpu"]) == 0
+    assert json.loads((tmp_path / "out" / "cat" / "manifest.json").read_text())["model"] == str(tiny_model_path)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 from dataclasses import asdict
 from typing import TYPE_CHECKING
@@ -100,8 +101,11 @@ def client_of(args: argparse.Namespace) -> EmbeddingClient:
 def load_options(args: argparse.Namespace) -> LoadOptions:
     from qwen25vl_embed_server.core.loading import LoadOptions
 
+    model = args.model or defaults.DEFAULT_MODEL
+    # A local checkpoint by its absolute path: what Info reports and manifests record stays
+    # meaningful from any working directory.
     return LoadOptions(
-        model=args.model or defaults.DEFAULT_MODEL,
+        model=os.path.abspath(model) if os.path.isdir(model) else model,
         device=args.device,
         dtype=args.dtype,
         min_pixels=args.min_pixels,

@@ -10,7 +10,6 @@ what was saved; ``--skip-existing`` goes on from there.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -25,7 +24,13 @@ from qwen25vl_embed_server.cli.layout import is_complete, output_folders
 from qwen25vl_embed_server.core import defaults
 from qwen25vl_embed_server.core.errors import InvalidInputError, ModelLoadError
 from qwen25vl_embed_server.core.image_decoding import IMAGE_SUFFIXES
-from qwen25vl_embed_server.core.outputs import DEFAULT_OUTPUTS, IMAGE_GRID_THW, TOKEN_OUTPUTS, check_output_names
+from qwen25vl_embed_server.core.outputs import (
+    DEFAULT_OUTPUTS,
+    IMAGE_GRID_THW,
+    TOKEN_OUTPUTS,
+    check_output_names,
+    plan_outputs,
+)
 
 if TYPE_CHECKING:
     from qwen25vl_embed_server.core.loading import LoadOptions
@@ -109,9 +114,10 @@ def run_extract(
         elif args.server:
             with make_client() as client:
                 info = server_info(client, args.wait)
-                unknown = [name for name in outputs if name not in info.outputs]
-                if unknown:  # once, rather than once per image
-                    print(f"error: the server has no output {', '.join(map(repr, unknown))}", file=sys.stderr)
+                try:  # the server's own check, on its model's depth: once, rather than once per image
+                    plan_outputs(outputs, info.num_lm_layers, info.num_vision_layers)
+                except InvalidInputError as err:
+                    print(f"error: {err} (server {args.server})", file=sys.stderr)
                     return 2
                 saver.model = info.model
                 results = client.extract_many(
@@ -130,7 +136,7 @@ def run_extract(
                     saver.save(path, folder, result)
         else:
             options = load_options()
-            saver.model = os.path.abspath(options.model) if Path(options.model).exists() else options.model
+            saver.model = options.model
             bar = progress_bar(not saver.verbose, len(todo))
             try:
                 for (path, folder), outcome in zip(
