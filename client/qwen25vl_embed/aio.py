@@ -106,7 +106,7 @@ class AsyncEmbeddingClient:
 
         Raises:
             EmbeddingError: the call failed.
-            ValueError, TypeError: a bad argument, before anything is sent.
+            ValueError, TypeError, OSError: a bad argument or unreadable file, before anything is sent.
             qwen25vl_embed.codec.CodecError: the server's stream was malformed.
             asyncio.CancelledError: the awaiting task was cancelled (the call is cancelled too).
         """

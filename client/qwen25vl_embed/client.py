@@ -104,7 +104,10 @@ class EmbeddingClient:
         Raises:
             EmbeddingError: the call failed (e.g. INVALID_ARGUMENT for an undecodable image or an
                 unknown output name, UNAVAILABLE while the model loads).
-            ValueError: no image, or an unknown dtype, before anything is sent.
+            ValueError: no image, an empty image, an unknown dtype or a pixel bound below 1, before
+                anything is sent (arguments refused here raise Python's own exceptions; see
+                :mod:`qwen25vl_embed.errors`).
+            OSError: an image file cannot be read (FileNotFoundError for a missing one).
             TypeError: an image of an unsupported kind, or ``outputs`` given as a single string.
             qwen25vl_embed.codec.CodecError: the server's stream was malformed.
         """
@@ -148,7 +151,8 @@ class EmbeddingClient:
             concurrency: requests sent ahead of the results consumed.
             progress: show a progress bar (tqdm) on stderr.
             errors: "raise" raises the first failed request's :class:`EmbeddingError` when its turn
-                comes; "return" yields it in place of the result and goes on.
+                comes; "return" yields it in place of the result and goes on. An input refused
+                here (unreadable file, unsupported type) is a :class:`LocalRequestError`.
             timeout: deadline in seconds for the whole stream; None uses the client's default.
             min_pixels / max_pixels: as for :meth:`extract`.
 
