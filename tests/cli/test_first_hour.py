@@ -52,6 +52,10 @@ def test_output_folders_name_every_clash_on_a_large_tree() -> None:
     with pytest.raises(ValueError, match="several images would write to the same folder") as caught:
         output_folders(clashing, Path("out"))
     message = str(caught.value)
+    flat = output_folders([Path("/d/2023/a.png"), Path("/d/2024/nested/b.png")], Path("out"), flat=True)
+    assert flat == [Path("out/a"), Path("out/b")]
+    with pytest.raises(ValueError, match=r"out/IMG_00000: /data/2023/IMG_00000\.JPG, /data/2024/IMG_00000\.JPG, "):
+        output_folders(paths, Path("out"), flat=True)
     assert "out/2024/IMG_00007: /data/2024/IMG_00007.JPG, /data/2024/IMG_00007.png" in message
     assert "out/2025/IMG_00042: /data/2025/IMG_00042.JPG, /data/2025/IMG_00042.jpeg" in message
 

@@ -112,7 +112,14 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--server", help=f"host:port of a running server (default: run the model here, which {_SERVER})")
     model_flags(extract_, group=where)
     prompt_flag(extract_)
-    extract_.add_argument("--outdir", type=Path, default=Path("out"), help="output folder (default: out)")
+    extract_.add_argument(
+        "--outdir", type=Path, default=Path("out"), help="output folder; mirrors the input tree (default: out)"
+    )
+    extract_.add_argument(
+        "--flat",
+        action="store_true",
+        help="one <outdir>/<image_stem>/ per image, whatever the tree (names must differ)",
+    )
     extract_.add_argument(
         "--save-tokens", action="store_true", help=f"also save the token tensors ({', '.join(TOKEN_OUTPUTS)})"
     )

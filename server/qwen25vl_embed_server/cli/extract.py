@@ -99,7 +99,7 @@ def run_extract(
         print(f"error: no images found in {', '.join(args.images)} (image files end in {suffixes})", file=sys.stderr)
         return 2
     try:
-        folders = output_folders(paths, args.outdir)
+        folders = output_folders(paths, args.outdir, flat=args.flat)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
