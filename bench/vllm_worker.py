@@ -6,7 +6,8 @@ and answers commands, one JSON object per line on stdin -> one per line on stdou
     {"images": ["/path/a.png", ...], "per_request": 1, "round": 3}
     -> {"seconds": 1.23, "vectors": [[...], ...]}   one raw (not normalised) vector per request
 
-Each request gets fresh multi-modal uuids, so vLLM's encoder cache can never serve an image twice.
+Every image of every command gets a fresh multi-modal uuid, so vLLM's encoder cache can never
+serve an image twice (a uuid seen before is trusted to mean the same image).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import json
 import os
 import sys
 import time
+import uuid
 
 # Loopback only, and both cores for the model (vLLM reserves one by default).
 os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
@@ -41,6 +43,9 @@ def main() -> None:
         enable_prefix_caching=False,
         mm_processor_cache_gb=0,
         limit_mm_per_prompt={"image": max_images, "video": 0},
+        # On the CPU this is the share of host memory reserved for the KV cache: a pooling model
+        # on short prompts needs little, and the machine runs our server beside it.
+        gpu_memory_utilization=float(os.environ.get("VLLM_BENCH_MEMORY_SHARE", "0.15")),
     )
 
     def chat_text(count: int) -> str:
@@ -57,7 +62,8 @@ def main() -> None:
             {
                 "prompt": chat_text(per),
                 "multi_modal_data": {"image": pictures[i : i + per] if per > 1 else pictures[i]},
-                "multi_modal_uuids": {"image": [f"r{tag}-{j}" for j in range(i, i + per)]},
+                # Fresh for every image of every command: a reused uuid is served from the cache.
+                "multi_modal_uuids": {"image": [f"r{tag}-{uuid.uuid4().hex}" for _ in range(per)]},
             }
             for i in range(0, len(pictures), per)
         ]
