@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: setup demo test lint clean bench bench-gpu
+.PHONY: setup demo test lint clean bench bench-gpu bench-vllm
 
 setup: $(STAMP)
 
@@ -61,3 +61,8 @@ bench: setup
 ## The same on a GPU with the Qwen2.5-VL-7B architecture (random weights, bf16), plus LM TFLOP/s.
 bench-gpu: setup
 	$(BIN)/python bench/gpu_7b.py
+
+## Side by side with vLLM's CPU build (its own venv under ~/.cache, built on first use; not in CI).
+bench-vllm: setup
+	$(BIN)/python bench/vs_vllm.py --setup
+	$(BIN)/python bench/vs_vllm.py
