@@ -21,7 +21,9 @@ demo: setup
 	$(BIN)/python examples/demo.py
 
 ## The test suite (real server on 127.0.0.1, real SDK, tiny random-weight Qwen2.5-VL).
+# The Ray tests read every socket of Ray's processes with ss (iproute2), absent from slim images.
 test: setup
+	@command -v ss >/dev/null || { apt-get update -qq && apt-get install -y -qq iproute2; }
 	$(BIN)/pytest -q
 
 lint: setup
