@@ -78,7 +78,10 @@ def ray_cluster() -> Iterator[None]:
     """One local Ray instance (2 CPUs, no dashboard) for the Ray Serve and Ray Data tests."""
     import ray
 
-    # Loopback only: Ray's processes talk to each other over 127.0.0.1, not the machine's address.
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1")
+    from qwen25vl_embed_server.ray.local import init_ray
+
+    # Loopback only, as serve-ray and bulk start a local Ray: every Ray process talks over
+    # 127.0.0.1, never the machine's address (tests/ray/test_ray_loopback.py checks each socket).
+    init_ray(num_cpus=2, include_dashboard=False)
     yield
     ray.shutdown()

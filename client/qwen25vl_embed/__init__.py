@@ -37,7 +37,7 @@ from importlib.metadata import PackageNotFoundError, version
 from qwen25vl_embed.aio import AsyncEmbeddingClient
 from qwen25vl_embed.client import EmbeddingClient
 from qwen25vl_embed.embeddings import Embeddings, Timings
-from qwen25vl_embed.errors import EmbeddingError
+from qwen25vl_embed.errors import EmbeddingError, LocalRequestError
 from qwen25vl_embed.images import ImageInput
 from qwen25vl_embed.info import RetrievalRecipe, ServerInfo
 from qwen25vl_embed.search import maxsim, pool_tokens, storage_bytes
@@ -53,6 +53,7 @@ __all__ = [
     "EmbeddingError",
     "Embeddings",
     "ImageInput",
+    "LocalRequestError",
     "RetrievalRecipe",
     "ServerInfo",
     "Timings",

@@ -41,6 +41,8 @@ def build_request(
     prompt_format: str = "chat",
     dimensions: int = 0,
     vector_encoding: str = "float",
+    min_pixels: int | None = None,
+    max_pixels: int | None = None,
 ) -> pb.ImageRequest:
     """The ``ImageRequest`` for :meth:`EmbeddingClient.extract`'s arguments, validated.
 
@@ -48,7 +50,8 @@ def build_request(
 
     Raises:
         ValueError: neither image nor prompt, an unknown prompt format, negative ``dimensions``,
-            or a dtype other than "float32", "float16", "bfloat16".
+            a dtype other than "float32", "float16", "bfloat16", or a pixel bound below 1 (the
+            server checks them against its range).
         TypeError: an image of an unsupported kind, or ``outputs`` given as a single string.
     """
     # Only lists and tuples mean several images: str and bytes are sequences too.
@@ -80,6 +83,11 @@ def build_request(
     )
     if prompt is not None:
         request.prompt = prompt
+    for name, value in (("min_pixels", min_pixels), ("max_pixels", max_pixels)):
+        if value is not None:
+            if value < 1:
+                raise ValueError(f"{name} must be at least 1, got {value}")
+            setattr(request, name, value)
     return request
 
 

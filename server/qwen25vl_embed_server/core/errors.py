@@ -48,3 +48,8 @@ class DeadlineExceededError(RuntimeError):
 
 class DeviceOutOfMemoryError(RuntimeError):
     """The device ran out of memory on this request; memory was released, the server goes on."""
+
+
+class ModelLoadError(RuntimeError):
+    """The model could not be loaded (a bad id or path, a hub that cannot be reached, a device
+    that is not there). The message is one line naming the model and the cause."""

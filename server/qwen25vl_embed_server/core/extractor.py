@@ -164,13 +164,15 @@ class Extractor:
         prompt_format: str = "chat",
         dimensions: int = 0,
         vector_encoding: str = "float",
+        pixels: tuple[int, int] | None = None,
     ) -> Prepared:
         """Preprocess one request (CPU only); no images: a text request. Raises :class:`InvalidInputError`.
 
         ``processor``: one private to the calling thread (None: the model's own, which one thread
         at a time may use; see :func:`~qwen25vl_embed_server.core.request.check_prompt_tokens`).
         ``prompt_format``: see :mod:`~.prompt`. ``dimensions``: Matryoshka size of the retrieval
-        vectors (0: all).
+        vectors (0: all). ``pixels``: this request's (min, max) resize range, already checked by
+        :func:`~qwen25vl_embed_server.core.request.pixel_range`; None: the processor's.
         """
         if dtype not in TORCH_DTYPES:
             raise InvalidInputError(f"unknown dtype {dtype!r}; expected one of {', '.join(TORCH_DTYPES)}")
@@ -183,7 +185,7 @@ class Extractor:
             )
         processor = processor if processor is not None else self.loaded.processor
         text = render_text(processor, len(images), prompt, prompt_format, self.recipe)
-        inputs = prepare_inputs(processor, images, text)
+        inputs = prepare_inputs(processor, images, text, pixels)
         plan = plan or self.plan((), has_images=bool(images))
         return Prepared(
             inputs=dict(inputs),

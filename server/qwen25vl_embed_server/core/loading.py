@@ -15,6 +15,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from qwen25vl_embed_server.core.defaults import DEFAULT_DEVICE, DEFAULT_DTYPE
 from qwen25vl_embed_server.core.dtypes import TORCH_DTYPES, dtype_name
+from qwen25vl_embed_server.core.errors import ModelLoadError
 from qwen25vl_embed_server.core.recipes import Recipe, detect_recipe, get_recipe
 from qwen25vl_embed_server.core.retrieval_model import RetrievalLayout, find_layout, load_retrieval
 from qwen25vl_embed_server.core.tiny_model import TINY_MODEL_NAME, build_tiny_model
@@ -89,6 +90,31 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
         raise ValueError(f"unknown dtype {dtype!r}; expected auto, {', '.join(TORCH_DTYPES)}") from None
 
 
+def check_device(device: str) -> torch.device:
+    """``device`` resolved (:func:`resolve_device`), refused with a one-line ValueError if this
+    machine does not have it, before anything is loaded."""
+    try:
+        resolved = resolve_device(device)
+    except RuntimeError as err:  # torch's own message for a malformed string
+        raise ValueError(f"unknown device {device!r}; expected auto, cpu, cuda, cuda:<n> or mps ({err})") from None
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"device {device!r}: no CUDA GPU is available here (try --device cpu)")
+        if resolved.index is not None and resolved.index >= count:
+            raise ValueError(f"device {device!r}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}")
+    elif resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {device!r}: MPS is not available here (try --device cpu)")
+    elif resolved.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"unsupported device {device!r}; expected auto, cpu, cuda, cuda:<n> or mps")
+    return resolved
+
+
+def check_options(options: LoadOptions) -> None:
+    """Refuse a device or dtype that cannot work, with a one-line ValueError, before loading."""
+    resolve_dtype(options.dtype, check_device(options.device))
+
+
 def tiny_model_dir() -> Path:
     """Where the ``tiny-random`` checkpoint is built once and then reused."""
     root = os.environ.get("QWEN25VL_EMBED_CACHE") or Path.home() / ".cache" / "qwen25vl-embed"
@@ -112,10 +138,24 @@ def resolve_model_path(model: str) -> str:
 
 
 def load_model(options: LoadOptions) -> LoadedModel:
-    """Load model and processor. Raises whatever transformers raises for a bad id or path."""
+    """Load model and processor.
+
+    Raises:
+        ValueError: a device this machine lacks, or an unknown dtype (:func:`check_options`).
+        ModelLoadError: the checkpoint could not be loaded (bad id or path, hub unreachable);
+            one line, the cause chained.
+    """
     started = time.perf_counter()
-    device = resolve_device(options.device)
+    device = check_device(options.device)
     dtype = resolve_dtype(options.dtype, device)
+    try:
+        return _load(options, device, dtype, started)
+    except (OSError, ValueError, KeyError, RuntimeError) as err:  # what transformers raises for a bad checkpoint
+        cause = " ".join(str(err).split()) or type(err).__name__
+        raise ModelLoadError(f"cannot load model {options.model!r}: {cause}") from err
+
+
+def _load(options: LoadOptions, device: torch.device, dtype: torch.dtype, started: float) -> LoadedModel:
     path = resolve_model_path(options.model)
     layout = find_layout(path)
     recipe = choose_recipe(options, layout)

@@ -119,6 +119,14 @@ def plan_outputs(
     )
 
 
+def check_output_names(requested: list[str] | tuple[str, ...]) -> None:
+    """Refuse names that no model has (before one is loaded); layer indices are checked only
+    against a model's depth, by :func:`plan_outputs`. Raises :class:`InvalidInputError`."""
+    for name in requested:
+        if name not in FIXED_OUTPUTS and _LAYER.match(name) is None:
+            plan_outputs([name], 0, 0)  # raises the same message as a model would
+
+
 def merge_plans(plans: list[OutputPlan]) -> OutputPlan:
     """One plan that captures everything any of ``plans`` needs (for a batch)."""
     lm_layers: dict[int, tuple[str, ...]] = {}

@@ -65,14 +65,22 @@ def expand_placeholders(text: str, num_images: int, what: str = "the raw prompt"
     return text.replace(IMAGE_PLACEHOLDER, VISION_SPAN)
 
 
-def prepare_inputs(processor: Any, images: Sequence[Image.Image], text: str) -> Any:
+def prepare_inputs(
+    processor: Any, images: Sequence[Image.Image], text: str, pixels: tuple[int, int] | None = None
+) -> Any:
     """The processor's ``BatchFeature`` (CPU tensors) for one rendered text and its images.
+
+    ``pixels``: (min, max) resize range of this call, passed to the processor as an argument (the
+    processor, which other requests share, is never changed); None: the processor's own.
 
     Keys: input_ids [1, T], attention_mask [1, T], mm_token_type_ids [1, T] (drives M-RoPE); with
     images also pixel_values [Np, C*t*p*p] and image_grid_thw [num_images, 3].
     """
     try:
-        return processor(text=[text], images=list(images) or None, return_tensors="pt")
+        if pixels is None or not images:
+            return processor(text=[text], images=list(images) or None, return_tensors="pt")
+        size = {"shortest_edge": pixels[0], "longest_edge": pixels[1]}
+        return processor(text=[text], images=list(images), return_tensors="pt", size=size)
     except ValueError as err:  # e.g. aspect ratio beyond the processor's limit
         sizes = ", ".join(f"{im.width}x{im.height}" for im in images)
         raise InvalidInputError(f"the processor rejected the image(s) ({sizes}): {err}") from err

@@ -49,6 +49,8 @@ class EncodedRequest:
             (Matryoshka); 0: all.
         vector_encoding: the retrieval vectors' wire form: "float", "int8" or "binary"
             (:func:`~.retrieval_heads.encode_vectors`).
+        min_pixels / max_pixels: this request's resize range (None: the model's), within the
+            model's range (:func:`pixel_range`).
     """
 
     images: Sequence[bytes]
@@ -60,6 +62,8 @@ class EncodedRequest:
     prompt_format: str = "chat"
     dimensions: int = 0
     vector_encoding: str = "float"
+    min_pixels: int | None = None
+    max_pixels: int | None = None
 
     @property
     def text(self) -> str:
@@ -167,6 +171,7 @@ def prepare_request(
     if plan is None:
         plan = extractor.plan_request(request)
     processor = processor if processor is not None else extractor.loaded.processor
+    pixels = pixel_range(request, processor)  # before decoding: a refused range costs nothing
     images = [decode_image(data, index, limits.max_pixels) for index, data in enumerate(request.images)]
     check_prompt_tokens(processor.tokenizer, request.text, limits)
     return extractor.prepare(
@@ -179,7 +184,31 @@ def prepare_request(
         prompt_format=request.prompt_format,
         dimensions=request.dimensions,
         vector_encoding=request.vector_encoding,
+        pixels=pixels,
     )
+
+
+def pixel_range(request: EncodedRequest, processor: Any) -> tuple[int, int] | None:
+    """The request's (min, max) resize range, or None when it asks for none (the model's own).
+
+    The model's range (its processor's ``min_pixels`` / ``max_pixels``, what the server was
+    started with) caps the request's: a larger image costs the server more than its operator chose.
+
+    Raises:
+        InvalidInputError: a bound outside the model's range, or min above max.
+    """
+    if request.min_pixels is None and request.max_pixels is None:
+        return None
+    size = processor.image_processor.size
+    floor, cap = int(size["shortest_edge"]), int(size["longest_edge"])
+    low = floor if request.min_pixels is None else request.min_pixels
+    high = cap if request.max_pixels is None else request.max_pixels
+    for name, value in (("min_pixels", request.min_pixels), ("max_pixels", request.max_pixels)):
+        if value is not None and not floor <= value <= cap:
+            raise InvalidInputError(f"{name}={value} is outside the server's range [{floor}, {cap}] pixels")
+    if low > high:
+        raise InvalidInputError(f"min_pixels={low} is above max_pixels={high}")
+    return low, high
 
 
 def _check_prompt_chars(prompt: str, limits: Limits) -> None:

@@ -30,6 +30,8 @@ def to_encoded(request: pb.ImageRequest, request_id: str | None = None) -> Encod
         prompt_format=prompt_format(request.prompt_format),
         dimensions=request.dimensions,
         vector_encoding=_VECTOR_ENCODINGS.get(request.vector_encoding, str(request.vector_encoding)),
+        min_pixels=request.min_pixels if request.HasField("min_pixels") else None,
+        max_pixels=request.max_pixels if request.HasField("max_pixels") else None,
     )
 
 
