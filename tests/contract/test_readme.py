@@ -57,8 +57,7 @@ def test_readme_python_block_runs_as_written(
         retrieval: BackgroundServer = request.getfixturevalue("retrieval_server")
         block = block.replace("localhost:50061", retrieval.address)
     source = (
-        block
-        .replace("localhost:50051", server.address)
+        block.replace("localhost:50051", server.address)
         .replace("127.0.0.1:50051", f"127.0.0.1:{port}")
         .replace("127.0.0.1:50052", f"127.0.0.1:{second_port}")
     )
