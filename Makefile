@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: setup demo test lint clean bench bench-gpu
+.PHONY: setup demo test lint clean bench bench-gpu bench-vllm
 
 setup: $(STAMP)
 
@@ -13,7 +13,8 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -c constraints.txt torch torchvision
-	$(BIN)/pip install --quiet -c constraints.txt -e ".[server,dev,ray]"
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[server,dev,ray,search,examples]"
+	$(BIN)/pip install --quiet --no-deps -c constraints.txt colpali-engine
 	touch $(STAMP)
 
 ## Start a server on the offline tiny model, extract a bundled image through the client, stop.
@@ -21,7 +22,9 @@ demo: setup
 	$(BIN)/python examples/demo.py
 
 ## The test suite (real server on 127.0.0.1, real SDK, tiny random-weight Qwen2.5-VL).
+# The Ray tests read every socket of Ray's processes with ss (iproute2), absent from slim images.
 test: setup
+	@command -v ss >/dev/null || { apt-get update -qq && apt-get install -y -qq iproute2; }
 	$(BIN)/pytest -q
 
 lint: setup
@@ -61,3 +64,8 @@ bench: setup
 ## The same on a GPU with the Qwen2.5-VL-7B architecture (random weights, bf16), plus LM TFLOP/s.
 bench-gpu: setup
 	$(BIN)/python bench/gpu_7b.py
+
+## Side by side with vLLM's CPU build (its own venv under ~/.cache, built on first use; not in CI).
+bench-vllm: setup
+	$(BIN)/python bench/vs_vllm.py --setup
+	$(BIN)/python bench/vs_vllm.py

@@ -20,7 +20,7 @@ run a limit) and in count; loopback only.
     python bench/load_test.py --clients 64 --requests 50 --max-queue 32   # overload: RESOURCE_EXHAUSTED
     python bench/load_test.py --server 127.0.0.1:50051   # a server already running on this machine
 
-The test suite runs the same code at a small scale (tests/test_load.py).
+The test suite runs the same code at a small scale (tests/rpc/test_load.py).
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ import numpy as np
 from qwen25vl_embed import codec
 from qwen25vl_embed.assembly import ResultBuilder
 from qwen25vl_embed.v1 import embed_pb2 as pb
+from qwen25vl_embed_server.core.defaults import DEFAULT_CHUNK_BYTES
 
 _METHOD = "/bench.Transfer/Stream"
 
@@ -68,7 +69,7 @@ def _serve(array: np.ndarray, chunk_bytes: int, ready: threading.Event, port: li
     asyncio.run(main())
 
 
-def measure_transfer(megabytes: float = 64, repeats: int = 5, chunk_bytes: int = 1 << 20) -> TransferResult:
+def measure_transfer(megabytes: float = 64, repeats: int = 5, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> TransferResult:
     """Median MB/s over ``repeats`` of: gRPC loopback -> numpy, codec alone, and a memory copy."""
     rows = int(megabytes * 1e6 / (3584 * 4))
     array = np.random.default_rng(0).standard_normal((1, rows, 3584), dtype=np.float32)

@@ -34,6 +34,20 @@ def extractor(loaded: LoadedModel) -> Extractor:
 
 
 @pytest.fixture(scope="session")
+def colqwen_adapter(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random-weight ColQwen2.5 in the published layout; the adapter folder (base beside it)."""
+    from qwen25vl_embed_server.core.tiny_retrieval import build_tiny_retrieval
+
+    return build_tiny_retrieval(tmp_path_factory.mktemp("colqwen"), "colqwen2.5")
+
+
+@pytest.fixture(scope="session")
+def colqwen(colqwen_adapter: Path) -> Extractor:
+    """The ColQwen2.5 served (recipe detected, adapter merged), fp32 on the CPU."""
+    return Extractor(load_model(LoadOptions(model=str(colqwen_adapter), device="cpu", dtype="float32")))
+
+
+@pytest.fixture(scope="session")
 def tiny_server(extractor: Extractor) -> Callable[..., BackgroundServer]:
     """The one way tests start a server of their own: a real gRPC server on 127.0.0.1, serving the
     tiny model, started on entry of ``with tiny_server(**settings) as server:`` and stopped on exit.
@@ -64,7 +78,10 @@ def ray_cluster() -> Iterator[None]:
     """One local Ray instance (2 CPUs, no dashboard) for the Ray Serve and Ray Data tests."""
     import ray
 
-    # Loopback only: Ray's processes talk to each other over 127.0.0.1, not the machine's address.
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1")
+    from qwen25vl_embed_server.ray.local import init_ray
+
+    # Loopback only, as serve-ray and bulk start a local Ray: every Ray process talks over
+    # 127.0.0.1, never the machine's address (tests/ray/test_ray_loopback.py checks each socket).
+    init_ray(num_cpus=2, include_dashboard=False)
     yield
     ray.shutdown()

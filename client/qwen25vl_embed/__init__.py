@@ -21,6 +21,8 @@ each:
 - :mod:`~qwen25vl_embed.extract_many`: in-order results and error policy of ``extract_many``.
 - :mod:`~qwen25vl_embed.embeddings`: the result value; :mod:`~qwen25vl_embed.on_disk`: its
   ``*.npy`` + ``manifest.json`` format.
+- :mod:`~qwen25vl_embed.search`: MaxSim scoring and token pooling of retrieval vectors
+  (``embed_queries`` / ``embed_images`` on the clients produce them).
 - :mod:`~qwen25vl_embed.codec`: numpy array <-> ``Tensor`` message (shared with the server).
 - :mod:`~qwen25vl_embed.channels`, :mod:`~qwen25vl_embed.errors`, :mod:`~qwen25vl_embed.info`:
   channels (TLS, tokens), :class:`EmbeddingError`, :class:`ServerInfo`.
@@ -35,9 +37,10 @@ from importlib.metadata import PackageNotFoundError, version
 from qwen25vl_embed.aio import AsyncEmbeddingClient
 from qwen25vl_embed.client import EmbeddingClient
 from qwen25vl_embed.embeddings import Embeddings, Timings
-from qwen25vl_embed.errors import EmbeddingError
+from qwen25vl_embed.errors import EmbeddingError, LocalRequestError
 from qwen25vl_embed.images import ImageInput
-from qwen25vl_embed.info import ServerInfo
+from qwen25vl_embed.info import RetrievalRecipe, ServerInfo
+from qwen25vl_embed.search import maxsim, pool_tokens, storage_bytes
 
 try:
     __version__ = version("qwen25vl-embed")
@@ -50,7 +53,12 @@ __all__ = [
     "EmbeddingError",
     "Embeddings",
     "ImageInput",
+    "LocalRequestError",
+    "RetrievalRecipe",
     "ServerInfo",
     "Timings",
     "__version__",
+    "maxsim",
+    "pool_tokens",
+    "storage_bytes",
 ]

@@ -16,20 +16,23 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Iterable, Sequence
+import time
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable, Iterable, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
+import numpy.typing as npt
 
 from qwen25vl_embed.assembly import ResultBuilder
 from qwen25vl_embed.channels import TLSConfig, create_aio_channel
-from qwen25vl_embed.embeddings import Embeddings
-from qwen25vl_embed.errors import EmbeddingError, from_rpc_error
+from qwen25vl_embed.embeddings import Embeddings, retrieval_vectors
+from qwen25vl_embed.errors import EmbeddingError, from_rpc_error, not_ready_error, still_loading
 from qwen25vl_embed.extract_many import ErrorPolicy, ResultCollector, in_order, progress_bar, sized
 from qwen25vl_embed.images import ImageInput
 from qwen25vl_embed.info import ServerInfo
 from qwen25vl_embed.requests import build_request
+from qwen25vl_embed.requests import retrieval_request as _retrieval_request
 from qwen25vl_embed.v1 import embed_pb2 as pb
 from qwen25vl_embed.v1 import embed_pb2_grpc
 
@@ -37,6 +40,8 @@ if TYPE_CHECKING:
     from typing_extensions import Self
 
 __all__ = ["AsyncEmbeddingClient"]
+
+_POLL_SECONDS = 0.2  # wait_ready: how often to ask a loading server
 
 _T = TypeVar("_T")
 
@@ -84,13 +89,19 @@ class AsyncEmbeddingClient:
 
     async def extract(
         self,
-        image: ImageInput | Sequence[ImageInput],
+        image: ImageInput | Sequence[ImageInput] | None,
         prompt: str | None = None,
         outputs: Sequence[str] = (),
         dtype: str = "float32",
         normalize: bool = False,
         request_id: str = "",
         timeout: float | None = None,
+        *,
+        prompt_format: str = "chat",
+        dimensions: int = 0,
+        vector_encoding: str = "float",
+        min_pixels: int | None = None,
+        max_pixels: int | None = None,
     ) -> Embeddings:
         """Run the model on one request and return its outputs.
 
@@ -100,11 +111,25 @@ class AsyncEmbeddingClient:
 
         Raises:
             EmbeddingError: the call failed.
-            ValueError, TypeError: a bad argument, before anything is sent.
+            ValueError, TypeError, OSError: a bad argument or unreadable file, before anything is sent.
             qwen25vl_embed.codec.CodecError: the server's stream was malformed.
             asyncio.CancelledError: the awaiting task was cancelled (the call is cancelled too).
         """
-        request = await asyncio.to_thread(build_request, image, prompt, outputs, dtype, normalize, request_id)
+        build = functools.partial(
+            build_request,
+            image,
+            prompt,
+            outputs,
+            dtype,
+            normalize,
+            request_id,
+            prompt_format,
+            dimensions,
+            vector_encoding,
+            min_pixels=min_pixels,
+            max_pixels=max_pixels,
+        )
+        request = await asyncio.to_thread(build)
         call = self._stub.Extract(request, timeout=self._deadline(timeout), metadata=self._metadata)
         builder = ResultBuilder()
         try:
@@ -129,6 +154,8 @@ class AsyncEmbeddingClient:
         progress: bool = False,
         errors: ErrorPolicy = "raise",
         timeout: float | None = None,
+        min_pixels: int | None = None,
+        max_pixels: int | None = None,
     ) -> AsyncGenerator[Embeddings | EmbeddingError, None]:
         """Extract many requests over one ExtractBatch stream; yield results in input order.
 
@@ -141,22 +168,85 @@ class AsyncEmbeddingClient:
         Raises:
             EmbeddingError: the stream failed, or a request failed and ``errors="raise"``.
         """
+
+        async def builds() -> AsyncIterator[Callable[[], pb.ImageRequest]]:
+            async for index, image in _numbered(images):
+                yield functools.partial(
+                    build_request,
+                    image,
+                    prompt,
+                    outputs,
+                    dtype,
+                    normalize,
+                    str(index),
+                    min_pixels=min_pixels,
+                    max_pixels=max_pixels,
+                )
+
+        async for result in self._stream(builds(), sized(images), concurrency, progress, errors, timeout):
+            yield result
+
+    async def embed_queries(
+        self,
+        texts: Iterable[str],
+        dimensions: int = 0,
+        *,
+        encoding: str = "float",
+        concurrency: int = 16,
+        timeout: float | None = None,
+    ) -> list[npt.NDArray[Any]]:
+        """As :meth:`EmbeddingClient.embed_queries <qwen25vl_embed.EmbeddingClient.embed_queries>`."""
+
+        async def builds() -> AsyncIterator[Callable[[], pb.ImageRequest]]:
+            for index, text in enumerate(texts):
+                yield functools.partial(_retrieval_request, None, text, index, "query", dimensions, encoding)
+
+        return [retrieval_vectors(r) async for r in self._stream(builds(), None, concurrency, False, "raise", timeout)]
+
+    async def embed_images(
+        self,
+        images: Iterable[ImageInput],
+        dimensions: int = 0,
+        *,
+        encoding: str = "float",
+        concurrency: int = 16,
+        timeout: float | None = None,
+    ) -> list[npt.NDArray[Any]]:
+        """As :meth:`EmbeddingClient.embed_images <qwen25vl_embed.EmbeddingClient.embed_images>`."""
+
+        async def builds() -> AsyncIterator[Callable[[], pb.ImageRequest]]:
+            for index, image in enumerate(images):
+                yield functools.partial(_retrieval_request, image, None, index, "document", dimensions, encoding)
+
+        return [retrieval_vectors(r) async for r in self._stream(builds(), None, concurrency, False, "raise", timeout)]
+
+    async def _stream(
+        self,
+        builds: AsyncIterator[Callable[[], pb.ImageRequest]],
+        total: int | None,
+        concurrency: int,
+        progress: bool,
+        errors: ErrorPolicy,
+        timeout: float | None,
+    ) -> AsyncGenerator[Embeddings | EmbeddingError, None]:
+        """One ExtractBatch stream over the requests ``builds`` make (built on a worker thread)."""
         if concurrency < 1:
             raise ValueError(f"concurrency must be at least 1, got {concurrency}")
         window = asyncio.Semaphore(concurrency)
         collector = ResultCollector()
 
         async def requests() -> AsyncIterator[pb.ImageRequest]:
-            async for index, image in _numbered(images):
-                build = functools.partial(build_request, image, prompt, outputs, dtype, normalize, str(index))
+            index = 0
+            async for build in builds:
                 request = await asyncio.to_thread(collector.build, index, build)
+                index += 1
                 if request is None:  # reported in its place; never sent, holds no window slot
                     continue
                 await window.acquire()
                 yield request
 
         call = self._stub.ExtractBatch(requests(), timeout=self._deadline(timeout), metadata=self._metadata)
-        bar = progress_bar(progress, sized(images))
+        bar = progress_bar(progress, total)
         try:
             async for response in call:
                 collector.add(response)
@@ -170,6 +260,31 @@ class AsyncEmbeddingClient:
             call.cancel()  # no-op once the stream has ended
             if bar is not None:
                 bar.close()
+
+    async def wait_ready(self, timeout: float) -> ServerInfo:
+        """Wait until the server is up and its model loaded (``info()`` answers); return its info.
+
+        Waits through a server not listening yet and one still loading (UNAVAILABLE), polling a
+        few times a second.
+
+        Raises:
+            EmbeddingError: DEADLINE_EXCEEDED when the server was not ready within ``timeout``
+                seconds; any other failure of the Info call at once (e.g. UNAUTHENTICATED).
+        """
+        deadline = time.monotonic() + timeout
+        last: EmbeddingError | None = None
+        while (remaining := deadline - time.monotonic()) > 0:
+            try:
+                call = self._stub.Info(
+                    pb.InfoRequest(), timeout=remaining, metadata=self._metadata, wait_for_ready=True
+                )
+                return ServerInfo.from_proto(await call)
+            except grpc.RpcError as err:
+                last = from_rpc_error(err)
+                if not still_loading(last):
+                    raise last from err
+            await asyncio.sleep(min(_POLL_SECONDS, max(0.0, deadline - time.monotonic())))
+        raise not_ready_error(self._target, timeout, last)
 
     async def info(self, timeout: float | None = None) -> ServerInfo:
         """The server's model and capabilities.

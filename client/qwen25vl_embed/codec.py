@@ -22,12 +22,16 @@ _NUMPY_BY_DTYPE: dict[int, np.dtype] = {
     pb.DTYPE_FLOAT16: np.dtype("<f2"),
     pb.DTYPE_BFLOAT16: np.dtype(ml_dtypes.bfloat16),
     pb.DTYPE_INT64: np.dtype("<i8"),
+    pb.DTYPE_INT8: np.dtype("i1"),
+    pb.DTYPE_UINT8: np.dtype("u1"),
 }
 _DTYPE_BY_NAME: dict[str, int] = {
     "float32": pb.DTYPE_FLOAT32,
     "float16": pb.DTYPE_FLOAT16,
     "bfloat16": pb.DTYPE_BFLOAT16,
     "int64": pb.DTYPE_INT64,
+    "int8": pb.DTYPE_INT8,
+    "uint8": pb.DTYPE_UINT8,
 }
 FLOAT_DTYPE_NAMES = ("float32", "float16", "bfloat16")
 
@@ -40,7 +44,7 @@ class CodecError(ValueError):
 
 
 def dtype_from_name(name: str) -> pb.DType.ValueType:
-    """The wire dtype for a name: "float32", "float16", "bfloat16" or "int64"."""
+    """The wire dtype for a name: "float32", "float16", "bfloat16", "int64", "int8" or "uint8"."""
     try:
         return _DTYPE_BY_NAME[name]  # type: ignore[return-value]
     except KeyError:

@@ -21,7 +21,9 @@ import numpy.typing as npt
 from qwen25vl_embed import on_disk
 from qwen25vl_embed.v1 import embed_pb2 as pb
 
-__all__ = ["Embeddings", "Timings"]
+__all__ = ["Embeddings", "Timings", "retrieval_vectors"]
+
+RETRIEVAL_OUTPUTS = ("multi_vector", "single_vector")
 
 # Per-image token tensors and the count that splits them: vision patches or image tokens.
 _PATCH_ROWS = re.compile(r"vision_tokens|vision_layer_-?\d+")
@@ -209,14 +211,15 @@ class Embeddings:
 
     # --- per image -----------------------------------------------------------------------------
 
-    def split_by_image(self) -> list[Embeddings]:
+    def split_by_image(self, keep_shared: bool = False) -> list[Embeddings]:
         """One result per image, in request order, holding that image's rows of each token tensor.
 
         ``vision_tokens`` and ``vision_layer_<k>`` are split by patches (t*h*w of each grid),
         ``projected_tokens`` and ``lm_image_tokens`` by ``visual_token_lens``, and the
         ``visual_token_lens`` / ``image_grid_thw`` outputs, if present, by row. Outputs that mix
         all images (``lm_last_hidden``, ``lm_layer_<k>``, ``*_pooled_mean``, ``lm_last_token``)
-        cannot be separated and are left out of the parts. Each part's metadata is its image's:
+        cannot be separated: they are left out of the parts (:attr:`shared_outputs` names them),
+        or, with ``keep_shared=True``, carried whole into every part. Each part's metadata is its image's:
         one row of visual_token_lens and image_grid_thw, its slice of image_token_positions (still
         positions in the shared sequence), the shared sequence_length and timings. Parts are views.
 
@@ -241,6 +244,9 @@ class Embeddings:
             elif name in _IMAGE_ROWS:
                 bounds, unit = image_bounds, "images"
             else:
+                if keep_shared:
+                    for part in parts:
+                        part[name] = array
                 continue
             rows = array.shape[0] if array.ndim else None
             if rows != bounds[-1]:
@@ -262,10 +268,34 @@ class Embeddings:
             for i in range(n)
         ]
 
+    @property
+    def shared_outputs(self) -> tuple[str, ...]:
+        """The outputs that mix all images of the request, which :meth:`split_by_image` cannot
+        split (it leaves them out unless ``keep_shared=True``)."""
+        return tuple(
+            name
+            for name in self.tensors
+            if not (_PATCH_ROWS.fullmatch(name) or name in _TOKEN_ROWS or name in _IMAGE_ROWS)
+        )
+
     # --- on disk -------------------------------------------------------------------------------
 
-    def save(self, outdir: str | os.PathLike[str], extra_manifest: Mapping[str, Any] | None = None) -> Path:
+    def save(
+        self,
+        outdir: str | os.PathLike[str],
+        extra_manifest: Mapping[str, Any] | None = None,
+        *,
+        image: str | os.PathLike[str] | None = None,
+        prompt: str | None = None,
+        model: str | None = None,
+    ) -> Path:
         """Write every output as ``<outdir>/<name>.npy`` and describe them in ``manifest.json``.
+
+        ``image`` (a path: stored absolute), ``prompt`` and ``model`` describe where the result
+        came from (a result does not know it); given, they are stored in the manifest as
+        ``"image"``, ``"prompt"``, ``"model"``. A save over an earlier one removes the ``.npy``
+        files that the earlier manifest listed and this one does not. Files get the permissions
+        of the umask, as ``open`` gives.
 
         ``visual_token_lens.npy`` and ``image_grid_thw.npy`` are written from the metadata when
         they are not among the outputs. bfloat16 arrays are saved upcast to float32 (exactly; plain
@@ -284,11 +314,12 @@ class Embeddings:
             ``outdir`` as a Path (created if missing).
 
         Raises:
-            ValueError: ``extra_manifest`` reuses a manifest key, or an output name is not a safe
-                file name.
+            ValueError: ``extra_manifest`` reuses a manifest key (or one of image, prompt, model
+                that is also given as an argument), or an output name is not a safe file name.
             TypeError: ``extra_manifest`` is not JSON-serialisable.
         """
-        return on_disk.save(self, outdir, extra_manifest)
+        described = {"image": None if image is None else os.path.abspath(image), "prompt": prompt, "model": model}
+        return on_disk.save(self, outdir, extra_manifest, described)
 
 
 def _int_array(value: object, name: str) -> npt.NDArray[np.int64]:
@@ -308,3 +339,15 @@ def _read_only(array: np.ndarray) -> np.ndarray:
 def _bounds(counts: npt.NDArray[np.int64]) -> list[int]:
     """Start offsets of consecutive blocks of ``counts`` rows, then the total: ``[0, c0, c0+c1, ...]``."""
     return [0, *np.cumsum(counts, dtype=np.int64).tolist()]
+
+
+def retrieval_vectors(result: Embeddings | Any) -> npt.NDArray[Any]:
+    """The retrieval output (multi_vector or single_vector) of a result; raises the result itself
+    when it is an error, ValueError when it has no retrieval output."""
+    if isinstance(result, BaseException):
+        raise result
+    for name in RETRIEVAL_OUTPUTS:
+        if name in result.tensors:
+            vectors: npt.NDArray[Any] = result.tensors[name]
+            return vectors
+    raise ValueError(f"the result has no retrieval output ({', '.join(RETRIEVAL_OUTPUTS)}); got {list(result.tensors)}")

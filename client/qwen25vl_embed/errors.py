@@ -1,10 +1,20 @@
-"""The SDK's one exception type for failed calls, carrying the gRPC status code."""
+"""The SDK's exception for failed calls, carrying the gRPC status code.
+
+Which errors come from where:
+
+- :class:`EmbeddingError`: the server (or the transport) answered with a failure status.
+- ``ValueError`` / ``TypeError`` / ``OSError`` (``FileNotFoundError`` included): ``extract``'s
+  arguments were refused here, before anything was sent.
+- :class:`LocalRequestError`: the same refusal for one input of ``extract_many``, which reports
+  it in that input's place; an :class:`EmbeddingError` (so that ``errors="return"`` yields one
+  type), told apart by its class, ``sent`` False and the original exception as ``cause``.
+"""
 
 from __future__ import annotations
 
 import grpc
 
-__all__ = ["EmbeddingError", "from_rpc_error"]
+__all__ = ["EmbeddingError", "LocalRequestError", "from_rpc_error", "not_ready_error", "still_loading"]
 
 
 class EmbeddingError(Exception):
@@ -21,8 +31,29 @@ class EmbeddingError(Exception):
         self.code = code
         self.details = details
 
+    sent = True
+    """False for a :class:`LocalRequestError`: the request never reached the server."""
+
     def __str__(self) -> str:
         return f"{self.code.name}: {self.details}"
+
+
+class LocalRequestError(EmbeddingError):
+    """One input of ``extract_many`` that could not be turned into a request here (a missing or
+    empty file, an unsupported image type): never sent. ``cause`` is the original exception;
+    ``code`` is INVALID_ARGUMENT, what the server would have said of bad input."""
+
+    sent = False
+
+    def __init__(self, details: str, cause: BaseException | None = None) -> None:
+        super().__init__(grpc.StatusCode.INVALID_ARGUMENT, details)
+        self.cause = cause
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.details, self.cause))
+
+    def __str__(self) -> str:
+        return f"{self.code.name} (refused here, not sent): {self.details}"
 
 
 def from_rpc_error(err: grpc.RpcError) -> EmbeddingError:
@@ -35,4 +66,22 @@ def from_rpc_error(err: grpc.RpcError) -> EmbeddingError:
     return EmbeddingError(
         code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN,
         details if isinstance(details, str) else str(err),
+    )
+
+
+# While a server loads its model it answers UNAVAILABLE; a call that found no server in time
+# ends in DEADLINE_EXCEEDED. Both mean "not ready yet" to wait_ready.
+_NOT_READY = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+
+
+def still_loading(error: EmbeddingError) -> bool:
+    """True for the errors that ``wait_ready`` waits through."""
+    return error.code in _NOT_READY
+
+
+def not_ready_error(target: str, timeout: float, last: EmbeddingError | None) -> EmbeddingError:
+    """The DEADLINE_EXCEEDED error of a ``wait_ready`` that ran out of time."""
+    seen = f"; last answer: {last}" if last is not None else ""
+    return EmbeddingError(
+        grpc.StatusCode.DEADLINE_EXCEEDED, f"the server at {target} was not ready within {timeout:g} s{seen}"
     )

@@ -16,7 +16,7 @@ import grpc
 
 from qwen25vl_embed.assembly import ResultBuilder
 from qwen25vl_embed.embeddings import Embeddings
-from qwen25vl_embed.errors import EmbeddingError
+from qwen25vl_embed.errors import EmbeddingError, LocalRequestError
 from qwen25vl_embed.v1 import embed_pb2 as pb
 
 __all__ = ["ErrorPolicy", "ResultCollector", "in_order", "progress_bar", "release", "sized"]
@@ -41,8 +41,7 @@ class ResultCollector:
     def fail(self, index: int, error: Exception) -> None:
         """Record a request that could not be built on this side (never sent)."""
         with self._lock:
-            message = f"request {index}: {error}"
-            self._finished[index] = EmbeddingError(grpc.StatusCode.INVALID_ARGUMENT, message)
+            self._finished[index] = LocalRequestError(f"request {index}: {error}", error)
             self._unsent.add(index)
 
     def build(self, index: int, build: Callable[[], pb.ImageRequest]) -> pb.ImageRequest | None:

@@ -6,7 +6,49 @@ from dataclasses import dataclass
 
 from qwen25vl_embed.v1 import embed_pb2 as pb
 
-__all__ = ["ServerInfo"]
+__all__ = ["RetrievalRecipe", "ServerInfo"]
+
+
+@dataclass(frozen=True)
+class RetrievalRecipe:
+    """The server's retrieval recipe (fields as in the proto's ``Recipe``).
+
+    Attributes:
+        name: "colqwen2.5" or "biqwen2.5".
+        output: "multi_vector" ([T, E] per request) or "single_vector" ([1, E]).
+        dimension: E at full width (the ceiling of ``dimensions``).
+        document_template: the document text, "<image>" where the image goes.
+        query_prefix, query_suffix: around a query's text.
+        padding_side, pooling, head, normalize, image_tokens_only: as the reference computes.
+    """
+
+    name: str
+    output: str
+    dimension: int
+    document_template: str
+    query_prefix: str
+    query_suffix: str
+    padding_side: str
+    pooling: str
+    head: bool
+    normalize: bool
+    image_tokens_only: bool
+
+    @classmethod
+    def from_proto(cls, message: pb.Recipe) -> RetrievalRecipe:
+        return cls(
+            name=message.name,
+            output=message.output,
+            dimension=message.dimension,
+            document_template=message.document_template,
+            query_prefix=message.query_prefix,
+            query_suffix=message.query_suffix,
+            padding_side=message.padding_side,
+            pooling=message.pooling,
+            head=message.head,
+            normalize=message.normalize,
+            image_tokens_only=message.image_tokens_only,
+        )
 
 
 @dataclass(frozen=True)
@@ -30,6 +72,7 @@ class ServerInfo:
         num_vision_layers: vision blocks (valid k of vision_layer_<k>).
         chunk_bytes: largest response message the server sends, in bytes.
         server_version: the server package's version.
+        recipe: the retrieval recipe, None for a model served as raw states.
     """
 
     model: str
@@ -48,6 +91,7 @@ class ServerInfo:
     num_vision_layers: int
     chunk_bytes: int
     server_version: str
+    recipe: RetrievalRecipe | None = None
 
     @classmethod
     def from_proto(cls, message: pb.InfoResponse) -> ServerInfo:
@@ -69,4 +113,5 @@ class ServerInfo:
             num_vision_layers=message.num_vision_layers,
             chunk_bytes=message.chunk_bytes,
             server_version=message.server_version,
+            recipe=RetrievalRecipe.from_proto(message.recipe) if message.HasField("recipe") else None,
         )

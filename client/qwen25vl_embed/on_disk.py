@@ -2,7 +2,9 @@
 
 :func:`save` is what :meth:`Embeddings.save <qwen25vl_embed.embeddings.Embeddings.save>` does,
 where the layout and the manifest are described. Every file is written atomically (a temporary
-name, then a rename), the manifest last.
+name, then a rename), the manifest last, with the permissions the umask gives new files (as
+``open`` does). A save into a folder that holds an earlier result removes the ``.npy`` files that
+the earlier manifest listed and the new one does not, so the folder never holds stale outputs.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
+import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -32,14 +34,25 @@ _MANIFEST_KEYS = frozenset(
 )
 
 
-def save(result: Embeddings, outdir: str | os.PathLike[str], extra_manifest: Mapping[str, Any] | None = None) -> Path:
+def save(
+    result: Embeddings,
+    outdir: str | os.PathLike[str],
+    extra_manifest: Mapping[str, Any] | None = None,
+    described: Mapping[str, Any] | None = None,
+) -> Path:
     """Write ``result`` to ``outdir``: what :meth:`Embeddings.save
     <qwen25vl_embed.embeddings.Embeddings.save>` does (its docstring has the layout, return value
-    and errors)."""
+    and errors). ``described``: the image, prompt and model keys, None values left out."""
     extra = dict(extra_manifest or {})
     clash = sorted(_MANIFEST_KEYS & extra.keys())
     if clash:
         raise ValueError(f"extra_manifest may not set the manifest's own keys: {clash}")
+    for key, value in (described or {}).items():
+        if value is None:
+            continue
+        if key in extra:
+            raise ValueError(f"{key!r} is given both as an argument and in extra_manifest")
+        extra[key] = value
     arrays = dict(result.tensors)
     arrays.setdefault("visual_token_lens", result.visual_token_lens)
     arrays.setdefault("image_grid_thw", result.image_grid_thw)
@@ -70,11 +83,27 @@ def save(result: Embeddings, outdir: str | os.PathLike[str], extra_manifest: Map
 
     out = Path(outdir)
     out.mkdir(parents=True, exist_ok=True)
+    earlier = _listed_files(out / "manifest.json")
     for name, array in arrays.items():
         saved = array.astype(np.float32) if "saved_dtype" in files[name] else array
         _save_npy(out / files[name]["file"], saved)
     _write_atomic(out / "manifest.json", lambda f: f.write(text.encode()))
+    for stale in earlier - {entry["file"] for entry in files.values()}:
+        (out / stale).unlink(missing_ok=True)
     return out
+
+
+def _listed_files(manifest: Path) -> set[str]:
+    """The ``.npy`` files an earlier manifest lists (none if there is no readable one). Only file
+    names this module writes count, so that a foreign manifest cannot delete anything else."""
+    try:
+        files = json.loads(manifest.read_text())["files"]
+        names = {entry["file"] for entry in files.values()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return set()
+    return {
+        name for name in names if isinstance(name, str) and name.endswith(".npy") and _FILE_SAFE_NAME.fullmatch(name)
+    }
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
@@ -82,7 +111,10 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
 
 
 def _write_atomic(path: Path, write: Callable[[IO[bytes]], object]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # Not tempfile.mkstemp: it creates 0600 files whatever the umask, which makes shared output
+    # folders unreadable to the group. O_EXCL with a unique name is as safe.
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)

@@ -3,7 +3,14 @@
 // parts of one tensor arrive as consecutive Tensor messages with the same name; their bytes are
 // concatenated in arrival order, then read as little-endian, row-major values of `dtype`.
 
-const ITEM_SIZE = { DTYPE_FLOAT32: 4, DTYPE_FLOAT16: 2, DTYPE_BFLOAT16: 2, DTYPE_INT64: 8 };
+const ITEM_SIZE = {
+  DTYPE_FLOAT32: 4,
+  DTYPE_FLOAT16: 2,
+  DTYPE_BFLOAT16: 2,
+  DTYPE_INT64: 8,
+  DTYPE_INT8: 1, // retrieval vectors, VECTOR_ENCODING_INT8: value = v / 127
+  DTYPE_UINT8: 1, // retrieval vectors, VECTOR_ENCODING_BINARY: packed bits, first component in the MSB
+};
 
 /** The float32 bit pattern of an IEEE binary16 bit pattern (exact: every half is a float). */
 function halfBitsToFloatBits(h) {
@@ -24,7 +31,8 @@ function halfBitsToFloatBits(h) {
 
 /**
  * Decodes little-endian bytes to a typed array: Float32Array for the float dtypes (float16 and
- * bfloat16 widened exactly; Node 20 has no Float16Array), BigInt64Array for DTYPE_INT64.
+ * bfloat16 widened exactly; Node 20 has no Float16Array), BigInt64Array for DTYPE_INT64,
+ * Int8Array / Uint8Array for DTYPE_INT8 / DTYPE_UINT8 (the int8 and binary retrieval vectors).
  * DataView reads keep this correct on any host byte order and any Buffer alignment.
  */
 function decodeBytes(bytes, dtype) {
@@ -33,6 +41,8 @@ function decodeBytes(bytes, dtype) {
   if (bytes.length % itemSize !== 0) throw new Error(`${bytes.length} bytes is not a whole number of ${dtype}`);
   const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.length);
   const count = bytes.length / itemSize;
+  if (dtype === 'DTYPE_INT8') return Int8Array.from(new Int8Array(bytes.buffer, bytes.byteOffset, count));
+  if (dtype === 'DTYPE_UINT8') return Uint8Array.from(bytes);
   if (dtype === 'DTYPE_INT64') {
     const out = new BigInt64Array(count);
     for (let i = 0; i < count; i++) out[i] = view.getBigInt64(i * 8, true);

@@ -80,12 +80,17 @@ def test_extract_saves_pooled_vectors_only_by_default(
     assert "projected_tokens.npy" not in saved
 
 
-def test_extract_refuses_missing_files_and_clashing_stems(tmp_path: Path, images: list[Path]) -> None:
+def test_extract_refuses_missing_files_and_names_clashing_paths(
+    tmp_path: Path, images: list[Path], capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(["extract", str(tmp_path / "missing.png"), "--server", "127.0.0.1:1"]) == 2
-    clash = tmp_path / "sub" / "cat.png"
-    clash.parent.mkdir()
-    clash.write_bytes(images[0].read_bytes())
-    assert main(["extract", str(images[0]), str(clash), "--server", "127.0.0.1:1"]) == 2
+    # cat.png and cat.jpg in one folder would both write <outdir>/cat/: refused, both named.
+    twin = tmp_path / "cat.jpg"
+    noise_image(56, 56).save(twin)
+    assert main(["extract", str(tmp_path), "--server", "127.0.0.1:1", "--outdir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'out' / 'cat'}: {twin}, {images[0]}" in err
+    assert not (tmp_path / "out").exists()
 
 
 def test_extract_reports_a_bad_image_cleanly(
@@ -123,16 +128,19 @@ def test_extract_takes_folders_and_globs_and_skips_bad_images(
     err = capsys.readouterr().err
     assert "broken.png" in err
     assert "12 of 13 images" in err
-    assert sorted(p.name for p in outdir.iterdir()) == [f"img{i:02d}" for i in range(12)]
+    # The output mirrors the input tree, relative to the folder given.
+    expected = sorted(f"nested/img{i:02d}" if i % 2 else f"img{i:02d}" for i in range(12))
+    assert sorted(str(p.parent.relative_to(outdir)) for p in outdir.rglob("manifest.json")) == expected
     # Each result landed in its own image's folder.
     for path in sorted(folder.rglob("img*.png")):
-        saved = np.load(outdir / path.stem / "lm_last_token.npy")
+        saved = np.load(outdir / path.relative_to(folder).with_suffix("") / "lm_last_token.npy")
         assert_batched_close(saved, client.extract(path)["lm_last_token"])
 
     globbed = tmp_path / "globbed"
     pattern = str(folder / "**" / "img0[0-3].png")
     assert main(["extract", pattern, "--outdir", str(globbed), "--server", server.address]) == 0
-    assert sorted(p.name for p in globbed.iterdir()) == ["img00", "img01", "img02", "img03"]
+    found = sorted(str(p.parent.relative_to(globbed)) for p in globbed.rglob("manifest.json"))
+    assert found == ["img00", "img02", "nested/img01", "nested/img03"]
 
 
 @pytest.mark.parametrize(

@@ -147,3 +147,13 @@ def test_node_half_decoding_is_exact_for_every_bit_pattern(
     np.testing.assert_array_equal(np.isnan(got), nan)
     # Bit for bit (signed zeros included) wherever the value is not NaN.
     np.testing.assert_array_equal(got.view("<u4")[~nan], expected.view("<u4")[~nan])
+
+
+@pytest.mark.parametrize(("dtype", "numpy_dtype"), [("DTYPE_INT8", np.dtype("i1")), ("DTYPE_UINT8", np.dtype("u1"))])
+def test_node_decodes_the_int8_and_binary_vector_forms(
+    node_example: Path, tmp_path: Path, dtype: str, numpy_dtype: np.dtype
+) -> None:
+    """Every byte value, as numpy reads it (the retrieval vectors' int8 and packed-bit forms)."""
+    data = np.arange(256, dtype="u1").tobytes()
+    expected = np.frombuffer(data, dtype=numpy_dtype).astype(np.float32)
+    np.testing.assert_array_equal(decode_with_node(data, dtype, tmp_path), expected)

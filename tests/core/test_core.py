@@ -105,11 +105,11 @@ def test_half_wire_dtypes_are_the_rounded_float32_values(extractor: Extractor, d
     assert half["visual_token_lens"].dtype == np.int64
 
 
-def test_unknown_dtype_and_missing_images_are_invalid_input(extractor: Extractor) -> None:
+def test_unknown_dtype_and_image_outputs_of_text_are_invalid_input(extractor: Extractor) -> None:
     with pytest.raises(InvalidInputError, match="unknown dtype 'int8'"):
         extractor.extract([noise_image(56, 56)], dtype="int8")
-    with pytest.raises(InvalidInputError, match="no image"):
-        extractor.extract([])
+    with pytest.raises(InvalidInputError, match="no image, so it has no projected_tokens, visual_token_lens;"):
+        extractor.plan(["lm_last_token", "projected_tokens", "visual_token_lens"], has_images=False)
 
 
 def test_extreme_aspect_ratio_is_invalid_input(extractor: Extractor) -> None:

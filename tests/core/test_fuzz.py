@@ -214,12 +214,12 @@ def test_check_request_refuses_exactly_what_exceeds_a_limit(sizes: list[int], pr
     if prompt is not None:
         request.prompt = prompt
     expected = (
-        "no image"
-        if not sizes
+        "neither an image nor a prompt"
+        if not sizes and prompt is None
         else "images; the limit"
         if len(sizes) > FUZZ_LIMITS.max_images
         else "bytes; the limit"
-        if max(sizes) > FUZZ_LIMITS.max_image_bytes
+        if max(sizes, default=0) > FUZZ_LIMITS.max_image_bytes
         else "characters; the limit"
         if prompt is not None and len(prompt) > FUZZ_LIMITS.max_prompt_chars
         else None

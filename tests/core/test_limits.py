@@ -71,8 +71,8 @@ def test_too_many_images() -> None:
         check_request(request(*[1] * 20), Limits())
 
 
-def test_no_image() -> None:
-    with pytest.raises(InvalidInputError, match="no image"):
+def test_neither_image_nor_prompt() -> None:
+    with pytest.raises(InvalidInputError, match="neither an image nor a prompt"):
         check_request(request(), Limits())
 
 

@@ -157,3 +157,17 @@ def test_an_unreadable_output_file_is_set_aside(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="not a bulk job's output"):
         finished_paths(tmp_path)
     assert (tmp_path / "someone-elses.parquet").exists()
+
+
+def test_bulk_asking_for_gpus_the_cluster_lacks_fails_in_one_line(
+    ray_cluster: None, images: Path, tiny_model_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without the check, Ray Data waits forever for actors that need 4 GPUs on a CPU-only cluster."""
+    argv = ["bulk", str(images), str(tmp_path / "out"), "--model", str(tiny_model_path), "--num-gpus", "4"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        "error: bulk asks for 4 GPUs (--num-gpus); the Ray cluster has 0: "
+        "use fewer, or --num-gpus 0 with --actors to run on CPUs\n"
+    )
+    assert not (tmp_path / "out").exists()

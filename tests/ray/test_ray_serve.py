@@ -32,6 +32,7 @@ from qwen25vl_embed_server.rpc.calls import ServiceConfig
 from ..contract.test_node_client import NODE_EXAMPLE, run_node
 from ..helpers import noise_image, png_bytes
 from ..npm import npm_ci
+from .sockets import is_loopback, ray_sockets
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "ray"
 # Smaller than the plain server's 1 MiB, so that a 448x448 image's vision_tokens (256 KiB) is
@@ -177,3 +178,23 @@ def test_serve_ray_refuses_a_bad_config(tmp_path: Path, capsys: pytest.CaptureFi
     config.write_text("applications: 3\n")
     assert main(["serve-ray", "--config", str(config)]) == 2
     assert "applications" in capsys.readouterr().err
+
+
+# Ray 2.60 Serve binds two servers to "[::]" in code, with no setting (serve/_private/grpc_util.py:
+# the gRPC proxy; replica.py: the replica's inter-deployment server). They listen on every
+# interface; what reaches them here comes over loopback (checked below with every connection).
+_SERVE_WILDCARD_LISTENERS = ("ray::ProxyActor", "ray::ServeRepli")
+
+
+def test_every_socket_of_the_ray_processes_is_loopback(ray_client: EmbeddingClient) -> None:
+    """GCS, raylet, workers, Serve's controller, proxy and replica: every connection runs between
+    127.0.0.1 addresses and every listener is on 127.0.0.1 (init_ray's local mode), but for
+    Serve's two wildcard listeners, checked on each socket while a call goes through."""
+    assert ray_client.extract(png_bytes(noise_image(56, 56))).visual_token_lens.tolist() == [4]
+    sockets = ray_sockets()
+    assert {"gcs_server", "raylet", *_SERVE_WILDCARD_LISTENERS} <= {s.process for s in sockets}, sockets
+    connections = [s for s in sockets if s.state != "LISTEN"]
+    assert connections, sockets
+    assert [s for s in connections if not (is_loopback(s.local) and is_loopback(s.peer))] == []
+    listeners = [s for s in sockets if s.state == "LISTEN" and s.process not in _SERVE_WILDCARD_LISTENERS]
+    assert [s for s in listeners if not is_loopback(s.local)] == []

@@ -118,14 +118,23 @@ def test_second_bad_image_is_named_by_index(stub: pb_grpc.EmbeddingServiceStub) 
 @pytest.mark.parametrize(
     ("request_", "message"),
     [
-        (pb.ImageRequest(outputs=["visual_token_lens"]), "no image"),
+        (pb.ImageRequest(outputs=["visual_token_lens"]), "neither an image nor a prompt"),
+        (pb.ImageRequest(prompt="a text", outputs=["visual_token_lens"]), "no image, so it has no visual_token_lens"),
         (pb.ImageRequest(images=[pb.Image(data=b"x")], outputs=["nope"]), "unknown output 'nope'"),
         (pb.ImageRequest(images=[pb.Image(data=b"x")], outputs=["lm_layer_9"]), "out of range"),
         (pb.ImageRequest(images=[pb.Image(data=b"x")], dtype=pb.DTYPE_INT64), "floating-point"),
         (pb.ImageRequest(images=[pb.Image(data=b"x")], dtype=99), "floating-point"),  # type: ignore[arg-type]
         (pb.ImageRequest(images=[pb.Image(data=b"x")], request_id="r" * 300), "request_id"),
     ],
-    ids=["no image", "unknown output", "layer out of range", "int64 dtype", "unknown dtype", "long request id"],
+    ids=[
+        "no image or prompt",
+        "image output of a text",
+        "unknown output",
+        "layer out of range",
+        "int64 dtype",
+        "unknown dtype",
+        "long request id",
+    ],
 )
 def test_bad_requests_get_invalid_argument(
     stub: pb_grpc.EmbeddingServiceStub, request_: pb.ImageRequest, message: str

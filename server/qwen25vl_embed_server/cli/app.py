@@ -9,6 +9,7 @@ Torch and transformers are imported only by the commands that run the model.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,23 +24,58 @@ from qwen25vl_embed_server.cli.flags import (
     model_flags,
     prompt_flag,
     server_security_flags,
+    wait_flag,
 )
 from qwen25vl_embed_server.cli.logging_setup import LOG_FORMATS, configure_logging
 from qwen25vl_embed_server.core import defaults
 from qwen25vl_embed_server.core.errors import InvalidInputError
 from qwen25vl_embed_server.core.outputs import TOKEN_OUTPUTS
 
+# The modules each extra brings (import names): a command that misses one says which extra to install.
+_EXTRAS = {
+    "server": frozenset(
+        {"torch", "torchvision", "transformers", "grpc_health", "grpc_reflection", "prometheus_client"}
+    ),
+    "ray": frozenset({"ray", "pyarrow", "pydantic", "yaml"}),
+}
+_SERVER = "needs the server extra"
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.log_level, args.log_format)
+    command = args.run.__name__.replace("_", "-")
     try:
         return int(args.run(args))
     except (EmbeddingError, InvalidInputError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except ModuleNotFoundError as err:
+        missing = (err.name or "").partition(".")[0]
+        for extra, modules in _EXTRAS.items():
+            if missing in modules:
+                print(
+                    f"error: {command} needs the {extra} extra ({missing} is not installed): "
+                    f"pip install 'qwen25vl-embed[{extra}]'",
+                    file=sys.stderr,
+                )
+                return 2
+        raise
+    except BrokenPipeError:
+        # `qwen25vl-embed info | head`: the reader left. Point stdout at /dev/null so that the
+        # interpreter's final flush does not fail again, and exit as a shell's SIGPIPE would.
+        _silence_stdout()
+        return 141
     except KeyboardInterrupt:
         return 130
+
+
+def _silence_stdout() -> None:
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # no real file descriptor (e.g. captured in tests)
+        pass
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-format", default="text", choices=LOG_FORMATS, help="text lines or JSON lines (text)")
     subcommands = parser.add_subparsers(required=True, metavar="COMMAND")
 
-    serve = subcommands.add_parser("serve", help="run the gRPC server")
+    serve = subcommands.add_parser("serve", help=f"run the gRPC server ({_SERVER})")
     model_flags(serve)
     serve.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     serve.add_argument("--port", type=int, default=50051, help="0 picks a free port (default: 50051)")
@@ -68,13 +104,22 @@ def build_parser() -> argparse.ArgumentParser:
     server_security_flags(serve)
     serve.set_defaults(run=commands.serve)
 
-    extract_ = subcommands.add_parser("extract", help="extract embeddings of images into files")
+    extract_ = subcommands.add_parser(
+        "extract", help=f"extract embeddings of images into files (in-process: {_SERVER}; --server: not)"
+    )
     extract_.add_argument("images", nargs="+", metavar="IMAGE", help="image files, folders or glob patterns")
     where = extract_.add_mutually_exclusive_group()
-    where.add_argument("--server", help="host:port of a running server (default: run the model here)")
+    where.add_argument("--server", help=f"host:port of a running server (default: run the model here, which {_SERVER})")
     model_flags(extract_, group=where)
     prompt_flag(extract_)
-    extract_.add_argument("--outdir", type=Path, default=Path("out"), help="output folder (default: out)")
+    extract_.add_argument(
+        "--outdir", type=Path, default=Path("out"), help="output folder; mirrors the input tree (default: out)"
+    )
+    extract_.add_argument(
+        "--flat",
+        action="store_true",
+        help="one <outdir>/<image_stem>/ per image, whatever the tree (names must differ)",
+    )
     extract_.add_argument(
         "--save-tokens", action="store_true", help=f"also save the token tensors ({', '.join(TOKEN_OUTPUTS)})"
     )
@@ -84,20 +129,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     extract_.add_argument("--normalize", action="store_true", help="L2-normalise the pooled vectors")
     extract_.add_argument("--concurrency", type=int, default=8, help="requests in flight with --server (8)")
+    extract_.add_argument(
+        "--skip-existing",
+        action="store_true",
+        help="skip images whose folder already holds a complete manifest with these outputs (resume)",
+    )
+    wait_flag(extract_)
     client_security_flags(extract_)
     extract_.set_defaults(run=extract)
 
     info = subcommands.add_parser("info", help="describe a running server's model")
     info.add_argument("--server", required=True, help="host:port")
+    wait_flag(info)
     client_security_flags(info)
     info.set_defaults(run=commands.info)
 
-    serve_ray = subcommands.add_parser("serve-ray", help="serve through Ray Serve's gRPC proxy (needs the ray extra)")
+    serve_ray = subcommands.add_parser(
+        "serve-ray", help="serve through Ray Serve's gRPC proxy (needs the server and ray extras)"
+    )
     serve_ray.add_argument("--config", required=True, type=Path, help="Ray Serve config file (examples/ray/serve.yaml)")
     serve_ray.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else start a local one)")
     serve_ray.set_defaults(run=commands.serve_ray)
 
-    bulk = subcommands.add_parser("bulk", help="images to Parquet with Ray Data, resumable (needs the ray extra)")
+    bulk = subcommands.add_parser(
+        "bulk", help="images to Parquet with Ray Data, resumable (needs the server and ray extras)"
+    )
     bulk.add_argument("input", metavar="INPUT", help="folder, quoted glob, or Parquet/CSV file with a path column")
     bulk.add_argument("output", metavar="OUTPUT", type=Path, help="Parquet folder; rerun to resume")
     model_flags(bulk)
@@ -112,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     bulk.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else start a local one)")
     bulk.set_defaults(run=commands.bulk)
 
-    tiny = subcommands.add_parser("make-tiny-model", help="write a random-weight Qwen2.5-VL checkpoint")
+    tiny = subcommands.add_parser("make-tiny-model", help=f"write a random-weight Qwen2.5-VL checkpoint ({_SERVER})")
     tiny.add_argument("outdir", type=Path)
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(run=commands.make_tiny_model)

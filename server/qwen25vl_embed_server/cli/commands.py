@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 from dataclasses import asdict
 from typing import TYPE_CHECKING
@@ -19,6 +20,7 @@ from qwen25vl_embed_server.core import defaults
 from qwen25vl_embed_server.core.limits import Limits
 
 if TYPE_CHECKING:
+    from qwen25vl_embed import ServerInfo
     from qwen25vl_embed_server.core.loading import LoadOptions
     from qwen25vl_embed_server.rpc.server import ServerConfig
 
@@ -76,6 +78,14 @@ def _limits(args: argparse.Namespace) -> Limits:
         raise
 
 
+def target_error(target: str) -> str | None:
+    """Why ``--server`` cannot be dialled as given, or None. A bare host would silently go to
+    gRPC's default port 443; a URL scheme (``dns:///``, ``ipv4:``, ``unix:``) is taken as is."""
+    if ":" in target.split("]")[-1] or target.startswith(("dns:", "ipv4:", "ipv6:", "unix:")):
+        return None
+    return f"--server {target}: give host:port (e.g. {target}:50051)"
+
+
 def client_of(args: argparse.Namespace) -> EmbeddingClient:
     """The SDK client of ``--server`` and the client TLS/token flags. Raises ValueError or OSError."""
     from qwen25vl_embed.channels import TLSConfig
@@ -96,16 +106,23 @@ def client_of(args: argparse.Namespace) -> EmbeddingClient:
 def load_options(args: argparse.Namespace) -> LoadOptions:
     from qwen25vl_embed_server.core.loading import LoadOptions
 
+    model = args.model or defaults.DEFAULT_MODEL
+    # A local checkpoint by its absolute path: what Info reports and manifests record stays
+    # meaningful from any working directory.
     return LoadOptions(
-        model=args.model or defaults.DEFAULT_MODEL,
+        model=os.path.abspath(model) if os.path.isdir(model) else model,
         device=args.device,
         dtype=args.dtype,
         min_pixels=args.min_pixels,
         max_pixels=args.max_pixels,
+        recipe=args.recipe,
+        pooling=args.pooling,
+        image_tokens_only=args.image_tokens_only,
     )
 
 
 def serve(args: argparse.Namespace) -> int:
+    from qwen25vl_embed_server.core.errors import ModelLoadError
     from qwen25vl_embed_server.rpc.server import ListenError
     from qwen25vl_embed_server.rpc.server import serve as run_server
 
@@ -119,26 +136,35 @@ def serve(args: argparse.Namespace) -> int:
     except ListenError as err:
         print(f"error: {err} (--host, --port, --metrics-host, --metrics-port)", file=sys.stderr)
         return 2
+    except (ValueError, ModelLoadError) as err:  # a bad --device / --dtype / --model: one line
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 
 def info(args: argparse.Namespace) -> int:
+    if (problem := target_error(args.server)) is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     try:
         client = client_of(args)
     except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     with client:
-        print(json.dumps(asdict(client.info()), indent=2))
+        print(json.dumps(asdict(server_info(client, args.wait)), indent=2))
     return 0
 
 
+def server_info(client: EmbeddingClient, wait: float) -> ServerInfo:
+    """The server's info; with ``--wait`` > 0, once it is ready (at most that many seconds)."""
+    return client.wait_ready(wait) if wait > 0 else client.info()
+
+
 def serve_ray(args: argparse.Namespace) -> int:
-    try:
-        from qwen25vl_embed_server.ray.deploy import serve_config_file
-    except ImportError as err:
-        print(f"error: serve-ray needs Ray: pip install 'qwen25vl-embed[ray]' ({err})", file=sys.stderr)
-        return 2
+    # A missing extra (ray, or torch) is reported by cli.app.main, naming the extra.
+    from qwen25vl_embed_server.ray.deploy import serve_config_file
+
     try:
         serve_config_file(args.config, args.address)
     except (ValueError, OSError) as err:  # pydantic's ValidationError is a ValueError
@@ -148,11 +174,8 @@ def serve_ray(args: argparse.Namespace) -> int:
 
 
 def bulk(args: argparse.Namespace) -> int:
-    try:
-        from qwen25vl_embed_server.ray.bulk_job import BulkJob, run_bulk
-    except ImportError as err:
-        print(f"error: bulk needs Ray: pip install 'qwen25vl-embed[ray]' ({err})", file=sys.stderr)
-        return 2
+    from qwen25vl_embed_server.ray.bulk_job import BulkJob, run_bulk
+
     actors = args.actors or max(1, args.num_gpus)
     job = BulkJob(
         source=args.input,

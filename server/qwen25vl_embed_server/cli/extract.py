@@ -1,8 +1,10 @@
-"""``qwen25vl-embed extract``: images (files, folders, globs) -> ``<outdir>/<image_stem>/`` files.
+"""``qwen25vl-embed extract``: images (files, folders, globs) -> one folder of files per image.
 
-Through a server, many images go over one ExtractBatch stream (``--concurrency`` in flight) with a
-progress bar; in-process, the model runs here one image at a time, like the original script. A bad
-image is reported and skipped; the exit code is then 1.
+The output mirrors the input tree under ``--outdir`` (:mod:`~qwen25vl_embed_server.cli.layout`).
+Through a server, many images go over one ExtractBatch stream (``--concurrency`` in flight); in-process,
+the model runs here one image at a time, like the original script. Beyond a few images a progress
+bar shows either way. A bad image is reported and skipped; the exit code is then 1. Ctrl-C says
+what was saved; ``--skip-existing`` goes on from there.
 """
 
 from __future__ import annotations
@@ -14,11 +16,21 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qwen25vl_embed import EmbeddingClient, Embeddings
-from qwen25vl_embed_server.cli.commands import client_of, load_options
+from qwen25vl_embed.extract_many import progress_bar
+from qwen25vl_embed_server.cli.commands import client_of, load_options, server_info, target_error
 from qwen25vl_embed_server.cli.flags import uses_client_security
 from qwen25vl_embed_server.cli.inputs import expand_inputs
-from qwen25vl_embed_server.core.errors import InvalidInputError
-from qwen25vl_embed_server.core.outputs import DEFAULT_OUTPUTS, IMAGE_GRID_THW, TOKEN_OUTPUTS
+from qwen25vl_embed_server.cli.layout import is_complete, output_folders
+from qwen25vl_embed_server.core import defaults
+from qwen25vl_embed_server.core.errors import InvalidInputError, ModelLoadError
+from qwen25vl_embed_server.core.image_decoding import IMAGE_SUFFIXES
+from qwen25vl_embed_server.core.outputs import (
+    DEFAULT_OUTPUTS,
+    IMAGE_GRID_THW,
+    TOKEN_OUTPUTS,
+    check_output_names,
+    plan_outputs,
+)
 
 if TYPE_CHECKING:
     from qwen25vl_embed_server.core.loading import LoadOptions
@@ -30,14 +42,43 @@ def extract(args: argparse.Namespace) -> int:
     """``qwen25vl-embed extract``: the exit code."""
     outputs = list(args.outputs or (*DEFAULT_OUTPUTS, *(TOKEN_OUTPUTS if args.save_tokens else ())))
     outputs.append(IMAGE_GRID_THW)
-    if not args.server and uses_client_security(args):
-        print("error: the TLS and token flags need --server", file=sys.stderr)
+    problem = _flag_problem(args)
+    if problem is None:
+        try:  # names no model has: refused before any model loads or any image is sent
+            check_output_names(outputs)
+        except InvalidInputError as err:
+            problem = str(err)
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     try:
         return run_extract(args, outputs, lambda: client_of(args), lambda: load_options(args))
-    except (ValueError, OSError) as err:  # unreadable TLS or token files
+    except (ValueError, OSError, ModelLoadError) as err:  # unreadable TLS or token files; the model
         print(f"error: {err}", file=sys.stderr)
         return 2
+
+
+def _flag_problem(args: argparse.Namespace) -> str | None:
+    """What is wrong with the flags taken together, or None."""
+    if not args.server:
+        if uses_client_security(args) or args.wait:
+            return "--wait and the TLS and token flags need --server"
+        return None
+    # The server's model, device and dtype are the server's: these flags would be silently ignored.
+    ignored = [
+        flag
+        for flag, value, default in (
+            ("--dtype", args.dtype, defaults.DEFAULT_DTYPE),
+            ("--device", args.device, defaults.DEFAULT_DEVICE),
+            ("--recipe", args.recipe, "auto"),
+            ("--pooling", args.pooling, None),
+            ("--image-tokens-only", args.image_tokens_only, False),
+        )
+        if value != default
+    ]
+    if ignored:
+        return f"{' and '.join(ignored)} choose how the server runs its model; not with --server (see `serve --help`)"
+    return target_error(args.server)
 
 
 def run_extract(
@@ -57,35 +98,63 @@ def run_extract(
         print(f"error: {err}", file=sys.stderr)
         return 2
     if not paths:
-        print("error: no images found", file=sys.stderr)
+        suffixes = " ".join(sorted(IMAGE_SUFFIXES))
+        print(f"error: no images found in {', '.join(args.images)} (image files end in {suffixes})", file=sys.stderr)
         return 2
-    stems = [path.stem for path in paths]
-    clashes = sorted({stem for stem in stems if stems.count(stem) > 1})
-    if clashes:
-        print(f"error: several images would write to the same folder: {', '.join(clashes)}", file=sys.stderr)
+    try:
+        folders = output_folders(paths, args.outdir, flat=args.flat)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
-    saver = _Saver(args, verbose=len(paths) <= _VERBOSE_UP_TO)
-    if args.server:
-        with make_client() as client:
-            saver.model = client.info().model
-            results = client.extract_many(
-                paths,
-                prompt=args.prompt,
-                outputs=outputs,
-                dtype=args.wire_dtype,
-                normalize=args.normalize,
-                concurrency=args.concurrency,
-                progress=not saver.verbose,
-                errors="return",
-            )
-            for path, result in zip(paths, results, strict=True):
-                saver.save(path, result)
-    else:
-        options = load_options()
-        saver.model = options.model
-        for path, outcome in zip(paths, _extract_here(args, options, outputs, paths), strict=True):
-            saver.save(path, outcome)
-    return saver.finish(len(paths))
+    todo = list(zip(paths, folders, strict=True))
+    if args.skip_existing:
+        todo = [(path, folder) for path, folder in todo if not is_complete(folder, outputs)]
+    saver = _Saver(args, total=len(paths), skipped=len(paths) - len(todo))
+    todo_paths = [path for path, _ in todo]
+    try:
+        if not todo:
+            pass
+        elif args.server:
+            with make_client() as client:
+                info = server_info(client, args.wait)
+                try:  # the server's own check, on its model's depth: once, rather than once per image
+                    plan_outputs(outputs, info.num_lm_layers, info.num_vision_layers)
+                except InvalidInputError as err:
+                    print(f"error: {err} (server {args.server})", file=sys.stderr)
+                    return 2
+                saver.model = info.model
+                results = client.extract_many(
+                    todo_paths,
+                    prompt=args.prompt,
+                    outputs=outputs,
+                    dtype=args.wire_dtype,
+                    normalize=args.normalize,
+                    concurrency=args.concurrency,
+                    progress=not saver.verbose,
+                    errors="return",
+                    min_pixels=args.min_pixels,
+                    max_pixels=args.max_pixels,
+                )
+                for (path, folder), result in zip(todo, results, strict=True):
+                    saver.save(path, folder, result)
+        else:
+            options = load_options()
+            saver.model = options.model
+            bar = progress_bar(not saver.verbose, len(todo))
+            try:
+                for (path, folder), outcome in zip(
+                    todo, _extract_here(args, options, outputs, todo_paths), strict=True
+                ):
+                    saver.save(path, folder, outcome)
+                    if bar is not None:
+                        bar.update(1)
+            finally:
+                if bar is not None:
+                    bar.close()
+    except KeyboardInterrupt:
+        print(f"interrupted: {saver.summary()}; rerun with --skip-existing to go on", file=sys.stderr)
+        return 130
+    return saver.finish()
 
 
 def _extract_here(
@@ -99,6 +168,7 @@ def _extract_here(
     from qwen25vl_embed_server.core.request import EncodedRequest, prepare_request
 
     extractor = Extractor(load_model(options))
+    # The in-process model has the flags' pixel range already: no per-request range here.
     plan = extractor.plan(outputs)
     limits = Limits()
     for index, path in enumerate(paths):
@@ -125,28 +195,35 @@ def _extract_here(
 
 
 class _Saver:
-    """Writes each result in the original layout and reports failures without stopping."""
+    """Writes each result in its folder and reports failures without stopping."""
 
-    def __init__(self, args: argparse.Namespace, verbose: bool) -> None:
+    def __init__(self, args: argparse.Namespace, total: int, skipped: int) -> None:
         self.args = args
-        self.verbose = verbose
+        self.total = total
+        self.skipped = skipped
+        self.verbose = total - skipped <= _VERBOSE_UP_TO
         self.model = ""
+        self.saved = 0
         self.failed = 0
 
-    def save(self, path: Path, result: Embeddings | Exception) -> None:
+    def save(self, path: Path, folder: Path, result: Embeddings | Exception) -> None:
         if not isinstance(result, Embeddings):
             self.failed += 1
             print(f"error: {path}: {result}", file=sys.stderr)
             return
-        outdir = self.args.outdir / path.stem
-        manifest: dict[str, Any] = {"image": str(path), "prompt": self.args.prompt, "model": self.model}
-        result.save(outdir, extra_manifest=manifest)
+        manifest: dict[str, Any] = {"normalize": self.args.normalize}
+        result.save(folder, manifest, image=path, prompt=self.args.prompt, model=self.model)
+        self.saved += 1
         if self.verbose:
             shapes = ", ".join(f"{name} {list(result[name].shape)}" for name in result.names)
-            print(f"{path} -> {outdir}: {shapes}")
+            print(f"{path} -> {folder}: {shapes}")
 
-    def finish(self, total: int) -> int:
-        done = total - self.failed
-        if not self.verbose or self.failed:
-            print(f"{done} of {total} images extracted to {self.args.outdir}/", file=sys.stderr)
+    def summary(self) -> str:
+        done = self.saved + self.skipped
+        already = f" ({self.skipped} already there)" if self.skipped else ""
+        return f"{done} of {self.total} images saved to {self.args.outdir}/{already}"
+
+    def finish(self) -> int:
+        if not self.verbose or self.failed or self.skipped:
+            print(self.summary(), file=sys.stderr)
         return 1 if self.failed else 0

@@ -13,6 +13,7 @@ from typing import Any
 from qwen25vl_embed_server.core import defaults
 from qwen25vl_embed_server.core.batcher import BatchingConfig
 from qwen25vl_embed_server.core.limits import Limits
+from qwen25vl_embed_server.core.recipes import RECIPE_CHOICES
 
 LIMIT_FLAGS: dict[str, str] = {
     "max_request_bytes": "--max-request-bytes",
@@ -26,6 +27,9 @@ LIMIT_FLAGS: dict[str, str] = {
 """``serve`` flag of each :class:`Limits` field."""
 
 
+_PER_REQUEST = "; with --server: sent with each request, within the server's range"
+
+
 def model_flags(parser: argparse.ArgumentParser, group: Any = None) -> None:
     """--model (in ``group`` when given, e.g. exclusive with --server), --device, --dtype, pixels."""
     (group or parser).add_argument(
@@ -37,8 +41,30 @@ def model_flags(parser: argparse.ArgumentParser, group: Any = None) -> None:
     parser.add_argument(
         "--dtype", default=defaults.DEFAULT_DTYPE, help="auto (bf16 on cuda, else fp32), float32, float16, bfloat16"
     )
-    parser.add_argument("--min-pixels", type=int, default=None, help="processor min_pixels (checkpoint's default)")
-    parser.add_argument("--max-pixels", type=int, default=None, help="processor max_pixels (checkpoint's default)")
+    parser.add_argument(
+        "--min-pixels",
+        type=int,
+        default=None,
+        help=f"resize images to at least this many pixels (the checkpoint's){_PER_REQUEST}",
+    )
+    parser.add_argument(
+        "--max-pixels",
+        type=int,
+        default=None,
+        help=f"resize images to at most this many pixels (the checkpoint's){_PER_REQUEST}",
+    )
+    parser.add_argument(
+        "--recipe",
+        choices=RECIPE_CHOICES,
+        default="auto",
+        help="retrieval recipe: auto (detected from a ColQwen2.5/BiQwen2.5 checkpoint or adapter), none (raw states)",
+    )
+    parser.add_argument(
+        "--pooling", choices=("last", "mean"), default=None, help="single-vector recipes: pooling (recipe's default)"
+    )
+    parser.add_argument(
+        "--image-tokens-only", action="store_true", help="multi-vector recipes: documents keep image-token vectors only"
+    )
 
 
 def prompt_flag(parser: argparse.ArgumentParser) -> None:
@@ -181,6 +207,16 @@ def client_security_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--tls-key", type=Path, help="client private key (PEM)")
     group.add_argument("--token-file", type=Path, help="file holding the bearer token")
     group.add_argument("--token-env", metavar="VAR", help="environment variable holding the bearer token")
+
+
+def wait_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--wait",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="wait up to this long for the server to be up and its model loaded (default: do not wait)",
+    )
 
 
 def uses_client_security(args: argparse.Namespace) -> bool:

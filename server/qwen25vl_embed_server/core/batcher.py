@@ -218,7 +218,7 @@ class Batcher:
 
 
 def _images(item: Prepared) -> int:
-    return int(item.inputs["image_grid_thw"].shape[0])
+    return int(item.image_grid_thw.shape[0])
 
 
 def _settle(

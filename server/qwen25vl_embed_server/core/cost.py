@@ -20,17 +20,17 @@ from qwen25vl_embed_server.core.dtypes import TORCH_DTYPES
 from qwen25vl_embed_server.core.outputs import OutputPlan
 
 
-def image_patches(width: int, height: int, image_processor: Any) -> int:
-    """Vision patches (rows of ``pixel_values``) the processor makes of a still image of this size.
+def image_patches(width: int, height: int, image_processor: Any, pixels: tuple[int, int] | None = None) -> int:
+    """Vision patches (rows of ``pixel_values``) the processor makes of a still image of this size,
+    at the resize range ``pixels`` (min, max; None: the processor's own).
 
     Raises ValueError for sizes the processor refuses (e.g. an aspect ratio over 200).
     """
     patch = int(image_processor.patch_size)
     factor = patch * int(image_processor.merge_size)
     size = image_processor.size
-    resized_height, resized_width = smart_resize(
-        height, width, factor=factor, min_pixels=int(size["shortest_edge"]), max_pixels=int(size["longest_edge"])
-    )
+    low, high = pixels if pixels is not None else (int(size["shortest_edge"]), int(size["longest_edge"]))
+    resized_height, resized_width = smart_resize(height, width, factor=factor, min_pixels=low, max_pixels=high)
     return int(resized_height // patch) * int(resized_width // patch)
 
 

@@ -68,3 +68,8 @@ class OutOfMemoryError(RuntimeError):
 class DeviceOutOfMemoryError(OutOfMemoryError):
     """The model's run of this request ran out of memory (the device's, or host RAM on the CPU);
     memory was released, the server goes on."""
+
+
+class ModelLoadError(RuntimeError):
+    """The model could not be loaded (a bad id or path, a hub that cannot be reached, a device
+    that is not there). The message is one line naming the model and the cause."""

@@ -24,9 +24,17 @@ from qwen25vl_embed_server.core.defaults import DEFAULT_PROMPT, DEFAULT_WIRE_DTY
 from qwen25vl_embed_server.core.dtypes import TORCH_DTYPES, dtype_name
 from qwen25vl_embed_server.core.errors import DeviceOutOfMemoryError, InvalidInputError
 from qwen25vl_embed_server.core.loading import LoadedModel
-from qwen25vl_embed_server.core.model_info import ModelInfo
+from qwen25vl_embed_server.core.model_info import ModelInfo, RecipeInfo
 from qwen25vl_embed_server.core.outputs import DEFAULT_OUTPUTS, OutputPlan, available_outputs, merge_plans, plan_outputs
-from qwen25vl_embed_server.core.prompt import prepare_inputs
+from qwen25vl_embed_server.core.prompt import prepare_inputs, render_text
+from qwen25vl_embed_server.core.recipes import MULTI_VECTOR, SINGLE_VECTOR
+from qwen25vl_embed_server.core.retrieval_heads import (
+    VECTOR_ENCODINGS,
+    encode_vectors,
+    multi_vector,
+    single_vector,
+    truncate,
+)
 from qwen25vl_embed_server.core.window_order import to_image_order, window_index
 
 
@@ -34,14 +42,20 @@ from qwen25vl_embed_server.core.window_order import to_image_order, window_index
 class Prepared:
     """One request, ready for the model: the processor's CPU tensors and what to return.
 
-    ``inputs`` holds input_ids / attention_mask / mm_token_type_ids [1, T], pixel_values
-    [Np, C*t*p*p] and image_grid_thw [num_images, 3].
+    ``inputs`` holds input_ids / attention_mask / mm_token_type_ids [1, T] and, unless the request
+    is text only, pixel_values [Np, C*t*p*p] and image_grid_thw [num_images, 3].
     """
 
     inputs: dict[str, torch.Tensor]
     plan: OutputPlan
     dtype: str = DEFAULT_WIRE_DTYPE
     normalize: bool = False
+    dimensions: int = 0
+    vector_encoding: str = "float"
+
+    @property
+    def has_images(self) -> bool:
+        return "pixel_values" in self.inputs
 
     @property
     def sequence_length(self) -> int:
@@ -49,7 +63,12 @@ class Prepared:
 
     @property
     def num_patches(self) -> int:
-        return int(self.inputs["pixel_values"].shape[0])
+        return int(self.inputs["pixel_values"].shape[0]) if self.has_images else 0
+
+    @property
+    def image_grid_thw(self) -> torch.Tensor:
+        """[num_images, 3] int64 ([0, 3] for a text request)."""
+        return self.inputs["image_grid_thw"] if self.has_images else torch.zeros((0, 3), dtype=torch.int64)
 
     @property
     def cost(self) -> int:
@@ -86,6 +105,8 @@ class Extractor:
         self._pad_token_id = int(pad if pad is not None else 0)
         self.num_lm_layers = len(self._lm.layers)
         self.num_vision_layers = len(self._visual.blocks)
+        self.recipe = loaded.recipe
+        self._retrieval = loaded.recipe.output if loaded.recipe is not None else None
 
     @property
     def merge_unit(self) -> int:
@@ -110,7 +131,16 @@ class Extractor:
 
     @property
     def outputs(self) -> tuple[str, ...]:
-        return available_outputs(self.num_lm_layers, self.num_vision_layers)
+        return available_outputs(self.num_lm_layers, self.num_vision_layers, self._retrieval)
+
+    @property
+    def retrieval_dim(self) -> int:
+        """Size of the retrieval vectors (the head's output, else the hidden size); 0 without a recipe."""
+        if self.recipe is None:
+            return 0
+        if self.loaded.head is not None:
+            return int(self.loaded.head.out_features)
+        return int(self.loaded.model.config.text_config.hidden_size)
 
     def info(self) -> ModelInfo:
         """What callers may know of the model: sizes, resize range, outputs."""
@@ -129,15 +159,20 @@ class Extractor:
             min_pixels=int(size["shortest_edge"]),
             max_pixels=int(size["longest_edge"]),
             outputs=self.outputs,
-            default_outputs=DEFAULT_OUTPUTS,
+            default_outputs=(self._retrieval,) if self._retrieval else DEFAULT_OUTPUTS,
             num_lm_layers=self.num_lm_layers,
             num_vision_layers=self.num_vision_layers,
             load_seconds=loaded.load_seconds,
+            recipe=RecipeInfo.of(self.recipe, self.retrieval_dim) if self.recipe is not None else None,
         )
 
-    def plan(self, requested: Sequence[str]) -> OutputPlan:
+    def plan(self, requested: Sequence[str], has_images: bool = True) -> OutputPlan:
         """Validate output names for this model (raises :class:`InvalidInputError`)."""
-        return plan_outputs(tuple(requested), self.num_lm_layers, self.num_vision_layers)
+        return plan_outputs(tuple(requested), self.num_lm_layers, self.num_vision_layers, has_images, self._retrieval)
+
+    def plan_request(self, request: Any) -> OutputPlan:
+        """:meth:`plan` for an :class:`~.request.EncodedRequest` (its outputs; text-only or not)."""
+        return self.plan(request.outputs, has_images=bool(request.images))
 
     def prepare(
         self,
@@ -147,16 +182,40 @@ class Extractor:
         dtype: str = DEFAULT_WIRE_DTYPE,
         normalize: bool = False,
         processor: Any = None,
+        prompt_format: str = "chat",
+        dimensions: int = 0,
+        vector_encoding: str = "float",
+        pixels: tuple[int, int] | None = None,
     ) -> Prepared:
-        """Preprocess one request (CPU only). Raises :class:`InvalidInputError`.
+        """Preprocess one request (CPU only); no images: a text request. Raises :class:`InvalidInputError`.
 
         ``processor``: one private to the calling thread (None: the model's own, which one thread
         at a time may use; see :func:`~qwen25vl_embed_server.core.request.check_prompt_tokens`).
+        ``prompt_format``: see :mod:`~.prompt`. ``dimensions``: Matryoshka size of the retrieval
+        vectors (0: all). ``pixels``: this request's (min, max) resize range, already checked by
+        :func:`~qwen25vl_embed_server.core.request.pixel_range`; None: the processor's.
         """
         if dtype not in TORCH_DTYPES:
             raise InvalidInputError(f"unknown dtype {dtype!r}; expected one of {', '.join(TORCH_DTYPES)}")
-        inputs = prepare_inputs(processor if processor is not None else self.loaded.processor, images, prompt)
-        return Prepared(inputs=dict(inputs), plan=plan or self.plan(()), dtype=dtype, normalize=normalize)
+        if dimensions and not 0 < dimensions <= self.retrieval_dim:
+            limit = f"at most {self.retrieval_dim}" if self.retrieval_dim else "0: the model has no retrieval recipe"
+            raise InvalidInputError(f"dimensions={dimensions} is out of range ({limit})")
+        if vector_encoding not in VECTOR_ENCODINGS:
+            raise InvalidInputError(
+                f"unknown vector encoding {vector_encoding!r}; expected one of {', '.join(VECTOR_ENCODINGS)}"
+            )
+        processor = processor if processor is not None else self.loaded.processor
+        text = render_text(processor, len(images), prompt, prompt_format, self.recipe)
+        inputs = prepare_inputs(processor, images, text, pixels)
+        plan = plan or self.plan((), has_images=bool(images))
+        return Prepared(
+            inputs=dict(inputs),
+            plan=plan,
+            dtype=dtype,
+            normalize=normalize,
+            dimensions=dimensions,
+            vector_encoding=vector_encoding,
+        )
 
     def extract(
         self,
@@ -165,13 +224,18 @@ class Extractor:
         plan: OutputPlan | None = None,
         dtype: str = DEFAULT_WIRE_DTYPE,
         normalize: bool = False,
+        prompt_format: str = "chat",
+        dimensions: int = 0,
     ) -> Extraction:
-        """Run the model on ``images`` (one multi-image prompt) and ``prompt``.
+        """Run the model on ``images`` (one multi-image prompt; none: a text request) and ``prompt``.
 
         Only what ``plan`` needs runs: without LM outputs the language model is skipped. Pooled
         vectors are means computed in float32; ``normalize`` L2-normalises them.
         """
-        return self.run([self.prepare(images, prompt, plan, dtype, normalize)])[0]
+        prepared = self.prepare(
+            images, prompt, plan, dtype, normalize, prompt_format=prompt_format, dimensions=dimensions
+        )
+        return self.run([prepared])[0]
 
     def run(self, batch: Sequence[Prepared]) -> list[Extraction]:
         """Run prepared requests as one batch; results in the same order.
@@ -200,8 +264,13 @@ class Extractor:
 
     def _run_group(self, batch: list[Prepared], needs_lm: bool) -> list[Extraction]:
         device = self.loaded.device
-        grid = torch.cat([item.inputs["image_grid_thw"] for item in batch])
-        pixel_values = torch.cat([item.inputs["pixel_values"] for item in batch]).to(device)
+        # Text requests (no images) sit beside image requests: they add no patches.
+        with_images = [item for item in batch if item.has_images]
+        grid = torch.cat([item.image_grid_thw for item in batch])
+        pixel_values = (
+            torch.cat([item.inputs["pixel_values"] for item in with_images]).to(device) if with_images else None
+        )
+        grid_arg = grid.to(device) if with_images else None
         plan = merge_plans([item.plan for item in batch])
         with capturing(self._visual, self._lm, plan) as captured:
             if needs_lm:
@@ -209,16 +278,18 @@ class Extractor:
                 last_hidden = self.loaded.model.model(
                     **{key: value.to(device) for key, value in padded.items()},
                     pixel_values=pixel_values,
-                    image_grid_thw=grid.to(device),
+                    image_grid_thw=grid_arg,
                     use_cache=False,
                 ).last_hidden_state
             else:
-                self.loaded.model.model.get_image_features(pixel_values, grid.to(device))
-        assert captured.projected is not None, "the vision tower's output hook did not fire"
+                self.loaded.model.model.get_image_features(pixel_values, grid_arg)
+        assert captured.projected is not None or not with_images, "the vision tower's output hook did not fire"
 
         # Vision tensors cover all images of the group, in image order: split them per request.
         patches = [item.num_patches for item in batch]
-        projected = captured.projected.split([n // self._merge_unit for n in patches])
+        projected: Sequence[torch.Tensor] = (
+            captured.projected.split([n // self._merge_unit for n in patches]) if captured.projected is not None else ()
+        )
         vision_tokens: Sequence[torch.Tensor] = ()
         blocks: dict[int, Sequence[torch.Tensor]] = {}
         if captured.merger_input is not None or captured.vision_blocks:
@@ -230,7 +301,7 @@ class Extractor:
 
         results = []
         for row, item in enumerate(batch):
-            out = {names.PROJECTED_TOKENS: projected[row]}
+            out = {names.PROJECTED_TOKENS: projected[row]} if item.has_images else {}
             if vision_tokens:
                 out[names.VISION_TOKENS] = vision_tokens[row]
             for k, aliases in item.plan.vision_layers.items():
@@ -246,20 +317,25 @@ class Extractor:
     def _finish(self, item: Prepared, out: dict[str, torch.Tensor]) -> Extraction:
         """Derived outputs (image rows, pools), then one device -> host copy per tensor."""
         inputs = item.inputs
-        grid = inputs["image_grid_thw"]
+        grid = item.image_grid_thw
         lens = grid.prod(-1) // self._merge_unit
         positions = (inputs["input_ids"][0] == self._image_token_id).nonzero().flatten()
         out[names.VISUAL_TOKEN_LENS] = lens
         out[names.IMAGE_GRID_THW] = grid
         if names.LM_LAST_HIDDEN in out:
             out[names.LM_IMAGE_TOKENS] = out[names.LM_LAST_HIDDEN][0, positions.to(self.loaded.device)]
+        if self.recipe is not None and self._retrieval in item.plan.names:
+            out[self._retrieval] = self._retrieval_output(item, out[names.LM_LAST_HIDDEN])
         wire = TORCH_DTYPES[item.dtype]
         arrays = {}
         for name in item.plan.names:
             tensor = _pool(name, out) if name in names.POOLED else out[name]
             if item.normalize and name in names.POOLED:
                 tensor = functional.normalize(tensor, p=2.0, dim=-1)
-            arrays[name] = _to_numpy(tensor, wire)
+            if name == self._retrieval and item.vector_encoding != "float":
+                arrays[name] = encode_vectors(_to_numpy(tensor, torch.float32), item.vector_encoding)
+            else:
+                arrays[name] = _to_numpy(tensor, wire)
         return Extraction(
             tensors=arrays,
             visual_token_lens=lens.numpy(),
@@ -267,6 +343,18 @@ class Extractor:
             image_token_positions=positions.numpy(),
             sequence_length=item.sequence_length,
         )
+
+    def _retrieval_output(self, item: Prepared, last_hidden: torch.Tensor) -> torch.Tensor:
+        """The recipe's multi-vector [T, dim] or single vector [1, dim], truncated to ``dimensions``."""
+        assert self.recipe is not None
+        if self._retrieval == MULTI_VECTOR:
+            assert self.loaded.head is not None, "a multi-vector recipe loads its head"
+            input_ids = item.inputs["input_ids"].to(self.loaded.device)
+            vectors = multi_vector(last_hidden, self.loaded.head, input_ids, self._image_token_id, self.recipe)
+        else:
+            assert self._retrieval == SINGLE_VECTOR
+            vectors = single_vector(last_hidden, self.recipe)
+        return truncate(vectors, item.dimensions)
 
 
 def _pad_right(inputs: list[dict[str, torch.Tensor]], pad_token_id: int) -> dict[str, torch.Tensor]:

@@ -74,7 +74,7 @@ _ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa"})
 # A transparent colour (PNG tRNS, GIF transparency index) in these modes; convert("RGBA") applies it.
 _KEYED_TRANSPARENCY_MODES = frozenset({"1", "L", "P", "RGB"})
 
-# What Pillow raises on malformed input. Seen by fuzzing (tests/test_fuzz.py and longer runs):
+# What Pillow raises on malformed input. Seen by fuzzing (tests/core/test_fuzz.py and longer runs):
 # OSError (UnidentifiedImageError and "truncated" included), SyntaxError, ValueError, and
 # RuntimeError from the AVIF decoder. The others are raised by plugins' header parsing on short or
 # inconsistent data. MemoryError is not here: it is the server's problem, not the request's.

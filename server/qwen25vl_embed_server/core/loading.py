@@ -15,6 +15,9 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from qwen25vl_embed_server.core.defaults import DEFAULT_DEVICE, DEFAULT_DTYPE
 from qwen25vl_embed_server.core.dtypes import TORCH_DTYPES, dtype_name
+from qwen25vl_embed_server.core.errors import ModelLoadError
+from qwen25vl_embed_server.core.recipes import Recipe, detect_recipe, get_recipe
+from qwen25vl_embed_server.core.retrieval_model import RetrievalLayout, find_layout, load_retrieval
 from qwen25vl_embed_server.core.tiny_model import TINY_MODEL_NAME, build_tiny_model
 
 log = logging.getLogger(__name__)
@@ -22,7 +25,12 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class LoadOptions:
-    """How to load a model. ``device``/``dtype`` "auto": cuda > mps > cpu; bf16 on cuda else fp32."""
+    """How to load a model. ``device``/``dtype`` "auto": cuda > mps > cpu; bf16 on cuda else fp32.
+
+    ``recipe``: "auto" (detected from the checkpoint: a ColQwen2.5 / BiQwen2.5 config or adapter),
+    "none" (raw states) or a name of :data:`~.recipes.RECIPES`. ``pooling`` / ``image_tokens_only``
+    override the recipe's (see :func:`~.recipes.get_recipe`).
+    """
 
     model: str
     device: str = DEFAULT_DEVICE
@@ -30,11 +38,18 @@ class LoadOptions:
     min_pixels: int | None = None
     max_pixels: int | None = None
     attn_implementation: str | None = None
+    recipe: str = "auto"
+    pooling: str | None = None
+    image_tokens_only: bool = False
 
 
 @dataclass(frozen=True)
 class LoadedModel:
-    """A model in eval mode on its device, with the processor that prepares its inputs."""
+    """A model in eval mode on its device, with the processor that prepares its inputs.
+
+    ``model.model`` is the Qwen2.5-VL body (``visual``, ``language_model``); ``recipe`` and ``head``
+    (ColQwen2.5's ``custom_text_proj``) are set for a retrieval model.
+    """
 
     name: str
     model: Any
@@ -42,6 +57,8 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     load_seconds: float
+    recipe: Recipe | None = None
+    head: Any = None
 
     @property
     def visual(self) -> Any:
@@ -73,6 +90,31 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
         raise ValueError(f"unknown dtype {dtype!r}; expected auto, {', '.join(TORCH_DTYPES)}") from None
 
 
+def check_device(device: str) -> torch.device:
+    """``device`` resolved (:func:`resolve_device`), refused with a one-line ValueError if this
+    machine does not have it, before anything is loaded."""
+    try:
+        resolved = resolve_device(device)
+    except RuntimeError as err:  # torch's own message for a malformed string
+        raise ValueError(f"unknown device {device!r}; expected auto, cpu, cuda, cuda:<n> or mps ({err})") from None
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"device {device!r}: no CUDA GPU is available here (try --device cpu)")
+        if resolved.index is not None and resolved.index >= count:
+            raise ValueError(f"device {device!r}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}")
+    elif resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {device!r}: MPS is not available here (try --device cpu)")
+    elif resolved.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"unsupported device {device!r}; expected auto, cpu, cuda, cuda:<n> or mps")
+    return resolved
+
+
+def check_options(options: LoadOptions) -> None:
+    """Refuse a device or dtype that cannot work, with a one-line ValueError, before loading."""
+    resolve_dtype(options.dtype, check_device(options.device))
+
+
 def tiny_model_dir() -> Path:
     """Where the ``tiny-random`` checkpoint is built once and then reused."""
     root = os.environ.get("QWEN25VL_EMBED_CACHE") or Path.home() / ".cache" / "qwen25vl-embed"
@@ -96,24 +138,72 @@ def resolve_model_path(model: str) -> str:
 
 
 def load_model(options: LoadOptions) -> LoadedModel:
-    """Load model and processor. Raises whatever transformers raises for a bad id or path."""
+    """Load model and processor.
+
+    Raises:
+        ValueError: a device this machine lacks, or an unknown dtype (:func:`check_options`).
+        ModelLoadError: the checkpoint could not be loaded (bad id or path, hub unreachable);
+            one line, the cause chained.
+    """
     started = time.perf_counter()
-    device = resolve_device(options.device)
+    device = check_device(options.device)
     dtype = resolve_dtype(options.dtype, device)
+    try:
+        return _load(options, device, dtype, started)
+    except (OSError, ValueError, KeyError, RuntimeError) as err:  # what transformers raises for a bad checkpoint
+        cause = " ".join(str(err).split()) or type(err).__name__
+        raise ModelLoadError(f"cannot load model {options.model!r}: {cause}") from err
+
+
+def _load(options: LoadOptions, device: torch.device, dtype: torch.dtype, started: float) -> LoadedModel:
     path = resolve_model_path(options.model)
-    processor = AutoProcessor.from_pretrained(path)
+    layout = find_layout(path)
+    recipe = choose_recipe(options, layout)
+    head = None
+    if layout is not None:
+        model, processor, head = load_retrieval(layout, recipe or get_recipe("biqwen2.5"), dtype, device)
+    else:
+        if recipe is not None and recipe.head:
+            raise ValueError(f"recipe {recipe.name} needs a custom_text_proj head; {path} is a plain checkpoint")
+        processor = AutoProcessor.from_pretrained(path)
     size = dict(processor.image_processor.size)
     if options.min_pixels is not None:
         size["shortest_edge"] = options.min_pixels
     if options.max_pixels is not None:
         size["longest_edge"] = options.max_pixels
     processor.image_processor.size = {k: size[k] for k in ("shortest_edge", "longest_edge")}
-    kwargs: dict[str, Any] = {"dtype": dtype}
-    if options.attn_implementation:
-        kwargs["attn_implementation"] = options.attn_implementation
-    model = AutoModelForImageTextToText.from_pretrained(path, **kwargs).to(device).eval()  # type: ignore[arg-type]
+    if layout is None:
+        kwargs: dict[str, Any] = {"dtype": dtype}
+        if options.attn_implementation:
+            kwargs["attn_implementation"] = options.attn_implementation
+        model = AutoModelForImageTextToText.from_pretrained(path, **kwargs).to(device).eval()  # type: ignore[arg-type]
     seconds = time.perf_counter() - started
-    log.info("loaded %s on %s (%s) in %.1f s", options.model, device, dtype_name(dtype), seconds)
-    return LoadedModel(
-        name=options.model, model=model, processor=processor, device=device, dtype=dtype, load_seconds=seconds
+    log.info(
+        "loaded %s on %s (%s) in %.1f s, recipe %s",
+        options.model,
+        device,
+        dtype_name(dtype),
+        seconds,
+        recipe.name if recipe else "none",
     )
+    return LoadedModel(
+        name=options.model,
+        model=model,
+        processor=processor,
+        device=device,
+        dtype=dtype,
+        load_seconds=seconds,
+        recipe=recipe,
+        head=head,
+    )
+
+
+def choose_recipe(options: LoadOptions, layout: RetrievalLayout | None) -> Recipe | None:
+    """The recipe ``options`` ask for; "auto": the one the checkpoint's architectures name."""
+    name: str | None = options.recipe
+    if name == "auto":
+        name = detect_recipe(list(layout.architectures)) if layout is not None else None
+    if name in (None, "none"):
+        return None
+    assert name is not None
+    return get_recipe(name, options.pooling, options.image_tokens_only)

@@ -4,6 +4,41 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from qwen25vl_embed_server.core.recipes import Recipe
+
+
+@dataclass(frozen=True)
+class RecipeInfo:
+    """The retrieval recipe in force (see :class:`~.recipes.Recipe`), with its output and size."""
+
+    name: str
+    output: str
+    dimension: int
+    document_template: str
+    query_prefix: str
+    query_suffix: str
+    padding_side: str
+    pooling: str
+    head: bool
+    normalize: bool
+    image_tokens_only: bool
+
+    @classmethod
+    def of(cls, recipe: Recipe, dimension: int) -> RecipeInfo:
+        return cls(
+            name=recipe.name,
+            output=recipe.output,
+            dimension=dimension,
+            document_template=recipe.document_template,
+            query_prefix=recipe.query_prefix,
+            query_suffix=recipe.query_suffix,
+            padding_side=recipe.padding_side,
+            pooling=recipe.pooling,
+            head=recipe.head,
+            normalize=recipe.normalize,
+            image_tokens_only=recipe.image_tokens_only,
+        )
+
 
 @dataclass(frozen=True)
 class ModelInfo:
@@ -11,7 +46,8 @@ class ModelInfo:
 
     ``min_pixels`` / ``max_pixels``: the processor's resize range (width x height), as loaded.
     ``outputs``: every output name this model serves; ``default_outputs``: those of a request
-    that names none. ``load_seconds``: how long loading took.
+    that names none. ``load_seconds``: how long loading took. ``recipe``: the retrieval recipe,
+    None for a model served as raw states.
     """
 
     model: str
@@ -29,3 +65,4 @@ class ModelInfo:
     num_lm_layers: int
     num_vision_layers: int
     load_seconds: float
+    recipe: RecipeInfo | None = None

@@ -6,6 +6,7 @@ import re
 from dataclasses import dataclass
 
 from qwen25vl_embed_server.core.errors import InvalidInputError, quoted
+from qwen25vl_embed_server.core.recipes import MULTI_VECTOR, SINGLE_VECTOR
 
 VISION_TOKENS = "vision_tokens"
 PROJECTED_TOKENS = "projected_tokens"
@@ -25,8 +26,15 @@ DEFAULT_OUTPUTS = (*POOLED, VISUAL_TOKEN_LENS)
 # Token tensors, as saved by the original script's --save-tokens.
 TOKEN_OUTPUTS = (VISION_TOKENS, PROJECTED_TOKENS, LM_LAST_HIDDEN, LM_IMAGE_TOKENS)
 FIXED_OUTPUTS = (*TOKEN_OUTPUTS, *POOLED, VISUAL_TOKEN_LENS, IMAGE_GRID_THW)
+# A request without images (a text query) has only the language model's outputs.
+TEXT_DEFAULT_OUTPUTS = (LM_POOLED_MEAN, LM_LAST_TOKEN)
+_TEXT_OUTPUTS = frozenset({LM_LAST_HIDDEN, LM_POOLED_MEAN, LM_LAST_TOKEN, MULTI_VECTOR, SINGLE_VECTOR})
+# Served only by a model with a retrieval recipe (one of them, as the recipe says).
+RETRIEVAL_OUTPUTS = (MULTI_VECTOR, SINGLE_VECTOR)
 
-_NEEDS_LM = frozenset({LM_LAST_HIDDEN, LM_IMAGE_TOKENS, LM_POOLED_MEAN, LM_IMAGE_POOLED_MEAN, LM_LAST_TOKEN})
+_NEEDS_LM = frozenset(
+    {LM_LAST_HIDDEN, LM_IMAGE_TOKENS, LM_POOLED_MEAN, LM_IMAGE_POOLED_MEAN, LM_LAST_TOKEN, *RETRIEVAL_OUTPUTS}
+)
 _LAYER = re.compile(r"^(lm|vision)_layer_(-?[0-9]{1,9})$")  # bounded: int() of 5,000 digits raises
 
 
@@ -52,24 +60,47 @@ class OutputPlan:
         return VISION_TOKENS in self.names or VISION_POOLED_MEAN in self.names
 
 
-def available_outputs(num_lm_layers: int, num_vision_layers: int) -> tuple[str, ...]:
-    """Every output name a model of this depth can produce."""
+def available_outputs(num_lm_layers: int, num_vision_layers: int, retrieval: str | None = None) -> tuple[str, ...]:
+    """Every output name a model of this depth can produce (``retrieval``: its recipe's output)."""
     layers = [f"lm_layer_{k}" for k in range(num_lm_layers)]
     layers += [f"vision_layer_{k}" for k in range(num_vision_layers)]
-    return (*FIXED_OUTPUTS, *layers)
+    return (*FIXED_OUTPUTS, *((retrieval,) if retrieval else ()), *layers)
 
 
-def plan_outputs(requested: list[str] | tuple[str, ...], num_lm_layers: int, num_vision_layers: int) -> OutputPlan:
-    """Validate ``requested`` (empty: :data:`DEFAULT_OUTPUTS`) into an :class:`OutputPlan`.
+def plan_outputs(
+    requested: list[str] | tuple[str, ...],
+    num_lm_layers: int,
+    num_vision_layers: int,
+    has_images: bool = True,
+    retrieval: str | None = None,
+) -> OutputPlan:
+    """Validate ``requested`` into an :class:`OutputPlan`. Empty: :data:`DEFAULT_OUTPUTS`, or
+    :data:`TEXT_DEFAULT_OUTPUTS` without images, or the recipe's ``retrieval`` output when set.
 
-    Raises :class:`InvalidInputError` naming any unknown output or out-of-range layer.
+    Raises :class:`InvalidInputError` naming any unknown output, out-of-range layer, a retrieval
+    output the model does not serve, or (``has_images`` false) every output that needs an image.
     """
-    names = tuple(dict.fromkeys(requested)) if requested else DEFAULT_OUTPUTS
+    if requested:
+        names = tuple(dict.fromkeys(requested))
+    elif retrieval:
+        names = (retrieval,)
+    else:
+        names = DEFAULT_OUTPUTS if has_images else TEXT_DEFAULT_OUTPUTS
+    if not has_images:
+        visual = [name for name in names if name not in _TEXT_OUTPUTS and not name.startswith("lm_layer_")]
+        if visual:
+            raise InvalidInputError(
+                f"the request has no image, so it has no {', '.join(visual)}; a text request may ask for "
+                f"{', '.join(sorted(_TEXT_OUTPUTS))} or lm_layer_<k>"
+            )
     lm_layers: dict[int, list[str]] = {}
     vision_layers: dict[int, list[str]] = {}
     for name in names:
-        if name in FIXED_OUTPUTS:
+        if name in FIXED_OUTPUTS or name == retrieval:
             continue
+        if name in RETRIEVAL_OUTPUTS:
+            served = f"this model serves {retrieval}" if retrieval else "this model has no retrieval recipe (--recipe)"
+            raise InvalidInputError(f"output {name!r} is not available: {served}")
         match = _LAYER.match(name)
         if match is None:
             raise InvalidInputError(
@@ -87,6 +118,14 @@ def plan_outputs(requested: list[str] | tuple[str, ...], num_lm_layers: int, num
         lm_layers={k: tuple(v) for k, v in lm_layers.items()},
         vision_layers={k: tuple(v) for k, v in vision_layers.items()},
     )
+
+
+def check_output_names(requested: list[str] | tuple[str, ...]) -> None:
+    """Refuse names that no model has (before one is loaded); layer indices are checked only
+    against a model's depth, by :func:`plan_outputs`. Raises :class:`InvalidInputError`."""
+    for name in requested:
+        if name not in FIXED_OUTPUTS and _LAYER.match(name) is None:
+            plan_outputs([name], 0, 0)  # raises the same message as a model would
 
 
 def merge_plans(plans: list[OutputPlan]) -> OutputPlan:

@@ -124,7 +124,7 @@ class Pipeline:
         """The cheap checks (no decoding): limits and output names. Raises InvalidInputError."""
         try:
             check_request(request, self.config.limits)
-            return self.extractor.plan(request.outputs)
+            return self.extractor.plan_request(request)
         except LimitExceededError as error:
             raise error.with_hint(self.config.limit_hints) from error.__cause__
 

@@ -44,6 +44,13 @@ class EncodedRequest:
         dtype: the floating outputs' dtype ("float32", "float16" or "bfloat16").
         normalize: L2-normalise the pooled vectors.
         request_id: the caller's tag, echoed back.
+        prompt_format: "chat", "raw", "query" or "document" (:mod:`~.prompt`).
+        dimensions: keep the first this many components of the retrieval vectors, renormalised
+            (Matryoshka); 0: all.
+        vector_encoding: the retrieval vectors' wire form: "float", "int8" or "binary"
+            (:func:`~.retrieval_heads.encode_vectors`).
+        min_pixels / max_pixels: this request's resize range (None: the model's), within the
+            model's range (:func:`pixel_range`).
     """
 
     images: Sequence[bytes]
@@ -52,18 +59,27 @@ class EncodedRequest:
     dtype: str = DEFAULT_WIRE_DTYPE
     normalize: bool = False
     request_id: str = ""
+    prompt_format: str = "chat"
+    dimensions: int = 0
+    vector_encoding: str = "float"
+    min_pixels: int | None = None
+    max_pixels: int | None = None
 
     @property
     def text(self) -> str:
-        """The prompt in force."""
-        return DEFAULT_PROMPT if self.prompt is None else self.prompt
+        """The prompt in force (the default applies to the chat format only)."""
+        if self.prompt is None:
+            return DEFAULT_PROMPT if self.prompt_format == "chat" and self.images else ""
+        return self.prompt
 
 
 def check_request(request: EncodedRequest, limits: Limits) -> None:
     """Cheap checks, before anything is decoded or tokenized.
 
     Raises:
-        InvalidInputError: no image, or a request id over :data:`~.limits.MAX_REQUEST_ID_CHARS`.
+        InvalidInputError: neither an image nor a prompt, a prompt where the format takes none (or
+            none where it needs one), a negative ``dimensions``, or a request id over
+            :data:`~.limits.MAX_REQUEST_ID_CHARS`.
         LimitExceededError: more than ``max_images`` images, an image over ``max_image_bytes``, or
             a prompt over ``limits.max_prompt_chars`` characters.
     """
@@ -72,8 +88,14 @@ def check_request(request: EncodedRequest, limits: Limits) -> None:
             f"request_id is {len(request.request_id)} characters; the limit is {MAX_REQUEST_ID_CHARS}"
         )
     count = len(request.images)
-    if count == 0:
-        raise InvalidInputError("the request has no image; send at least one")
+    if count == 0 and request.prompt is None:
+        raise InvalidInputError("the request has neither an image nor a prompt; send at least one")
+    if request.prompt_format in ("raw", "query") and request.prompt is None:
+        raise InvalidInputError(f"the {request.prompt_format} format needs a prompt")
+    if request.prompt_format == "document" and request.prompt is not None:
+        raise InvalidInputError("the document format takes no prompt: the recipe's template is the text")
+    if request.dimensions < 0:
+        raise InvalidInputError(f"dimensions must be 0 (all) or positive, got {request.dimensions}")
     if count > limits.max_images:
         raise LimitExceededError(
             "max_images", f"request has {count} images; the limit is max_images={limits.max_images}"
@@ -112,7 +134,7 @@ def check_prompt_tokens(tokenizer: Any, prompt: str, limits: Limits) -> int:
         if token in prompt:
             raise InvalidInputError(
                 f"the prompt contains {token}, which is reserved for images and videos; remove it "
-                "(images go in ImageRequest.images)"
+                "(images go in ImageRequest.images; the raw format places each with <image>)"
             )
     count = len(tokenizer.encode(prompt, add_special_tokens=False)) if prompt else 0
     if count > limits.max_prompt_tokens:
@@ -147,16 +169,18 @@ def estimate_request(extractor: Extractor, request: EncodedRequest, limits: Limi
     ``max_request_tokens`` (before any pixel is decoded).
 
     Raises:
-        InvalidInputError: an image that does not open, or whose size the processor refuses
-            (LimitExceededError: over ``max_pixels`` or ``max_request_tokens``).
+        InvalidInputError: an image that does not open, or whose size the processor refuses, or a
+            resize range outside the model's (LimitExceededError: over ``max_pixels`` or
+            ``max_request_tokens``).
     """
     from qwen25vl_embed_server.core.cost import image_patches, tokens_before_decoding
     from qwen25vl_embed_server.core.image_decoding import declared_size
 
     sizes = [declared_size(data, index, limits.max_pixels) for index, data in enumerate(request.images)]
     image_processor = extractor.loaded.processor.image_processor
+    pixels = pixel_range(request, extractor.loaded.processor)
     try:
-        patches = [image_patches(width, height, image_processor) for width, height in sizes]
+        patches = [image_patches(width, height, image_processor, pixels) for width, height in sizes]
     except (ValueError, ZeroDivisionError) as err:  # e.g. an aspect ratio beyond the processor's limit
         listed = ", ".join(f"{width}x{height}" for width, height in sizes)
         raise InvalidInputError(f"the processor rejected the image(s) ({listed}): {err}") from err
@@ -205,14 +229,49 @@ def prepare_request(
 
     check_request(request, limits)
     if plan is None:
-        plan = extractor.plan(request.outputs)
+        plan = extractor.plan_request(request)
     estimate_request(extractor, request, limits, plan)  # headers only: refuse before decoding
     processor = processor if processor is not None else extractor.loaded.processor
+    pixels = pixel_range(request, processor)  # before decoding: a refused range costs nothing
     images = [decode_image(data, index, limits.max_pixels) for index, data in enumerate(request.images)]
     check_prompt_tokens(processor.tokenizer, request.text, limits)
-    prepared = extractor.prepare(images, request.text, plan, request.dtype, request.normalize, processor=processor)
+    prepared = extractor.prepare(
+        images,
+        request.text,
+        plan,
+        request.dtype,
+        request.normalize,
+        processor=processor,
+        prompt_format=request.prompt_format,
+        dimensions=request.dimensions,
+        vector_encoding=request.vector_encoding,
+        pixels=pixels,
+    )
     check_cost(prepared, limits)
     return prepared
+
+
+def pixel_range(request: EncodedRequest, processor: Any) -> tuple[int, int] | None:
+    """The request's (min, max) resize range, or None when it asks for none (the model's own).
+
+    The model's range (its processor's ``min_pixels`` / ``max_pixels``, what the server was
+    started with) caps the request's: a larger image costs the server more than its operator chose.
+
+    Raises:
+        InvalidInputError: a bound outside the model's range, or min above max.
+    """
+    if request.min_pixels is None and request.max_pixels is None:
+        return None
+    size = processor.image_processor.size
+    floor, cap = int(size["shortest_edge"]), int(size["longest_edge"])
+    low = floor if request.min_pixels is None else request.min_pixels
+    high = cap if request.max_pixels is None else request.max_pixels
+    for name, value in (("min_pixels", request.min_pixels), ("max_pixels", request.max_pixels)):
+        if value is not None and not floor <= value <= cap:
+            raise InvalidInputError(f"{name}={value} is outside the server's range [{floor}, {cap}] pixels")
+    if low > high:
+        raise InvalidInputError(f"min_pixels={low} is above max_pixels={high}")
+    return low, high
 
 
 def _check_prompt_chars(prompt: str, limits: Limits) -> None:

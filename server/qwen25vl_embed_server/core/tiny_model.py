@@ -142,6 +142,17 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     return tokenizer
 
 
+def build_processor() -> Qwen2_5_VLProcessor:
+    """The real Qwen2.5-VL processor classes around :func:`build_tokenizer`, with the chat template."""
+    return Qwen2_5_VLProcessor(
+        # The released checkpoints' pixel limits (their preprocessor_config.json).
+        image_processor=Qwen2VLImageProcessor(size={"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 16384}),
+        tokenizer=build_tokenizer(),
+        video_processor=Qwen2VLVideoProcessor(),
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
 def build_config(tokenizer: PreTrainedTokenizerFast, shape: TinyShape) -> Qwen2_5_VLConfig:
     ids = {token: int(tokenizer.convert_tokens_to_ids(token)) for token in SPECIAL_TOKENS}  # type: ignore[arg-type]
     text_head_dim = shape.text_hidden // shape.text_heads
@@ -198,15 +209,8 @@ def build_tiny_model(
     """
     out = Path(outdir)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer()
-    processor = Qwen2_5_VLProcessor(
-        # The released checkpoints' pixel limits (their preprocessor_config.json).
-        image_processor=Qwen2VLImageProcessor(size={"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 16384}),
-        tokenizer=tokenizer,
-        video_processor=Qwen2VLVideoProcessor(),
-        chat_template=CHAT_TEMPLATE,
-    )
-    config = build_config(tokenizer, shape)
+    processor = build_processor()
+    config = build_config(processor.tokenizer, shape)
     torch.manual_seed(seed)
     with torch.device(device):
         model = Qwen2_5_VLForConditionalGeneration(config).to(dtype)  # type: ignore[arg-type]  # transformers' wrapped .to

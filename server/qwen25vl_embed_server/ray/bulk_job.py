@@ -23,6 +23,7 @@ import logging
 import math
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +34,7 @@ from qwen25vl_embed_server.core.loading import LoadOptions
 from qwen25vl_embed_server.core.outputs import plan_outputs
 from qwen25vl_embed_server.ray.bulk_actor import BulkExtractionActor
 from qwen25vl_embed_server.ray.bulk_listing import list_images
+from qwen25vl_embed_server.ray.local import init_ray
 from qwen25vl_embed_server.ray.parquet_format import _count_rows, finished_paths
 
 log = logging.getLogger(__name__)
@@ -107,6 +109,18 @@ class BulkReport:
         )
 
 
+def check_gpus(job: BulkJob, resources: Mapping[str, float]) -> None:
+    """Refuse a job that asks for more GPUs than the cluster has: Ray would wait for them forever.
+    (An autoscaling cluster that could add them is joined with the GPUs it has now.)"""
+    wanted = job.gpus_per_actor * job.actors
+    have = float(resources.get("GPU", 0.0))
+    if wanted > have:
+        raise ValueError(
+            f"bulk asks for {wanted:g} GPUs (--num-gpus); the Ray cluster has {have:g}: "
+            "use fewer, or --num-gpus 0 with --actors to run on CPUs"
+        )
+
+
 def run_bulk(job: BulkJob) -> BulkReport:
     """Extract every image of ``job.source`` not yet in ``job.output``; return what was done.
 
@@ -131,7 +145,8 @@ def run_bulk(job: BulkJob) -> BulkReport:
     if not todo:
         return BulkReport(listed=len(listed), skipped=len(listed), written=0, failed=0, seconds=0.0)
     if not ray.is_initialized():
-        ray.init(address=job.address)
+        init_ray(job.address)  # a local Ray stays on 127.0.0.1
+    check_gpus(job, ray.cluster_resources())
     started = time.perf_counter()
     blocks = min(len(todo), max(4 * job.actors, math.ceil(len(todo) / _ROWS_PER_BLOCK)))
     paths = ray.data.from_items([{"path": path} for path in todo], override_num_blocks=blocks)

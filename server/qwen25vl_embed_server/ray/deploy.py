@@ -19,6 +19,7 @@ from ray import serve
 from ray.serve.schema import ServeDeploySchema
 
 from qwen25vl_embed_server.ray.deployment import SERVICER_FUNCTION
+from qwen25vl_embed_server.ray.local import init_ray
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +88,8 @@ def wait_until_running(names: list[str], timeout_s: float) -> None:
 def serve_config_file(path: str | Path, address: str | None = None) -> None:
     """``qwen25vl-embed serve-ray --config FILE``: deploy, then serve until SIGTERM/SIGINT.
 
-    Connects to the Ray cluster at ``address`` (or ``RAY_ADDRESS``), else starts a local one.
+    Connects to the Ray cluster at ``address`` (or ``RAY_ADDRESS``), else starts a local one that
+    stays on 127.0.0.1 (:func:`~qwen25vl_embed_server.ray.local.init_ray`).
     On a signal, Serve is shut down (as ``serve run`` does on Ctrl-C).
     """
     import ray
@@ -95,7 +97,7 @@ def serve_config_file(path: str | Path, address: str | None = None) -> None:
     config = load_config(path)
     started_ray = not ray.is_initialized()
     if started_ray:
-        ray.init(address=address)
+        init_ray(address)
     # After ray.init, whose own SIGTERM handler would otherwise abort the process at exit.
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -61,7 +61,37 @@ def to_encoded(request: pb.ImageRequest, request_id: str | None = None) -> Encod
         dtype=wire_dtype(request.dtype),
         normalize=request.normalize,
         request_id=request.request_id if request_id is None else request_id,
+        prompt_format=prompt_format(request.prompt_format),
+        dimensions=request.dimensions,
+        vector_encoding=_VECTOR_ENCODINGS.get(request.vector_encoding, str(request.vector_encoding)),
+        min_pixels=request.min_pixels if request.HasField("min_pixels") else None,
+        max_pixels=request.max_pixels if request.HasField("max_pixels") else None,
     )
+
+
+_VECTOR_ENCODINGS = {
+    pb.VECTOR_ENCODING_UNSPECIFIED: "float",
+    pb.VECTOR_ENCODING_FLOAT: "float",
+    pb.VECTOR_ENCODING_INT8: "int8",
+    pb.VECTOR_ENCODING_BINARY: "binary",
+}
+
+
+_PROMPT_FORMATS = {
+    pb.PROMPT_FORMAT_UNSPECIFIED: "chat",
+    pb.PROMPT_FORMAT_CHAT: "chat",
+    pb.PROMPT_FORMAT_RAW: "raw",
+    pb.PROMPT_FORMAT_QUERY: "query",
+    pb.PROMPT_FORMAT_DOCUMENT: "document",
+}
+
+
+def prompt_format(value: int) -> str:
+    """The proto's PromptFormat -> the core's format name (UNSPECIFIED: chat)."""
+    try:
+        return _PROMPT_FORMATS[value]  # type: ignore[index]
+    except KeyError:
+        raise InvalidInputError(f"unknown prompt_format {value}") from None
 
 
 def wire_dtype(dtype: int) -> str:
@@ -105,4 +135,8 @@ def info_response(info: ModelInfo, chunk_bytes: int, server_version: str) -> pb.
     """The InfoResponse: the model's facts (field for field), the chunk size and the version."""
     facts = asdict(info)
     del facts["load_seconds"]  # a metric, not a fact callers plan with
-    return pb.InfoResponse(**facts, chunk_bytes=chunk_bytes, server_version=server_version)
+    recipe = facts.pop("recipe")
+    response = pb.InfoResponse(**facts, chunk_bytes=chunk_bytes, server_version=server_version)
+    if recipe is not None:
+        response.recipe.CopyFrom(pb.Recipe(**recipe))
+    return response

@@ -17,7 +17,7 @@ from grpc_reflection.v1alpha import reflection
 from qwen25vl_embed.v1 import embed_pb2 as pb
 from qwen25vl_embed.v1 import embed_pb2_grpc as pb_grpc
 from qwen25vl_embed_server.core.extractor import Extractor
-from qwen25vl_embed_server.core.loading import LoadOptions, load_model
+from qwen25vl_embed_server.core.loading import LoadOptions, check_options, load_model
 from qwen25vl_embed_server.rpc.auth import AuthConfig, BearerTokenInterceptor
 from qwen25vl_embed_server.rpc.calls import ServiceConfig
 from qwen25vl_embed_server.rpc.error_mapping import ErrorMappingInterceptor
@@ -145,7 +145,12 @@ def _address(host: str, port: int) -> str:
 
 
 async def serve(config: ServerConfig, load: LoadOptions) -> None:
-    """Run until SIGTERM/SIGINT: listen at once, load the model, then report SERVING."""
+    """Run until SIGTERM/SIGINT: listen at once, load the model, then report SERVING.
+
+    Raises ValueError (a device or dtype that cannot work: before listening) or ModelLoadError
+    (after the server stopped again, so that no gRPC object outlives the event loop).
+    """
+    check_options(load)
     running = await create_server(config)
     log.info("listening on %s:%d (health NOT_SERVING until the model is loaded)", config.host, running.port)
     stop = asyncio.Event()
@@ -156,6 +161,10 @@ async def serve(config: ServerConfig, load: LoadOptions) -> None:
     waiter = asyncio.ensure_future(stop.wait())
     await asyncio.wait({loader, waiter}, return_when=asyncio.FIRST_COMPLETED)
     if loader.done():
+        if loader.exception() is not None:
+            waiter.cancel()
+            await running.stop(0)
+            loader.result()  # raises the load error
         await running.mark_serving(Extractor(loader.result()))
         log.info("serving %s on %s:%d", load.model, config.host, running.port)
         await waiter

