@@ -70,6 +70,23 @@ def test_result_bytes_are_exactly_what_the_result_holds(extractor: Extractor) ->
         assert extractor.result_bytes(prepared) == sum(array.nbytes for array in result.tensors.values())
 
 
+def test_result_bytes_of_text_requests_and_retrieval_vectors(extractor: Extractor, colqwen: Extractor) -> None:
+    """Text requests (no image grid) and the retrieval recipes' vectors are counted exactly too."""
+    cases = [
+        (
+            extractor,
+            extractor.prepare(
+                [], "a text query", plan=extractor.plan(["lm_last_token", "lm_last_hidden"], has_images=False)
+            ),
+        ),
+        (colqwen, colqwen.prepare([], "a query", prompt_format="query", plan=colqwen.plan((), has_images=False))),
+        (colqwen, colqwen.prepare([noise_image(84, 56)], "", prompt_format="document", plan=colqwen.plan(()))),
+    ]
+    for model, prepared in cases:
+        (result,) = model.run([prepared])
+        assert model.result_bytes(prepared) == sum(array.nbytes for array in result.tensors.values())
+
+
 def test_the_estimate_bounds_the_exact_cost(extractor: Extractor) -> None:
     limits = Limits()
     request = EncodedRequest(images=[png_bytes(noise_image(300, 200)), png_bytes(noise_image(56, 84))], prompt="hi")

@@ -26,6 +26,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from qwen25vl_embed import EmbeddingClient, EmbeddingError, Embeddings
 from qwen25vl_embed.requests import build_request
 from qwen25vl_embed.v1 import embed_pb2_grpc as pb_grpc
+from qwen25vl_embed_server.core import batcher as batcher_module
 from qwen25vl_embed_server.core import extractor as extractor_module
 from qwen25vl_embed_server.core import image_decoding
 from qwen25vl_embed_server.core.batcher import Batcher, BatchingConfig
@@ -172,6 +173,38 @@ def test_a_request_whose_deadline_passes_while_queued_is_dropped_unrun(
         assert_matches(sdk.extract(image_bytes(GOOD[0]), outputs=OUTPUTS), references[GOOD[0]])
     assert not probe.ran(LATE)
     assert probe.ran(GOOD[0])
+
+
+def test_a_fault_of_the_batcher_itself_fails_that_request_and_the_batcher_goes_on(
+    extractor: Extractor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An exception in the batcher's own bookkeeping used to end its loop: every caller then waited
+    forever. Now the request it was handling fails with that error and the next one runs."""
+    item = extractor.prepare([noise_image(*GOOD[0])], plan=extractor.plan(OUTPUTS))
+    real_images = batcher_module._images
+    calls = 0
+
+    def images_failing_once(pending_item: Any) -> int:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise KeyError("injected fault in the batcher")
+        return real_images(pending_item)
+
+    monkeypatch.setattr(batcher_module, "_images", images_failing_once)
+
+    async def scenario() -> None:
+        batcher = Batcher(extractor, BatchingConfig(max_wait_ms=1))
+        try:
+            with pytest.raises(KeyError, match="injected"):
+                await asyncio.wait_for(batcher.submit(item), CALL_TIMEOUT)
+            result = await asyncio.wait_for(batcher.submit(item), CALL_TIMEOUT)
+            assert set(result.tensors) >= set(OUTPUTS)
+        finally:
+            await batcher.close()
+
+    asyncio.run(scenario())
+    assert calls > 1
 
 
 def test_the_batcher_drops_a_request_whose_deadline_passed_in_the_queue(extractor: Extractor) -> None:

@@ -133,25 +133,35 @@ class Batcher:
             self._model_thread.shutdown(wait=False, cancel_futures=True)
 
     async def _loop(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
-            batch = await self._next_batch()
-            if not batch:
-                continue
-            started = time.monotonic()
+            batch: list[_Pending] = []
             try:
-                results, seconds = await loop.run_in_executor(self._model_thread, self._run, [p.item for p in batch])
-            except Exception as error:  # one failing batch: retry its requests one by one
-                if len(batch) > 1:
-                    log.warning("a batch of %d failed (%s); running its requests alone", len(batch), error)
-                    await self._run_alone(batch)
-                else:
-                    _settle(batch[0], error=error)
-                continue
-            self.batches_run += 1
-            self._ran(batch, seconds)
-            for pending, result in zip(batch, results, strict=True):
-                _settle(pending, result=(result, BatchTiming(started - pending.enqueued, seconds, len(batch))))
+                batch = await self._next_batch()
+                if batch:
+                    await self._run_batch(batch)
+            except Exception as error:  # a fault of the batcher itself: fail what it held, go on serving
+                held = batch or ([self._queue.popleft()] if self._queue else [])
+                log.error("the batcher failed on %d request(s)", len(held), exc_info=error)
+                for pending in held:
+                    _settle(pending, error=error)
+
+    async def _run_batch(self, batch: list[_Pending]) -> None:
+        """Run one batch on the model thread and settle its requests (alone, one by one, if it fails)."""
+        loop = asyncio.get_running_loop()
+        started = time.monotonic()
+        try:
+            results, seconds = await loop.run_in_executor(self._model_thread, self._run, [p.item for p in batch])
+        except Exception as error:  # one failing batch: retry its requests one by one
+            if len(batch) > 1:
+                log.warning("a batch of %d failed (%s); running its requests alone", len(batch), error)
+                await self._run_alone(batch)
+            else:
+                _settle(batch[0], error=error)
+            return
+        self.batches_run += 1
+        self._ran(batch, seconds)
+        for pending, result in zip(batch, results, strict=True):
+            _settle(pending, result=(result, BatchTiming(started - pending.enqueued, seconds, len(batch))))
 
     async def _run_alone(self, batch: list[_Pending]) -> None:
         loop = asyncio.get_running_loop()

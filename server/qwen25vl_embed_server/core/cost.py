@@ -18,6 +18,7 @@ from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 from qwen25vl_embed_server.core import outputs as names
 from qwen25vl_embed_server.core.dtypes import TORCH_DTYPES
 from qwen25vl_embed_server.core.outputs import OutputPlan
+from qwen25vl_embed_server.core.recipes import MULTI_VECTOR, SINGLE_VECTOR
 
 
 def image_patches(width: int, height: int, image_processor: Any, pixels: tuple[int, int] | None = None) -> int:
@@ -50,8 +51,10 @@ def result_bytes(
     vision_hidden: int,
     hidden: int,
     dtype: str,
+    retrieval_dim: int = 0,
 ) -> int:
-    """Bytes of the request's outputs (what its response holds), from their shapes in the proto."""
+    """Bytes of the request's outputs (what its response holds), from their shapes in the proto;
+    the retrieval vectors (``retrieval_dim`` wide) are counted as float32, their largest form."""
     item = TORCH_DTYPES[dtype].itemsize
     image_tokens = num_patches // merge_unit
     rows = {
@@ -73,6 +76,10 @@ def result_bytes(
             total += num_images * 8
         elif name == names.IMAGE_GRID_THW:
             total += num_images * 3 * 8
+        elif name == MULTI_VECTOR:
+            total += sequence_length * retrieval_dim * 4
+        elif name == SINGLE_VECTOR:
+            total += retrieval_dim * 4
     total += sum(len(aliases) for aliases in plan.lm_layers.values()) * sequence_length * hidden * item
     total += sum(len(aliases) for aliases in plan.vision_layers.values()) * num_patches * vision_hidden * item
     return total

@@ -120,13 +120,14 @@ class Extractor:
         config = self.loaded.model.config
         return result_bytes(
             prepared.plan,
-            int(prepared.inputs["image_grid_thw"].shape[0]),
+            int(prepared.image_grid_thw.shape[0]),
             prepared.num_patches,
             prepared.sequence_length,
             self._merge_unit,
             int(config.vision_config.hidden_size),
             int(config.text_config.hidden_size),
             prepared.dtype,
+            self.retrieval_dim,
         )
 
     @property
