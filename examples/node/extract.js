@@ -19,8 +19,12 @@ const { TensorAssembler } = require('./tensors');
 const PROTO_ROOT = path.join(__dirname, '..', '..', 'protos');
 const DTYPES = { float32: 'DTYPE_FLOAT32', float16: 'DTYPE_FLOAT16', bfloat16: 'DTYPE_BFLOAT16' };
 const USAGE =
-  'usage: node extract.js IMAGE [IMAGE...] [--server host:port] [--outputs a,b,c] ' +
-  '[--dtype float32|float16|bfloat16] [--prompt TEXT] [--normalize] [--json] [--timeout SECONDS]';
+  'usage: node extract.js [IMAGE...] [--server host:port] [--outputs a,b,c] ' +
+  '[--dtype float32|float16|bfloat16] [--prompt TEXT] [--normalize] [--json] [--timeout SECONDS] ' +
+  '[--prompt-format chat|raw|query|document] [--dimensions N] [--vector-encoding float|int8|binary]\n' +
+  'No image: a text request (needs --prompt).';
+const PROMPT_FORMATS = ['chat', 'raw', 'query', 'document'];
+const VECTOR_ENCODINGS = ['float', 'int8', 'binary'];
 
 function loadService() {
   const definition = protoLoader.loadSync('qwen25vl_embed/v1/embed.proto', {
@@ -45,6 +49,9 @@ function parseCommandLine(argv) {
       normalize: { type: 'boolean', default: false },
       json: { type: 'boolean', default: false },
       timeout: { type: 'string', default: '300' },
+      'prompt-format': { type: 'string', default: 'chat' },
+      dimensions: { type: 'string', default: '0' },
+      'vector-encoding': { type: 'string', default: 'float' },
       help: { type: 'boolean', short: 'h', default: false },
     },
   });
@@ -52,11 +59,22 @@ function parseCommandLine(argv) {
     console.log(USAGE);
     process.exit(0);
   }
-  if (positionals.length === 0) throw new Error('at least one image is required');
+  if (positionals.length === 0 && values.prompt === undefined) throw new Error('give an image, or --prompt for a text request');
+  if (!PROMPT_FORMATS.includes(values['prompt-format'])) throw new Error(`--prompt-format must be one of ${PROMPT_FORMATS.join(', ')}`);
+  if (!VECTOR_ENCODINGS.includes(values['vector-encoding'])) throw new Error(`--vector-encoding must be one of ${VECTOR_ENCODINGS.join(', ')}`);
+  const dimensions = Number(values.dimensions);
+  if (!(Number.isInteger(dimensions) && dimensions >= 0)) throw new Error('--dimensions must be a whole number (0: all)');
   if (!(values.dtype in DTYPES)) throw new Error(`--dtype must be one of ${Object.keys(DTYPES).join(', ')}`);
   const timeout = Number(values.timeout);
   if (!(timeout > 0)) throw new Error('--timeout must be a positive number of seconds');
-  return { ...values, timeout, images: positionals };
+  return {
+    ...values,
+    timeout,
+    dimensions,
+    promptFormat: values['prompt-format'],
+    vectorEncoding: values['vector-encoding'],
+    images: positionals,
+  };
 }
 
 /** Runs one Extract call; resolves to {metadata, tensors: Map}, rejects with the gRPC error. */
@@ -142,6 +160,10 @@ async function main() {
     outputs: args.outputs ? args.outputs.split(',').map((s) => s.trim()) : [],
     dtype: DTYPES[args.dtype],
     normalize: args.normalize,
+    // Enums by name (proto-loader's enums: String); retrieval settings only matter with a recipe.
+    prompt_format: `PROMPT_FORMAT_${args.promptFormat.toUpperCase()}`,
+    dimensions: args.dimensions,
+    vector_encoding: `VECTOR_ENCODING_${args.vectorEncoding.toUpperCase()}`,
   };
   // `prompt` is `optional` in the proto: leaving it out means the server's default prompt.
   if (args.prompt !== undefined) request.prompt = args.prompt;

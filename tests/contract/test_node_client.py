@@ -18,9 +18,10 @@ import pytest
 from qwen25vl_embed import EmbeddingClient
 from qwen25vl_embed.requests import build_request
 from qwen25vl_embed.v1 import embed_pb2_grpc as pb_grpc
+from qwen25vl_embed_server.core.extractor import Extractor
 from qwen25vl_embed_server.rpc.harness import BackgroundServer
 
-from ..helpers import noise_image, png_bytes
+from ..helpers import noise_image, png_bytes, server_config
 from ..npm import npm_ci
 
 NODE_EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "node"
@@ -157,3 +158,28 @@ def test_node_decodes_the_int8_and_binary_vector_forms(
     data = np.arange(256, dtype="u1").tobytes()
     expected = np.frombuffer(data, dtype=numpy_dtype).astype(np.float32)
     np.testing.assert_array_equal(decode_with_node(data, dtype, tmp_path), expected)
+
+
+@pytest.mark.parametrize("encoding", ["float", "int8", "binary"])
+def test_node_client_sends_retrieval_requests_as_the_sdk_does(
+    node_example: Path, colqwen: Extractor, images: list[Path], encoding: str
+) -> None:
+    """A ColQwen2.5 server: a text query and an image document from Node (prompt format,
+    Matryoshka dimensions and wire form on its command line) equal the SDK's embed_* vectors."""
+    with BackgroundServer(colqwen, server_config()) as server, EmbeddingClient(server.address) as sdk:
+        query = run_node(
+            "extract.js", "--server", server.address, "--prompt", "a red bicycle", "--prompt-format", "query",
+            "--dimensions", "64", "--vector-encoding", encoding, "--json",
+        )  # fmt: skip
+        document = run_node(
+            "extract.js", str(images[0]), "--server", server.address, "--prompt-format", "document",
+            "--dimensions", "64", "--vector-encoding", encoding, "--json",
+        )  # fmt: skip
+        expected_query = sdk.embed_queries(["a red bicycle"], 64, encoding=encoding)[0]
+        expected_document = sdk.embed_images([images[0]], 64, encoding=encoding)[0]
+    for done, expected in ((query, expected_query), (document, expected_document)):
+        assert done.returncode == 0, done.stderr
+        (tensor,) = json.loads(done.stdout)["tensors"].values()
+        assert tensor["shape"] == list(expected.shape)
+        wanted = expected.astype(np.float64 if encoding == "float" else np.int64).reshape(-1).tolist()
+        assert tensor["values"] == wanted
