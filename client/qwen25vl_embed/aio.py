@@ -197,11 +197,8 @@ class AsyncEmbeddingClient:
     ) -> list[npt.NDArray[Any]]:
         """As :meth:`EmbeddingClient.embed_queries <qwen25vl_embed.EmbeddingClient.embed_queries>`."""
 
-        async def builds() -> AsyncIterator[Callable[[], pb.ImageRequest]]:
-            for index, text in enumerate(texts):
-                yield functools.partial(_retrieval_request, None, text, index, "query", dimensions, encoding)
-
-        return [retrieval_vectors(r) async for r in self._stream(builds(), None, concurrency, False, "raise", timeout)]
+        items = ((None, text) for text in texts)
+        return await self._embed(items, "query", dimensions, encoding, concurrency, timeout)
 
     async def embed_images(
         self,
@@ -214,9 +211,23 @@ class AsyncEmbeddingClient:
     ) -> list[npt.NDArray[Any]]:
         """As :meth:`EmbeddingClient.embed_images <qwen25vl_embed.EmbeddingClient.embed_images>`."""
 
+        items = ((image, None) for image in images)
+        return await self._embed(items, "document", dimensions, encoding, concurrency, timeout)
+
+    async def _embed(
+        self,
+        items: Iterable[tuple[ImageInput | None, str | None]],
+        prompt_format: str,
+        dimensions: int,
+        encoding: str,
+        concurrency: int,
+        timeout: float | None,
+    ) -> list[npt.NDArray[Any]]:
+        """The retrieval vectors of (image, text) requests in ``prompt_format``, over one stream."""
+
         async def builds() -> AsyncIterator[Callable[[], pb.ImageRequest]]:
-            for index, image in enumerate(images):
-                yield functools.partial(_retrieval_request, image, None, index, "document", dimensions, encoding)
+            for index, (image, text) in enumerate(items):
+                yield functools.partial(_retrieval_request, image, text, index, prompt_format, dimensions, encoding)
 
         return [retrieval_vectors(r) async for r in self._stream(builds(), None, concurrency, False, "raise", timeout)]
 

@@ -20,7 +20,7 @@ from qwen25vl_embed.errors import EmbeddingError, from_rpc_error, not_ready_erro
 from qwen25vl_embed.extract_many import ErrorPolicy, ResultCollector, in_order, progress_bar, sized
 from qwen25vl_embed.images import ImageInput
 from qwen25vl_embed.info import ServerInfo
-from qwen25vl_embed.requests import build_request
+from qwen25vl_embed.requests import build_request, retrieval_request
 from qwen25vl_embed.v1 import embed_pb2 as pb
 from qwen25vl_embed.v1 import embed_pb2_grpc
 
@@ -216,13 +216,7 @@ class EmbeddingClient:
         Raises:
             EmbeddingError: a query failed (e.g. INVALID_ARGUMENT: the server has no recipe).
         """
-        builds = (
-            functools.partial(
-                build_request, None, text, (), "float32", False, str(index), "query", dimensions, encoding
-            )
-            for index, text in enumerate(texts)
-        )
-        return [retrieval_vectors(r) for r in self._stream(builds, None, concurrency, False, "raise", timeout)]
+        return self._embed(((None, text) for text in texts), "query", dimensions, encoding, concurrency, timeout)
 
     def embed_images(
         self,
@@ -239,11 +233,22 @@ class EmbeddingClient:
         Raises:
             EmbeddingError: an image failed.
         """
+        items = ((image, None) for image in images)
+        return self._embed(items, "document", dimensions, encoding, concurrency, timeout)
+
+    def _embed(
+        self,
+        items: Iterable[tuple[ImageInput | None, str | None]],
+        prompt_format: str,
+        dimensions: int,
+        encoding: str,
+        concurrency: int,
+        timeout: float | None,
+    ) -> list[npt.NDArray[Any]]:
+        """The retrieval vectors of (image, text) requests in ``prompt_format``, over one stream."""
         builds = (
-            functools.partial(
-                build_request, image, None, (), "float32", False, str(index), "document", dimensions, encoding
-            )
-            for index, image in enumerate(images)
+            functools.partial(retrieval_request, image, text, index, prompt_format, dimensions, encoding)
+            for index, (image, text) in enumerate(items)
         )
         return [retrieval_vectors(r) for r in self._stream(builds, None, concurrency, False, "raise", timeout)]
 
