@@ -2,42 +2,20 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from qwen25vl_embed_server.core.recipes import Recipe
 
 
 @dataclass(frozen=True)
-class RecipeInfo:
-    """The retrieval recipe in force (see :class:`~.recipes.Recipe`), with its output and size."""
+class RecipeInfo(Recipe):
+    """The retrieval recipe in force (see :class:`~.recipes.Recipe`), with its vectors' size."""
 
-    name: str
-    output: str
-    dimension: int
-    document_template: str
-    query_prefix: str
-    query_suffix: str
-    padding_side: str
-    pooling: str
-    head: bool
-    normalize: bool
-    image_tokens_only: bool
+    dimension: int = 0
 
     @classmethod
     def of(cls, recipe: Recipe, dimension: int) -> RecipeInfo:
-        return cls(
-            name=recipe.name,
-            output=recipe.output,
-            dimension=dimension,
-            document_template=recipe.document_template,
-            query_prefix=recipe.query_prefix,
-            query_suffix=recipe.query_suffix,
-            padding_side=recipe.padding_side,
-            pooling=recipe.pooling,
-            head=recipe.head,
-            normalize=recipe.normalize,
-            image_tokens_only=recipe.image_tokens_only,
-        )
+        return cls(**asdict(recipe), dimension=dimension)
 
 
 @dataclass(frozen=True)

@@ -122,11 +122,9 @@ class Pipeline:
 
     def plan(self, request: EncodedRequest) -> OutputPlan:
         """The cheap checks (no decoding): limits and output names. Raises InvalidInputError."""
-        try:
-            check_request(request, self.config.limits)
-            return self.extractor.plan_request(request)
-        except LimitExceededError as error:
-            raise error.with_hint(self.config.limit_hints) from error.__cause__
+        self._hinted(check_request, request, self.config.limits)
+        plan: OutputPlan = self._hinted(self.extractor.plan_request, request)
+        return plan
 
     async def run(
         self, request: EncodedRequest, deadline: float | None = None, observer: StageObserver | None = None
@@ -167,7 +165,7 @@ class Pipeline:
             estimate = await self._in_worker(self._estimate, request, plan)
             held[self.pixels] = await self.pixels.acquire(estimate.pixels, deadline)
             held[self.tokens] = await self.tokens.acquire(estimate.tokens, deadline)
-            prepared = await self.prepare(request, plan)
+            prepared = await self.prepare(request, plan, estimated=True)
             self._give_back(held, self.pixels)  # the decoded images are gone
             held[self.result_bytes] = await self.result_bytes.acquire(self.extractor.result_bytes(prepared), deadline)
             if observer is not None:
@@ -191,16 +189,24 @@ class Pipeline:
         return await asyncio.get_running_loop().run_in_executor(self._preprocess, function, *args)
 
     def _estimate(self, request: EncodedRequest, plan: OutputPlan) -> Estimate:
+        estimate: Estimate = self._hinted(estimate_request, self.extractor, request, self.config.limits, plan)
+        return estimate
+
+    def _hinted(self, function: Any, *args: Any, **kwargs: Any) -> Any:
+        """``function(*args, **kwargs)``, a limit refusal told how to raise the limit at this edge."""
         try:
-            return estimate_request(self.extractor, request, self.config.limits, plan)
+            return function(*args, **kwargs)
         except LimitExceededError as error:
             raise error.with_hint(self.config.limit_hints) from error.__cause__
 
-    async def prepare(self, request: EncodedRequest, plan: OutputPlan | None = None) -> Prepared:
+    async def prepare(
+        self, request: EncodedRequest, plan: OutputPlan | None = None, estimated: bool = False
+    ) -> Prepared:
         """Check, decode and preprocess ``request`` on a worker thread (each with a processor of
-        its own); no admission bound, no model. Raises InvalidInputError."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._preprocess, self._prepare, request, plan or self.plan(request))
+        its own); no admission bound, no model. ``estimated``: the header estimate was made
+        already (:meth:`run` makes it to take the budgets). Raises InvalidInputError."""
+        prepared: Prepared = await self._in_worker(self._prepare, request, plan or self.plan(request), estimated)
+        return prepared
 
     async def close(self, wait: bool = True) -> None:
         """Fail what is queued, stop the model thread and the workers (``wait`` False: without
@@ -213,12 +219,13 @@ class Pipeline:
         # share between threads (huggingface/tokenizers#537).
         self._local.processor = copy.deepcopy(self.extractor.loaded.processor)
 
-    def _prepare(self, request: EncodedRequest, plan: OutputPlan) -> Prepared:
+    def _prepare(self, request: EncodedRequest, plan: OutputPlan, estimated: bool) -> Prepared:
         processor: Any = self._local.processor
         try:
-            return prepare_request(self.extractor, request, self.config.limits, plan, processor)
-        except LimitExceededError as error:
-            raise error.with_hint(self.config.limit_hints) from error.__cause__
+            prepared: Prepared = self._hinted(
+                prepare_request, self.extractor, request, self.config.limits, plan, processor, estimated=estimated
+            )
+            return prepared
         except MemoryError as error:  # this request's decoding or processor: the others go on
             raise OutOfMemoryError(
                 f"the server ran out of memory preprocessing this request ({len(request.images)} image(s)); "

@@ -210,6 +210,7 @@ def prepare_request(
     limits: Limits,
     plan: OutputPlan | None = None,
     processor: Any = None,
+    estimated: bool = False,
 ) -> Prepared:
     """Check, decode, prompt-check and preprocess one request: what the model needs.
 
@@ -220,6 +221,8 @@ def prepare_request(
         plan: the request's output plan, if already made (:meth:`Extractor.plan`).
         processor: a processor private to the calling thread (None: the model's own; use that
             from one thread at a time).
+        estimated: the caller already ran :func:`estimate_request` on this request (the
+            pipeline does, to take its budgets): its headers are not read again.
 
     Raises:
         InvalidInputError: anything wrong with the request (LimitExceededError for a limit,
@@ -230,7 +233,8 @@ def prepare_request(
     check_request(request, limits)
     if plan is None:
         plan = extractor.plan_request(request)
-    estimate_request(extractor, request, limits, plan)  # headers only: refuse before decoding
+    if not estimated:
+        estimate_request(extractor, request, limits, plan)  # headers only: refuse before decoding
     processor = processor if processor is not None else extractor.loaded.processor
     pixels = pixel_range(request, processor)  # before decoding: a refused range costs nothing
     images = [decode_image(data, index, limits.max_pixels) for index, data in enumerate(request.images)]

@@ -137,6 +137,6 @@ def info_response(info: ModelInfo, chunk_bytes: int, server_version: str) -> pb.
     del facts["load_seconds"]  # a metric, not a fact callers plan with
     recipe = facts.pop("recipe")
     response = pb.InfoResponse(**facts, chunk_bytes=chunk_bytes, server_version=server_version)
-    if recipe is not None:
-        response.recipe.CopyFrom(pb.Recipe(**recipe))
+    if info.recipe is not None:  # its output name is derived (a property), not a field
+        response.recipe.CopyFrom(pb.Recipe(**recipe, output=info.recipe.output))
     return response
