@@ -35,9 +35,9 @@ PROMPT = "What is in the picture?"
 class Reference:
     """Outputs computed directly with transformers, no project code involved."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, dtype: torch.dtype = torch.float32) -> None:
         self.processor = AutoProcessor.from_pretrained(path)
-        self.model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
+        self.model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype).eval()
 
     @torch.inference_mode()
     def run(self, encoded: list[bytes], prompt: str) -> dict[str, Any]:

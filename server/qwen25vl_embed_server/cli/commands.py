@@ -118,6 +118,7 @@ def load_options(args: argparse.Namespace) -> LoadOptions:
         recipe=args.recipe,
         pooling=args.pooling,
         image_tokens_only=args.image_tokens_only,
+        fp32_matmul=args.fp32_matmul,
     )
 
 

@@ -42,6 +42,14 @@ def model_flags(parser: argparse.ArgumentParser, group: Any = None) -> None:
         "--dtype", default=defaults.DEFAULT_DTYPE, help="auto (bf16 on cuda, else fp32), float32, float16, bfloat16"
     )
     parser.add_argument(
+        "--fp32-matmul",
+        choices=("exact", "onednn"),
+        default=defaults.DEFAULT_FP32_MATMUL,
+        help="fp32 on the CPU: exact (torch's matmul, bit-exact against transformers) or onednn "
+        "(prepacked oneDNN weights: faster, differs by float rounding, ~1e-6 relative) "
+        f"({defaults.DEFAULT_FP32_MATMUL}; bf16 is packed either way: exact there)",
+    )
+    parser.add_argument(
         "--min-pixels",
         type=int,
         default=None,

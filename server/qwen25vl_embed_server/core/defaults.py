@@ -28,6 +28,9 @@ DEFAULT_DEVICE = "auto"
 DEFAULT_DTYPE = "auto"
 """bfloat16 on cuda, float32 elsewhere (exact against transformers on the CPU)."""
 
+DEFAULT_FP32_MATMUL = "exact"
+"""fp32 on the CPU: torch's own matmul, bit-exact against transformers ("onednn": faster, not bit-exact)."""
+
 DEFAULT_WIRE_DTYPE = "float32"
 """The dtype floating outputs travel in when a request names none."""
 

@@ -13,9 +13,10 @@ from typing import Any
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from qwen25vl_embed_server.core.defaults import DEFAULT_DEVICE, DEFAULT_DTYPE
+from qwen25vl_embed_server.core.defaults import DEFAULT_DEVICE, DEFAULT_DTYPE, DEFAULT_FP32_MATMUL
 from qwen25vl_embed_server.core.dtypes import TORCH_DTYPES, dtype_name
 from qwen25vl_embed_server.core.errors import ModelLoadError
+from qwen25vl_embed_server.core.packed_linear import FP32_MATMULS, PackedLinear, pack_linears, packing_applies
 from qwen25vl_embed_server.core.recipes import Recipe, detect_recipe, get_recipe
 from qwen25vl_embed_server.core.retrieval_model import RetrievalLayout, find_layout, load_retrieval
 from qwen25vl_embed_server.core.tiny_model import TINY_MODEL_NAME, build_tiny_model
@@ -29,7 +30,10 @@ class LoadOptions:
 
     ``recipe``: "auto" (detected from the checkpoint: a ColQwen2.5 / BiQwen2.5 config or adapter),
     "none" (raw states) or a name of :data:`~.recipes.RECIPES`. ``pooling`` / ``image_tokens_only``
-    override the recipe's (see :func:`~.recipes.get_recipe`).
+    override the recipe's (see :func:`~.recipes.get_recipe`). ``fp32_matmul``: on the CPU, "exact"
+    (torch's own fp32 matmul, bit-exact against transformers) or "onednn" (prepacked oneDNN weights,
+    faster, within float rounding; see :mod:`~.packed_linear`). bf16 CPU models are always packed:
+    it is exact there.
     """
 
     model: str
@@ -41,6 +45,11 @@ class LoadOptions:
     recipe: str = "auto"
     pooling: str | None = None
     image_tokens_only: bool = False
+    fp32_matmul: str = DEFAULT_FP32_MATMUL
+
+    def __post_init__(self) -> None:
+        if self.fp32_matmul not in FP32_MATMULS:
+            raise ValueError(f"unknown fp32 matmul {self.fp32_matmul!r}; expected one of {', '.join(FP32_MATMULS)}")
 
 
 @dataclass(frozen=True)
@@ -148,14 +157,15 @@ def load_model(options: LoadOptions) -> LoadedModel:
     started = time.perf_counter()
     device = check_device(options.device)
     dtype = resolve_dtype(options.dtype, device)
+    pack = packing_applies(device, dtype, options.fp32_matmul)
     try:
-        return _load(options, device, dtype, started)
+        return _load(options, device, dtype, started, pack)
     except (OSError, ValueError, KeyError, RuntimeError) as err:  # what transformers raises for a bad checkpoint
         cause = " ".join(str(err).split()) or type(err).__name__
         raise ModelLoadError(f"cannot load model {options.model!r}: {cause}") from err
 
 
-def _load(options: LoadOptions, device: torch.device, dtype: torch.dtype, started: float) -> LoadedModel:
+def _load(options: LoadOptions, device: torch.device, dtype: torch.dtype, started: float, pack: bool) -> LoadedModel:
     path = resolve_model_path(options.model)
     layout = find_layout(path)
     recipe = choose_recipe(options, layout)
@@ -177,12 +187,16 @@ def _load(options: LoadOptions, device: torch.device, dtype: torch.dtype, starte
         if options.attn_implementation:
             kwargs["attn_implementation"] = options.attn_implementation
         model = AutoModelForImageTextToText.from_pretrained(path, **kwargs).to(device).eval()  # type: ignore[arg-type]
+    if pack:  # last: the weights have their final device and dtype (and any adapter is merged)
+        pack_linears(model)
+        head = PackedLinear(head) if isinstance(head, torch.nn.Linear) else head
     seconds = time.perf_counter() - started
     log.info(
-        "loaded %s on %s (%s) in %.1f s, recipe %s",
+        "loaded %s on %s (%s%s) in %.1f s, recipe %s",
         options.model,
         device,
         dtype_name(dtype),
+        ", oneDNN-packed linears" if pack else "",
         seconds,
         recipe.name if recipe else "none",
     )

@@ -72,6 +72,7 @@ class EmbedderSettings(BaseModel):
     model: str = defaults.DEFAULT_MODEL
     device: str = defaults.DEFAULT_DEVICE
     dtype: str = defaults.DEFAULT_DTYPE
+    fp32_matmul: str = defaults.DEFAULT_FP32_MATMUL
     min_pixels: int | None = None
     max_pixels: int | None = None
     chunk_bytes: int = defaults.DEFAULT_CHUNK_BYTES
@@ -94,6 +95,7 @@ class EmbedderSettings(BaseModel):
             dtype=self.dtype,
             min_pixels=self.min_pixels,
             max_pixels=self.max_pixels,
+            fp32_matmul=self.fp32_matmul,
         )
 
     def service_config(self) -> ServiceConfig:

@@ -1,0 +1,87 @@
+"""Linear layers whose weights are prepacked for oneDNN, the CPU's fastest matmul path here.
+
+On the CPU torch runs an ``nn.Linear`` through MKL (float32) or oneDNN (bfloat16), re-laying out
+the weight for the kernel on every call. Packing each weight once at load, in oneDNN's blocked
+layout, and calling oneDNN's linear directly is what inductor's freezing pass and vLLM's CPU
+backend do. What it costs in exactness depends on the dtype:
+
+- **bfloat16**: torch's own bf16 matmul is oneDNN's, so the packed layer computes the same sums in
+  the same order: the result is bit-identical (checked in ``tests/core/test_packed_linear.py``).
+  Packing is on by default wherever oneDNN's bf16 kernels run (CPUs with AVX-512).
+- **float32**: torch's fp32 matmul is MKL's; oneDNN sums in another order, so results differ by
+  float rounding (about 1e-6 relative on the models tested) and are no longer bit-exact against
+  transformers. It is opt-in (``fp32_matmul="onednn"``): MKL uses AVX2 on AMD CPUs, and oneDNN's
+  AVX-512 kernels run about 2x faster there.
+
+Nothing here runs on cuda or mps: packing applies to CPU models only.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+FP32_MATMULS = ("exact", "onednn")
+"""``exact``: torch's own fp32 matmul (bit-exact against transformers); ``onednn``: packed weights."""
+
+# Never called by the extractor (it reads hidden states, not logits): packing it would only cost memory.
+_SKIPPED = ("lm_head",)
+
+
+class PackedLinear(nn.Module):
+    """``nn.Linear`` with its weight in oneDNN's packed layout (inference only).
+
+    The packed weight is an opaque oneDNN tensor, not a parameter: pack after the model has its
+    final device and dtype, and do not move the module afterwards.
+    """
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
+        weight = linear.weight.detach()
+        self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight, None)
+        self.bias = None if linear.bias is None else linear.bias.detach()
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = torch.ops.mkldnn._linear_pointwise(inputs, self.packed_weight, self.bias, "none", [], "")
+        return out
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def packing_applies(device: torch.device, dtype: torch.dtype, fp32_matmul: str = "exact") -> bool:
+    """Whether :func:`pack_linears` should run for a model on ``device`` in ``dtype``."""
+    if device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    if dtype == torch.bfloat16:
+        # Where oneDNN's bf16 kernels are not used by torch itself, packing would change the result.
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return dtype == torch.float32 and fp32_matmul == "onednn"
+
+
+def pack_linears(model: nn.Module) -> int:
+    """Replace every ``nn.Linear`` of ``model`` (but the unused ``lm_head``) by a :class:`PackedLinear`.
+
+    Returns how many were packed. The original weights are dropped with the modules they belonged to.
+    """
+    targets = [
+        (name, module)
+        for name, module in model.named_modules()
+        if any(isinstance(child, nn.Linear) for child in module.children())
+    ]
+    packed = 0
+    with torch.no_grad():  # not inference_mode: the packed weights must be usable outside it
+        for parent_name, parent in targets:
+            for child_name, child in list(parent.named_children()):
+                full_name = f"{parent_name}.{child_name}" if parent_name else child_name
+                if isinstance(child, nn.Linear) and full_name.split(".")[-1] not in _SKIPPED:
+                    setattr(parent, child_name, PackedLinear(child))
+                    packed += 1
+    log.info("packed %d linear layers for oneDNN", packed)
+    return packed
