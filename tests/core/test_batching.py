@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 
-from qwen25vl_embed_server.core.extractor import Extractor, Prepared
+from qwen25vl_embed_server.core.extractor import MAX_PADDING, Extractor, Prepared, similar_lengths
 
-from ..helpers import noise_image
+from ..helpers import assert_batched_close, noise_image
 
 ALL = [
     "vision_tokens",
@@ -55,3 +56,45 @@ def test_batched_results_equal_unbatched(extractor: Extractor) -> None:
         np.testing.assert_array_equal(result.image_token_positions, alone.image_token_positions)
         np.testing.assert_array_equal(result.image_grid_thw, alone.image_grid_thw)
         assert result.sequence_length == alone.sequence_length
+
+
+def test_similar_lengths_bound_the_padding_of_every_group() -> None:
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        lengths = [int(n) for n in rng.integers(1, 4000, size=int(rng.integers(1, 12)))]
+        indices = list(range(len(lengths)))
+        groups = similar_lengths(indices, lengths)
+        assert sorted(i for group in groups for i in group) == indices
+        for group in groups:
+            assert group == sorted(group)
+            real = sum(lengths[i] for i in group)
+            assert max(lengths[i] for i in group) * len(group) <= (1 + MAX_PADDING) * real
+    assert similar_lengths([0, 1, 2, 3], [300, 3000, 310, 2900]) == [[0, 2], [1, 3]]
+    assert similar_lengths([5], [10, 10, 10, 10, 10, 7]) == [[5]]
+
+
+def test_the_lm_runs_similar_lengths_together_and_far_ones_apart(extractor: Extractor) -> None:
+    """Two near lengths share one padded forward; a much longer one runs apart; all equal alone."""
+    shapes: list[tuple[int, ...]] = []
+
+    def record(_module: object, _args: object, kwargs: dict[str, torch.Tensor]) -> None:
+        shapes.append(tuple(kwargs["inputs_embeds"].shape[:2]))
+
+    plan = extractor.plan(["lm_last_hidden", "lm_last_token"])
+    batch = [
+        extractor.prepare([noise_image(224, 224, 1)], "Same prompt.", plan),
+        extractor.prepare([noise_image(896, 896, 2)], "Same prompt.", plan),
+        extractor.prepare([noise_image(224, 196, 3)], "Same prompt.", plan),
+    ]
+    lengths = [item.sequence_length for item in batch]
+    assert lengths[2] < lengths[0] < lengths[1]
+    hook = extractor.loaded.language_model.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        together = extractor.run(batch)
+    finally:
+        hook.remove()
+    assert sorted(shapes) == sorted([(2, lengths[0]), (1, lengths[1])])
+    for item, result in zip(batch, together, strict=True):
+        alone = extractor.run([item])[0]
+        for name, array in alone.tensors.items():
+            assert_batched_close(result.tensors[name], array, name)

@@ -250,9 +250,12 @@ class Extractor:
             with torch.inference_mode():
                 for needs_lm in (False, True):
                     group = [i for i, item in enumerate(batch) if item.plan.needs_lm == needs_lm]
-                    if group:
-                        extractions = self._run_group([batch[i] for i in group], needs_lm)
-                        results.update(zip(group, extractions, strict=True))
+                    # The LM runs right-padded sequences: only similar lengths share a forward.
+                    parts = similar_lengths(group, [item.sequence_length for item in batch]) if needs_lm else [group]
+                    for part in parts:
+                        if part:
+                            extractions = self._run_group([batch[i] for i in part], needs_lm)
+                            results.update(zip(part, extractions, strict=True))
         except (torch.OutOfMemoryError, MemoryError) as error:  # the device's memory, or host RAM
             results.clear()
             _release_device_memory(self.loaded.device)
@@ -356,6 +359,32 @@ class Extractor:
             assert self._retrieval == SINGLE_VECTOR
             vectors = single_vector(last_hidden, self.recipe)
         return truncate(vectors, item.dimensions)
+
+
+MAX_PADDING = 0.125
+"""Largest share of padding in one LM forward: beyond it the padded tokens cost more than the batch saves."""
+
+
+def similar_lengths(
+    indices: Sequence[int], lengths: Sequence[int], max_padding: float = MAX_PADDING
+) -> list[list[int]]:
+    """``indices`` grouped for right-padded LM forwards: each group's padding at most ``max_padding``.
+
+    A batch pads every sequence to its longest, so a 300-token request beside a 3000-token one
+    costs the LM 3000 tokens. Sorted by length, each group grows while ``longest x count`` stays
+    within ``(1 + max_padding) x`` its real tokens. Groups keep the caller's order inside.
+    """
+    ordered = sorted(indices, key=lambda i: lengths[i])
+    groups: list[list[int]] = []
+    real = 0
+    for i in ordered:
+        if groups and lengths[i] * (len(groups[-1]) + 1) <= (1 + max_padding) * (real + lengths[i]):
+            groups[-1].append(i)
+            real += lengths[i]
+        else:
+            groups.append([i])
+            real = lengths[i]
+    return [sorted(group) for group in groups]
 
 
 def _pad_right(inputs: list[dict[str, torch.Tensor]], pad_token_id: int) -> dict[str, torch.Tensor]:
