@@ -2,12 +2,18 @@
 
     python bench/vs_vllm.py --setup          # build vLLM's venv once (about 12 minutes, several GB)
     python bench/vs_vllm.py                  # fp32 and bf16, three workloads, three rounds each
+    python bench/vs_vllm.py --before ../old  # also an earlier checkout of ours, in the same rounds
 
 vLLM runs in its own virtual environment (``--vllm-python``; never the project's, never CI), with
 its best settings for this measurement: both cores for the model, prefix caching, the processor
 cache and (through fresh uuids per round) the encoder cache off, so every image is computed.
 It pools the last token without activation: the same vector as our ``lm_last_token``, which the
-run checks. Ours is ``qwen25vl-embed serve`` with 4 concurrent SDK callers.
+run checks. Ours is ``qwen25vl-embed serve`` with 4 concurrent SDK callers, in fp32 once as it
+ships (exact) and once with ``--fp32-matmul onednn``; ``--before DIR`` adds the server of another
+checkout of this project (its ``server/`` and ``client/`` first on ``PYTHONPATH``), so a change is
+measured against what it replaces in one run. Both sides decode the images inside their timing.
+Before each timed run the bench waits for the machine to go idle: vLLM's worker keeps a core busy
+for a while after it answers, which would otherwise be charged to whoever runs next.
 
 Workloads (fixed seeds): ``uniform`` 24 noise images 448x448; ``mixed`` 24 images 256 to 1536 px on
 the long side, aspect 1:3 to 3:1; ``two-image`` 12 requests of two 448x448 images. Each round runs
@@ -67,9 +73,41 @@ class Workload:
 
 @dataclass
 class Result:
-    ours: list[float] = field(default_factory=list)  # images/s per round
-    vllm: list[float] = field(default_factory=list)
+    rates: dict[str, list[float]] = field(default_factory=dict)  # images/s per round, by side
     max_relative_difference: float = 0.0
+
+    def add(self, side: str, rate: float) -> None:
+        self.rates.setdefault(side, []).append(rate)
+
+    def median(self, side: str) -> float:
+        return statistics.median(self.rates[side])
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One configuration of our server: a label, extra ``serve`` flags, and extra environment."""
+
+    label: str
+    args: tuple[str, ...] = ()
+    env: tuple[tuple[str, str], ...] = ()
+
+
+def wait_until_idle(threshold: float = 0.15, timeout: float = 20.0) -> None:
+    """Wait (at most ``timeout`` s) until the machine's CPUs are busy less than ``threshold`` of a
+    0.5 s window: what one side left running must not be charged to the other."""
+
+    def busy_idle() -> tuple[int, int]:
+        values = [int(v) for v in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+        idle = values[3] + values[4]
+        return sum(values) - idle, idle
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        busy0, idle0 = busy_idle()
+        time.sleep(0.5)
+        busy1, idle1 = busy_idle()
+        if (busy1 - busy0) <= threshold * max(1, (busy1 - busy0) + (idle1 - idle0)):
+            return
 
 
 def make_workloads(folder: Path) -> list[Workload]:
@@ -168,33 +206,60 @@ def relative_difference(a: Sequence[np.ndarray], b: Sequence[np.ndarray]) -> flo
     return max(float(np.abs(x - y).max() / np.abs(y).max()) for x, y in zip(a, b, strict=True))
 
 
-def compare(dtype: str, python: Path, workloads: list[Workload], rounds: int) -> dict[str, Result]:
+def compare(
+    dtype: str, python: Path, workloads: list[Workload], rounds: int, variants: Sequence[Variant]
+) -> dict[str, Result]:
+    """Every variant of ours and vLLM on every workload, ``rounds`` times, the order rotating."""
     model = checkpoint("bench", "cpu", getattr(torch, dtype))
     results = {w.name: Result() for w in workloads}
     vllm = VllmSide(python, model, dtype)
+    servers = [
+        ServerProcess(["--model", str(model), "--device", "cpu", "--dtype", dtype, *v.args], env=dict(v.env))
+        for v in variants
+    ]
+    clients: dict[str, EmbeddingClient] = {}
     try:
-        with (
-            ServerProcess(["--model", str(model), "--device", "cpu", "--dtype", dtype]) as server,
-            EmbeddingClient(server.address) as client,
-        ):
-            for workload in workloads:  # warm both on every workload
-                ours(client, workload)
-                vllm.run(workload, -1)
-            for round_ in range(rounds):
-                for workload in workloads:
-                    result = results[workload.name]
-                    order = ["ours", "vllm"] if round_ % 2 == 0 else ["vllm", "ours"]
-                    outcome = {}
-                    for side in order:
-                        time.sleep(0.5)
-                        outcome[side] = ours(client, workload) if side == "ours" else vllm.run(workload, round_)
-                    result.ours.append(outcome["ours"][0])
-                    result.vllm.append(outcome["vllm"][0])
-                    difference = relative_difference(outcome["vllm"][1], outcome["ours"][1])
+        for variant, server in zip(variants, servers, strict=True):
+            clients[variant.label] = EmbeddingClient(server.start().address)
+        sides = [*clients, "vLLM"]
+
+        def run(side: str, workload: Workload, round_: int) -> tuple[float, list[np.ndarray]]:
+            return vllm.run(workload, round_) if side == "vLLM" else ours(clients[side], workload)
+
+        for workload in workloads:  # warm every side on every workload
+            for side in sides:
+                run(side, workload, -1)
+        for round_ in range(rounds):
+            for workload in workloads:
+                result = results[workload.name]
+                shift = round_ % len(sides)
+                vectors = {}
+                for side in sides[shift:] + sides[:shift]:
+                    wait_until_idle()
+                    rate, vectors[side] = run(side, workload, round_)
+                    result.add(side, rate)
+                for side in clients:
+                    difference = relative_difference(vectors["vLLM"], vectors[side])
                     result.max_relative_difference = max(result.max_relative_difference, difference)
     finally:
+        for client in clients.values():
+            client.close()
+        for server in servers:
+            if server.process is not None:
+                server.stop()
         vllm.close()
     return results
+
+
+def variants_for(dtype: str, before: Path | None) -> list[Variant]:
+    """What each dtype compares: ours as it ships, fp32 also with oneDNN matmuls, and ``before``."""
+    variants = [Variant("ours")]
+    if dtype == "float32":
+        variants.append(Variant("ours onednn", ("--fp32-matmul", "onednn")))
+    if before is not None:
+        path = f"{before.resolve() / 'server'}{os.pathsep}{before.resolve() / 'client'}"
+        variants.append(Variant("before", env=(("PYTHONPATH", path),)))
+    return variants
 
 
 def setup(venv: Path) -> Path:
@@ -225,6 +290,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--setup", action="store_true", help="build vLLM's venv if missing, then stop")
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--workloads", nargs="+", default=["uniform", "mixed", "two-image"])
+    parser.add_argument(
+        "--before", type=Path, default=None, help="a checkout of an earlier version of ours, run in the same rounds"
+    )
     args = parser.parse_args(argv)
     python = setup(args.vllm_venv) if args.setup else args.vllm_venv / "bin" / "python"
     if args.setup:
@@ -232,18 +301,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not python.exists():
         sys.exit(f"no vLLM venv at {args.vllm_venv}: run `python bench/vs_vllm.py --setup` first")
     with tempfile.TemporaryDirectory() as folder:
-        workloads = make_workloads(Path(folder))
-        print(
-            f"{'dtype':9} {'workload':10} {'ours img/s':>11} {'vLLM img/s':>11} {'ours/vLLM':>10} {'max rel diff':>13}"
-        )
+        workloads = [w for w in make_workloads(Path(folder)) if w.name in args.workloads]
+        print(f"{'dtype':9} {'workload':10} {'side':12} {'img/s':>7} {'vs vLLM':>8} {'max rel diff':>13}")
         for dtype in args.dtypes:
-            for name, result in compare(dtype, python, workloads, args.rounds).items():
-                mine, theirs = statistics.median(result.ours), statistics.median(result.vllm)
-                print(
-                    f"{dtype:9} {name:10} {mine:11.2f} {theirs:11.2f} {mine / theirs:9.2f}x "
-                    f"{result.max_relative_difference:13.1e}",
-                    flush=True,
-                )
+            variants = variants_for(dtype, args.before)
+            for name, result in compare(dtype, python, workloads, args.rounds, variants).items():
+                theirs = result.median("vLLM")
+                print(f"{dtype:9} {name:10} {'vLLM':12} {theirs:7.2f}")
+                for variant in variants:
+                    mine = result.median(variant.label)
+                    print(f"{dtype:9} {name:10} {variant.label:12} {mine:7.2f} {mine / theirs:7.2f}x")
+                print(f"{'':21} max relative difference of our vectors to vLLM's: {result.max_relative_difference:.1e}")
 
 
 if __name__ == "__main__":

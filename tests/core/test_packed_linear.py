@@ -19,7 +19,7 @@ from torch import nn
 
 from qwen25vl_embed_server.core.extractor import Extractor
 from qwen25vl_embed_server.core.loading import LoadOptions, load_model
-from qwen25vl_embed_server.core.packed_linear import PackedLinear, pack_linears, packing_applies
+from qwen25vl_embed_server.core.packed_linear import PackedLinear, PackedPatchEmbed, pack_linears, packing_applies
 
 from ..helpers import assert_batched_close, noise_image, png_bytes
 from .test_fidelity import ALL_OUTPUTS, PROMPT, Reference
@@ -157,3 +157,20 @@ def test_a_packed_retrieval_head_gives_the_same_vectors(colqwen_adapter: Path, c
     ours = packed.extract([image], plan=packed.plan([name])).tensors[name]
     exact = colqwen.extract([image], plan=colqwen.plan([name])).tensors[name]
     assert_batched_close(ours, exact, name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_packed_patch_embedding_computes_the_convolution(fp32_onednn: Extractor, dtype: torch.dtype) -> None:
+    """transformers' Conv3d patch embedding, as one matmul on the processor's rows."""
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionPatchEmbed
+
+    assert isinstance(fp32_onednn.loaded.visual.patch_embed, PackedPatchEmbed)
+    torch.manual_seed(0)
+    reference = Qwen2_5_VisionPatchEmbed(patch_size=14, temporal_patch_size=2, in_channels=3, embed_dim=32).to(dtype)
+    packed = PackedPatchEmbed(reference)
+    rows = torch.randn(50, 3 * 2 * 14 * 14)  # float32, as the processor gives them
+    with torch.inference_mode():
+        expected, actual = reference(rows), packed(rows)
+    assert actual.shape == expected.shape == (50, 32)
+    assert actual.dtype == expected.dtype == dtype
+    assert_batched_close(actual.float().numpy(), expected.float().numpy())

@@ -188,7 +188,7 @@ def _load(options: LoadOptions, device: torch.device, dtype: torch.dtype, starte
             kwargs["attn_implementation"] = options.attn_implementation
         model = AutoModelForImageTextToText.from_pretrained(path, **kwargs).to(device).eval()  # type: ignore[arg-type]
     if pack:  # last: the weights have their final device and dtype (and any adapter is merged)
-        pack_linears(model)
+        pack_linears(model, patch_embed=dtype == torch.float32)
         head = PackedLinear(head) if isinstance(head, torch.nn.Linear) else head
     seconds = time.perf_counter() - started
     log.info(

@@ -55,6 +55,36 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
+class PackedPatchEmbed(nn.Module):
+    """The vision tower's patch embedding as one packed matmul.
+
+    transformers runs it as a Conv3d whose kernel equals its stride and covers a whole patch (channels
+    x temporal x height x width): per patch that is a dot product with the flattened kernel, i.e. a
+    linear layer on the processor's rows. oneDNN sums it in another order than its convolution, so
+    it is used with ``fp32_matmul="onednn"`` only.
+    """
+
+    def __init__(self, patch_embed: nn.Module) -> None:
+        super().__init__()
+        conv = patch_embed.proj
+        if not isinstance(conv, nn.Conv3d) or conv.kernel_size != conv.stride or conv.padding != (0, 0, 0):
+            raise ValueError("the patch embedding is not a patch-wise projection")
+        self.embed_dim = int(conv.out_channels)
+        self.in_features = int(conv.weight[0].numel())
+        linear = nn.Linear(self.in_features, self.embed_dim, bias=conv.bias is not None, dtype=conv.weight.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(conv.weight.reshape(self.embed_dim, self.in_features))
+            if conv.bias is not None:
+                linear.bias.copy_(conv.bias)
+        self.projection = PackedLinear(linear)
+        self.dtype = conv.weight.dtype
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        flat = hidden_states.reshape(-1, self.in_features).to(self.dtype)
+        out: torch.Tensor = self.projection(flat)
+        return out
+
+
 def packing_applies(device: torch.device, dtype: torch.dtype, fp32_matmul: str = "exact") -> bool:
     """Whether :func:`pack_linears` should run for a model on ``device`` in ``dtype``."""
     if device.type != "cpu" or not torch.backends.mkldnn.is_available():
@@ -65,8 +95,9 @@ def packing_applies(device: torch.device, dtype: torch.dtype, fp32_matmul: str =
     return dtype == torch.float32 and fp32_matmul == "onednn"
 
 
-def pack_linears(model: nn.Module) -> int:
-    """Replace every ``nn.Linear`` of ``model`` (but the unused ``lm_head``) by a :class:`PackedLinear`.
+def pack_linears(model: nn.Module, patch_embed: bool = False) -> int:
+    """Replace every ``nn.Linear`` of ``model`` (but the unused ``lm_head``) by a :class:`PackedLinear`,
+    and with ``patch_embed`` the vision tower's patch embedding by a :class:`PackedPatchEmbed`.
 
     Returns how many were packed. The original weights are dropped with the modules they belonged to.
     """
@@ -83,5 +114,9 @@ def pack_linears(model: nn.Module) -> int:
                 if isinstance(child, nn.Linear) and full_name.split(".")[-1] not in _SKIPPED:
                     setattr(parent, child_name, PackedLinear(child))
                     packed += 1
+        visual = getattr(getattr(model, "model", None), "visual", None)
+        if patch_embed and visual is not None:
+            visual.patch_embed = PackedPatchEmbed(visual.patch_embed)
+            packed += 1
     log.info("packed %d linear layers for oneDNN", packed)
     return packed

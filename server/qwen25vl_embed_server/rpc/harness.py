@@ -13,7 +13,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import IO, Protocol
 
@@ -94,18 +94,26 @@ class ServerProcess:
     """``qwen25vl-embed serve ARGS`` in a child process, ready (health SERVING) on entry.
 
     The port is chosen by the server (``--port 0``) and read from its log; the log is echoed to
-    ``echo`` (anything with ``write(str)``, or None to drop it). Exit sends SIGTERM and waits.
+    ``echo`` (anything with ``write(str)``, or None to drop it); ``env`` is added to this process's
+    environment. Exit sends SIGTERM and waits.
     """
 
-    def __init__(self, args: Sequence[str], echo: Writer | None = None, timeout: float = 300) -> None:
+    def __init__(
+        self,
+        args: Sequence[str],
+        echo: Writer | None = None,
+        timeout: float = 300,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
         self._command = [sys.executable, "-m", "qwen25vl_embed_server.cli", "serve", "--port", "0", *args]
+        self._env = dict(env or {})
         self._echo = echo
         self._timeout = timeout
         self.process: subprocess.Popen[str] | None = None
         self.address = ""
 
     def start(self) -> ServerProcess:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, **self._env, "PYTHONUNBUFFERED": "1"}
         self.process = subprocess.Popen(self._command, stderr=subprocess.PIPE, text=True, env=env)
         assert self.process.stderr is not None
         deadline = time.monotonic() + self._timeout
