@@ -1,0 +1,119 @@
+"""Preprocessing on the CPU: decode + processor per image, and how it scales with workers.
+
+    python bench/preprocess.py                     # 448x448 PNGs, 1 / 2 / 4 workers
+    python bench/preprocess.py --size 1024 --images 32
+
+The server decodes and preprocesses each request on a pool of threads (``--preprocess-workers``)
+beside the model thread. Decoding (Pillow, libpng / libjpeg) and most of the processor (numpy)
+release the GIL, the tokenizer and the Python around them do not. This measures the same chain
+the server runs (:func:`~qwen25vl_embed_server.core.request.prepare_request`: check, decode,
+chat template, processor) on threads and, for comparison, on processes, in alternating rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import multiprocessing
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).parent))  # run as a script: bench/ modules import each other
+from throughput import PROMPT, checkpoint
+
+_STATE: dict[str, object] = {}
+
+
+def _start(model: str) -> None:
+    """Each worker (thread or process) loads the processor once, as the server's workers do."""
+    import threading
+
+    from qwen25vl_embed_server.core.extractor import Extractor
+    from qwen25vl_embed_server.core.loading import LoadOptions, load_model
+
+    if "extractor" not in _STATE:
+        _STATE["extractor"] = Extractor(load_model(LoadOptions(model=model, device="cpu", dtype="float32")))
+    local = _STATE.setdefault("local", threading.local())
+    import copy
+
+    extractor = _STATE["extractor"]
+    local.processor = copy.deepcopy(extractor.loaded.processor)  # type: ignore[attr-defined]
+
+
+def _prepare(data: bytes) -> int:
+    """Check, decode, template, processor: the server's preprocessing of one request; its patches."""
+    from qwen25vl_embed_server.core.extractor import Extractor
+    from qwen25vl_embed_server.core.limits import Limits
+    from qwen25vl_embed_server.core.request import EncodedRequest, prepare_request
+
+    extractor = _STATE["extractor"]
+    assert isinstance(extractor, Extractor)
+    request = EncodedRequest(images=(data,), prompt=PROMPT, outputs=("lm_last_token",))
+    plan = extractor.plan_request(request)
+    processor = _STATE["local"].processor  # type: ignore[attr-defined]
+    return prepare_request(extractor, request, Limits(), plan, processor).num_patches
+
+
+def rate(executor: Executor, images: Sequence[bytes]) -> float:
+    started = time.perf_counter()
+    list(executor.map(_prepare, images))
+    return len(images) / (time.perf_counter() - started)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    parser.add_argument("--size", type=int, default=448)
+    parser.add_argument("--images", type=int, default=48)
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args(argv)
+    import torch
+
+    model = str(checkpoint("bench", "cpu", torch.float32))
+    rng = np.random.default_rng(0)
+    images = []
+    for _ in range(args.images):
+        buffer = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (args.size, args.size, 3), dtype=np.uint8)).save(buffer, "PNG")
+        images.append(buffer.getvalue())
+
+    _start(model)
+    started = time.perf_counter()
+    for data in images:
+        _prepare(data)
+    print(f"one thread: {(time.perf_counter() - started) / len(images) * 1e3:.1f} ms per {args.size}x{args.size} image")
+
+    pools: dict[str, Callable[[int], Executor]] = {
+        "threads": lambda n: ThreadPoolExecutor(n, initializer=_start, initargs=(model,)),
+        # spawn, not fork: a forked torch (its OpenMP pool started) can deadlock in the child.
+        "processes": lambda n: ProcessPoolExecutor(
+            n, mp_context=multiprocessing.get_context("spawn"), initializer=_start, initargs=(model,)
+        ),
+    }
+    rates: dict[tuple[str, int], list[float]] = {}
+    executors = {(kind, n): make(n) for kind, make in pools.items() for n in args.workers}
+    try:
+        for executor in executors.values():  # warm: every worker started and loaded
+            rate(executor, images[: 2 * max(args.workers)])
+        for round_ in range(args.rounds):
+            keys = list(executors) if round_ % 2 == 0 else list(reversed(executors))
+            for key in keys:
+                rates.setdefault(key, []).append(rate(executors[key], images))
+    finally:
+        for executor in executors.values():
+            executor.shutdown()
+    print(f"{os.cpu_count()} CPUs; images/s (median of {args.rounds} alternating rounds):")
+    for (kind, n), values in rates.items():
+        print(f"  {kind:9} x{n}: {statistics.median(values):7.1f}")
+
+
+if __name__ == "__main__":
+    main()
