@@ -4,6 +4,8 @@ For ``--seconds``, attacker threads send, over and over:
 
   bomb        a small PNG that decodes to --bomb-side x --bomb-side pixels (one image)
   bomb16      16 such images in one request (refused for its cost before decoding)
+  bomb6       6 such images in one request, vision outputs only (admitted: under the cost cap; it
+              runs in pieces, one image each, with small requests let through between them)
   nonreader   an ExtractBatch stream of 8 bombs whose caller never reads (ended by --send-timeout)
   malformed   bytes that are not an ImageRequest
   jpegcut     a JPEG cut mid-scan with an end marker added
@@ -114,6 +116,8 @@ class Soak:
                 client.extract(self.bomb, outputs=["projected_pooled_mean"])
             elif kind == "bomb16":
                 client.extract([self.bomb] * 16)
+            elif kind == "bomb6":
+                client.extract([self.bomb] * 6, outputs=["projected_pooled_mean"])
             elif kind == "jpegcut":
                 client.extract(self.jpegcut)
             elif kind == "hostile":
@@ -151,7 +155,7 @@ def main() -> int:
         with ServerProcess(serve_args, echo=None) as server:
             assert server.process is not None
             soak = Soak(server.address, args.seconds, args.bomb_side)
-            kinds = ["bomb", "bomb16", "nonreader", "nonreader", "malformed", "jpegcut", "dupids", "hostile"]
+            kinds = ["bomb", "bomb16", "bomb6", "nonreader", "nonreader", "malformed", "jpegcut", "dupids", "hostile"]
             threads = [threading.Thread(target=soak.attacker, args=(kind,)) for kind in kinds]
             threads += [threading.Thread(target=soak.good_client, args=(seed,)) for seed in range(args.good_clients)]
             started = time.monotonic()
