@@ -18,6 +18,7 @@ and checks that every good request got its own correct result.
 
     python bench/soak.py                    # 180 s, defaults
     python bench/soak.py --seconds 60 --bomb-side 3584
+    python bench/soak.py --seconds 60 --attackers bomb6 --max-piece-tokens 0   # large requests whole
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from qwen25vl_embed_server.core.tiny_model import build_tiny_model
 from qwen25vl_embed_server.rpc.harness import ServerProcess
 
 SERVICE = "/qwen25vl_embed.v1.EmbeddingService/"
+KINDS = ["bomb", "bomb16", "bomb6", "nonreader", "nonreader", "malformed", "jpegcut", "dupids", "hostile"]
 
 
 def png(image: Image.Image) -> bytes:
@@ -148,14 +150,27 @@ def main() -> int:
     parser.add_argument("--good-clients", type=int, default=4)
     parser.add_argument("--bomb-side", type=int, default=1792, help="side of the decompression-bomb image")
     parser.add_argument("--send-timeout", type=float, default=5)
+    parser.add_argument(
+        "--attackers",
+        default=",".join(KINDS),
+        help=f"attacker kinds, comma-separated, repeats allowed ({','.join(KINDS)})",
+    )
+    parser.add_argument(
+        "--max-piece-tokens", type=int, default=None, help="serve's --max-piece-tokens (0: large requests run whole)"
+    )
     args = parser.parse_args()
+    kinds = [kind for kind in args.attackers.split(",") if kind]
+    unknown = sorted(set(kinds) - set(KINDS))
+    if unknown:
+        parser.error(f"unknown attacker kind(s): {', '.join(unknown)}")
     with tempfile.TemporaryDirectory() as folder:
         model = build_tiny_model(Path(folder) / "tiny")
         serve_args = ["--model", str(model), "--send-timeout", str(args.send_timeout)]
+        if args.max_piece_tokens is not None:
+            serve_args += ["--max-piece-tokens", str(args.max_piece_tokens)]
         with ServerProcess(serve_args, echo=None) as server:
             assert server.process is not None
             soak = Soak(server.address, args.seconds, args.bomb_side)
-            kinds = ["bomb", "bomb16", "bomb6", "nonreader", "nonreader", "malformed", "jpegcut", "dupids", "hostile"]
             threads = [threading.Thread(target=soak.attacker, args=(kind,)) for kind in kinds]
             threads += [threading.Thread(target=soak.good_client, args=(seed,)) for seed in range(args.good_clients)]
             started = time.monotonic()
@@ -168,7 +183,11 @@ def main() -> int:
             with EmbeddingClient(server.address, timeout=60) as client:
                 still_ok = client.extract(soak.good[0], outputs=["lm_last_token"]).num_images == 1
     latency = sorted(soak.good_latency)
-    print(f"soak: {elapsed:.0f} s, bomb {args.bomb_side}x{args.bomb_side}, send timeout {args.send_timeout:g} s")
+    pieces = "serve's" if args.max_piece_tokens is None else str(args.max_piece_tokens)
+    print(
+        f"soak: {elapsed:.0f} s, bomb {args.bomb_side}x{args.bomb_side}, send timeout {args.send_timeout:g} s, "
+        f"max piece tokens {pieces}, attackers {','.join(kinds)}"
+    )
     print(f"server peak RSS (VmHWM): {rss:.0f} MiB")
     for (kind, status), count in sorted(soak.outcomes.items()):
         print(f"  {kind:10s} {status:28s} {count}")

@@ -42,7 +42,8 @@ class BatchingConfig:
 
     ``max_piece_tokens``: a request costing more (vision patches + LM sequence) runs in pieces of
     at most this many vision patches (an image larger than that is one piece), then the language
-    model; 0 never splits. The default leaves requests of up to 16 images at 448x448 whole.
+    model; 0 never splits. The default leaves whole a request of up to 12 images at 448x448 (16
+    without the language model).
     """
 
     max_images: int = 32
