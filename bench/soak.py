@@ -158,6 +158,7 @@ def main() -> int:
     parser.add_argument(
         "--max-piece-tokens", type=int, default=None, help="serve's --max-piece-tokens (0: large requests run whole)"
     )
+    parser.add_argument("--server-log", type=Path, help="write the server's log here (a line per request)")
     args = parser.parse_args()
     kinds = [kind for kind in args.attackers.split(",") if kind]
     unknown = sorted(set(kinds) - set(KINDS))
@@ -168,7 +169,8 @@ def main() -> int:
         serve_args = ["--model", str(model), "--send-timeout", str(args.send_timeout)]
         if args.max_piece_tokens is not None:
             serve_args += ["--max-piece-tokens", str(args.max_piece_tokens)]
-        with ServerProcess(serve_args, echo=None) as server:
+        log = args.server_log.open("w") if args.server_log is not None else None
+        with ServerProcess(serve_args, echo=log) as server:
             assert server.process is not None
             soak = Soak(server.address, args.seconds, args.bomb_side)
             threads = [threading.Thread(target=soak.attacker, args=(kind,)) for kind in kinds]
@@ -182,6 +184,8 @@ def main() -> int:
             rss = peak_rss_mib(server.process.pid)
             with EmbeddingClient(server.address, timeout=60) as client:
                 still_ok = client.extract(soak.good[0], outputs=["lm_last_token"]).num_images == 1
+        if log is not None:
+            log.close()
     latency = sorted(soak.good_latency)
     pieces = "serve's" if args.max_piece_tokens is None else str(args.max_piece_tokens)
     print(

@@ -36,6 +36,7 @@ from .test_fidelity import ALL_OUTPUTS, PROMPT, Reference
 # known: 128, 192 and 252 patches. SMALL (16 patches) is a small request's image.
 A, B, C = (224, 112), (168, 224), (252, 196)
 SMALL = (56, 56)
+ALONE = (280, 224)  # 320 patches: above a piece of 256 but one piece (one image, no LM)
 EVERY_OUTPUT = [*ALL_OUTPUTS, "vision_layer_1", "lm_layer_-1"]  # the last LM layer: compared with the whole run
 
 
@@ -159,10 +160,14 @@ def test_retrieval_vectors_of_a_split_request_equal_it_run_whole(
 
 @pytest.mark.parametrize("split", [True, False], ids=["in-pieces", "whole"])
 def test_a_small_request_queued_behind_a_large_one_runs_between_its_pieces(extractor: Extractor, split: bool) -> None:
-    """Both are queued before the first batch forms, the large one first. Split, the small one
-    runs after the large one's first piece and its result comes first; whole (the control), it
-    joins the large request's one forward and waits for all of it."""
+    """All are queued before the first batch forms, the large one first, then a small one, then a
+    large one that is a single piece. Split, the small one runs after the large one's first piece
+    and its result comes first, and the single-piece one waits for the large one (it is not
+    small); whole (the control), all join one batch and the small one waits for all of it."""
     big, small = _big(extractor), _small(extractor)
+    alone = extractor.prepare([_image(ALONE)], PROMPT, extractor.plan(["projected_pooled_mean"]))
+    assert alone.cost > 256
+    assert extractor.pieces(alone, 256) == 1
 
     async def scenario(probe: ModelProbe) -> list[str]:
         batcher = Batcher(extractor, BatchingConfig(max_wait_ms=1, max_piece_tokens=256 if split else 0))
@@ -173,7 +178,7 @@ def test_a_small_request_queued_behind_a_large_one_runs_between_its_pieces(extra
             done.append(name)
 
         try:
-            await asyncio.gather(one("big", big), one("small", small))
+            await asyncio.gather(one("big", big), one("small", small), one("alone", alone))
         finally:
             await batcher.close()
         return done
@@ -181,10 +186,10 @@ def test_a_small_request_queued_behind_a_large_one_runs_between_its_pieces(extra
     with ModelProbe(extractor) as probe:
         done = asyncio.run(scenario(probe))
     if split:
-        assert probe.forwards == [[grid(A)], [grid(SMALL)], [grid(B)], [grid(C)]]
-        assert done == ["small", "big"]
-    else:  # one forward: the small request waits for all of the large one
-        assert probe.forwards == [[grid(A), grid(B), grid(C), grid(SMALL)]]
+        assert probe.forwards == [[grid(A)], [grid(SMALL)], [grid(B)], [grid(C)], [grid(ALONE)]]
+        assert done == ["small", "big", "alone"]
+    else:  # one batch (its vision-only request first): the small one waits for all of the large one
+        assert probe.forwards == [[grid(ALONE)], [grid(A), grid(B), grid(C), grid(SMALL)]]
 
 
 def test_a_small_request_arriving_while_a_large_one_runs_goes_next(extractor: Extractor) -> None:

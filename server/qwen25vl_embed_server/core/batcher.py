@@ -5,8 +5,8 @@ company, fills the batch up to ``max_images`` / ``max_tokens``, drops requests w
 gave up (cancelled, or the deadline passed while queued), and runs the rest as one batch on the
 model thread. While the model runs, new requests queue: under load batches form by themselves.
 
-Fairness: a request costing more than ``max_piece_tokens`` runs alone and in pieces (the vision
-tower a few images at a time, then the language model; :mod:`~.pieces`). Between two pieces the
+Fairness: a request costing more than ``max_piece_tokens`` (a large one) runs alone and in pieces
+(the vision tower a few images at a time, then the language model; :mod:`~.pieces`). Between two pieces the
 requests that are small and already queued run first, in batches, so a small request waits for
 one piece, not for the whole large request; requests arriving meanwhile wait for the next gap, so
 the large request still advances. Large requests run one after another, oldest first; one whose
@@ -152,8 +152,8 @@ class Batcher:
             batch: list[_Pending] = []
             try:
                 batch = await self._next_batch()
-                if len(batch) == 1 and self._splits(batch[0].item):
-                    await self._run_pieces(batch[0])
+                if len(batch) == 1 and self._large(batch[0].item):
+                    await self._run_large(batch[0])
                 elif batch:
                     await self._run_batch(batch)
             except Exception as error:  # a fault of the batcher itself: fail what it held, go on serving
@@ -194,8 +194,11 @@ class Batcher:
                 self._ran([pending], seconds)
                 _settle(pending, result=(results[0], BatchTiming(started - pending.enqueued, seconds, 1)))
 
-    async def _run_pieces(self, pending: _Pending) -> None:
+    async def _run_large(self, pending: _Pending) -> None:
         """Run one large request piece by piece; between pieces, the small requests queued then."""
+        if self.extractor.pieces(pending.item, self.config.max_piece_tokens) == 1:  # one image, or text
+            await self._run_batch([pending])
+            return
         loop = asyncio.get_running_loop()
         started = time.monotonic()
         run = self.extractor.run_in_pieces(pending.item, self.config.max_piece_tokens)
@@ -213,6 +216,7 @@ class Batcher:
                 _settle(pending, error=error)
                 return
             seconds += took
+            log.debug("piece %d/%d of a large request ran in %.3f s", piece + 1, run.pieces, took)
         assert result is not None, "the last piece returns the result"
         self.batches_run += 1
         self._ran([pending], seconds)
@@ -220,7 +224,7 @@ class Batcher:
 
     async def _run_waiting(self) -> None:
         """Run, in batches, the small requests queued now (not those that arrive meanwhile)."""
-        waiting = [pending for pending in self._queue if not self._splits(pending.item)]
+        waiting = [pending for pending in self._queue if not self._large(pending.item)]
         while waiting:
             batch = self._form(waiting)
             if batch:
@@ -263,8 +267,8 @@ class Batcher:
     def _form(self, candidates: list[_Pending]) -> list[_Pending]:
         """The next batch from ``candidates`` (queued, oldest first), taken out of the queue.
 
-        Abandoned candidates are failed on the way. A request that runs in pieces runs alone: it
-        ends the batch, or is the batch when it comes first.
+        Abandoned candidates are failed on the way. A large request runs alone: it ends the batch,
+        or is the batch when it comes first.
         """
         batch: list[_Pending] = []
         images = tokens = 0
@@ -275,21 +279,22 @@ class Batcher:
                 continue
             item = pending.item
             n_images = _images(item)
-            splits = self._splits(item)
+            large = self._large(item)
             if batch and (
-                splits or images + n_images > self.config.max_images or tokens + item.cost > self.config.max_tokens
+                large or images + n_images > self.config.max_images or tokens + item.cost > self.config.max_tokens
             ):
                 break
             self._queue.remove(pending)
             batch.append(pending)
             images, tokens = images + n_images, tokens + item.cost
-            if splits:
+            if large:
                 break
         return batch
 
-    def _splits(self, item: Prepared) -> bool:
-        """True when ``item`` runs alone, in pieces (:class:`BatchingConfig` ``max_piece_tokens``)."""
-        return self.extractor.pieces(item, self.config.max_piece_tokens) > 1
+    def _large(self, item: Prepared) -> bool:
+        """True when ``item`` costs more than a piece: it runs alone, in pieces where it can (a
+        single image or a text request is one piece), never in the gaps between pieces."""
+        return 0 < self.config.max_piece_tokens < item.cost
 
     def _full(self) -> bool:
         """True when the queued requests already fill a batch: no reason to wait for more."""
