@@ -4,6 +4,8 @@ For ``--seconds``, attacker threads send, over and over:
 
   bomb        a small PNG that decodes to --bomb-side x --bomb-side pixels (one image)
   bomb16      16 such images in one request (refused for its cost before decoding)
+  bomb6       6 such images in one request, vision outputs only (admitted: under the cost cap; it
+              runs in pieces, one image each, with small requests let through between them)
   nonreader   an ExtractBatch stream of 8 bombs whose caller never reads (ended by --send-timeout)
   malformed   bytes that are not an ImageRequest
   jpegcut     a JPEG cut mid-scan with an end marker added
@@ -16,6 +18,7 @@ and checks that every good request got its own correct result.
 
     python bench/soak.py                    # 180 s, defaults
     python bench/soak.py --seconds 60 --bomb-side 3584
+    python bench/soak.py --seconds 60 --attackers bomb6 --max-piece-tokens 0   # large requests whole
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from qwen25vl_embed_server.core.tiny_model import build_tiny_model
 from qwen25vl_embed_server.rpc.harness import ServerProcess
 
 SERVICE = "/qwen25vl_embed.v1.EmbeddingService/"
+KINDS = ["bomb", "bomb16", "bomb6", "nonreader", "nonreader", "malformed", "jpegcut", "dupids", "hostile"]
 
 
 def png(image: Image.Image) -> bytes:
@@ -114,6 +118,8 @@ class Soak:
                 client.extract(self.bomb, outputs=["projected_pooled_mean"])
             elif kind == "bomb16":
                 client.extract([self.bomb] * 16)
+            elif kind == "bomb6":
+                client.extract([self.bomb] * 6, outputs=["projected_pooled_mean"])
             elif kind == "jpegcut":
                 client.extract(self.jpegcut)
             elif kind == "hostile":
@@ -144,14 +150,29 @@ def main() -> int:
     parser.add_argument("--good-clients", type=int, default=4)
     parser.add_argument("--bomb-side", type=int, default=1792, help="side of the decompression-bomb image")
     parser.add_argument("--send-timeout", type=float, default=5)
+    parser.add_argument(
+        "--attackers",
+        default=",".join(KINDS),
+        help=f"attacker kinds, comma-separated, repeats allowed ({','.join(KINDS)})",
+    )
+    parser.add_argument(
+        "--max-piece-tokens", type=int, default=None, help="serve's --max-piece-tokens (0: large requests run whole)"
+    )
+    parser.add_argument("--server-log", type=Path, help="write the server's log here (a line per request)")
     args = parser.parse_args()
+    kinds = [kind for kind in args.attackers.split(",") if kind]
+    unknown = sorted(set(kinds) - set(KINDS))
+    if unknown:
+        parser.error(f"unknown attacker kind(s): {', '.join(unknown)}")
     with tempfile.TemporaryDirectory() as folder:
         model = build_tiny_model(Path(folder) / "tiny")
         serve_args = ["--model", str(model), "--send-timeout", str(args.send_timeout)]
-        with ServerProcess(serve_args, echo=None) as server:
+        if args.max_piece_tokens is not None:
+            serve_args += ["--max-piece-tokens", str(args.max_piece_tokens)]
+        log = args.server_log.open("w") if args.server_log is not None else None
+        with ServerProcess(serve_args, echo=log) as server:
             assert server.process is not None
             soak = Soak(server.address, args.seconds, args.bomb_side)
-            kinds = ["bomb", "bomb16", "nonreader", "nonreader", "malformed", "jpegcut", "dupids", "hostile"]
             threads = [threading.Thread(target=soak.attacker, args=(kind,)) for kind in kinds]
             threads += [threading.Thread(target=soak.good_client, args=(seed,)) for seed in range(args.good_clients)]
             started = time.monotonic()
@@ -163,8 +184,14 @@ def main() -> int:
             rss = peak_rss_mib(server.process.pid)
             with EmbeddingClient(server.address, timeout=60) as client:
                 still_ok = client.extract(soak.good[0], outputs=["lm_last_token"]).num_images == 1
+        if log is not None:
+            log.close()
     latency = sorted(soak.good_latency)
-    print(f"soak: {elapsed:.0f} s, bomb {args.bomb_side}x{args.bomb_side}, send timeout {args.send_timeout:g} s")
+    pieces = "serve's" if args.max_piece_tokens is None else str(args.max_piece_tokens)
+    print(
+        f"soak: {elapsed:.0f} s, bomb {args.bomb_side}x{args.bomb_side}, send timeout {args.send_timeout:g} s, "
+        f"max piece tokens {pieces}, attackers {','.join(kinds)}"
+    )
     print(f"server peak RSS (VmHWM): {rss:.0f} MiB")
     for (kind, status), count in sorted(soak.outcomes.items()):
         print(f"  {kind:10s} {status:28s} {count}")

@@ -25,6 +25,7 @@ from qwen25vl_embed_server.rpc.server import ListenError, ServerConfig
         ("--batch-max-images", "0"),
         ("--batch-max-tokens", "-5"),
         ("--batch-max-wait-ms", "-1"),
+        ("--max-piece-tokens", "-1"),
         ("--grace", "-1"),
         ("--grace", "nan"),
         ("--port", "70000"),

@@ -149,6 +149,15 @@ def batching_flags(parser: argparse.ArgumentParser) -> None:
         help=f"wait for company when idle ({batching.max_wait_ms:g} ms)",
     )
     group.add_argument(
+        "--max-piece-tokens",
+        type=int,
+        default=batching.max_piece_tokens,
+        help=(
+            "a request costing more runs alone, in pieces of at most this many vision patches (one image at least),"
+            f" with small requests run between them; 0: never split ({batching.max_piece_tokens})"
+        ),
+    )
+    group.add_argument(
         "--max-queue", type=int, default=batching.max_queue, help=f"queued requests, then refuse ({batching.max_queue})"
     )
     group.add_argument(
@@ -195,6 +204,7 @@ def batching_of(args: argparse.Namespace) -> BatchingConfig:
         max_tokens=args.batch_max_tokens,
         max_wait_ms=args.batch_max_wait_ms,
         max_queue=args.max_queue,
+        max_piece_tokens=args.max_piece_tokens,
     )
 
 
@@ -245,6 +255,7 @@ SERVE_FLAG_RANGES: tuple[tuple[str, str, float, float | None], ...] = (
     ("--batch-max-images", "batch_max_images", 1, None),
     ("--batch-max-tokens", "batch_max_tokens", 1, None),
     ("--batch-max-wait-ms", "batch_max_wait_ms", 0, 60_000),
+    ("--max-piece-tokens", "max_piece_tokens", 0, None),
     ("--grace", "grace", 0, 86_400),
     ("--send-timeout", "send_timeout", 0.001, 86_400),
     ("--min-pixels", "min_pixels", 1, None),

@@ -5,6 +5,13 @@ company, fills the batch up to ``max_images`` / ``max_tokens``, drops requests w
 gave up (cancelled, or the deadline passed while queued), and runs the rest as one batch on the
 model thread. While the model runs, new requests queue: under load batches form by themselves.
 
+Fairness: a request costing more than ``max_piece_tokens`` (a large one) runs alone and in pieces
+(the vision tower a few images at a time, then the language model; :mod:`~.pieces`). Between two pieces the
+requests that are small and already queued run first, in batches, so a small request waits for
+one piece, not for the whole large request; requests arriving meanwhile wait for the next gap, so
+the large request still advances. Large requests run one after another, oldest first; one whose
+caller gave up stops at the next gap.
+
 Each result comes with its :class:`BatchTiming` (time queued, the batch's model time); an optional
 :class:`BatchObserver` hears of every model run (the server's metrics). No metrics library here.
 """
@@ -15,10 +22,10 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from qwen25vl_embed_server.core.errors import DeadlineExceededError, ModelNotReadyError, OverloadedError
 
@@ -26,16 +33,24 @@ if TYPE_CHECKING:  # only types: keeps this module (and BatchingConfig for the C
     from qwen25vl_embed_server.core.extractor import Extraction, Extractor, Prepared
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
 class BatchingConfig:
-    """Bounds of one batch and of the queue. A request larger than a bound runs alone."""
+    """Bounds of one batch and of the queue. A request larger than a bound runs alone.
+
+    ``max_piece_tokens``: a request costing more (vision patches + LM sequence) runs in pieces of
+    at most this many vision patches (an image larger than that is one piece), then the language
+    model; 0 never splits. The default leaves whole a request of up to 12 images at 448x448 (16
+    without the language model).
+    """
 
     max_images: int = 32
     max_tokens: int = 32768
     max_wait_ms: float = 2.0
     max_queue: int = 256
+    max_piece_tokens: int = 16384
 
 
 @dataclass(frozen=True)
@@ -137,7 +152,9 @@ class Batcher:
             batch: list[_Pending] = []
             try:
                 batch = await self._next_batch()
-                if batch:
+                if len(batch) == 1 and self._large(batch[0].item):
+                    await self._run_large(batch[0])
+                elif batch:
                     await self._run_batch(batch)
             except Exception as error:  # a fault of the batcher itself: fail what it held, go on serving
                 held = batch or ([self._queue.popleft()] if self._queue else [])
@@ -177,15 +194,56 @@ class Batcher:
                 self._ran([pending], seconds)
                 _settle(pending, result=(results[0], BatchTiming(started - pending.enqueued, seconds, 1)))
 
+    async def _run_large(self, pending: _Pending) -> None:
+        """Run one large request piece by piece; between pieces, the small requests queued then."""
+        if self.extractor.pieces(pending.item, self.config.max_piece_tokens) == 1:  # one image, or text
+            await self._run_batch([pending])
+            return
+        loop = asyncio.get_running_loop()
+        started = time.monotonic()
+        run = self.extractor.run_in_pieces(pending.item, self.config.max_piece_tokens)
+        seconds = 0.0
+        result: Extraction | None = None
+        for piece in range(run.pieces):
+            if piece:
+                await self._run_waiting()
+                if pending.abandoned:  # its caller gave up: free the device for the others
+                    _settle(pending, error=DeadlineExceededError("the deadline passed while the request ran"))
+                    return
+            try:
+                result, took = await loop.run_in_executor(self._model_thread, self._timed, run.step)
+            except Exception as error:
+                _settle(pending, error=error)
+                return
+            seconds += took
+            log.debug("piece %d/%d of a large request ran in %.3f s", piece + 1, run.pieces, took)
+        assert result is not None, "the last piece returns the result"
+        self.batches_run += 1
+        self._ran([pending], seconds)
+        _settle(pending, result=(result, BatchTiming(started - pending.enqueued, seconds, 1)))
+
+    async def _run_waiting(self) -> None:
+        """Run, in batches, the small requests queued now (not those that arrive meanwhile)."""
+        waiting = [pending for pending in self._queue if not self._large(pending.item)]
+        while waiting:
+            batch = self._form(waiting)
+            if batch:
+                await self._run_batch(batch)
+            waiting = [pending for pending in waiting if pending in self._queue]
+
     def _run(self, items: Sequence[Prepared]) -> tuple[list[Extraction], float]:
         """The model run and its duration (on the model thread, so no event-loop hop is counted)."""
+        return self._timed(lambda: self.extractor.run(items))
+
+    def _timed(self, work: Callable[[], _T]) -> tuple[_T, float]:
+        """``work()`` (on the model thread) and how long it took."""
         started = time.monotonic()
         self._runs += 1
         try:
-            results = self.extractor.run(items)
+            result = work()
         finally:
             self._runs -= 1
-        return results, time.monotonic() - started
+        return result, time.monotonic() - started
 
     def _ran(self, batch: list[_Pending], seconds: float) -> None:
         if self._observer is not None:
@@ -204,21 +262,39 @@ class Batcher:
                 await asyncio.wait_for(self._arrived.wait(), remaining)
             except TimeoutError:
                 break
+        return self._form(list(self._queue))
+
+    def _form(self, candidates: list[_Pending]) -> list[_Pending]:
+        """The next batch from ``candidates`` (queued, oldest first), taken out of the queue.
+
+        Abandoned candidates are failed on the way. A large request runs alone: it ends the batch,
+        or is the batch when it comes first.
+        """
         batch: list[_Pending] = []
         images = tokens = 0
-        while self._queue:
-            pending = self._queue[0]
+        for pending in candidates:
             if pending.abandoned:
-                self._queue.popleft()
+                self._queue.remove(pending)
                 _settle(pending, error=DeadlineExceededError("the deadline passed while the request was queued"))
                 continue
             item = pending.item
             n_images = _images(item)
-            if batch and (images + n_images > self.config.max_images or tokens + item.cost > self.config.max_tokens):
+            large = self._large(item)
+            if batch and (
+                large or images + n_images > self.config.max_images or tokens + item.cost > self.config.max_tokens
+            ):
                 break
-            batch.append(self._queue.popleft())
+            self._queue.remove(pending)
+            batch.append(pending)
             images, tokens = images + n_images, tokens + item.cost
+            if large:
+                break
         return batch
+
+    def _large(self, item: Prepared) -> bool:
+        """True when ``item`` costs more than a piece: it runs alone, in pieces where it can (a
+        single image or a text request is one piece), never in the gaps between pieces."""
+        return 0 < self.config.max_piece_tokens < item.cost
 
     def _full(self) -> bool:
         """True when the queued requests already fill a batch: no reason to wait for more."""

@@ -8,7 +8,8 @@ language model once over right-padded sequences, and only for the requests that 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +27,7 @@ from qwen25vl_embed_server.core.errors import DeviceOutOfMemoryError, InvalidInp
 from qwen25vl_embed_server.core.loading import LoadedModel
 from qwen25vl_embed_server.core.model_info import ModelInfo, RecipeInfo
 from qwen25vl_embed_server.core.outputs import DEFAULT_OUTPUTS, OutputPlan, available_outputs, merge_plans, plan_outputs
+from qwen25vl_embed_server.core.pieces import PiecewiseRun, piece_count
 from qwen25vl_embed_server.core.prompt import prepare_inputs, render_text
 from qwen25vl_embed_server.core.recipes import MULTI_VECTOR, SINGLE_VECTOR
 from qwen25vl_embed_server.core.retrieval_heads import (
@@ -241,30 +243,44 @@ class Extractor:
     def run(self, batch: Sequence[Prepared]) -> list[Extraction]:
         """Run prepared requests as one batch; results in the same order.
 
-        Requests without LM outputs share one vision-tower forward; the others share one full
-        forward (vision tower inside). Each result equals the request run alone, up to
-        floating-point reordering in batched kernels.
+        Requests without LM outputs share one vision-tower forward; the others share full
+        forwards (vision inside), one per group of similar sequence lengths (see
+        :func:`similar_lengths`). Each result equals the request run alone, up to floating-point
+        reordering in batched kernels.
         """
         results: dict[int, Extraction] = {}
+        with torch.inference_mode(), self.translating_memory_errors(batch):
+            for needs_lm in (False, True):
+                group = [i for i, item in enumerate(batch) if item.plan.needs_lm == needs_lm]
+                # The LM runs right-padded sequences: only similar lengths share a forward.
+                parts = similar_lengths(group, [item.sequence_length for item in batch]) if needs_lm else [group]
+                for part in parts:
+                    if part:
+                        extractions = self._run_group([batch[i] for i in part], needs_lm)
+                        results.update(zip(part, extractions, strict=True))
+        return [results[i] for i in range(len(batch))]
+
+    def pieces(self, item: Prepared, max_piece_tokens: int) -> int:
+        """How many pieces :meth:`run_in_pieces` splits ``item`` into (1: it runs whole; 0: never split)."""
+        return piece_count(item, max_piece_tokens)
+
+    def run_in_pieces(self, item: Prepared, max_piece_tokens: int) -> PiecewiseRun:
+        """``item``'s run as a :class:`~.pieces.PiecewiseRun` (vision a few images at a time, then
+        the language model), for :meth:`pieces` > 1; its result equals :meth:`run`'s."""
+        return PiecewiseRun(self, item, max_piece_tokens)
+
+    @contextmanager
+    def translating_memory_errors(self, batch: Sequence[Prepared]) -> Iterator[None]:
+        """Turn running out of memory on ``batch`` into :class:`DeviceOutOfMemoryError`, cache released."""
         try:
-            with torch.inference_mode():
-                for needs_lm in (False, True):
-                    group = [i for i, item in enumerate(batch) if item.plan.needs_lm == needs_lm]
-                    # The LM runs right-padded sequences: only similar lengths share a forward.
-                    parts = similar_lengths(group, [item.sequence_length for item in batch]) if needs_lm else [group]
-                    for part in parts:
-                        if part:
-                            extractions = self._run_group([batch[i] for i in part], needs_lm)
-                            results.update(zip(part, extractions, strict=True))
+            yield
         except (torch.OutOfMemoryError, MemoryError) as error:  # the device's memory, or host RAM
-            results.clear()
             _release_device_memory(self.loaded.device)
             where = "the device" if isinstance(error, torch.OutOfMemoryError) else "the server (host memory)"
             raise DeviceOutOfMemoryError(
                 f"{where} ran out of memory on {len(batch)} request(s) "
                 f"({sum(item.num_patches for item in batch)} patches); retry with fewer or smaller images"
             ) from error
-        return [results[i] for i in range(len(batch))]
 
     def _run_group(self, batch: list[Prepared], needs_lm: bool) -> list[Extraction]:
         device = self.loaded.device
@@ -315,10 +331,10 @@ class Extractor:
                 out[names.LM_LAST_HIDDEN] = last_hidden[row : row + 1, :length]
                 for k, aliases in item.plan.lm_layers.items():
                     out.update(dict.fromkeys(aliases, captured.lm_layers[k][row : row + 1, :length]))
-            results.append(self._finish(item, out))
+            results.append(self.finish(item, out))
         return results
 
-    def _finish(self, item: Prepared, out: dict[str, torch.Tensor]) -> Extraction:
+    def finish(self, item: Prepared, out: dict[str, torch.Tensor]) -> Extraction:
         """Derived outputs (image rows, pools), then one device -> host copy per tensor."""
         inputs = item.inputs
         grid = item.image_grid_thw

@@ -1,0 +1,107 @@
+"""Fairness: small requests' latency while one large request runs, whole against in pieces.
+
+In process, no gRPC and no preprocessing in the timed part (every request is prepared first): the
+batcher alone decides who waits. Each round submits one large request (``--large-images`` images
+of ``--large-side`` pixels square) while ``--clients`` callers send small requests (one 56x56
+image, ``lm_last_token``) back to back until the large one is done; rounds alternate
+``max_piece_tokens=0`` (whole) and the default piece size, so both see the same machine.
+
+    python bench/fairness.py                       # tiny model, 6 x 1344 px, 2 rounds each
+    python bench/fairness.py --large-side 1792 --rounds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from qwen25vl_embed_server.core.batcher import Batcher, BatchingConfig
+from qwen25vl_embed_server.core.extractor import Extractor, Prepared
+from qwen25vl_embed_server.core.loading import LoadOptions, load_model
+from qwen25vl_embed_server.core.tiny_model import build_tiny_model
+
+
+async def one_round(
+    extractor: Extractor, large: Prepared, small: list[Prepared], clients: int, max_piece_tokens: int
+) -> tuple[float, list[float]]:
+    """The large request's latency and every small request's, in seconds."""
+    batcher = Batcher(extractor, BatchingConfig(max_piece_tokens=max_piece_tokens))
+    latencies: list[float] = []
+    finished = asyncio.Event()
+
+    async def client(seed: int) -> None:
+        i = seed
+        while not finished.is_set():
+            started = time.monotonic()
+            await batcher.submit(small[i % len(small)])
+            latencies.append(time.monotonic() - started)
+            i += clients
+
+    try:
+        callers = [asyncio.ensure_future(client(seed)) for seed in range(clients)]
+        await asyncio.sleep(0.2)  # the small traffic is flowing before the large request arrives
+        latencies.clear()
+        started = time.monotonic()
+        await batcher.submit(large)
+        large_seconds = time.monotonic() - started
+        finished.set()
+        await asyncio.gather(*callers)
+    finally:
+        await batcher.close()
+    return large_seconds, latencies
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    parser.add_argument("--large-images", type=int, default=6)
+    parser.add_argument("--large-side", type=int, default=1344, help="side of each large image, pixels")
+    parser.add_argument("--large-outputs", default="projected_pooled_mean", help="comma-separated")
+    parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of each mode")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as folder:
+        path = build_tiny_model(Path(folder) / "tiny")
+        extractor = Extractor(load_model(LoadOptions(model=str(path), device="cpu", dtype="float32")))
+    rng = np.random.default_rng(0)
+    big = [
+        Image.fromarray(rng.integers(0, 256, (args.large_side, args.large_side, 3), dtype=np.uint8))
+        for _ in range(args.large_images)
+    ]
+    large = extractor.prepare(big, plan=extractor.plan(args.large_outputs.split(",")))
+    small = [
+        extractor.prepare(
+            [Image.fromarray(rng.integers(0, 256, (56, 56, 3), dtype=np.uint8))],
+            plan=extractor.plan(["lm_last_token"]),
+        )
+        for _ in range(8)
+    ]
+    pieces = BatchingConfig().max_piece_tokens
+    print(
+        f"large request: {args.large_images} x {args.large_side} px, cost {large.cost} tokens, "
+        f"{extractor.pieces(large, pieces)} pieces at max_piece_tokens={pieces}; {args.clients} small callers"
+    )
+    extractor.run([small[0]])  # warm up
+    print("| large request | large s | small requests | small p50 ms | small p95 ms | small max ms |")
+    print("|---|---|---|---|---|---|")
+    for _ in range(args.rounds):
+        for mode, setting in (("whole", 0), ("in pieces", pieces)):
+            seconds, latency = asyncio.run(one_round(extractor, large, small, args.clients, setting))
+            latency.sort()
+            p95 = latency[int(0.95 * (len(latency) - 1))] if latency else float("nan")
+            median = statistics.median(latency) if latency else float("nan")
+            top = latency[-1] if latency else float("nan")
+            cells = [mode, f"{seconds:.1f}", str(len(latency))] + [f"{v * 1000:.0f}" for v in (median, p95, top)]
+            print("| " + " | ".join(cells) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
