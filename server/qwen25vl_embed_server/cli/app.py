@@ -166,6 +166,11 @@ def build_parser() -> argparse.ArgumentParser:
     bulk.add_argument("--cpus-per-actor", type=float, default=1.0, help="Ray CPUs (and torch threads) per actor (1)")
     bulk.add_argument("--path-column", default="path", help="column of a Parquet/CSV listing (path)")
     bulk.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else start a local one)")
+    bulk.add_argument(
+        "--skip-failed",
+        action="store_true",
+        help="keep the error rows of earlier runs and skip those images (default: a rerun retries them)",
+    )
     bulk.set_defaults(run=commands.bulk)
 
     tiny = subcommands.add_parser("make-tiny-model", help=f"write a random-weight Qwen2.5-VL checkpoint ({_SERVER})")

@@ -24,6 +24,9 @@ if TYPE_CHECKING:
     from qwen25vl_embed_server.core.loading import LoadOptions
     from qwen25vl_embed_server.rpc.server import ServerConfig
 
+# Failed images listed at the end of a bulk run (the output's error column has every one).
+_FAILURES_SHOWN = 20
+
 
 def server_config(args: argparse.Namespace) -> ServerConfig:
     """The ServerConfig of the serve flags. Raises ValueError or OSError for bad flags or files."""
@@ -190,12 +193,18 @@ def bulk(args: argparse.Namespace) -> int:
         cpus_per_actor=args.cpus_per_actor,
         path_column=args.path_column,
         address=args.address,
+        retry_failed=not args.skip_failed,
     )
     try:
         report = run_bulk(job)
     except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    for path, message in report.failures[:_FAILURES_SHOWN]:
+        print(f"failed: {path}: {message}", file=sys.stderr)
+    if len(report.failures) > _FAILURES_SHOWN:
+        more = len(report.failures) - _FAILURES_SHOWN
+        print(f"failed: {more} more; the error column of {args.output} has them all", file=sys.stderr)
     print(report.summary())
     return 1 if report.failed else 0  # as extract: failed images are reported, the others kept
 
