@@ -85,8 +85,9 @@ def test_a_killed_driver_takes_its_ray_with_it_and_a_rerun_completes_the_output(
         driver.wait()
     assert len(seen) > 5  # GCS, raylet, agents, the actor, workers
 
-    def alive() -> list[int]:  # a zombie is ended: it writes nothing
-        return [pid for pid, start in seen.items() if (state := _process(pid)) and state[1] == start and state[0] != "Z"]
+    def alive() -> list[int]:  # a zombie has ended: it writes nothing
+        states = {pid: _process(pid) for pid in seen}
+        return [pid for pid, state in states.items() if state and state[1] == seen[pid] and state[0] != "Z"]
 
     killed = time.monotonic()
     while alive() and time.monotonic() - killed < GONE_WITHIN_S:
@@ -118,9 +119,12 @@ def test_a_second_job_on_an_output_in_use_waits_then_fails(tmp_path: Path, exist
     output = tmp_path / "out"
     if exists:
         output.mkdir()
-    with locked_output(output), pytest.raises(ValueError, match="in use by another bulk job"):
-        with locked_output(output, wait_s=0.3):
-            pass
+    with (
+        locked_output(output),
+        pytest.raises(ValueError, match="in use by another bulk job"),
+        locked_output(output, wait_s=0.3),
+    ):
+        pass
     with locked_output(output):  # released
         pass
     assert output.exists() == exists  # a folder it created and left empty is removed

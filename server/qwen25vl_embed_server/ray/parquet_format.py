@@ -20,7 +20,8 @@ Floating values are float32 whatever the model's dtype. A failed image (unreadab
 a limit, refused by the processor) gets a row with ``error`` set and nulls elsewhere.
 
 Reading the folder back for a rerun (:func:`finished_paths`): a Parquet file that cannot be read
-(cut off by an interruption) is renamed ``_<name>.unreadable``, which Parquet readers skip.
+(cut off by an interruption) is renamed ``_<name>.unreadable``, which Parquet readers skip. The
+error rows of images run again are removed first (:func:`drop_failed_rows`).
 """
 
 from __future__ import annotations
