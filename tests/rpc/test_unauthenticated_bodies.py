@@ -42,10 +42,14 @@ def test_unauthenticated_large_bodies_are_refused_unread(tiny_model_path: Path, 
             with grpc.insecure_channel(server.address) as channel:
                 try:
                     if method == "Extract":  # a unary request, streamed responses
-                        extract = channel.unary_stream(SERVICE + method, request_serializer=None)
+                        extract = channel.unary_stream(
+                            SERVICE + method, request_serializer=None, response_deserializer=None
+                        )
                         list(extract(body, timeout=60))
                     else:  # unary both ways
-                        channel.unary_unary(SERVICE + method, request_serializer=None)(body, timeout=60)
+                        channel.unary_unary(SERVICE + method, request_serializer=None, response_deserializer=None)(
+                            body, timeout=60
+                        )
                 except grpc.RpcError as error:
                     codes.append(error.code())
 
