@@ -95,6 +95,18 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"largest response message ({defaults.DEFAULT_CHUNK_BYTES >> 20} MiB)",
     )
     serve.add_argument("--grace", type=float, default=10.0, help="seconds in-flight calls get at shutdown")
+    serve.add_argument(
+        "--keepalive", type=float, default=60.0, help="seconds without traffic before pinging a busy connection (60)"
+    )
+    serve.add_argument(
+        "--keepalive-timeout", type=float, default=20.0, help="seconds a ping waits for its answer, then closes (20)"
+    )
+    serve.add_argument(
+        "--max-connection-idle", type=float, default=300.0, help="seconds a connection without calls stays open (300)"
+    )
+    serve.add_argument(
+        "--max-connection-age", type=float, default=None, help="seconds before a connection is asked to go (never)"
+    )
     batching_flags(serve)
     serve.add_argument(
         "--metrics-port", type=int, default=0, help="serve Prometheus metrics over HTTP on this port (0: off)"

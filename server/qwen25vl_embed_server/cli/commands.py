@@ -33,6 +33,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
     from qwen25vl_embed_server.core.pipeline import PipelineConfig
     from qwen25vl_embed_server.rpc.auth import AuthConfig
     from qwen25vl_embed_server.rpc.calls import ServiceConfig
+    from qwen25vl_embed_server.rpc.connections import ConnectionConfig
     from qwen25vl_embed_server.rpc.server import ServerConfig
     from qwen25vl_embed_server.rpc.tls import TLSServerConfig
 
@@ -45,11 +46,18 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
     auth = None
     if args.auth_token_file is not None or args.auth_token_env is not None:
         auth = AuthConfig.from_sources(args.auth_token_file, args.auth_token_env)
+    connections = ConnectionConfig(
+        keepalive_time_s=args.keepalive,
+        keepalive_timeout_s=args.keepalive_timeout,
+        max_connection_idle_s=args.max_connection_idle,
+        max_connection_age_s=args.max_connection_age,
+    )
     return ServerConfig(
         host=args.host,
         port=args.port,
         tls=tls,
         auth=auth,
+        connections=connections,
         service=ServiceConfig(
             chunk_bytes=args.chunk_bytes,
             stream_window=args.stream_window,
