@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable
 
 import grpc
@@ -43,9 +42,7 @@ def test_an_idle_connection_is_closed_after_max_connection_idle(
         # GOAWAY after 0.3 s without calls: the channel goes IDLE (and reconnects on its next call).
         assert closed.wait(timeout=30), "the idle connection was not closed"
         assert not default_closed.is_set()  # the default server keeps it (300 s)
-        started = time.monotonic()
-        pb_grpc.EmbeddingServiceStub(channel).Info(pb.InfoRequest(), timeout=30)
-        assert time.monotonic() - started < 30
+        assert pb_grpc.EmbeddingServiceStub(channel).Info(pb.InfoRequest(), timeout=30).model  # reconnected
 
 
 def test_the_options_carry_the_documented_defaults() -> None:
