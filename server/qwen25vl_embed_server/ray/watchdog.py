@@ -29,7 +29,10 @@ import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-_POLL_S = 0.2
+# A scan of /proc costs a few ms: about 1% of a core at this rate, for as long as Ray runs. A
+# worker started in the last interval before the driver died is missed; it ends on its own when it
+# finds its raylet gone (seconds).
+_POLL_S = 0.5
 # How long the watchdog waits for the killed processes to be gone (SIGKILL is not ignorable; a
 # process in uninterruptible sleep, on a hung device, is the only one that outlives this).
 _REAP_S = 10.0
