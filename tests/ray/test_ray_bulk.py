@@ -49,11 +49,14 @@ def test_rows_equal_the_clients_results_and_reruns_do_only_the_rest(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     output = tmp_path / "embeddings"
-    # First run: a CSV listing of three images (relative paths) and the corrupt one, two actors.
+    # First run: a CSV listing of three images (relative paths), the corrupt one and a broken
+    # file that gets fixed before the second run; two actors.
+    fixed = tmp_path / "fixed.png"
+    fixed.write_bytes(b"\x89PNG\r\n\x1a\n cut off")
     listing = tmp_path / "listing.csv"
-    listed = ["image0.png", "nested/image1.png", "image2.png", "corrupt.png"]
+    listed = [images / "image0.png", images / "nested/image1.png", images / "image2.png", images / "corrupt.png"]
     with listing.open("w", newline="") as file:
-        csv.writer(file).writerows([["path"], *[[str(images / name)] for name in listed]])
+        csv.writer(file).writerows([["path"], *[[str(path)] for path in [*listed, fixed]]])
     job = BulkJob(
         source=str(listing),
         output=output,
@@ -63,19 +66,34 @@ def test_rows_equal_the_clients_results_and_reruns_do_only_the_rest(
         actors=2,
     )
     first = run_bulk(job)
-    assert (first.listed, first.skipped, first.written, first.failed) == (4, 0, 4, 1)
+    assert (first.listed, first.skipped, first.written, first.failed) == (5, 0, 5, 2)
+    assert sorted(path for path, _ in first.failures) == sorted([str(fixed), str(images / "corrupt.png")])
     assert first.images_per_second > 0
-    first_files = {path.name: path.stat().st_mtime_ns for path in output.glob("*.parquet")}
+    clean_files = {
+        path.name: path.stat().st_mtime_ns
+        for path in output.glob("*.parquet")
+        if pq.read_table(path, columns=["error"]).column("error").null_count == pq.read_metadata(path).num_rows
+    }
 
-    # Second run, through the CLI: the whole folder; only the three new images run.
-    arguments = ["bulk", str(images), str(output), "--model", str(tiny_model_path), "--device", "cpu"]
+    # Second run, through the CLI: every image and the fixed file. The three new images run, and
+    # the two that failed run again (their old rows removed): the fixed file now has its vectors.
+    fixed.write_bytes(png_bytes(noise_image(70, 42, seed=9)))
+    everything = tmp_path / "everything.csv"
+    with everything.open("w", newline="") as file:
+        csv.writer(file).writerows([["path"], *[[str(path)] for path in [*images.rglob("*.png"), fixed]]])
+    arguments = ["bulk", str(everything), str(output), "--model", str(tiny_model_path), "--device", "cpu"]
     arguments += ["--dtype", "float32", "--outputs", *OUTPUTS, "--batch-size", "4"]
-    assert main(arguments) == 0
-    assert "3 images written (0 failed), 4 already done" in capsys.readouterr().out
-    assert {name: mtime for name, mtime in first_files.items() if (output / name).exists()} == first_files
+    assert main(arguments) == 1  # an image failed
+    printed = capsys.readouterr()
+    assert "5 images written (1 failed) (2 failed before, retried), 3 already done" in printed.out
+    failures = [line for line in printed.err.splitlines() if line.startswith("failed: ")]  # with its message
+    assert len(failures) == 1
+    assert failures[0].startswith(f"failed: {images / 'corrupt.png'}: ")
+    assert "could not be decoded" in failures[0]
+    assert {name: mtime for name, mtime in clean_files.items() if (output / name).exists()} == clean_files
 
     rows = {row.path: row for row in iter_rows(output)}
-    assert sorted(rows) == sorted(os.path.abspath(path) for path in images.rglob("*.png"))
+    assert sorted(rows) == sorted([*(os.path.abspath(path) for path in images.rglob("*.png")), str(fixed)])
     assert sum(1 for _ in iter_rows(output)) == len(rows)  # no image twice
     corrupt = rows.pop(str(images / "corrupt.png"))
     assert corrupt.error is not None
@@ -103,8 +121,8 @@ def test_rows_equal_the_clients_results_and_reruns_do_only_the_rest(
     tokens = np.asarray(row["projected_tokens"], np.float32).reshape(row["projected_tokens_shape"])
     assert tokens.shape == (row["visual_token_lens"], 64)
 
-    # Third run: nothing left, nothing written, no Ray job started.
-    third = run_bulk(BulkJob(source=str(images), output=output, load=job.load, outputs=OUTPUTS))
+    # Third run, failed images kept (--skip-failed): nothing left, nothing written, no Ray job.
+    third = run_bulk(BulkJob(source=str(images), output=output, load=job.load, outputs=OUTPUTS, retry_failed=False))
     assert (third.listed, third.skipped, third.written) == (7, 7, 0)
 
 

@@ -95,6 +95,18 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"largest response message ({defaults.DEFAULT_CHUNK_BYTES >> 20} MiB)",
     )
     serve.add_argument("--grace", type=float, default=10.0, help="seconds in-flight calls get at shutdown")
+    serve.add_argument(
+        "--keepalive", type=float, default=60.0, help="seconds without traffic before pinging a busy connection (60)"
+    )
+    serve.add_argument(
+        "--keepalive-timeout", type=float, default=20.0, help="seconds a ping waits for its answer, then closes (20)"
+    )
+    serve.add_argument(
+        "--max-connection-idle", type=float, default=300.0, help="seconds a connection without calls stays open (300)"
+    )
+    serve.add_argument(
+        "--max-connection-age", type=float, default=None, help="seconds before a connection is asked to go (never)"
+    )
     batching_flags(serve)
     serve.add_argument(
         "--metrics-port", type=int, default=0, help="serve Prometheus metrics over HTTP on this port (0: off)"
@@ -166,6 +178,11 @@ def build_parser() -> argparse.ArgumentParser:
     bulk.add_argument("--cpus-per-actor", type=float, default=1.0, help="Ray CPUs (and torch threads) per actor (1)")
     bulk.add_argument("--path-column", default="path", help="column of a Parquet/CSV listing (path)")
     bulk.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else start a local one)")
+    bulk.add_argument(
+        "--skip-failed",
+        action="store_true",
+        help="keep the error rows of earlier runs and skip those images (default: a rerun retries them)",
+    )
     bulk.set_defaults(run=commands.bulk)
 
     tiny = subcommands.add_parser("make-tiny-model", help=f"write a random-weight Qwen2.5-VL checkpoint ({_SERVER})")

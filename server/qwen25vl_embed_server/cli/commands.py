@@ -24,12 +24,16 @@ if TYPE_CHECKING:
     from qwen25vl_embed_server.core.loading import LoadOptions
     from qwen25vl_embed_server.rpc.server import ServerConfig
 
+# Failed images listed at the end of a bulk run (the output's error column has every one).
+_FAILURES_SHOWN = 20
+
 
 def server_config(args: argparse.Namespace) -> ServerConfig:
     """The ServerConfig of the serve flags. Raises ValueError or OSError for bad flags or files."""
     from qwen25vl_embed_server.core.pipeline import PipelineConfig
     from qwen25vl_embed_server.rpc.auth import AuthConfig
     from qwen25vl_embed_server.rpc.calls import ServiceConfig
+    from qwen25vl_embed_server.rpc.connections import ConnectionConfig
     from qwen25vl_embed_server.rpc.server import ServerConfig
     from qwen25vl_embed_server.rpc.tls import TLSServerConfig
 
@@ -42,11 +46,18 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
     auth = None
     if args.auth_token_file is not None or args.auth_token_env is not None:
         auth = AuthConfig.from_sources(args.auth_token_file, args.auth_token_env)
+    connections = ConnectionConfig(
+        keepalive_time_s=args.keepalive,
+        keepalive_timeout_s=args.keepalive_timeout,
+        max_connection_idle_s=args.max_connection_idle,
+        max_connection_age_s=args.max_connection_age,
+    )
     return ServerConfig(
         host=args.host,
         port=args.port,
         tls=tls,
         auth=auth,
+        connections=connections,
         service=ServiceConfig(
             chunk_bytes=args.chunk_bytes,
             stream_window=args.stream_window,
@@ -123,6 +134,7 @@ def load_options(args: argparse.Namespace) -> LoadOptions:
 
 
 def serve(args: argparse.Namespace) -> int:
+    from qwen25vl_embed_server.core.allocator import return_freed_memory
     from qwen25vl_embed_server.core.errors import ModelLoadError
     from qwen25vl_embed_server.rpc.server import ListenError
     from qwen25vl_embed_server.rpc.server import serve as run_server
@@ -132,6 +144,7 @@ def serve(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    return_freed_memory()  # RSS follows the budgets (README, "Server-wide bounds")
     try:
         asyncio.run(run_server(config, load_options(args)))
     except ListenError as err:
@@ -191,12 +204,18 @@ def bulk(args: argparse.Namespace) -> int:
         cpus_per_actor=args.cpus_per_actor,
         path_column=args.path_column,
         address=args.address,
+        retry_failed=not args.skip_failed,
     )
     try:
         report = run_bulk(job)
     except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    for path, message in report.failures[:_FAILURES_SHOWN]:
+        print(f"failed: {path}: {message}", file=sys.stderr)
+    if len(report.failures) > _FAILURES_SHOWN:
+        more = len(report.failures) - _FAILURES_SHOWN
+        print(f"failed: {more} more; the error column of {args.output} has them all", file=sys.stderr)
     print(report.summary())
     return 1 if report.failed else 0  # as extract: failed images are reported, the others kept
 

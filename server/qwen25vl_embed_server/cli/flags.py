@@ -269,6 +269,11 @@ SERVE_FLAG_RANGES: tuple[tuple[str, str, float, float | None], ...] = (
     ("--max-tokens-in-flight", "max_tokens_in_flight", 1, None),
     ("--max-pixels-in-flight", "max_pixels_in_flight", 1, None),
     ("--max-result-bytes", "max_result_bytes", 1, None),
+    # gRPC's time options are C ints of milliseconds: at most about 24 days.
+    ("--keepalive", "keepalive", 0.001, _INT32_MAX // 1000),
+    ("--keepalive-timeout", "keepalive_timeout", 0.001, _INT32_MAX // 1000),
+    ("--max-connection-idle", "max_connection_idle", 0.001, _INT32_MAX // 1000),
+    ("--max-connection-age", "max_connection_age", 0.001, _INT32_MAX // 1000),
 )
 
 

@@ -171,6 +171,9 @@ class Pipeline:
             if observer is not None:
                 observer.preprocessed(time.perf_counter() - started)
             result, timing = await self.batcher.submit_timed(prepared, deadline)
+            # Its pixel values (4.6 KiB a patch) are done with: not kept while a slow reader is sent
+            # the result (up to --send-timeout), where no budget counts them.
+            del prepared
             self._give_back(held, self.tokens)
             if observer is not None:
                 observer.batched(timing)

@@ -12,9 +12,12 @@ the server's checks (:attr:`BulkJob.limits`); a failed image (unreadable, corrup
 refused by the processor) gets a row with ``error`` set; other failures stop the job.
 
 Resumable: images whose path already has a row in the output folder are skipped, so rerunning
-the same command after an interruption does only what is left. A Parquet file that cannot be
-read (cut off by the interruption) is renamed ``_<name>.unreadable`` and its images run again.
-Run one job per output folder at a time.
+the same command after an interruption does only what is left; images whose row is an error run
+again (their old row removed first), unless :attr:`BulkJob.retry_failed` is off. A Parquet file
+that cannot be read (cut off by the interruption) is renamed ``_<name>.unreadable`` and its
+images run again. One job per output folder at a time
+(:mod:`~qwen25vl_embed_server.ray.bulk_lock`; a second one waits, then fails); a local Ray the
+job starts ends with the driver, SIGKILL included (:mod:`~qwen25vl_embed_server.ray.watchdog`).
 """
 
 from __future__ import annotations
@@ -34,8 +37,9 @@ from qwen25vl_embed_server.core.loading import LoadOptions
 from qwen25vl_embed_server.core.outputs import plan_outputs
 from qwen25vl_embed_server.ray.bulk_actor import BulkExtractionActor
 from qwen25vl_embed_server.ray.bulk_listing import list_images
+from qwen25vl_embed_server.ray.bulk_lock import locked_output
 from qwen25vl_embed_server.ray.local import init_ray
-from qwen25vl_embed_server.ray.parquet_format import _count_rows, finished_paths
+from qwen25vl_embed_server.ray.parquet_format import drop_failed_rows, finished_paths, rows_of
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +71,8 @@ class BulkJob:
             ``max_pixels`` (checked before decoding), prompt tokens; an image over one fails.
         address: the Ray cluster to join when Ray is not initialised yet (None: ``RAY_ADDRESS``,
             else a local cluster).
+        retry_failed: run again the images whose row in the output is an error (a file fixed
+            since is picked up); off: keep those rows and skip the images.
     """
 
     source: str
@@ -83,18 +89,23 @@ class BulkJob:
     max_batch_tokens: int = field(default_factory=lambda: BatchingConfig().max_tokens)
     limits: Limits = field(default_factory=Limits)
     address: str | None = None
+    retry_failed: bool = True
 
 
 @dataclass(frozen=True)
 class BulkReport:
     """What a run did: ``listed`` images, ``skipped`` (already in the output), ``written`` rows
-    (``failed`` of them with an error), in ``seconds`` (actor start and model loading included)."""
+    (``failed`` of them with an error: ``failures`` holds their paths and messages), in
+    ``seconds`` (actor start and model loading included); ``retried``: images whose earlier row
+    was an error, run again."""
 
     listed: int
     skipped: int
     written: int
     failed: int
     seconds: float
+    retried: int = 0
+    failures: tuple[tuple[str, str], ...] = ()
 
     @property
     def images_per_second(self) -> float:
@@ -103,8 +114,9 @@ class BulkReport:
     def summary(self) -> str:
         if self.listed and self.skipped == self.listed:
             return f"nothing to do: all {self.listed} images are already in the output"
+        retried = f" ({self.retried} failed before, retried)" if self.retried else ""
         return (
-            f"{self.written} images written ({self.failed} failed), {self.skipped} already done, "
+            f"{self.written} images written ({self.failed} failed){retried}, {self.skipped} already done, "
             f"in {self.seconds:.1f} s: {self.images_per_second:.2f} images/s"
         )
 
@@ -130,14 +142,19 @@ def run_bulk(job: BulkJob) -> BulkReport:
         ValueError: bad job settings, an unknown output name, or an unusable listing.
         FileNotFoundError: the source does not exist.
     """
-    import ray
-    from ray.data import ActorPoolStrategy
-
     if job.batch_size < 1 or job.actors < 1:
         raise ValueError("batch_size and actors must be at least 1")
     plan_outputs(job.outputs, sys.maxsize, sys.maxsize)  # unknown names fail here; layer ranges in the actors
     listed = list_images(job.source, job.path_column)
-    done = finished_paths(job.output)
+    with locked_output(job.output) as lock:
+        return _run_locked(job, listed, lock)
+
+
+def _run_locked(job: BulkJob, listed: list[str], lock: int) -> BulkReport:
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    done = finished_paths(job.output, retry_failed=job.retry_failed)
     todo = [path for path in listed if path not in done]
     log.info(
         "%d images listed, %d already in %s, %d to do", len(listed), len(listed) - len(todo), job.output, len(todo)
@@ -145,9 +162,11 @@ def run_bulk(job: BulkJob) -> BulkReport:
     if not todo:
         return BulkReport(listed=len(listed), skipped=len(listed), written=0, failed=0, seconds=0.0)
     if not ray.is_initialized():
-        init_ray(job.address)  # a local Ray stays on 127.0.0.1
+        init_ray(job.address, hold=(lock,))  # a local Ray stays on 127.0.0.1 and ends with this process
     check_gpus(job, ray.cluster_resources())
     started = time.perf_counter()
+    # Their old error rows go first: killed from here on, each image has one row or none.
+    retried = drop_failed_rows(job.output, set(todo)) if job.retry_failed else 0
     blocks = min(len(todo), max(4 * job.actors, math.ceil(len(todo) / _ROWS_PER_BLOCK)))
     paths = ray.data.from_items([{"path": path} for path in todo], override_num_blocks=blocks)
     rows = paths.map_batches(
@@ -159,11 +178,16 @@ def run_bulk(job: BulkJob) -> BulkReport:
         num_cpus=job.cpus_per_actor,
         num_gpus=job.gpus_per_actor or None,
     )
-    job.output.mkdir(parents=True, exist_ok=True)
     # Writing is light; zero CPUs lets it run beside actors that hold every CPU of the cluster.
     rows.write_parquet(str(job.output), ray_remote_args={"num_cpus": 0})
     seconds = time.perf_counter() - started
-    written, failed = _count_rows(job.output, set(todo))
+    written, failures = rows_of(job.output, set(todo))
     return BulkReport(
-        listed=len(listed), skipped=len(listed) - len(todo), written=written, failed=failed, seconds=seconds
+        listed=len(listed),
+        skipped=len(listed) - len(todo),
+        written=written,
+        failed=len(failures),
+        seconds=seconds,
+        retried=retried,
+        failures=tuple(failures),
     )

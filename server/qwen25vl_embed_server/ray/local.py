@@ -10,12 +10,16 @@ this process's environment before ``ray.init``, every Ray process started from h
 Ray reads it once, when ``ray`` is imported: in this (driver) process, which has usually imported
 ``ray`` already, the value read then is brought in line as well, or the driver would still hand
 the outward address to the GCS and raylet it starts (seen here: both listened on it).
+
+A local Ray also ends with this process, however it ends: see
+:mod:`~qwen25vl_embed_server.ray.watchdog`.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+import sys
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 LOOPBACK = "127.0.0.1"
@@ -29,10 +33,14 @@ def starts_local_ray(address: str | None) -> bool:
     return address is None and not os.environ.get("RAY_ADDRESS")
 
 
-def init_ray(address: str | None = None, **options: Any) -> None:
+def init_ray(address: str | None = None, *, hold: Sequence[int] = (), **options: Any) -> None:
     """``ray.init``: join ``address`` (or ``RAY_ADDRESS``) as given; else start a local Ray whose
-    every process listens and talks on 127.0.0.1 only. ``options`` go to ``ray.init``."""
+    every process listens and talks on 127.0.0.1 only, and which ends with this process (on Linux:
+    a watchdog kills what is left of it; ``hold``, file descriptors, stay open until that is
+    done). ``options`` go to ``ray.init``."""
     import ray
+
+    from qwen25vl_embed_server.ray.watchdog import children, start_watchdog
 
     if not starts_local_ray(address):
         ray.init(address=address, **options)
@@ -41,4 +49,7 @@ def init_ray(address: str | None = None, **options: Any) -> None:
     from ray._private import ray_constants
 
     ray_constants.ENABLE_RAY_CLUSTER = False  # what the environment now says; read at import
+    before = children(os.getpid()) if sys.platform.startswith("linux") else None
     ray.init(_node_ip_address=LOOPBACK, **options)
+    if before is not None:
+        start_watchdog(children(os.getpid()) - before, hold)

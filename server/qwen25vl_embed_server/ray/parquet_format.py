@@ -20,7 +20,8 @@ Floating values are float32 whatever the model's dtype. A failed image (unreadab
 a limit, refused by the processor) gets a row with ``error`` set and nulls elsewhere.
 
 Reading the folder back for a rerun (:func:`finished_paths`): a Parquet file that cannot be read
-(cut off by an interruption) is renamed ``_<name>.unreadable``, which Parquet readers skip.
+(cut off by an interruption) is renamed ``_<name>.unreadable``, which Parquet readers skip. The
+error rows of images run again are removed first (:func:`drop_failed_rows`).
 """
 
 from __future__ import annotations
@@ -100,23 +101,47 @@ def _lists(arrays: Sequence[np.ndarray | None], type_: pa.DataType) -> pa.Array:
     return array_class.from_arrays(pa.array(offsets), pa.array(values), type=type_, mask=mask)
 
 
-def finished_paths(output: Path) -> set[str]:
-    """The paths that already have a row in ``output``; unreadable files are set aside (renamed
-    ``_<name>.unreadable``, which Parquet readers skip) so their images run again."""
-    paths: set[str] = set()
-    for path, _ in _scan(output):
-        paths.add(path)
-    return paths
+def finished_paths(output: Path, *, retry_failed: bool = False) -> set[str]:
+    """The paths that already have a row in ``output`` (with ``retry_failed``: a row without an
+    error); unreadable files are set aside (renamed ``_<name>.unreadable``, which Parquet readers
+    skip) so their images run again."""
+    return {path for path, error in _scan(output) if not (retry_failed and error is not None)}
 
 
-def _count_rows(output: Path, paths: set[str]) -> tuple[int, int]:
-    """Rows of ``output`` for ``paths``, and how many of them hold an error."""
-    written = failed = 0
+def drop_failed_rows(output: Path, paths: set[str]) -> int:
+    """Remove the error rows of ``paths`` from ``output``'s files (each file rewritten beside
+    itself, then renamed over itself, so a reader sees the old file or the new one); returns how
+    many were removed. Done before those images run again, so an interruption at any point leaves
+    each image with one row or none: none runs again on the next rerun."""
+    removed = 0
+    for file in sorted(output.glob("*.parquet")):
+        table = pq.read_table(file)
+        keep = [
+            not (error is not None and path in paths)
+            for path, error in zip(table.column("path").to_pylist(), table.column("error").to_pylist(), strict=True)
+        ]
+        if all(keep):
+            continue
+        removed += keep.count(False)
+        if any(keep):
+            scratch = file.with_name(f"_{file.name}.rewrite")
+            pq.write_table(table.filter(pa.array(keep)), scratch)
+            scratch.replace(file)
+        else:
+            file.unlink()
+    return removed
+
+
+def rows_of(output: Path, paths: set[str]) -> tuple[int, list[tuple[str, str]]]:
+    """How many rows ``output`` has for ``paths``, and the (path, error) of those that failed."""
+    written = 0
+    failures = []
     for path, error in _scan(output):
         if path in paths:
             written += 1
-            failed += error is not None
-    return written, failed
+            if error is not None:
+                failures.append((path, error))
+    return written, failures
 
 
 def _scan(output: Path) -> Iterator[tuple[str, str | None]]:

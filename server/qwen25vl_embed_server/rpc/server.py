@@ -20,6 +20,7 @@ from qwen25vl_embed_server.core.extractor import Extractor
 from qwen25vl_embed_server.core.loading import LoadOptions, check_options, load_model
 from qwen25vl_embed_server.rpc.auth import AuthConfig, BearerTokenInterceptor
 from qwen25vl_embed_server.rpc.calls import ServiceConfig
+from qwen25vl_embed_server.rpc.connections import ConnectionConfig
 from qwen25vl_embed_server.rpc.error_mapping import ErrorMappingInterceptor
 from qwen25vl_embed_server.rpc.exposure import exposure_warnings, is_loopback
 from qwen25vl_embed_server.rpc.metrics import Metrics
@@ -41,9 +42,10 @@ class ServerConfig:
     """Where to listen, the service, TLS and bearer tokens. Binds loopback unless told otherwise.
 
     ``service.pipeline.limits`` are the request limits (``max_request_bytes`` is gRPC's receive
-    limit); ``tls`` None: plaintext; ``auth`` None:
-    no token needed. ``metrics_port``: serve Prometheus metrics over plain HTTP on this port (0: any
-    free port; None: no endpoint) at ``metrics_host`` (None: ``host``).
+    limit); ``tls`` None: plaintext; ``auth`` None: no token needed. ``metrics_port``: serve
+    Prometheus metrics over plain HTTP on this port (0: any free port; None: no endpoint) at
+    ``metrics_host`` (None: ``host``). ``connections``: keepalive, idle and age limits
+    (:mod:`.connections`).
     """
 
     host: str = "127.0.0.1"
@@ -54,6 +56,7 @@ class ServerConfig:
     grace_seconds: float = 10.0
     metrics_port: int | None = None
     metrics_host: str | None = None
+    connections: ConnectionConfig = field(default_factory=ConnectionConfig)
 
 
 @dataclass
@@ -104,6 +107,7 @@ async def create_server(config: ServerConfig) -> RunningServer:
             # gRPC sets SO_REUSEPORT by default on Linux: a second server on a port in use would
             # bind too and take a share of its connections. Off, that bind fails.
             ("grpc.so_reuseport", 0),
+            *config.connections.grpc_options(),
         ],
     )
     service = EmbeddingService(config.service, Metrics())
