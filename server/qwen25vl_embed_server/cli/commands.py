@@ -134,7 +134,6 @@ def load_options(args: argparse.Namespace) -> LoadOptions:
 
 
 def serve(args: argparse.Namespace) -> int:
-    from qwen25vl_embed_server.core.allocator import return_freed_memory
     from qwen25vl_embed_server.core.errors import ModelLoadError
     from qwen25vl_embed_server.rpc.server import ListenError
     from qwen25vl_embed_server.rpc.server import serve as run_server
@@ -144,7 +143,6 @@ def serve(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    return_freed_memory()  # RSS follows the budgets (README, "Server-wide bounds")
     try:
         asyncio.run(run_server(config, load_options(args)))
     except ListenError as err:
