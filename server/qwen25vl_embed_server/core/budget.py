@@ -21,7 +21,8 @@ blocking) and a stream of small ones does not starve a large one:
   blocked by it. Below a capacity of 8 the reserve is 0: every amount is large, plain FIFO.
 
 Since the large ones never hold more than ``capacity - reserve``, a small one admitted within the
-reserve always fits in the whole budget; neither class waits for the other's arrivals.
+reserve always fits in the whole budget, and a large one within its room always fits beside small
+ones within the reserve: neither class waits for requests of the other that arrived after it.
 """
 
 from __future__ import annotations
