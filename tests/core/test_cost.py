@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import copy
 import struct
-import time
 import zlib
 from dataclasses import replace
 from typing import Any
@@ -17,9 +16,8 @@ import pytest
 
 from qwen25vl_embed import EmbeddingClient, EmbeddingError
 from qwen25vl_embed_server.cli.flags import LIMIT_FLAGS
-from qwen25vl_embed_server.core.budget import Budget
 from qwen25vl_embed_server.core.cost import image_patches
-from qwen25vl_embed_server.core.errors import DeadlineExceededError, LimitExceededError
+from qwen25vl_embed_server.core.errors import LimitExceededError
 from qwen25vl_embed_server.core.extractor import Extractor
 from qwen25vl_embed_server.core.limits import Limits
 from qwen25vl_embed_server.core.pipeline import Pipeline, PipelineConfig
@@ -127,37 +125,7 @@ def test_the_cap_over_grpc_is_invalid_argument_naming_cost_cap_and_flag(extracto
         assert client.extract(png_bytes(noise_image(56, 56))).num_images == 1  # small ones pass
 
 
-# -- the server-wide budgets ------------------------------------------------------------------
-
-
-def test_budget_waits_in_order_clamps_and_honours_deadlines() -> None:
-    async def scenario() -> None:
-        budget = Budget(10, "units")
-        assert await budget.acquire(6) == 6
-        big = asyncio.ensure_future(budget.acquire(50))  # clamped to 10: waits for everything
-        await asyncio.sleep(0)
-        small = asyncio.ensure_future(budget.acquire(1))  # fits, but waits its turn behind big
-        await asyncio.sleep(0)
-        assert not big.done()
-        assert not small.done()
-        with pytest.raises(DeadlineExceededError, match="waiting for units"):
-            await budget.acquire(1, deadline=time.monotonic() + 0.01)
-        budget.release(6)
-        assert await big == 10
-        assert not small.done()
-        budget.release(10)
-        assert await small == 1
-        cancelled = asyncio.ensure_future(budget.acquire(10))
-        await asyncio.sleep(0)
-        cancelled.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await cancelled
-        budget.release(1)
-        assert budget.used == 0
-        assert budget.waiting == 0
-        assert budget.peak == 10
-
-    asyncio.run(scenario())
+# -- the server-wide budgets (the admission rule itself: test_budget.py) -------------------------
 
 
 def test_concurrent_requests_never_exceed_the_budgets(extractor: Extractor) -> None:
