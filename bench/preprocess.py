@@ -13,53 +13,47 @@ chat template, processor) on threads and, for comparison, on processes, in alter
 from __future__ import annotations
 
 import argparse
+import copy
 import io
 import multiprocessing
 import os
 import statistics
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))  # run as a script: bench/ modules import each other
 from throughput import PROMPT, checkpoint
 
-_STATE: dict[str, object] = {}
+from qwen25vl_embed_server.core.extractor import Extractor
+from qwen25vl_embed_server.core.limits import Limits
+from qwen25vl_embed_server.core.loading import LoadOptions, load_model
+from qwen25vl_embed_server.core.request import EncodedRequest, prepare_request
+
+_EXTRACTOR: list[Extractor] = []  # one per process, loaded by the first worker started in it
+_LOCAL = threading.local()  # each worker thread's own processor, as in the server
 
 
 def _start(model: str) -> None:
-    """Each worker (thread or process) loads the processor once, as the server's workers do."""
-    import threading
-
-    from qwen25vl_embed_server.core.extractor import Extractor
-    from qwen25vl_embed_server.core.loading import LoadOptions, load_model
-
-    if "extractor" not in _STATE:
-        _STATE["extractor"] = Extractor(load_model(LoadOptions(model=model, device="cpu", dtype="float32")))
-    local = _STATE.setdefault("local", threading.local())
-    import copy
-
-    extractor = _STATE["extractor"]
-    local.processor = copy.deepcopy(extractor.loaded.processor)  # type: ignore[attr-defined]
+    """Each worker (thread or process) gets a processor of its own, as the server's workers do."""
+    if not _EXTRACTOR:
+        _EXTRACTOR.append(Extractor(load_model(LoadOptions(model=model, device="cpu", dtype="float32"))))
+    _LOCAL.processor = copy.deepcopy(_EXTRACTOR[0].loaded.processor)
 
 
 def _prepare(data: bytes) -> int:
     """Check, decode, template, processor: the server's preprocessing of one request; its patches."""
-    from qwen25vl_embed_server.core.extractor import Extractor
-    from qwen25vl_embed_server.core.limits import Limits
-    from qwen25vl_embed_server.core.request import EncodedRequest, prepare_request
-
-    extractor = _STATE["extractor"]
-    assert isinstance(extractor, Extractor)
+    extractor = _EXTRACTOR[0]
     request = EncodedRequest(images=(data,), prompt=PROMPT, outputs=("lm_last_token",))
     plan = extractor.plan_request(request)
-    processor = _STATE["local"].processor  # type: ignore[attr-defined]
-    return prepare_request(extractor, request, Limits(), plan, processor).num_patches
+    return prepare_request(extractor, request, Limits(), plan, _LOCAL.processor).num_patches
 
 
 def rate(executor: Executor, images: Sequence[bytes]) -> float:
@@ -75,8 +69,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args(argv)
-    import torch
-
     model = str(checkpoint("bench", "cpu", torch.float32))
     rng = np.random.default_rng(0)
     images = []

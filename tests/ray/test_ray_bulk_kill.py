@@ -16,6 +16,7 @@ from qwen25vl_embed_server.ray.bulk_job import BulkJob, run_bulk
 from qwen25vl_embed_server.ray.parquet_format import iter_rows
 
 from ..helpers import noise_image, png_bytes
+from .sockets import descendants
 
 # Enough small images that the job is far from done when its first file lands: 4 blocks of 100
 # images, one actor, one image per model call.
@@ -32,23 +33,6 @@ def _process(pid: int) -> tuple[str, int] | None:
     except OSError:
         return None
     return fields[0], int(fields[19])
-
-
-def _below(root: int) -> set[int]:
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-        except OSError:
-            continue
-        children.setdefault(parent, []).append(int(stat.parent.name))
-    found, todo = set(), [root]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            if child not in found:
-                found.add(child)
-                todo.append(child)
-    return found
 
 
 def _files(folder: Path) -> dict[str, tuple[int, int]]:
@@ -74,7 +58,7 @@ def test_a_killed_driver_takes_its_ray_with_it_and_a_rerun_completes_the_output(
         while not any(name.endswith(".parquet") for name in _files(output)):
             assert driver.poll() is None, "the job ended before its first file"
             assert time.monotonic() < deadline, "no file in 240 s"
-            for pid in _below(driver.pid):
+            for pid in descendants(driver.pid):
                 if (found := _process(pid)) is not None:
                     seen.setdefault(pid, found[1])
             time.sleep(0.1)

@@ -101,18 +101,12 @@ def pack_linears(model: nn.Module, patch_embed: bool = False) -> int:
 
     Returns how many were packed. The original weights are dropped with the modules they belonged to.
     """
-    targets = [
-        (name, module)
-        for name, module in model.named_modules()
-        if any(isinstance(child, nn.Linear) for child in module.children())
-    ]
     packed = 0
     with torch.no_grad():  # not inference_mode: the packed weights must be usable outside it
-        for parent_name, parent in targets:
-            for child_name, child in list(parent.named_children()):
-                full_name = f"{parent_name}.{child_name}" if parent_name else child_name
-                if isinstance(child, nn.Linear) and full_name.split(".")[-1] not in _SKIPPED:
-                    setattr(parent, child_name, PackedLinear(child))
+        for parent in list(model.modules()):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, nn.Linear) and name not in _SKIPPED:
+                    setattr(parent, name, PackedLinear(child))
                     packed += 1
         visual = getattr(getattr(model, "model", None), "visual", None)
         if patch_embed and visual is not None:
