@@ -23,11 +23,11 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from qwen25vl_embed_server.core.errors import DeadlineExceededError, ModelNotReadyError, OverloadedError
+from qwen25vl_embed_server.core.model_thread import ModelThread
 
 if TYPE_CHECKING:  # only types: keeps this module (and BatchingConfig for the CLI) free of torch
     from qwen25vl_embed_server.core.extractor import Extraction, Extractor, Prepared
@@ -85,17 +85,24 @@ class _Pending:
 
 
 class Batcher:
-    """Owns the model thread. Create and use it on one event loop; :meth:`close` stops it."""
+    """Owns the model thread. Create and use it on one event loop; :meth:`close` stops it.
+
+    ``model_thread``: the one that loaded the model (see :mod:`~.model_thread`); None: a new one.
+    """
 
     def __init__(
-        self, extractor: Extractor, config: BatchingConfig = BatchingConfig(), observer: BatchObserver | None = None
+        self,
+        extractor: Extractor,
+        config: BatchingConfig = BatchingConfig(),
+        observer: BatchObserver | None = None,
+        model_thread: ModelThread | None = None,
     ) -> None:
         self.extractor = extractor
         self.config = config
         self._observer = observer
         self._queue: deque[_Pending] = deque()
         self._arrived = asyncio.Event()
-        self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+        self._model_thread = model_thread or ModelThread()
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="batcher")
         self.batches_run = 0
         self._runs = 0
@@ -145,7 +152,7 @@ class Batcher:
         if wait:
             await asyncio.get_running_loop().run_in_executor(None, self._model_thread.shutdown)
         else:
-            self._model_thread.shutdown(wait=False, cancel_futures=True)
+            self._model_thread.shutdown(wait=False)
 
     async def _loop(self) -> None:
         while True:
@@ -164,10 +171,9 @@ class Batcher:
 
     async def _run_batch(self, batch: list[_Pending]) -> None:
         """Run one batch on the model thread and settle its requests (alone, one by one, if it fails)."""
-        loop = asyncio.get_running_loop()
         started = time.monotonic()
         try:
-            results, seconds = await loop.run_in_executor(self._model_thread, self._run, [p.item for p in batch])
+            results, seconds = await self._model_thread.call(self._run, [p.item for p in batch])
         except Exception as error:  # one failing batch: retry its requests one by one
             if len(batch) > 1:
                 log.warning("a batch of %d failed (%s); running its requests alone", len(batch), error)
@@ -181,13 +187,12 @@ class Batcher:
             _settle(pending, result=(result, BatchTiming(started - pending.enqueued, seconds, len(batch))))
 
     async def _run_alone(self, batch: list[_Pending]) -> None:
-        loop = asyncio.get_running_loop()
         for pending in batch:
             if pending.abandoned:
                 continue
             started = time.monotonic()
             try:
-                results, seconds = await loop.run_in_executor(self._model_thread, self._run, [pending.item])
+                results, seconds = await self._model_thread.call(self._run, [pending.item])
             except Exception as error:
                 _settle(pending, error=error)
             else:
@@ -199,7 +204,6 @@ class Batcher:
         if self.extractor.pieces(pending.item, self.config.max_piece_tokens) == 1:  # one image, or text
             await self._run_batch([pending])
             return
-        loop = asyncio.get_running_loop()
         started = time.monotonic()
         run = self.extractor.run_in_pieces(pending.item, self.config.max_piece_tokens)
         seconds = 0.0
@@ -211,7 +215,7 @@ class Batcher:
                     _settle(pending, error=DeadlineExceededError("the deadline passed while the request ran"))
                     return
             try:
-                result, took = await loop.run_in_executor(self._model_thread, self._timed, run.step)
+                result, took = await self._model_thread.call(self._timed, run.step)
             except Exception as error:
                 _settle(pending, error=error)
                 return

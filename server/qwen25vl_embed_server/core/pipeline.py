@@ -28,6 +28,7 @@ from qwen25vl_embed_server.core.defaults import (
 )
 from qwen25vl_embed_server.core.errors import LimitExceededError, OutOfMemoryError, OverloadedError
 from qwen25vl_embed_server.core.limits import Limits
+from qwen25vl_embed_server.core.model_thread import ModelThread, single_threaded_torch
 from qwen25vl_embed_server.core.request import (
     EncodedRequest,
     Estimate,
@@ -93,17 +94,21 @@ class StageObserver(Protocol):
 
 
 class Pipeline:
-    """Runs requests on one model. Create, use and :meth:`close` it on one event loop."""
+    """Runs requests on one model. Create, use and :meth:`close` it on one event loop.
+
+    ``model_thread``: the thread that loaded the model, which then runs it (:mod:`~.model_thread`).
+    """
 
     def __init__(
         self,
         extractor: Extractor,
         config: PipelineConfig = PipelineConfig(),
         batch_observer: BatchObserver | None = None,
+        model_thread: ModelThread | None = None,
     ) -> None:
         self.extractor = extractor
         self.config = config
-        self.batcher = Batcher(extractor, config.batching, observer=batch_observer)
+        self.batcher = Batcher(extractor, config.batching, observer=batch_observer, model_thread=model_thread)
         self._local = threading.local()
         self._preprocess = ThreadPoolExecutor(
             config.preprocess_workers, thread_name_prefix="preprocess", initializer=self._start_worker
@@ -218,6 +223,7 @@ class Pipeline:
         self._preprocess.shutdown(wait=False, cancel_futures=True)
 
     def _start_worker(self) -> None:
+        single_threaded_torch()  # the processor's torch ops must not slow the model thread down
         # Each worker thread tokenizes with a processor of its own: fast tokenizers are not safe to
         # share between threads (huggingface/tokenizers#537).
         self._local.processor = copy.deepcopy(self.extractor.loaded.processor)

@@ -133,11 +133,14 @@ class EmbedderReplica:
     async def __init__(self, settings: EmbedderSettings) -> None:  # type: ignore[misc]
         from qwen25vl_embed_server.core.extractor import Extractor
         from qwen25vl_embed_server.core.loading import load_model
+        from qwen25vl_embed_server.core.model_thread import ModelThread
         from qwen25vl_embed_server.rpc.calls import EmbeddingCalls
 
-        loaded = await asyncio.to_thread(load_model, settings.load_options())
+        # The thread that loads the model runs it too (see core/model_thread.py).
+        model_thread = ModelThread()
+        extractor = await model_thread.call(lambda: Extractor(load_model(settings.load_options())))
         self._calls: EmbeddingCalls = EmbeddingCalls(settings.service_config())
-        self._calls.attach(Extractor(loaded))  # the batcher lives on this (the replica's) loop
+        self._calls.attach(extractor, model_thread)  # the batcher lives on this (the replica's) loop
 
     async def Extract(  # noqa: N802 - the RPC's name
         self, request: pb.ImageRequest, grpc_context: RayServegRPCContext

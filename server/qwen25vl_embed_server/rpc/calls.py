@@ -20,6 +20,7 @@ from qwen25vl_embed_server.core.defaults import DEFAULT_CHUNK_BYTES, DEFAULT_SEN
 from qwen25vl_embed_server.core.errors import InvalidInputError, ModelNotReadyError, SlowConsumerError, quoted
 from qwen25vl_embed_server.core.extractor import Extractor
 from qwen25vl_embed_server.core.limits import MAX_REQUEST_ID_CHARS
+from qwen25vl_embed_server.core.model_thread import ModelThread
 from qwen25vl_embed_server.core.outputs import DEFAULT_OUTPUTS
 from qwen25vl_embed_server.core.pipeline import Pipeline, PipelineConfig
 from qwen25vl_embed_server.rpc.error_mapping import log_failure, status_for
@@ -96,9 +97,10 @@ class EmbeddingCalls:
             return "DEADLINE_EXCEEDED", "the caller's deadline passed"
         return CANCELLED, "the caller went away"
 
-    def attach(self, extractor: Extractor) -> None:
-        """Start serving ``extractor`` (call on the event loop that serves the calls)."""
-        pipeline = Pipeline(extractor, self.config.pipeline, batch_observer=self.metrics)
+    def attach(self, extractor: Extractor, model_thread: ModelThread | None = None) -> None:
+        """Start serving ``extractor`` (call on the event loop that serves the calls), run on
+        ``model_thread``: the one that loaded it (None: a new one)."""
+        pipeline = Pipeline(extractor, self.config.pipeline, batch_observer=self.metrics, model_thread=model_thread)
         self._pipeline = pipeline
         self.metrics.watch_queue(lambda: pipeline.queue_depth)
         self.metrics.model_loaded(extractor.loaded.load_seconds)

@@ -18,6 +18,7 @@ from qwen25vl_embed.v1 import embed_pb2 as pb
 from qwen25vl_embed.v1 import embed_pb2_grpc as pb_grpc
 from qwen25vl_embed_server.core.extractor import Extractor
 from qwen25vl_embed_server.core.loading import LoadOptions, check_options, load_model
+from qwen25vl_embed_server.core.model_thread import ModelThread, single_threaded_torch
 from qwen25vl_embed_server.rpc.auth import AuthConfig, BearerTokenInterceptor
 from qwen25vl_embed_server.rpc.calls import ServiceConfig
 from qwen25vl_embed_server.rpc.connections import ConnectionConfig
@@ -75,9 +76,10 @@ class RunningServer:
         """The bound port of the metrics endpoint; None without one."""
         return self.metrics.http_port
 
-    async def mark_serving(self, extractor: Extractor) -> None:
-        """Attach the loaded model and report SERVING to health checks (on the server's loop)."""
-        self.service.attach(extractor)
+    async def mark_serving(self, extractor: Extractor, model_thread: ModelThread | None = None) -> None:
+        """Attach the loaded model, run on ``model_thread`` (the one that loaded it), and report
+        SERVING to health checks (on the server's loop)."""
+        self.service.attach(extractor, model_thread)
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
@@ -161,7 +163,9 @@ async def serve(config: ServerConfig, load: LoadOptions) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    loader = asyncio.ensure_future(asyncio.to_thread(load_model, load))
+    single_threaded_torch()  # this thread only serves: torch's threads are the model thread's
+    model_thread = ModelThread()  # loads the model, then runs it (see core/model_thread.py)
+    loader = asyncio.ensure_future(model_thread.call(lambda: Extractor(load_model(load))))
     waiter = asyncio.ensure_future(stop.wait())
     await asyncio.wait({loader, waiter}, return_when=asyncio.FIRST_COMPLETED)
     if loader.done():
@@ -169,7 +173,7 @@ async def serve(config: ServerConfig, load: LoadOptions) -> None:
             waiter.cancel()
             await running.stop(0)
             loader.result()  # raises the load error
-        await running.mark_serving(Extractor(loader.result()))
+        await running.mark_serving(loader.result(), model_thread)
         log.info("serving %s on %s:%d", load.model, config.host, running.port)
         await waiter
     log.info("shutting down (grace %.0f s)", config.grace_seconds)

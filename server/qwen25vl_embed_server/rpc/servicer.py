@@ -16,6 +16,7 @@ import grpc
 from qwen25vl_embed.v1 import embed_pb2 as pb
 from qwen25vl_embed.v1 import embed_pb2_grpc as pb_grpc
 from qwen25vl_embed_server.core.extractor import Extractor
+from qwen25vl_embed_server.core.model_thread import ModelThread
 from qwen25vl_embed_server.rpc.calls import EmbeddingCalls, ServiceConfig
 from qwen25vl_embed_server.rpc.metrics import Metrics
 
@@ -32,9 +33,9 @@ class EmbeddingService(pb_grpc.EmbeddingServiceServicer):
     def metrics(self) -> Metrics:
         return self.calls.metrics
 
-    def attach(self, extractor: Extractor) -> None:
-        """Start serving ``extractor`` (call on the server's event loop)."""
-        self.calls.attach(extractor)
+    def attach(self, extractor: Extractor, model_thread: ModelThread | None = None) -> None:
+        """Start serving ``extractor`` on ``model_thread`` (call on the server's event loop)."""
+        self.calls.attach(extractor, model_thread)
 
     async def close(self, wait: bool = True) -> None:
         await self.calls.close(wait)

@@ -1,0 +1,55 @@
+"""The one thread that does torch's heavy work (loading and running the model), and what keeps
+every other thread's torch ops on that thread alone.
+
+Why one thread: torch's CPU kernels run on OpenMP, and every thread that starts a parallel region
+gets a team of worker threads of its own. GNU libgomp (what PyPI's torch ships) counts the
+threads of all teams; once they outnumber the CPUs it throttles: an idle worker spins about 100
+times instead of about 300,000 before it sleeps, so every one of the thousands of parallel
+regions in a forward wakes its workers through the kernel. transformers' image processor runs
+torch ops (its torchvision backend): one preprocessing thread with a team of its own was enough.
+Measured here (2 cores, bf16, the ``bench`` checkpoint, one 448x448 image per run): 85 ms per
+image with all torch work on one thread, 116 ms with preprocessing on another.
+
+So a server has one :class:`ModelThread`: it loads the model, then runs every batch; each other
+thread that may run torch ops calls :func:`single_threaded_torch` first (the preprocessing
+workers do). Small ops never start a team, so the event loop's bookkeeping needs nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+_T = TypeVar("_T")
+
+
+class ModelThread:
+    """One worker thread for loading and running the model. :meth:`shutdown` ends it."""
+
+    def __init__(self) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+
+    async def call(self, function: Callable[..., _T], *args: object) -> _T:
+        """Run ``function(*args)`` on the model thread; await its result on the running loop."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
+
+    def shutdown(self, wait: bool = True) -> None:
+        """End the thread (``wait`` False: without waiting for the run in progress; queued calls
+        are dropped)."""
+        self._executor.shutdown(wait=wait, cancel_futures=not wait)
+
+
+def single_threaded_torch() -> None:
+    """Make torch's OpenMP kernels run on the calling thread alone, with no team of its own.
+
+    torch sets a thread's OpenMP thread count on its first parallel op, so this runs one first,
+    then caps OpenMP for this thread only (threadpoolctl; OpenMP's count is per thread): the
+    model thread keeps all of its threads, and MKL's (process-wide) count is left alone.
+    """
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    torch.zeros(2).add_(1)  # torch's per-thread set-up of the OpenMP count, before the cap
+    threadpool_limits(limits=1, user_api="openmp")

@@ -1,0 +1,80 @@
+"""One thread loads and runs the model; the preprocessing threads run torch ops on themselves alone."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from qwen25vl_embed_server.core.extractor import Extractor
+from qwen25vl_embed_server.core.loading import LoadOptions, load_model
+from qwen25vl_embed_server.core.model_thread import ModelThread, single_threaded_torch
+from qwen25vl_embed_server.core.pipeline import Pipeline, PipelineConfig
+from qwen25vl_embed_server.core.request import EncodedRequest
+
+from ..helpers import noise_image, png_bytes
+
+
+def test_single_threaded_torch_caps_the_calling_thread_only() -> None:
+    before = torch.get_num_threads()
+    x = torch.arange(1_000_000, dtype=torch.float64)
+
+    def capped() -> tuple[int, float]:
+        single_threaded_torch()
+        return torch.get_num_threads(), float(x.sum())  # a large op still runs, on this thread
+
+    with ThreadPoolExecutor(1) as pool:
+        threads, total = pool.submit(capped).result()
+    assert threads == 1
+    assert total == float(x.sum())
+    assert torch.get_num_threads() == before  # this thread (and the model's) keep theirs
+    with ThreadPoolExecutor(1) as pool:  # a fresh thread starts with torch's count, not the cap
+        assert pool.submit(torch.get_num_threads).result() == before
+
+
+def test_preprocessing_workers_stay_single_threaded_after_real_requests(extractor: Extractor) -> None:
+    """The processor's torch ops (resize, normalise) run inside the worker: its count stays 1."""
+    requests = [EncodedRequest(images=[png_bytes(noise_image(300, 200, seed=i))]) for i in range(4)]
+
+    async def scenario() -> list[int]:
+        pipeline = Pipeline(extractor, PipelineConfig(preprocess_workers=2))
+        try:
+            await asyncio.gather(*(pipeline.prepare(request) for request in requests))
+            loop = asyncio.get_running_loop()
+            return list(
+                await asyncio.gather(
+                    *(loop.run_in_executor(pipeline._preprocess, torch.get_num_threads) for _ in range(4))
+                )
+            )
+        finally:
+            await pipeline.close()
+
+    assert asyncio.run(scenario()) == [1, 1, 1, 1]
+    assert torch.get_num_threads() >= 1
+
+
+def test_the_thread_that_loads_the_model_runs_every_batch(tiny_model_path: Path) -> None:
+    """Loading on the model thread, then a pipeline on it: every forward runs on that thread."""
+    forwards: list[int] = []
+
+    async def scenario() -> tuple[int, list[int]]:
+        model_thread = ModelThread()
+        options = LoadOptions(model=str(tiny_model_path), device="cpu", dtype="float32")
+        loaded_on = await model_thread.call(threading.get_ident)
+        extractor = await model_thread.call(lambda: Extractor(load_model(options)))
+        extractor.loaded.visual.register_forward_pre_hook(lambda *_: forwards.append(threading.get_ident()))
+        pipeline = Pipeline(extractor, model_thread=model_thread)
+        try:
+            images = [png_bytes(noise_image(56 + 28 * i, 56, seed=i)) for i in range(3)]
+            await asyncio.gather(*(pipeline.run(EncodedRequest(images=[image])) for image in images))
+        finally:
+            await pipeline.close()
+        return loaded_on, forwards
+
+    loaded_on, seen = asyncio.run(scenario())
+    assert seen, "the model ran"
+    assert set(seen) == {loaded_on}
+    assert loaded_on != threading.get_ident()
