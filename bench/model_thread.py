@@ -76,7 +76,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         base = statistics.median(times["two teams"])
         for name, values in times.items():
             median = statistics.median(values)
-            print(f"{dtype:9} {name:10} {median:7.1f} ms/image  x{base / median:.2f}  rounds {", ".join(f"{v:.1f}" for v in values)}")
+            rounds = ", ".join(f"{value:.1f}" for value in values)
+            print(f"{dtype:9} {name:10} {median:7.1f} ms/image  x{base / median:.2f}  rounds {rounds}")
 
 
 if __name__ == "__main__":
