@@ -4,7 +4,8 @@
     python bench/preprocess.py --size 1024 --images 32
 
 The server decodes and preprocesses each request on a pool of threads (``--preprocess-workers``)
-beside the model thread. Decoding (Pillow, libpng / libjpeg) and most of the processor (numpy)
+beside the model thread. Decoding (Pillow, libpng / libjpeg) and the processor's torch ops
+(transformers' torchvision backend; each worker runs them on itself alone, as the server's do)
 release the GIL, the tokenizer and the Python around them do not. This measures the same chain
 the server runs (:func:`~qwen25vl_embed_server.core.request.prepare_request`: check, decode,
 chat template, processor) on threads and, for comparison, on processes, in alternating rounds.
@@ -35,6 +36,7 @@ from throughput import PROMPT, checkpoint
 from qwen25vl_embed_server.core.extractor import Extractor
 from qwen25vl_embed_server.core.limits import Limits
 from qwen25vl_embed_server.core.loading import LoadOptions, load_model
+from qwen25vl_embed_server.core.model_thread import single_threaded_torch
 from qwen25vl_embed_server.core.request import EncodedRequest, prepare_request
 
 _EXTRACTOR: list[Extractor] = []  # one per process, loaded by the first worker started in it
@@ -42,7 +44,9 @@ _LOCAL = threading.local()  # each worker thread's own processor, as in the serv
 
 
 def _start(model: str) -> None:
-    """Each worker (thread or process) gets a processor of its own, as the server's workers do."""
+    """Each worker (thread or process) gets a processor of its own and runs torch on itself alone,
+    as the server's workers do."""
+    single_threaded_torch()
     if not _EXTRACTOR:
         _EXTRACTOR.append(Extractor(load_model(LoadOptions(model=model, device="cpu", dtype="float32"))))
     _LOCAL.processor = copy.deepcopy(_EXTRACTOR[0].loaded.processor)

@@ -11,6 +11,8 @@ overhead (service at concurrency 1 vs in-process, pooled outputs) and a tensor-t
 
     python bench/throughput.py                      # CPU: the 'bench' random-weight model
     python bench/throughput.py --quick --shape tiny  # a smoke run (seconds)
+    python bench/throughput.py --fp32-matmul onednn  # the core and the service on oneDNN's packed
+                                                     # matmuls (the baseline stays transformers')
 """
 
 from __future__ import annotations
@@ -34,9 +36,11 @@ sys.path.insert(0, str(Path(__file__).parent))  # run as a script: bench/ module
 from transfer import measure_transfer
 
 from qwen25vl_embed import EmbeddingClient
+from qwen25vl_embed_server.core.defaults import DEFAULT_FP32_MATMUL
 from qwen25vl_embed_server.core.extractor import Extractor
 from qwen25vl_embed_server.core.image_decoding import decode_image
 from qwen25vl_embed_server.core.loading import LoadedModel, LoadOptions, load_model
+from qwen25vl_embed_server.core.packed_linear import FP32_MATMULS
 from qwen25vl_embed_server.core.tiny_model import BENCH_SHAPE, QWEN25VL_7B_SHAPE, TinyShape, build_tiny_model
 from qwen25vl_embed_server.rpc.harness import ServerProcess
 
@@ -158,12 +162,15 @@ def timed_clients(
     return Row(name, latencies, time.perf_counter() - started, server_ms)
 
 
-def measure_in_process(loaded: LoadedModel, images: Sequence[bytes]) -> tuple[list[Row], Callable[[bytes], Any]]:
-    """The baseline and the extraction core, one image at a time, in this process.
+def measure_in_process(
+    loaded: LoadedModel, images: Sequence[bytes], core: LoadedModel | None = None
+) -> tuple[list[Row], Callable[[bytes], Any]]:
+    """The baseline (on ``loaded``) and the extraction core (on ``core``, default ``loaded``), one
+    image at a time, in this process.
 
     Also returns the in-process call, for the interleaved RPC-overhead pass.
     """
-    extractor = Extractor(loaded)
+    extractor = Extractor(core or loaded)
     pooled_plan = extractor.plan(OUTPUT_SETS["pooled"])
 
     def baseline(image: bytes) -> Any:
@@ -213,6 +220,9 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
     parser.add_argument("--size", type=int, default=448)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--quick", action="store_true", help="few images, no transfer figure: a smoke run")
+    parser.add_argument(
+        "--fp32-matmul", choices=FP32_MATMULS, default=DEFAULT_FP32_MATMUL, help="the core's and the service's"
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.images, args.concurrency = 3, [1, 2]
@@ -220,8 +230,14 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
     path = checkpoint(args.shape, args.device, dtype)
     images = [noise_png(args.size, seed) for seed in range(args.images)]
     loaded = load_model(LoadOptions(model=str(path), device=args.device, dtype=args.dtype))
-    rows, in_process = measure_in_process(loaded, images)
+    core = None
+    if args.fp32_matmul != DEFAULT_FP32_MATMUL:
+        options = LoadOptions(model=str(path), device=args.device, dtype=args.dtype, fp32_matmul=args.fp32_matmul)
+        core = load_model(options)
+    rows, in_process = measure_in_process(loaded, images, core)
     serve_args = ["--model", str(path), "--device", args.device, "--dtype", args.dtype]
+    if core is not None:
+        serve_args += ["--fp32-matmul", args.fp32_matmul]
     with ServerProcess(serve_args) as server, EmbeddingClient(server.address) as client:
         for outputs in OUTPUT_SETS.values():  # warm the server up on every output set
             for warm in images[:3]:

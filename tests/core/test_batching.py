@@ -98,3 +98,47 @@ def test_the_lm_runs_similar_lengths_together_and_far_ones_apart(extractor: Extr
         alone = extractor.run([item])[0]
         for name, array in alone.tensors.items():
             assert_batched_close(result.tensors[name], array, name)
+
+
+def test_on_the_cpu_a_batch_holds_at_most_the_cpu_bound_of_tokens(extractor: Extractor) -> None:
+    """Larger batches run slower per image on a CPU: by default a CPU batch stops at 6,144 tokens;
+    a bound given explicitly is the bound."""
+    import asyncio
+
+    from qwen25vl_embed_server.core.batcher import CPU_BATCH_TOKENS, Batcher, BatchingConfig
+
+    assert BatchingConfig().tokens_for("cpu") == CPU_BATCH_TOKENS == 6144
+    assert BatchingConfig().tokens_for("cuda") == BatchingConfig().tokens_for("mps") == 32768
+    assert BatchingConfig(max_tokens=100).tokens_for("cpu") == 100
+    items = [
+        extractor.prepare([noise_image(448, 448, seed)], "Describe the image.", extractor.plan(["lm_last_token"]))
+        for seed in range(10)
+    ]
+    cost = items[0].cost
+    assert all(item.cost == cost for item in items) and CPU_BATCH_TOKENS // cost in (2, 3, 4)
+
+    class Sizes:
+        def __init__(self) -> None:
+            self.images: list[int] = []
+
+        def batch_ran(self, requests: int, images: int, seconds: float) -> None:
+            self.images.append(images)
+
+    def batches(config: BatchingConfig) -> list[int]:
+        sizes = Sizes()
+
+        async def scenario() -> None:
+            batcher = Batcher(extractor, config, observer=sizes)
+            try:
+                assert batcher.max_tokens == config.tokens_for("cpu")
+                await asyncio.gather(*(batcher.submit(item) for item in items))  # all queued at once
+            finally:
+                await batcher.close()
+
+        asyncio.run(scenario())
+        return sizes.images
+
+    per_batch = CPU_BATCH_TOKENS // cost
+    expected = [per_batch] * (len(items) // per_batch) + ([len(items) % per_batch] if len(items) % per_batch else [])
+    assert batches(BatchingConfig()) == expected
+    assert batches(BatchingConfig(max_tokens=32768)) == [len(items)]

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from qwen25vl_embed_server.core import defaults
-from qwen25vl_embed_server.core.batcher import BatchingConfig
+from qwen25vl_embed_server.core.batcher import ACCELERATOR_BATCH_TOKENS, CPU_BATCH_TOKENS, BatchingConfig
 from qwen25vl_embed_server.core.limits import Limits
 from qwen25vl_embed_server.core.recipes import RECIPE_CHOICES
 
@@ -140,7 +140,7 @@ def batching_flags(parser: argparse.ArgumentParser) -> None:
         "--batch-max-tokens",
         type=int,
         default=batching.max_tokens,
-        help=f"vision patches + LM tokens per batch ({batching.max_tokens})",
+        help=f"vision patches + LM tokens per batch ({CPU_BATCH_TOKENS} on the CPU, {ACCELERATOR_BATCH_TOKENS} else)",
     )
     group.add_argument(
         "--batch-max-wait-ms",

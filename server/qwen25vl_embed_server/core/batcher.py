@@ -1,7 +1,7 @@
 """Dynamic batching across concurrent requests, in front of the one thread that owns the device.
 
 Requests queue on the event loop. The batcher takes the oldest, waits up to ``max_wait_ms`` for
-company, fills the batch up to ``max_images`` / ``max_tokens``, drops requests whose caller
+company, fills the batch up to ``max_images`` / ``max_tokens`` (by device), drops requests whose caller
 gave up (cancelled, or the deadline passed while queued), and runs the rest as one batch on the
 model thread. While the model runs, new requests queue: under load batches form by themselves.
 
@@ -36,10 +36,19 @@ log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
 
+# A batch's bound in tokens by device when none is given. On the CPU, batching adds no FLOPs and a
+# larger batch runs slower per image (its activations outgrow the caches and are mapped afresh):
+# the 'bench' model here, fp32 `onednn`, 448x448: 107 ms per image in batches of 4, 110 in 8, 147
+# in 16; bf16 82 / 89 / 97. 6,144 takes four such images with the language model, six without.
+CPU_BATCH_TOKENS = 6144
+ACCELERATOR_BATCH_TOKENS = 32768
+
+
 @dataclass(frozen=True)
 class BatchingConfig:
     """Bounds of one batch and of the queue. A request larger than a bound runs alone.
 
+    ``max_tokens``: vision patches + LM sequence per batch; None: by device (:meth:`tokens_for`).
     ``max_piece_tokens``: a request costing more (vision patches + LM sequence) runs in pieces of
     at most this many vision patches (an image larger than that is one piece), then the language
     model; 0 never splits. The default leaves whole a request of up to 12 images at 448x448 (16
@@ -47,10 +56,16 @@ class BatchingConfig:
     """
 
     max_images: int = 32
-    max_tokens: int = 32768
+    max_tokens: int | None = None
     max_wait_ms: float = 2.0
     max_queue: int = 256
     max_piece_tokens: int = 16384
+
+    def tokens_for(self, device_type: str) -> int:
+        """The bound in tokens on a device of this type ("cpu", "cuda", "mps")."""
+        if self.max_tokens is not None:
+            return self.max_tokens
+        return CPU_BATCH_TOKENS if device_type == "cpu" else ACCELERATOR_BATCH_TOKENS
 
 
 @dataclass(frozen=True)
@@ -103,6 +118,7 @@ class Batcher:
         self._queue: deque[_Pending] = deque()
         self._arrived = asyncio.Event()
         self._model_thread = model_thread or ModelThread()
+        self.max_tokens = config.tokens_for(extractor.loaded.device.type)
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="batcher")
         self.batches_run = 0
         self._runs = 0
@@ -284,9 +300,7 @@ class Batcher:
             item = pending.item
             n_images = _images(item)
             large = self._large(item)
-            if batch and (
-                large or images + n_images > self.config.max_images or tokens + item.cost > self.config.max_tokens
-            ):
+            if batch and (large or images + n_images > self.config.max_images or tokens + item.cost > self.max_tokens):
                 break
             self._queue.remove(pending)
             batch.append(pending)
@@ -304,7 +318,7 @@ class Batcher:
         """True when the queued requests already fill a batch: no reason to wait for more."""
         images = sum(_images(p.item) for p in self._queue)
         tokens = sum(p.item.cost for p in self._queue)
-        return images >= self.config.max_images or tokens >= self.config.max_tokens
+        return images >= self.config.max_images or tokens >= self.max_tokens
 
 
 def _images(item: Prepared) -> int:

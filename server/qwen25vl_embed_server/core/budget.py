@@ -9,7 +9,8 @@ Two classes, so that a large request waiting does not block the small ones behin
 blocking) and a stream of small ones does not starve a large one:
 
 - **large**: an amount above ``capacity // 8``. At the default 262,144 tokens in flight that is
-  above 32,768 tokens, a whole ``--batch-max-tokens`` batch: a request that alone fills a batch.
+  above 32,768 tokens, a whole batch on an accelerator (``--batch-max-tokens``): a request that
+  alone fills a batch anywhere.
   Large requests are admitted in arrival order among themselves, and all of them together hold at
   most ``capacity - reserve``; an amount above that is taken as ``capacity - reserve``, so such a
   request runs alone among the large ones (per-request caps refuse what must never run).

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pyarrow as pa
 
+from qwen25vl_embed_server.core.batcher import BatchingConfig
 from qwen25vl_embed_server.core.errors import DeviceOutOfMemoryError, InvalidInputError
 from qwen25vl_embed_server.core.extractor import Extraction, Extractor, Prepared
 from qwen25vl_embed_server.core.request import EncodedRequest, prepare_request
@@ -37,6 +38,9 @@ class BulkExtractionActor:
         self._limits = job.limits
         self._extractor = Extractor(load_model(job.load))
         self._plan = self._extractor.plan(job.outputs)
+        self._max_tokens = BatchingConfig(max_tokens=job.max_batch_tokens).tokens_for(
+            self._extractor.loaded.device.type
+        )
         self._schema = output_schema(self._plan.names)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
@@ -56,7 +60,7 @@ class BulkExtractionActor:
                 outcomes[index] = str(error)
             else:
                 prepared.append((index, item))
-        for chunk in _chunks(prepared, self._job.max_batch_tokens):
+        for chunk in _chunks(prepared, self._max_tokens):
             for index, outcome in zip([i for i, _ in chunk], self._run([item for _, item in chunk]), strict=True):
                 outcomes[index] = outcome
         return _table(paths, outcomes, self._schema)

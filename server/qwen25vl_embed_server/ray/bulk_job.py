@@ -30,7 +30,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qwen25vl_embed_server.core.batcher import BatchingConfig
 from qwen25vl_embed_server.core.defaults import DEFAULT_PROMPT
 from qwen25vl_embed_server.core.limits import Limits
 from qwen25vl_embed_server.core.loading import LoadOptions
@@ -66,7 +65,8 @@ class BulkJob:
             actor uses ``max(1, int(cpus_per_actor))`` threads.
         path_column: the column of a Parquet/CSV listing that holds the paths.
         max_batch_tokens: a model call's bound in tokens (vision patches, plus the sequence when
-            the language model runs); a batch above it is split.
+            the language model runs); a batch above it is split. None: the server's default for
+            the actor's device (:meth:`~qwen25vl_embed_server.core.batcher.BatchingConfig.tokens_for`).
         limits: the per-image limits, as in the server (one image per request): image bytes,
             ``max_pixels`` (checked before decoding), prompt tokens; an image over one fails.
         address: the Ray cluster to join when Ray is not initialised yet (None: ``RAY_ADDRESS``,
@@ -86,7 +86,7 @@ class BulkJob:
     gpus_per_actor: float = 0.0
     cpus_per_actor: float = 1.0
     path_column: str = "path"
-    max_batch_tokens: int = field(default_factory=lambda: BatchingConfig().max_tokens)
+    max_batch_tokens: int | None = None
     limits: Limits = field(default_factory=Limits)
     address: str | None = None
     retry_failed: bool = True
