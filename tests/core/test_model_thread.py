@@ -78,3 +78,34 @@ def test_the_thread_that_loads_the_model_runs_every_batch(tiny_model_path: Path)
     assert seen, "the model ran"
     assert set(seen) == {loaded_on}
     assert loaded_on != threading.get_ident()
+
+
+def test_the_bulk_actor_runs_its_model_on_the_thread_that_loaded_it(tiny_model_path: Path, tmp_path: Path) -> None:
+    """Ray Data builds the actor on one thread and calls it on another (a thread pool of its own):
+    the calls preprocess on theirs, capped, and run the model on the actor's model thread."""
+    import numpy as np
+
+    from qwen25vl_embed_server.ray.bulk_actor import BulkExtractionActor
+    from qwen25vl_embed_server.ray.bulk_job import BulkJob
+
+    paths = []
+    for index in range(3):
+        paths.append(tmp_path / f"image{index}.png")
+        paths[-1].write_bytes(png_bytes(noise_image(56 + 28 * index, 56, seed=index)))
+    load = LoadOptions(model=str(tiny_model_path), device="cpu", dtype="float32")
+    actor = BulkExtractionActor(BulkJob(source=str(tmp_path), output=tmp_path / "out", load=load))
+    loaded_on = actor._model_thread.run(threading.get_ident)
+    forwards: list[int] = []
+    actor._extractor.loaded.visual.register_forward_pre_hook(lambda *_: forwards.append(threading.get_ident()))
+
+    def ray_call() -> tuple[int, int]:
+        table = actor({"path": np.array([str(path) for path in paths])})
+        return table.num_rows, torch.get_num_threads()
+
+    with ThreadPoolExecutor(1) as ray_thread:
+        rows, threads = ray_thread.submit(ray_call).result()
+    assert rows == len(paths)
+    assert threads == 1
+    assert forwards
+    assert set(forwards) == {loaded_on}
+    assert loaded_on != threading.get_ident()

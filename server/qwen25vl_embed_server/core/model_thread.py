@@ -12,7 +12,8 @@ image with all torch work on one thread, 116 ms with preprocessing on another.
 
 So a server has one :class:`ModelThread`: it loads the model, then runs every batch; each other
 thread that may run torch ops calls :func:`single_threaded_torch` first (the preprocessing
-workers do). Small ops never start a team, so the event loop's bookkeeping needs nothing.
+workers do; so does the bulk actor, which Ray constructs on one thread and calls on another).
+Small ops never start a team, so the event loop's bookkeeping needs nothing.
 """
 
 from __future__ import annotations
@@ -34,6 +35,10 @@ class ModelThread:
     async def call(self, function: Callable[..., _T], *args: object) -> _T:
         """Run ``function(*args)`` on the model thread; await its result on the running loop."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
+
+    def run(self, function: Callable[..., _T], *args: object) -> _T:
+        """Run ``function(*args)`` on the model thread and wait for its result (blocking callers)."""
+        return self._executor.submit(function, *args).result()
 
     def shutdown(self, wait: bool = True) -> None:
         """End the thread (``wait`` False: without waiting for the run in progress; queued calls

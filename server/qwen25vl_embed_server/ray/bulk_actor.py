@@ -3,10 +3,15 @@
 Each image goes through :func:`~qwen25vl_embed_server.core.request.prepare_request`, the chain
 the server uses, so a bulk job applies the same checks (the job's
 :attr:`~qwen25vl_embed_server.ray.bulk_job.BulkJob.limits`, the prompt's tokens included).
+
+Ray Data constructs the actor on one thread and calls it on another, so, as in the server
+(:mod:`~qwen25vl_embed_server.core.model_thread`), the model loads and runs on a model thread of
+the actor's own, and the thread Ray calls on preprocesses with torch on itself alone.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -17,6 +22,7 @@ import pyarrow as pa
 from qwen25vl_embed_server.core.batcher import BatchingConfig
 from qwen25vl_embed_server.core.errors import DeviceOutOfMemoryError, InvalidInputError
 from qwen25vl_embed_server.core.extractor import Extraction, Extractor, Prepared
+from qwen25vl_embed_server.core.model_thread import ModelThread, single_threaded_torch
 from qwen25vl_embed_server.core.request import EncodedRequest, prepare_request
 from qwen25vl_embed_server.ray.parquet_format import _table, output_schema
 
@@ -36,7 +42,9 @@ class BulkExtractionActor:
             torch.set_num_threads(max(1, int(job.cpus_per_actor)))
         self._job = job
         self._limits = job.limits
-        self._extractor = Extractor(load_model(job.load))
+        self._model_thread = ModelThread()
+        self._extractor = self._model_thread.run(lambda: Extractor(load_model(job.load)))
+        self._preprocessing = threading.local()  # the threads Ray calls on, each capped once
         self._plan = self._extractor.plan(job.outputs)
         self._max_tokens = BatchingConfig(max_tokens=job.max_batch_tokens).tokens_for(
             self._extractor.loaded.device.type
@@ -44,6 +52,9 @@ class BulkExtractionActor:
         self._schema = output_schema(self._plan.names)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        if not getattr(self._preprocessing, "capped", False):
+            single_threaded_torch()
+            self._preprocessing.capped = True
         paths = [str(path) for path in batch["path"]]
         outcomes: list[Extraction | str] = ["" for _ in paths]
         prepared: list[tuple[int, Prepared]] = []
@@ -68,7 +79,7 @@ class BulkExtractionActor:
     def _run(self, items: list[Prepared]) -> list[Extraction | str]:
         """One model call; when it fails (device memory, a rejected image), each item alone."""
         try:
-            return list(self._extractor.run(items))
+            return list(self._model_thread.run(self._extractor.run, items))
         except (InvalidInputError, DeviceOutOfMemoryError) as error:
             if len(items) == 1:
                 return [str(error)]
