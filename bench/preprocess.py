@@ -9,6 +9,10 @@ beside the model thread. Decoding (Pillow, libpng / libjpeg) and the processor's
 release the GIL, the tokenizer and the Python around them do not. This measures the same chain
 the server runs (:func:`~qwen25vl_embed_server.core.request.prepare_request`: check, decode,
 chat template, processor) on threads and, for comparison, on processes, in alternating rounds.
+First it compares transformers' two image processors for the checkpoint on the same decoded
+images, in alternating rounds: the torchvision backend (transformers 5's default, which the server
+and the tests' references use) and the PIL one: ms per image and the largest difference in
+pixel values (float rounding without a resize; the resize kernels differ).
 """
 
 from __future__ import annotations
@@ -66,6 +70,31 @@ def rate(executor: Executor, images: Sequence[bytes]) -> float:
     return len(images) / (time.perf_counter() - started)
 
 
+def compare_backends(model: str, images: Sequence[Image.Image], rounds: int) -> None:
+    """transformers' torchvision and PIL image processors: ms per image, largest pixel difference."""
+    from transformers import AutoImageProcessor
+
+    processors = {
+        backend: AutoImageProcessor.from_pretrained(model, backend=backend)  # type: ignore[no-untyped-call]
+        for backend in ("torchvision", "pil")
+    }
+    outputs = {
+        name: [p(images=[image], return_tensors="pt")["pixel_values"] for image in images]
+        for name, p in processors.items()
+    }
+    largest = max(float((a - b).abs().max()) for a, b in zip(outputs["torchvision"], outputs["pil"], strict=True))
+    times: dict[str, list[float]] = {name: [] for name in processors}
+    for round_ in range(rounds):
+        for name in list(processors) if round_ % 2 == 0 else list(reversed(processors)):
+            started = time.perf_counter()
+            for image in images:
+                processors[name](images=[image], return_tensors="pt")
+            times[name].append((time.perf_counter() - started) / len(images) * 1e3)
+    for name, values in times.items():
+        print(f"image processor, {name:11} backend: {statistics.median(values):6.2f} ms per image")
+    print(f"  largest difference of their pixel values: {largest:.3g}")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--size", type=int, default=448)
@@ -86,6 +115,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     for data in images:
         _prepare(data)
     print(f"one thread: {(time.perf_counter() - started) / len(images) * 1e3:.1f} ms per {args.size}x{args.size} image")
+
+    compare_backends(model, [Image.open(io.BytesIO(data)).convert("RGB") for data in images[:16]], args.rounds)
 
     pools: dict[str, Callable[[int], Executor]] = {
         "threads": lambda n: ThreadPoolExecutor(n, initializer=_start, initargs=(model,)),
