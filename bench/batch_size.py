@@ -25,9 +25,9 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).parent))  # run as a script: bench/ modules import each other
 from throughput import PROMPT, checkpoint
 
+from qwen25vl_embed_server.core.defaults import FP32_MATMULS
 from qwen25vl_embed_server.core.extractor import Extractor
 from qwen25vl_embed_server.core.loading import LoadOptions, load_model
-from qwen25vl_embed_server.core.packed_linear import FP32_MATMULS
 
 OUTPUTS = {"with the LM": "lm_last_token", "vision only": "vision_pooled_mean"}
 

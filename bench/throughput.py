@@ -36,11 +36,10 @@ sys.path.insert(0, str(Path(__file__).parent))  # run as a script: bench/ module
 from transfer import measure_transfer
 
 from qwen25vl_embed import EmbeddingClient
-from qwen25vl_embed_server.core.defaults import DEFAULT_FP32_MATMUL
+from qwen25vl_embed_server.core.defaults import DEFAULT_FP32_MATMUL, FP32_MATMULS
 from qwen25vl_embed_server.core.extractor import Extractor
 from qwen25vl_embed_server.core.image_decoding import decode_image
 from qwen25vl_embed_server.core.loading import LoadedModel, LoadOptions, load_model
-from qwen25vl_embed_server.core.packed_linear import FP32_MATMULS
 from qwen25vl_embed_server.core.tiny_model import BENCH_SHAPE, QWEN25VL_7B_SHAPE, TinyShape, build_tiny_model
 from qwen25vl_embed_server.rpc.harness import ServerProcess
 

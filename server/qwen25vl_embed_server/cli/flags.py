@@ -43,7 +43,7 @@ def model_flags(parser: argparse.ArgumentParser, group: Any = None) -> None:
     )
     parser.add_argument(
         "--fp32-matmul",
-        choices=("exact", "onednn"),
+        choices=defaults.FP32_MATMULS,
         default=defaults.DEFAULT_FP32_MATMUL,
         help="fp32 on the CPU: exact (torch's matmul, bit-exact against transformers) or onednn "
         "(prepacked oneDNN weights: faster, differs by float rounding, ~1e-6 relative) "

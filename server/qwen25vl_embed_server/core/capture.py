@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from qwen25vl_embed_server.core.outputs import OutputPlan
+from qwen25vl_embed_server.core.window_order import to_image_order, window_index
 
 
 @dataclass
@@ -24,6 +25,17 @@ class Captured:
     merger_input: torch.Tensor | None = None
     vision_blocks: dict[int, torch.Tensor] = field(default_factory=dict)
     lm_layers: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def vision_in_image_order(
+        self, visual: Any, grid_thw: torch.Tensor, merge_unit: int
+    ) -> tuple[torch.Tensor | None, dict[int, torch.Tensor]]:
+        """The merger's input and the captured blocks' outputs, in image (patch) order, for a
+        forward over the images of ``grid_thw``."""
+        if self.merger_input is None and not self.vision_blocks:
+            return None, {}
+        order = window_index(visual, grid_thw)
+        tokens = None if self.merger_input is None else to_image_order(self.merger_input, order, merge_unit)
+        return tokens, {k: to_image_order(block, order, merge_unit) for k, block in self.vision_blocks.items()}
 
 
 def _first(output: Any) -> torch.Tensor:

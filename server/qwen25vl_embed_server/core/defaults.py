@@ -28,8 +28,11 @@ DEFAULT_DEVICE = "auto"
 DEFAULT_DTYPE = "auto"
 """bfloat16 on cuda, float32 elsewhere (exact against transformers on the CPU)."""
 
+FP32_MATMULS = ("exact", "onednn")
+"""fp32 matmuls on the CPU: ``exact``, torch's own (bit-exact against transformers); ``onednn``,
+prepacked oneDNN weights (faster, not bit-exact; see ``core/packed_linear.py``)."""
+
 DEFAULT_FP32_MATMUL = "exact"
-"""fp32 on the CPU: torch's own matmul, bit-exact against transformers ("onednn": faster, not bit-exact)."""
 
 DEFAULT_WIRE_DTYPE = "float32"
 """The dtype floating outputs travel in when a request names none."""

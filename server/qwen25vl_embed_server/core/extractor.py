@@ -37,7 +37,6 @@ from qwen25vl_embed_server.core.retrieval_heads import (
     single_vector,
     truncate,
 )
-from qwen25vl_embed_server.core.window_order import to_image_order, window_index
 
 
 @dataclass(frozen=True)
@@ -310,14 +309,9 @@ class Extractor:
         projected: Sequence[torch.Tensor] = (
             captured.projected.split([n // self._merge_unit for n in patches]) if captured.projected is not None else ()
         )
-        vision_tokens: Sequence[torch.Tensor] = ()
-        blocks: dict[int, Sequence[torch.Tensor]] = {}
-        if captured.merger_input is not None or captured.vision_blocks:
-            order = window_index(self._visual, grid)
-            if captured.merger_input is not None:
-                vision_tokens = to_image_order(captured.merger_input, order, self._merge_unit).split(patches)
-            for k, block in captured.vision_blocks.items():
-                blocks[k] = to_image_order(block, order, self._merge_unit).split(patches)
+        tokens, in_order = captured.vision_in_image_order(self._visual, grid, self._merge_unit)
+        vision_tokens: Sequence[torch.Tensor] = () if tokens is None else tokens.split(patches)
+        blocks = {k: block.split(patches) for k, block in in_order.items()}
 
         results = []
         for row, item in enumerate(batch):

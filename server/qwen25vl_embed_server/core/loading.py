@@ -13,10 +13,10 @@ from typing import Any
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from qwen25vl_embed_server.core.defaults import DEFAULT_DEVICE, DEFAULT_DTYPE, DEFAULT_FP32_MATMUL
+from qwen25vl_embed_server.core.defaults import DEFAULT_DEVICE, DEFAULT_DTYPE, DEFAULT_FP32_MATMUL, FP32_MATMULS
 from qwen25vl_embed_server.core.dtypes import TORCH_DTYPES, dtype_name
 from qwen25vl_embed_server.core.errors import ModelLoadError
-from qwen25vl_embed_server.core.packed_linear import FP32_MATMULS, PackedLinear, pack_linears, packing_applies
+from qwen25vl_embed_server.core.packed_linear import PackedLinear, pack_linears, packing_applies
 from qwen25vl_embed_server.core.recipes import Recipe, detect_recipe, get_recipe
 from qwen25vl_embed_server.core.retrieval_model import RetrievalLayout, find_layout, load_retrieval
 from qwen25vl_embed_server.core.tiny_model import TINY_MODEL_NAME, build_tiny_model

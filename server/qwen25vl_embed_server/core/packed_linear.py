@@ -25,9 +25,6 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-FP32_MATMULS = ("exact", "onednn")
-"""``exact``: torch's own fp32 matmul (bit-exact against transformers); ``onednn``: packed weights."""
-
 # Never called by the extractor (it reads hidden states, not logits): packing it would only cost memory.
 _SKIPPED = ("lm_head",)
 

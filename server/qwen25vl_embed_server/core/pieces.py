@@ -22,7 +22,6 @@ import torch
 
 from qwen25vl_embed_server.core import outputs as names
 from qwen25vl_embed_server.core.capture import capturing
-from qwen25vl_embed_server.core.window_order import to_image_order, window_index
 
 if TYPE_CHECKING:
     from qwen25vl_embed_server.core.extractor import Extraction, Extractor, Prepared
@@ -100,14 +99,12 @@ class PiecewiseRun:
         with capturing(loaded.visual, loaded.language_model, item.plan) as captured:
             loaded.model.model.get_image_features(pixels, grid.to(device))
         assert captured.projected is not None, "the vision tower's output hook did not fire"
-        parts, unit = self._parts, extractor.merge_unit
-        parts.projected.append(captured.projected)
-        if captured.merger_input is not None or captured.vision_blocks:
-            order = window_index(loaded.visual, grid)
-            if captured.merger_input is not None:
-                parts.vision_tokens.append(to_image_order(captured.merger_input, order, unit))
-            for k, block in captured.vision_blocks.items():
-                parts.blocks.setdefault(k, []).append(to_image_order(block, order, unit))
+        self._parts.projected.append(captured.projected)
+        tokens, blocks = captured.vision_in_image_order(loaded.visual, grid, extractor.merge_unit)
+        if tokens is not None:
+            self._parts.vision_tokens.append(tokens)
+        for k, block in blocks.items():
+            self._parts.blocks.setdefault(k, []).append(block)
 
     def _language_piece(self) -> Extraction:
         """The language model over the whole sequence, the collected features in the image tokens."""
