@@ -14,13 +14,19 @@ checks it):
 - :mod:`.cli`: the ``qwen25vl-embed`` command.
 
 The names below are the entry points for code that embeds the server; they load lazily, so
-importing this package costs nothing (the CLI imports torch only for commands that need it).
+importing this package costs nothing (the CLI imports torch only for commands that need it) but
+:func:`.core.mkl_dispatch.apply`, which must run before torch loads: import this package first.
 """
 
 from __future__ import annotations
 
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
+
+from qwen25vl_embed_server.core import mkl_dispatch
+
+# Before anything here loads torch: MKL then chooses its kernels by the CPU's features.
+mkl_dispatch.apply()
 
 if TYPE_CHECKING:
     from qwen25vl_embed_server.core.extractor import Extraction, Extractor

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
+from qwen25vl_embed_server.core import mkl_dispatch
 from qwen25vl_embed_server.core.defaults import DEFAULT_DEVICE, DEFAULT_DTYPE, DEFAULT_FP32_MATMUL, FP32_MATMULS
 from qwen25vl_embed_server.core.dtypes import TORCH_DTYPES, dtype_name
 from qwen25vl_embed_server.core.errors import ModelLoadError
@@ -200,6 +201,8 @@ def _load(options: LoadOptions, device: torch.device, dtype: torch.dtype, starte
         seconds,
         recipe.name if recipe else "none",
     )
+    if device.type == "cpu":
+        log.info("MKL dispatch: %s", mkl_dispatch.state().reason)
     return LoadedModel(
         name=options.model,
         model=model,
