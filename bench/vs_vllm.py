@@ -11,9 +11,12 @@ It pools the last token without activation: the same vector as our ``lm_last_tok
 run checks. Ours is ``qwen25vl-embed serve`` with 4 concurrent SDK callers, in fp32 once as it
 ships (exact) and once with ``--fp32-matmul onednn``; ``--before DIR`` adds the server of another
 checkout of this project (its ``server/`` and ``client/`` first on ``PYTHONPATH``), so a change is
-measured against what it replaces in one run. Both sides decode the images inside their timing.
-Before each timed run the bench waits for the machine to go idle: vLLM's worker keeps a core busy
-for a while after it answers, which would otherwise be charged to whoever runs next.
+measured against what it replaces in one run; ``ours vendor`` is ours with MKL's own kernel choice
+(``QWEN25VL_EMBED_MKL_DISPATCH=vendor``, see ``core/mkl_dispatch.py``), and
+``--vllm-mkl-dispatch features`` gives vLLM's processes our choice too. Both sides decode the
+images inside their timing. Before each timed run the bench waits for the machine to go idle:
+vLLM's worker keeps a core busy for a while after it answers, which would otherwise be charged to
+whoever runs next.
 
 Workloads (fixed seeds): ``uniform`` 24 noise images 448x448; ``mixed`` 24 images 256 to 1536 px on
 the long side, aspect 1:3 to 3:1; ``two-image`` 12 requests of two 448x448 images. Each round runs
@@ -45,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).parent))  # run as a script: bench/ module
 from throughput import PROMPT, checkpoint
 
 from qwen25vl_embed import EmbeddingClient
+from qwen25vl_embed_server.core import mkl_dispatch
 from qwen25vl_embed_server.rpc.harness import ServerProcess
 
 VLLM_VENV = Path.home() / ".cache" / "qwen25vl-embed" / "vllm-venv"
@@ -140,8 +144,10 @@ def make_workloads(folder: Path) -> list[Workload]:
 class VllmSide:
     """The worker process in vLLM's venv: one model, loaded once."""
 
-    def __init__(self, python: Path, model: Path, dtype: str) -> None:
+    def __init__(self, python: Path, model: Path, dtype: str, preload: Path | None = None) -> None:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        if preload is not None:  # ours's MKL dispatch, for vLLM's processes too (--vllm-mkl-dispatch)
+            env["LD_PRELOAD"] = str(preload)
         self._process = subprocess.Popen(
             [str(python), str(WORKER), str(model), dtype, PROMPT, "2"],
             stdin=subprocess.PIPE,
@@ -207,12 +213,17 @@ def relative_difference(a: Sequence[np.ndarray], b: Sequence[np.ndarray]) -> flo
 
 
 def compare(
-    dtype: str, python: Path, workloads: list[Workload], rounds: int, variants: Sequence[Variant]
+    dtype: str,
+    python: Path,
+    workloads: list[Workload],
+    rounds: int,
+    variants: Sequence[Variant],
+    vllm_preload: Path | None = None,
 ) -> dict[str, Result]:
     """Every variant of ours and vLLM on every workload, ``rounds`` times, the order rotating."""
     model = checkpoint("bench", "cpu", getattr(torch, dtype))
     results = {w.name: Result() for w in workloads}
-    vllm = VllmSide(python, model, dtype)
+    vllm = VllmSide(python, model, dtype, vllm_preload)
     servers = [
         ServerProcess(["--model", str(model), "--device", "cpu", "--dtype", dtype, *v.args], env=dict(v.env))
         for v in variants
@@ -252,10 +263,12 @@ def compare(
 
 
 def variants_for(dtype: str, before: Path | None) -> list[Variant]:
-    """What each dtype compares: ours as it ships, fp32 also with oneDNN matmuls, and ``before``."""
+    """What each dtype compares: ours as it ships, fp32 also with oneDNN matmuls, ours with MKL's
+    own dispatch (``core/mkl_dispatch.py``: the lever alone), and ``before``."""
     variants = [Variant("ours")]
     if dtype == "float32":
         variants.append(Variant("ours onednn", ("--fp32-matmul", "onednn")))
+    variants.append(Variant("ours vendor", env=((mkl_dispatch.ENV, "vendor"),)))
     if before is not None:
         path = f"{before.resolve() / 'server'}{os.pathsep}{before.resolve() / 'client'}"
         variants.append(Variant("before", env=(("PYTHONPATH", path),)))
@@ -294,7 +307,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--before", type=Path, default=None, help="a checkout of an earlier version of ours, run in the same rounds"
     )
+    parser.add_argument(
+        "--vllm-mkl-dispatch",
+        choices=mkl_dispatch.MODES,
+        default="vendor",
+        help="'features' loads our MKL dispatch definition into vLLM's processes too (LD_PRELOAD)",
+    )
     args = parser.parse_args(argv)
+    preload = mkl_dispatch.library() if args.vllm_mkl_dispatch == "features" else None
     python = setup(args.vllm_venv) if args.setup else args.vllm_venv / "bin" / "python"
     if args.setup:
         return
@@ -302,10 +322,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(f"no vLLM venv at {args.vllm_venv}: run `python bench/vs_vllm.py --setup` first")
     with tempfile.TemporaryDirectory() as folder:
         workloads = [w for w in make_workloads(Path(folder)) if w.name in args.workloads]
+        print(f"vLLM's MKL dispatch: {args.vllm_mkl_dispatch}")
         print(f"{'dtype':9} {'workload':10} {'side':12} {'img/s':>7} {'vs vLLM':>8} {'max rel diff':>13}")
         for dtype in args.dtypes:
             variants = variants_for(dtype, args.before)
-            for name, result in compare(dtype, python, workloads, args.rounds, variants).items():
+            for name, result in compare(dtype, python, workloads, args.rounds, variants, preload).items():
                 theirs = result.median("vLLM")
                 print(f"{dtype:9} {name:10} {'vLLM':12} {theirs:7.2f}")
                 for variant in variants:

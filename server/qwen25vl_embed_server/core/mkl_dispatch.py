@@ -79,14 +79,14 @@ def _decide() -> MklDispatch:
     if vendor == "GenuineIntel":
         return MklDispatch(False, "an Intel CPU: MKL already chooses by features")
     try:
-        library = _library()
-        ctypes.CDLL(str(library), mode=ctypes.RTLD_GLOBAL)
+        built = library()
+        ctypes.CDLL(str(built), mode=ctypes.RTLD_GLOBAL)
     except subprocess.CalledProcessError as error:
         detail = error.stderr.decode(errors="replace").strip() or f"exit status {error.returncode}"
         return MklDispatch(False, f"the C compiler failed ({detail}): MKL's own choice")
     except (OSError, subprocess.SubprocessError, RuntimeError) as error:
         return MklDispatch(False, f"could not build or load the definition ({error}): MKL's own choice")
-    return MklDispatch(True, f"CPU vendor {vendor or 'unknown'}: MKL chooses by features", library)
+    return MklDispatch(True, f"CPU vendor {vendor or 'unknown'}: MKL chooses by features", built)
 
 
 def _cpu_vendor() -> str:
@@ -104,8 +104,9 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qwen25vl-embed"
 
 
-def _library() -> Path:
-    """The compiled definition, built once per source text; concurrent builders each rename theirs."""
+def library() -> Path:
+    """The compiled definition (built once per source text; concurrent builders each rename theirs).
+    Raises OSError, RuntimeError (no compiler) or subprocess.CalledProcessError."""
     digest = hashlib.sha256(SOURCE.encode()).hexdigest()[:16]
     target = cache_dir() / f"mkl-dispatch-{digest}.so"
     if target.exists():
