@@ -13,13 +13,24 @@ overhead (service at concurrency 1 vs in-process, pooled outputs) and a tensor-t
     python bench/throughput.py --quick --shape tiny  # a smoke run (seconds)
     python bench/throughput.py --fp32-matmul onednn  # the core and the service on oneDNN's packed
                                                      # matmuls (the baseline stays transformers')
+
+MKL's kernel choice (``core/mkl_dispatch.py``) is a state of the whole process. On the CPU the
+baseline runs in a child process of its own with MKL's own choice, as the original script did
+(``--baseline-mkl-dispatch features`` gives it ours: the comparison without that lever); this
+process and the server's take what the package ships (``QWEN25VL_EMBED_MKL_DISPATCH`` applies).
 """
 
 from __future__ import annotations
 
+import qwen25vl_embed_server  # noqa: F401  (first: it sets MKL's dispatch before torch loads)
+
+# isort: split
 import argparse
 import io
+import json
+import os
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -36,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).parent))  # run as a script: bench/ module
 from transfer import measure_transfer
 
 from qwen25vl_embed import EmbeddingClient
+from qwen25vl_embed_server.core import mkl_dispatch
 from qwen25vl_embed_server.core.defaults import DEFAULT_FP32_MATMUL, FP32_MATMULS
 from qwen25vl_embed_server.core.extractor import Extractor
 from qwen25vl_embed_server.core.image_decoding import decode_image
@@ -161,30 +173,48 @@ def timed_clients(
     return Row(name, latencies, time.perf_counter() - started, server_ms)
 
 
-def measure_in_process(
-    loaded: LoadedModel, images: Sequence[bytes], core: LoadedModel | None = None
-) -> tuple[list[Row], Callable[[bytes], Any]]:
-    """The baseline (on ``loaded``) and the extraction core (on ``core``, default ``loaded``), one
-    image at a time, in this process.
+BASELINE = "baseline (original script)"
 
-    Also returns the in-process call, for the interleaved RPC-overhead pass.
-    """
-    extractor = Extractor(core or loaded)
-    pooled_plan = extractor.plan(OUTPUT_SETS["pooled"])
+
+def measure_baseline(loaded: LoadedModel, images: Sequence[bytes]) -> Row:
+    """The original script's method on ``loaded``, one image at a time, in this process."""
 
     def baseline(image: bytes) -> Any:
         return original_script(loaded, image)
+
+    for warm in images[:2]:
+        baseline(warm)
+    return timed_sequential(BASELINE, images, baseline, loaded.device)
+
+
+def baseline_in_child(args: argparse.Namespace) -> Row:
+    """:func:`measure_baseline` in a child process under ``args.baseline_mkl_dispatch``."""
+    command = [sys.executable, __file__, "--baseline-child", "--shape", args.shape, "--device", args.device]
+    command += ["--dtype", args.dtype, "--images", str(args.images), "--size", str(args.size)]
+    environment = {**os.environ, mkl_dispatch.ENV: args.baseline_mkl_dispatch}
+    run = subprocess.run(command, check=True, capture_output=True, text=True, env=environment)
+    figures = json.loads(run.stdout.splitlines()[-1])
+    return Row(BASELINE, figures["latencies"], figures["wall"])
+
+
+def measure_in_process(
+    loaded: LoadedModel, images: Sequence[bytes], core: LoadedModel | None = None, baseline: bool = True
+) -> tuple[list[Row], Callable[[bytes], Any]]:
+    """The baseline (on ``loaded``, if ``baseline``) and the extraction core (on ``core``, default
+    ``loaded``), one image at a time, in this process.
+
+    Also returns the in-process call, for the interleaved RPC-overhead pass.
+    """
+    rows = [measure_baseline(loaded, images)] if baseline else []
+    extractor = Extractor(core or loaded)
+    pooled_plan = extractor.plan(OUTPUT_SETS["pooled"])
 
     def in_process(image: bytes) -> Any:
         return extractor.extract([decode_image(image)], PROMPT, pooled_plan)
 
     for warm in images[:2]:
-        baseline(warm)
         in_process(warm)
-    rows = [
-        timed_sequential("baseline (original script)", images, baseline, loaded.device),
-        timed_sequential("in-process core, pooled", images, in_process, loaded.device),
-    ]
+    rows.append(timed_sequential("in-process core, pooled", images, in_process, loaded.device))
     return rows, in_process
 
 
@@ -222,6 +252,13 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
     parser.add_argument(
         "--fp32-matmul", choices=FP32_MATMULS, default=DEFAULT_FP32_MATMUL, help="the core's and the service's"
     )
+    parser.add_argument(
+        "--baseline-mkl-dispatch",
+        choices=mkl_dispatch.MODES,
+        default="vendor",
+        help="on the CPU, the baseline's process: MKL's own choice (the original script's) or ours",
+    )
+    parser.add_argument("--baseline-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:
         args.images, args.concurrency = 3, [1, 2]
@@ -229,11 +266,18 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
     path = checkpoint(args.shape, args.device, dtype)
     images = [noise_png(args.size, seed) for seed in range(args.images)]
     loaded = load_model(LoadOptions(model=str(path), device=args.device, dtype=args.dtype))
+    if args.baseline_child:
+        row = measure_baseline(loaded, images)
+        print(json.dumps({"latencies": row.latencies, "wall": row.wall}))
+        return [row]
     core = None
     if args.fp32_matmul != DEFAULT_FP32_MATMUL:
         options = LoadOptions(model=str(path), device=args.device, dtype=args.dtype, fp32_matmul=args.fp32_matmul)
         core = load_model(options)
-    rows, in_process = measure_in_process(loaded, images, core)
+    in_child = loaded.device.type == "cpu"  # elsewhere MKL runs nothing of the model: no second load
+    rows, in_process = measure_in_process(loaded, images, core, baseline=not in_child)
+    if in_child:
+        rows.insert(0, baseline_in_child(args))
     serve_args = ["--model", str(path), "--device", args.device, "--dtype", args.dtype]
     if core is not None:
         serve_args += ["--fp32-matmul", args.fp32_matmul]
@@ -253,6 +297,11 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
 def report(rows: list[Row], args: argparse.Namespace, overhead: float) -> None:
     baseline = rows[0].images_per_s
     print(f"\n{args.images} images of {args.size}x{args.size}, model '{args.shape}' on {args.device} ({args.dtype})")
+    if args.device == "cpu":
+        print(
+            f"MKL dispatch: the baseline's process {args.baseline_mkl_dispatch}; this process and the server's: "
+            f"{mkl_dispatch.state().reason}"
+        )
     print(f"{'':38} {'img/s':>8} {'vs base':>8} {'p50 ms':>9} {'p99 ms':>9}")
     for row in rows:
         ratio = row.images_per_s / baseline
