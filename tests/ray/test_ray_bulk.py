@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import os
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ from qwen25vl_embed_server.ray.bulk_job import BulkJob, run_bulk
 from qwen25vl_embed_server.ray.bulk_listing import list_images
 from qwen25vl_embed_server.ray.parquet_format import finished_paths, iter_rows
 
+from ..core.test_mkl_dispatch import applies_here
 from ..helpers import noise_image, png_bytes
 
 # Token tensors of different first axes per image (ragged) and a 3-d one, plus pooled vectors.
@@ -189,3 +191,24 @@ def test_bulk_asking_for_gpus_the_cluster_lacks_fails_in_one_line(
         "use fewer, or --num-gpus 0 with --actors to run on CPUs\n"
     )
     assert not (tmp_path / "out").exists()
+
+
+def test_rays_workers_start_without_torch_so_mkl_dispatch_applies_there(ray_cluster: None) -> None:
+    """The replica's and the bulk actors' processes are Ray workers: they load torch only through
+    our package, which sets MKL's dispatch first (core/mkl_dispatch.py), as in ``serve``."""
+    import ray
+
+    # A runtime env of its own: a fresh worker process, never one an earlier task left with torch.
+    @ray.remote(num_cpus=0, runtime_env={"env_vars": {"QWEN25VL_EMBED_PROBE": uuid.uuid4().hex}})
+    def probe() -> tuple[bool, bool, str]:
+        import sys
+
+        loaded_before = "torch" in sys.modules
+        from qwen25vl_embed_server.core import mkl_dispatch
+
+        state = mkl_dispatch.state()
+        return loaded_before, state.applied, state.reason
+
+    loaded_before, applied, reason = ray.get(probe.remote(), timeout=120)
+    assert loaded_before is False
+    assert applied is applies_here(), reason
