@@ -1,19 +1,21 @@
 """MKL's kernels chosen by what the CPU can do, not by who made it.
 
-torch's x86-64 wheels link Intel MKL, and MKL runs torch's fp32 matmuls: every linear layer of an
-fp32 model without ``--fp32-matmul onednn``, and the fp32 attention kernel's products. MKL asks
-``mkl_serv_intel_cpu_true()``, a function of its own service layer, before it looks at the CPU's
-features: on a CPU that is not Intel's it takes a generic AVX2 code path, AVX-512 or not. On this
-project's AMD EPYC with AVX-512 that is about 150 GFLOP/s for the language model's MLP against
-about 400 with the kernels MKL runs on Intel's AVX-512 CPUs (``bench/mkl_dispatch.py``).
+torch's x86-64 wheels link Intel MKL, and MKL runs torch's fp32 matmuls (every linear layer of an
+fp32 model without ``--fp32-matmul onednn``) and the CPU attention kernel's products, in fp32 and
+in bf16. MKL asks ``mkl_serv_intel_cpu_true()``, a function of its own service layer, before it
+looks at the CPU's features: on a CPU that is not Intel's it takes slower kernels, AVX-512 or not. On this
+project's 2-core AMD EPYC with AVX-512, torch's fp32 linear at the benchmark LM's MLP shape runs
+at 186 GFLOP/s, against 459 with the kernels MKL runs on Intel's AVX-512 CPUs, and the benchmark
+model at 224 against 129 ms per image (``bench/mkl_dispatch.py``, one run).
 
 MKL calls that function through the procedure linkage table, so the first definition in the
 process's global symbol scope answers for it. :func:`apply` compiles a one-line definition that
 answers yes (the C compiler, once, into ``~/.cache/qwen25vl-embed``) and loads it with
 ``RTLD_GLOBAL``, before torch is loaded; MKL then chooses by the CPU's features (CPUID), as it does
 on Intel's CPUs. Results stay deterministic, and transformers run in the same process computes the
-same bits (the test suite's references do); against a process without it, fp32 differs by float
-rounding (about 1e-7 relative), as results differ between an Intel and an AMD machine.
+same bits (the test suite's references do); against a process without it, fp32 results differ by
+float rounding (9e-7 relative at the benchmark model's last token) and bf16 ones by bf16 rounding,
+as results differ between an Intel and an AMD machine.
 
 The package's ``__init__`` calls :func:`apply`, so it holds in every process that imports
 ``qwen25vl_embed_server`` before torch (the CLI, the server, Ray's actors, the tests). Set

@@ -10,8 +10,9 @@ backend do. What it costs in exactness depends on the dtype:
   Packing is on by default wherever oneDNN's bf16 kernels run (CPUs with AVX-512).
 - **float32**: torch's fp32 matmul is MKL's; oneDNN sums in another order, so results differ by
   float rounding (about 1e-6 relative on the models tested) and are no longer bit-exact against
-  transformers. It is opt-in (``fp32_matmul="onednn"``): MKL uses AVX2 on AMD CPUs, and oneDNN's
-  AVX-512 kernels run about 2x faster there.
+  transformers. It is opt-in (``fp32_matmul="onednn"``): with MKL choosing its kernels by CPU
+  features (:mod:`~.mkl_dispatch`) the gain is about 1.1x in the model on an AMD CPU with
+  AVX-512; under MKL's own choice (its slower kernels on AMD CPUs) it was about 1.6x.
 
 Nothing here runs on cuda or mps: packing applies to CPU models only.
 """
