@@ -71,6 +71,17 @@ def test_the_built_definition_is_reused_by_later_processes(tmp_path: Path) -> No
     assert len(list((tmp_path / "cache" / "qwen25vl-embed").glob("mkl-dispatch-*"))) == int(applies_here())
 
 
+@pytest.mark.skipif(not applies_here(), reason="a build is only made where the dispatch applies")
+def test_a_damaged_cached_build_is_built_again(tmp_path: Path) -> None:
+    probe(tmp_path)
+    (cached,) = (tmp_path / "cache" / "qwen25vl-embed").glob("mkl-dispatch-*.so")
+    cached.write_bytes(b"not an ELF file")
+    result = probe(tmp_path)
+    assert result["applied"] is True, result["reason"]
+    assert result["resolved"] is True
+    assert cached.read_bytes()[:4] == b"\x7fELF"
+
+
 def test_vendor_keeps_mkls_own_choice(tmp_path: Path) -> None:
     result = probe(tmp_path, **{mkl_dispatch.ENV: "vendor"})
     assert result["applied"] is False
@@ -123,3 +134,17 @@ def test_this_process_chose_as_the_servers_do() -> None:
     """The suite's references (transformers, here) run under the dispatch its servers run under,
     so bit-exact comparisons compare the same kernels: conftest imports the package before torch."""
     assert mkl_dispatch.state().applied is applies_here(), mkl_dispatch.state().reason
+
+
+@pytest.mark.skipif(sys.platform != "linux" or platform.machine() != "x86_64", reason="Linux x86-64 only")
+def test_without_torch_installed_nothing_is_built(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The CLI of a client-only install imports the package too: no compiler call for it."""
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.delitem(sys.modules, "torch")  # restored after the test; nothing here imports it
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "torch" else real_find_spec(name))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.delenv(mkl_dispatch.ENV, raising=False)
+    assert mkl_dispatch._decide() == mkl_dispatch.MklDispatch(False, "torch is not installed: nothing to change")
+    assert not (tmp_path / "qwen25vl-embed").exists()

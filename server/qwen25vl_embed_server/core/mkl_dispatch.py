@@ -18,7 +18,9 @@ float rounding (9e-7 relative at the benchmark model's last token) and bf16 ones
 as results differ between an Intel and an AMD machine.
 
 The package's ``__init__`` calls :func:`apply`, so it holds in every process that imports
-``qwen25vl_embed_server`` before torch (the CLI, the server, Ray's actors, the tests). Set
+``qwen25vl_embed_server`` before torch (the CLI, the server, Ray's actors, the tests). It changes
+nothing off Linux x86-64, on Intel's CPUs, where torch is loaded first or not installed, or without
+a C compiler; :func:`state` says which, and a damaged cached build is built again. Set
 ``QWEN25VL_EMBED_MKL_DISPATCH=vendor`` to keep MKL's own choice. Nothing here imports torch.
 """
 
@@ -27,6 +29,7 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import hashlib
+import importlib.util
 import os
 import platform
 import shlex
@@ -77,12 +80,19 @@ def _decide() -> MklDispatch:
         return MklDispatch(False, f"not Linux x86-64 ({sys.platform} {platform.machine()}): nothing to change")
     if "torch" in sys.modules:
         return MklDispatch(False, "torch was loaded before qwen25vl_embed_server: MKL's own choice")
+    if importlib.util.find_spec("torch") is None:  # the CLI without the server extra: nothing to load
+        return MklDispatch(False, "torch is not installed: nothing to change")
     vendor = _cpu_vendor()
     if vendor == "GenuineIntel":
         return MklDispatch(False, "an Intel CPU: MKL already chooses by features")
     try:
         built = library()
-        ctypes.CDLL(str(built), mode=ctypes.RTLD_GLOBAL)
+        try:
+            ctypes.CDLL(str(built), mode=ctypes.RTLD_GLOBAL)
+        except OSError:  # a damaged cached build: build it again, once
+            built.unlink(missing_ok=True)
+            built = library()
+            ctypes.CDLL(str(built), mode=ctypes.RTLD_GLOBAL)
     except subprocess.CalledProcessError as error:
         detail = error.stderr.decode(errors="replace").strip() or f"exit status {error.returncode}"
         return MklDispatch(False, f"the C compiler failed ({detail}): MKL's own choice")
