@@ -80,7 +80,7 @@ def _decide() -> MklDispatch:
         return MklDispatch(False, f"not Linux x86-64 ({sys.platform} {platform.machine()}): nothing to change")
     if "torch" in sys.modules:
         return MklDispatch(False, "torch was loaded before qwen25vl_embed_server: MKL's own choice")
-    if importlib.util.find_spec("torch") is None:  # the CLI without the server extra: nothing to load
+    if not _torch_installed():  # the CLI without the server extra: nothing will load MKL
         return MklDispatch(False, "torch is not installed: nothing to change")
     vendor = _cpu_vendor()
     if vendor == "GenuineIntel":
@@ -99,6 +99,13 @@ def _decide() -> MklDispatch:
     except (OSError, subprocess.SubprocessError, RuntimeError) as error:
         return MklDispatch(False, f"could not build or load the definition ({error}): MKL's own choice")
     return MklDispatch(True, f"CPU vendor {vendor or 'unknown'}: MKL chooses by features", built)
+
+
+def _torch_installed() -> bool:
+    try:
+        return importlib.util.find_spec("torch") is not None
+    except (ImportError, ValueError):  # an import hook that refuses it, or a broken entry
+        return False
 
 
 def _cpu_vendor() -> str:
