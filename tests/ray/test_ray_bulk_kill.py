@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from qwen25vl_embed_server.core.loading import LoadOptions
@@ -39,6 +41,18 @@ def _files(folder: Path) -> dict[str, tuple[int, int]]:
     return {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir()} if folder.exists() else {}
 
 
+def _a_complete_file(folder: Path) -> bool:
+    """Whether some Parquet file there is whole: Ray Data writes under the final name, so a file
+    can be seen before its footer is written (and a kill then leaves no finished row)."""
+    for file in folder.glob("*.parquet") if folder.exists() else ():
+        try:
+            pq.read_metadata(file)
+        except (pa.ArrowException, OSError):
+            continue
+        return True
+    return False
+
+
 def test_a_killed_driver_takes_its_ray_with_it_and_a_rerun_completes_the_output(
     ray_cluster: None, tiny_model_path: Path, tmp_path: Path
 ) -> None:
@@ -55,7 +69,7 @@ def test_a_killed_driver_takes_its_ray_with_it_and_a_rerun_completes_the_output(
     seen: dict[int, int] = {}
     try:
         deadline = time.monotonic() + 240
-        while not any(name.endswith(".parquet") for name in _files(output)):
+        while not _a_complete_file(output):
             assert driver.poll() is None, "the job ended before its first file"
             assert time.monotonic() < deadline, "no file in 240 s"
             for pid in descendants(driver.pid):
