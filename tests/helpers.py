@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import io
+import platform
+import sys
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
+from qwen25vl_embed_server.core import mkl_dispatch
 from qwen25vl_embed_server.core.batcher import BatchingConfig
 from qwen25vl_embed_server.core.defaults import DEFAULT_CHUNK_BYTES, DEFAULT_STREAM_WINDOW
 from qwen25vl_embed_server.core.limits import Limits
@@ -57,3 +60,9 @@ def assert_batched_close(actual: np.ndarray, expected: np.ndarray, name: str = "
     wide, reference = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
     scale = float(np.abs(reference).max(initial=0.0))
     np.testing.assert_allclose(wide, reference, rtol=BATCHED_RTOL, atol=BATCHED_RTOL * scale, err_msg=name)
+
+
+def applies_here() -> bool:
+    """Whether MKL's dispatch by features applies on this machine (core/mkl_dispatch.py): the
+    expectation its tests compute from the CPU, so that they run everywhere."""
+    return sys.platform == "linux" and platform.machine() == "x86_64" and mkl_dispatch._cpu_vendor() != "GenuineIntel"

@@ -18,6 +18,8 @@ import pytest
 
 from qwen25vl_embed_server.core import mkl_dispatch
 
+from ..helpers import applies_here
+
 # The state, whether MKL's symbol resolves to the loaded definition, and its answer.
 PROBE = """
 import ctypes, json, sys
@@ -40,17 +42,13 @@ print(json.dumps({{"applied": state.applied, "reason": state.reason, "resolved":
 
 def probe(tmp_path: Path, before: str = "", **environment: str) -> dict[str, object]:
     env = {key: value for key, value in os.environ.items() if key != mkl_dispatch.ENV}
-    env.update(XDG_CACHE_HOME=str(tmp_path / "cache"), **environment)
+    env.update(QWEN25VL_EMBED_CACHE=str(tmp_path / "cache"), **environment)
     run = subprocess.run(
         [sys.executable, "-c", PROBE.format(before=before)], capture_output=True, text=True, env=env, timeout=120
     )
     assert run.returncode == 0, run.stderr
     result: dict[str, object] = json.loads(run.stdout.splitlines()[-1])
     return result
-
-
-def applies_here() -> bool:
-    return sys.platform == "linux" and platform.machine() == "x86_64" and mkl_dispatch._cpu_vendor() != "GenuineIntel"
 
 
 def test_by_default_mkl_chooses_by_features_where_it_would_choose_by_vendor(tmp_path: Path) -> None:
@@ -60,21 +58,27 @@ def test_by_default_mkl_chooses_by_features_where_it_would_choose_by_vendor(tmp_
         # MKL's own symbol, looked up as its callers' linkage does, is the loaded definition.
         assert result["resolved"] is True
         assert result["answer"] == 1
-        assert list((tmp_path / "cache" / "qwen25vl-embed").glob("mkl-dispatch-*.so"))
+        assert list((tmp_path / "cache").glob("mkl-dispatch-*.so"))
     else:
         assert "Intel" in str(result["reason"]) or "Linux" in str(result["reason"])
 
 
 def test_the_built_definition_is_reused_by_later_processes(tmp_path: Path) -> None:
-    first, second = probe(tmp_path), probe(tmp_path)
+    def builds() -> dict[str, int]:  # each file's inode: a rebuild renames a new file over it
+        return {path.name: path.stat().st_ino for path in (tmp_path / "cache").glob("mkl-dispatch-*")}
+
+    first = probe(tmp_path)
+    built = builds()
+    second = probe(tmp_path)
     assert first["applied"] == second["applied"]
-    assert len(list((tmp_path / "cache" / "qwen25vl-embed").glob("mkl-dispatch-*"))) == int(applies_here())
+    assert len(built) == int(applies_here())
+    assert builds() == built
 
 
 @pytest.mark.skipif(not applies_here(), reason="a build is only made where the dispatch applies")
 def test_a_damaged_cached_build_is_built_again(tmp_path: Path) -> None:
     probe(tmp_path)
-    (cached,) = (tmp_path / "cache" / "qwen25vl-embed").glob("mkl-dispatch-*.so")
+    (cached,) = (tmp_path / "cache").glob("mkl-dispatch-*.so")
     cached.write_bytes(b"not an ELF file")
     result = probe(tmp_path)
     assert result["applied"] is True, result["reason"]
@@ -120,14 +124,14 @@ def test_without_a_compiler_it_says_so_and_torch_still_runs(tmp_path: Path) -> N
 
 def test_concurrent_first_builds_all_apply(tmp_path: Path) -> None:
     env = {key: value for key, value in os.environ.items() if key != mkl_dispatch.ENV}
-    env["XDG_CACHE_HOME"] = str(tmp_path / "cache")
+    env["QWEN25VL_EMBED_CACHE"] = str(tmp_path / "cache")
     code = "import qwen25vl_embed_server.core.mkl_dispatch as m; print(m.state().applied)"
     runs = [
         subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env) for _ in range(4)
     ]
     outputs = [run.communicate(timeout=120)[0].strip() for run in runs]
     assert outputs == [str(applies_here())] * 4
-    assert len(list((tmp_path / "cache" / "qwen25vl-embed").iterdir())) == int(applies_here())
+    assert len(list((tmp_path / "cache").iterdir())) == int(applies_here())
 
 
 def test_this_process_chose_as_the_servers_do() -> None:
@@ -144,7 +148,7 @@ def test_without_torch_installed_nothing_is_built(monkeypatch: pytest.MonkeyPatc
     real_find_spec = importlib.util.find_spec
     monkeypatch.delitem(sys.modules, "torch")  # restored after the test; nothing here imports it
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "torch" else real_find_spec(name))
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("QWEN25VL_EMBED_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv(mkl_dispatch.ENV, raising=False)
     assert mkl_dispatch._decide() == mkl_dispatch.MklDispatch(False, "torch is not installed: nothing to change")
-    assert not (tmp_path / "qwen25vl-embed").exists()
+    assert not (tmp_path / "cache").exists()

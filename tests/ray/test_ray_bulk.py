@@ -21,8 +21,7 @@ from qwen25vl_embed_server.ray.bulk_job import BulkJob, run_bulk
 from qwen25vl_embed_server.ray.bulk_listing import list_images
 from qwen25vl_embed_server.ray.parquet_format import finished_paths, iter_rows
 
-from ..core.test_mkl_dispatch import applies_here
-from ..helpers import noise_image, png_bytes
+from ..helpers import applies_here, noise_image, png_bytes
 
 # Token tensors of different first axes per image (ragged) and a 3-d one, plus pooled vectors.
 OUTPUTS = ("vision_tokens", "projected_tokens", "lm_last_hidden", "lm_image_pooled_mean", "lm_last_token")

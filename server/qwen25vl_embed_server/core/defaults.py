@@ -7,6 +7,9 @@ bounds (:class:`~qwen25vl_embed_server.core.batcher.BatchingConfig`).
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 DEFAULT_MODEL = "Qwen/Qwen2.5-VL-7B-Instruct"
 """The checkpoint loaded when none is named (a hub id; ``tiny-random`` builds one offline)."""
 
@@ -49,3 +52,9 @@ DEFAULT_MAX_RESULT_BYTES = 1 << 30
 
 DEFAULT_SEND_TIMEOUT_SECONDS = 60.0
 """How long an ExtractBatch caller may take no response before its call is ended."""
+
+
+def cache_root() -> Path:
+    """Where the project keeps what it builds once (the ``tiny-random`` checkpoint, the MKL dispatch
+    definition): ``$QWEN25VL_EMBED_CACHE``, else ``~/.cache/qwen25vl-embed``."""
+    return Path(os.environ.get("QWEN25VL_EMBED_CACHE") or Path.home() / ".cache" / "qwen25vl-embed")

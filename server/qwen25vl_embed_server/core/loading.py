@@ -14,7 +14,13 @@ import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from qwen25vl_embed_server.core import mkl_dispatch
-from qwen25vl_embed_server.core.defaults import DEFAULT_DEVICE, DEFAULT_DTYPE, DEFAULT_FP32_MATMUL, FP32_MATMULS
+from qwen25vl_embed_server.core.defaults import (
+    DEFAULT_DEVICE,
+    DEFAULT_DTYPE,
+    DEFAULT_FP32_MATMUL,
+    FP32_MATMULS,
+    cache_root,
+)
 from qwen25vl_embed_server.core.dtypes import TORCH_DTYPES, dtype_name
 from qwen25vl_embed_server.core.errors import ModelLoadError
 from qwen25vl_embed_server.core.packed_linear import PackedLinear, pack_linears, packing_applies
@@ -127,8 +133,7 @@ def check_options(options: LoadOptions) -> None:
 
 def tiny_model_dir() -> Path:
     """Where the ``tiny-random`` checkpoint is built once and then reused."""
-    root = os.environ.get("QWEN25VL_EMBED_CACHE") or Path.home() / ".cache" / "qwen25vl-embed"
-    return Path(root) / TINY_MODEL_NAME
+    return cache_root() / TINY_MODEL_NAME
 
 
 def resolve_model_path(model: str) -> str:

@@ -10,7 +10,8 @@ model at 224 against 129 ms per image (``bench/mkl_dispatch.py``, one run).
 
 MKL calls that function through the procedure linkage table, so the first definition in the
 process's global symbol scope answers for it. :func:`apply` compiles a one-line definition that
-answers yes (the C compiler, once, into ``~/.cache/qwen25vl-embed``) and loads it with
+answers yes (the C compiler, once, into the project's cache folder: ``$QWEN25VL_EMBED_CACHE``,
+else ``~/.cache/qwen25vl-embed``) and loads it with
 ``RTLD_GLOBAL``, before torch is loaded; MKL then chooses by the CPU's features (CPUID), as it does
 on Intel's CPUs. Results stay deterministic, and transformers run in the same process computes the
 same bits (the test suite's references do); against a process without it, fp32 results differ by
@@ -39,6 +40,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from qwen25vl_embed_server.core.defaults import cache_root
+
 ENV = "QWEN25VL_EMBED_MKL_DISPATCH"
 MODES = ("features", "vendor")
 SYMBOL = "mkl_serv_intel_cpu_true"
@@ -59,7 +62,7 @@ _state: MklDispatch | None = None
 
 def state() -> MklDispatch:
     """The process's dispatch (applying it first if nothing has yet)."""
-    return _state if _state is not None else apply()
+    return apply()
 
 
 def apply() -> MklDispatch:
@@ -76,7 +79,7 @@ def _decide() -> MklDispatch:
         return MklDispatch(False, f"{ENV}={mode!r} is not one of {', '.join(MODES)}: MKL's own choice")
     if mode == "vendor":
         return MklDispatch(False, f"{ENV}=vendor: MKL's own choice")
-    if sys.platform != "linux" or platform.machine() not in ("x86_64", "AMD64"):
+    if sys.platform != "linux" or platform.machine() != "x86_64":
         return MklDispatch(False, f"not Linux x86-64 ({sys.platform} {platform.machine()}): nothing to change")
     if "torch" in sys.modules:
         return MklDispatch(False, "torch was loaded before qwen25vl_embed_server: MKL's own choice")
@@ -119,15 +122,11 @@ def _cpu_vendor() -> str:
     return ""
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qwen25vl-embed"
-
-
 def library() -> Path:
     """The compiled definition (built once per source text; concurrent builders each rename theirs).
     Raises OSError, RuntimeError (no compiler) or subprocess.CalledProcessError."""
     digest = hashlib.sha256(SOURCE.encode()).hexdigest()[:16]
-    target = cache_dir() / f"mkl-dispatch-{digest}.so"
+    target = cache_root() / f"mkl-dispatch-{digest}.so"
     if target.exists():
         return target
     named = shlex.split(os.environ.get("CC", "cc")) or ["cc"]
