@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from qwen25vl_embed_server.core import mkl_dispatch
+from qwen25vl_embed_server.core import mkl_dispatch, vision_attention
 from qwen25vl_embed_server.core.defaults import (
     DEFAULT_DEVICE,
     DEFAULT_DTYPE,
@@ -196,6 +196,8 @@ def _load(options: LoadOptions, device: torch.device, dtype: torch.dtype, starte
     if pack:  # last: the weights have their final device and dtype (and any adapter is merged)
         pack_linears(model, patch_embed=dtype == torch.float32)
         head = PackedLinear(head) if isinstance(head, torch.nn.Linear) else head
+    if device.type == "cpu":  # after packing: its check runs the layers as they will run
+        vision_attention.install(model.model.visual)
     seconds = time.perf_counter() - started
     log.info(
         "loaded %s on %s (%s%s) in %.1f s, recipe %s",

@@ -1,0 +1,79 @@
+"""The vision tower's batched attention forward against transformers', the model alone, alternating.
+
+    python bench/vision_attention.py                     # fp32 and bf16, 4 noise images 448x448
+    python bench/vision_attention.py --sizes mixed       # 4 images of different sizes and aspects
+
+Two copies of the 'bench' random-weight checkpoint on the CPU, loaded as the server loads them:
+``ours`` (``core/vision_attention.py`` installed) and ``transformers`` (the same load, the blocks
+given back transformers' forward). Each round runs the batch once on each, the order alternating.
+Prints ms per image (median over rounds), the ratio, and whether every capture point is equal.
+``--vision-only`` asks for vision outputs only, so the language model does not run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).parent))  # run as a script: bench/ modules import each other
+from throughput import PROMPT, checkpoint
+
+from qwen25vl_embed_server.core.extractor import Extractor
+from qwen25vl_embed_server.core.loading import LoadOptions, load_model
+
+SIZES = {"uniform": [(448, 448)] * 4, "mixed": [(448, 448), (300, 700), (1000, 250), (640, 480)]}
+OUTPUTS = ["vision_tokens", "projected_tokens", "lm_last_hidden"]
+
+
+def variants(dtype: str) -> dict[str, Extractor]:
+    path = str(checkpoint("bench", "cpu", getattr(torch, dtype)))
+    ours = Extractor(load_model(LoadOptions(model=path, device="cpu", dtype=dtype)))
+    theirs = Extractor(load_model(LoadOptions(model=path, device="cpu", dtype=dtype)))
+    for block in theirs.loaded.visual.blocks:
+        vars(block.attn).pop("forward", None)  # transformers' class forward again
+    return {"transformers": theirs, "ours": ours}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    parser.add_argument("--sizes", choices=SIZES, default="uniform")
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--vision-only", action="store_true", help="the vision tower alone (no LM output asked)")
+    args = parser.parse_args(argv)
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in SIZES[args.sizes]]
+    for dtype in args.dtypes:
+        extractors = variants(dtype)
+        outputs = OUTPUTS[:2] if args.vision_only else OUTPUTS
+        plans = {name: e.plan(outputs) for name, e in extractors.items()}
+        batches = {name: [e.prepare([i], PROMPT, plans[name]) for i in images] for name, e in extractors.items()}
+        results = {name: e.run(batches[name]) for name, e in extractors.items()}  # also the warm-up
+        equal = all(
+            np.array_equal(a.tensors[key], b.tensors[key])
+            for a, b in zip(results["ours"], results["transformers"], strict=True)
+            for key in outputs
+        )
+        times: dict[str, list[float]] = {name: [] for name in extractors}
+        for round_ in range(args.rounds):
+            for name in list(extractors) if round_ % 2 == 0 else list(reversed(extractors)):
+                started = time.perf_counter()
+                extractors[name].run(batches[name])
+                times[name].append((time.perf_counter() - started) / len(images) * 1e3)
+        base = statistics.median(times["transformers"])
+        for name, values in times.items():
+            ms = statistics.median(values)
+            print(f"{dtype:9} {args.sizes:8} {name:13} {ms:7.1f} ms/image  x{base / ms:4.2f}", flush=True)
+        print(f"{dtype:9} {args.sizes:8} every capture point equal: {equal}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
