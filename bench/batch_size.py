@@ -11,6 +11,10 @@ image, its ratio to the best size, and each batch's cost in tokens.
 
 from __future__ import annotations
 
+import qwen25vl_embed_server  # noqa: F401  (first: it sets MKL's dispatch before torch loads)
+
+# isort: split
+
 import argparse
 import statistics
 import sys

@@ -13,6 +13,10 @@ Prints ms per image (median over rounds) and the ratio.
 
 from __future__ import annotations
 
+import qwen25vl_embed_server  # noqa: F401  (first: it sets MKL's dispatch before torch loads)
+
+# isort: split
+
 import argparse
 import statistics
 import subprocess

@@ -13,6 +13,10 @@ relative to ``plain``'s (0 in bf16: the same sums).
 
 from __future__ import annotations
 
+import qwen25vl_embed_server  # noqa: F401  (first: it sets MKL's dispatch before torch loads)
+
+# isort: split
+
 import argparse
 import dataclasses
 import statistics

@@ -17,6 +17,10 @@ pixel values (float rounding without a resize; the resize kernels differ).
 
 from __future__ import annotations
 
+import qwen25vl_embed_server  # noqa: F401  (first: it sets MKL's dispatch before torch loads)
+
+# isort: split
+
 import argparse
 import copy
 import io

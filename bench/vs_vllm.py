@@ -27,6 +27,10 @@ median images/s over rounds and the ratio ours / vLLM.
 
 from __future__ import annotations
 
+import qwen25vl_embed_server  # noqa: F401  (first: it sets MKL's dispatch before torch loads)
+
+# isort: split
+
 import argparse
 import json
 import math
