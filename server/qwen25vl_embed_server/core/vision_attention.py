@@ -131,7 +131,7 @@ def install(visual: Any) -> bool:
 
 def matches(attention: Any, dtype: torch.dtype) -> bool:
     """Whether :func:`forward` equals ``attention``'s own forward bit for bit, on random ``dtype``
-    rows in windows of 64, 64, 48 and 64 (two runs of equal windows and a lone one) and random
+    rows in windows of 64, 64, 48 and 64 tokens (two that share a call, then two alone) and random
     rotary angles."""
     generator = torch.Generator().manual_seed(0)
     lengths = [64, 64, 48, 64]
