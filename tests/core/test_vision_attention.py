@@ -12,12 +12,11 @@ from typing import Any
 
 import pytest
 import torch
-from transformers import AutoModelForImageTextToText
+from transformers import AutoModelForImageTextToText, AutoProcessor
 from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl
 
 from qwen25vl_embed_server.core import vision_attention
 from qwen25vl_embed_server.core.extractor import Extractor
-from qwen25vl_embed_server.core.loading import LoadOptions, load_model
 
 from ..helpers import noise_image
 
@@ -50,7 +49,7 @@ def test_the_tower_equals_transformers_on_mixed_windows(tiny_model_path: Path, d
     """Whole vision towers, ours installed and stock, on images whose edge windows are shorter."""
     stock, ours = _stock(tiny_model_path, dtype), _stock(tiny_model_path, dtype)
     assert vision_attention.install(ours.model.visual)
-    processor_inputs = load_model(LoadOptions(model=str(tiny_model_path), device="cpu")).processor.image_processor(
+    processor_inputs = AutoProcessor.from_pretrained(tiny_model_path).image_processor(
         images=[noise_image(300, 200), noise_image(448, 448, seed=1), noise_image(1000, 60, seed=2)],
         return_tensors="pt",
     )

@@ -87,18 +87,19 @@ def forward(
     outputs = []
     start = 0
     for count, length in equal_runs((cu_seqlens[1:] - cu_seqlens[:-1]).tolist()):
-        end = start + count * length
-
-        def windows(states: torch.Tensor, start: int = start, end: int = end, length: int = length) -> torch.Tensor:
-            return states[start:end].view(-1, length, heads, states.shape[-1]).transpose(1, 2)
-
-        out = functional.scaled_dot_product_attention(
-            windows(query), windows(key), windows(value), dropout_p=0.0, scale=attention.scaling
-        )
-        outputs.append(out.transpose(1, 2).reshape(end - start, -1))
-        start = end
+        q, k, v = (_windows(states, start, count, length) for states in (query, key, value))
+        out = functional.scaled_dot_product_attention(q, k, v, dropout_p=0.0, scale=attention.scaling)
+        outputs.append(out.transpose(1, 2).reshape(count * length, -1))
+        start += count * length
     result: torch.Tensor = attention.proj(outputs[0] if len(outputs) == 1 else torch.cat(outputs))
     return result
+
+
+def _windows(states: torch.Tensor, start: int, count: int, length: int) -> torch.Tensor:
+    """``count`` windows of ``length`` rows of ``states`` [S, heads, head_dim] from row ``start``,
+    as SDPA takes them: [count, heads, length, head_dim]."""
+    windows: torch.Tensor = states[start : start + count * length].unflatten(0, (count, length))
+    return windows.transpose(1, 2)
 
 
 def install(visual: Any) -> bool:
