@@ -1,6 +1,7 @@
 """Unauthenticated calls with large bodies are refused before their bodies are read: a ``serve``
-process with bearer tokens keeps its RSS while 6 such calls of 40 MiB each are in flight
-(before the refusal was made on the metadata alone, each held its whole body: +240 MiB)."""
+process with bearer tokens grows its peak RSS by well under the bodies' total while 6 such calls
+of 40 MiB each are in flight (before the refusal was made on the metadata alone, each held its
+whole body: about +500 MiB)."""
 
 from __future__ import annotations
 
@@ -60,5 +61,7 @@ def test_unauthenticated_large_bodies_are_refused_unread(tiny_model_path: Path, 
             thread.join()
         grown = _peak_mib(server.process.pid) - before
     assert codes == [grpc.StatusCode.UNAUTHENTICATED] * CALLS
-    # Each refused call buffers at most its stream's flow-control window; not one body in all.
-    assert grown < BODY / MIB, f"the server's peak RSS grew {grown:.0f} MiB"
+    # Reading the bodies held all of them at once (6 x 40 MiB, about 500 MiB measured before the
+    # fix). A refused call leaves only what gRPC received before the refusal reached the client,
+    # which varies with timing: 9-44 MiB in all from run to run here, so the bound is half the bodies.
+    assert grown < CALLS * BODY / 2 / MIB, f"the server's peak RSS grew {grown:.0f} MiB"
