@@ -188,8 +188,8 @@ class VllmSide:
             self._process.kill()
 
 
-def ours(client: EmbeddingClient, workload: Workload) -> tuple[float, list[np.ndarray]]:
-    """``CALLERS`` threads over one channel; images/s and each request's lm_last_token."""
+def ours(client: EmbeddingClient, workload: Workload, callers: int = CALLERS) -> tuple[float, list[np.ndarray]]:
+    """``callers`` threads over one channel; images/s and each request's lm_last_token."""
     requests = [[p.read_bytes() for p in paths] for paths in workload.requests]
     vectors: list[np.ndarray | None] = [None] * len(requests)
     indices = iter(range(len(requests)))
@@ -204,7 +204,7 @@ def ours(client: EmbeddingClient, workload: Workload) -> tuple[float, list[np.nd
             result = client.extract(requests[index], prompt=PROMPT, outputs=["lm_last_token"])
             vectors[index] = np.asarray(result["lm_last_token"][0], np.float64)
 
-    threads = [threading.Thread(target=caller) for _ in range(CALLERS)]
+    threads = [threading.Thread(target=caller) for _ in range(callers)]
     started = time.perf_counter()
     for thread in threads:
         thread.start()

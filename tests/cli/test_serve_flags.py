@@ -26,6 +26,7 @@ from qwen25vl_embed_server.rpc.server import ListenError, ServerConfig
         ("--batch-max-tokens", "-5"),
         ("--batch-max-wait-ms", "-1"),
         ("--max-piece-tokens", "-1"),
+        ("--model-lanes", "0"),
         ("--grace", "-1"),
         ("--grace", "nan"),
         ("--port", "70000"),

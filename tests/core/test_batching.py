@@ -104,6 +104,7 @@ def test_on_the_cpu_a_batch_holds_at_most_the_cpu_bound_of_tokens(extractor: Ext
     """Larger batches run slower per image on a CPU: by default a CPU batch stops at 6,144 tokens;
     a bound given explicitly is the bound."""
     import asyncio
+    from dataclasses import replace
 
     from qwen25vl_embed_server.core.batcher import CPU_BATCH_TOKENS, Batcher, BatchingConfig
 
@@ -129,7 +130,7 @@ def test_on_the_cpu_a_batch_holds_at_most_the_cpu_bound_of_tokens(extractor: Ext
         sizes = Sizes()
 
         async def scenario() -> None:
-            batcher = Batcher(extractor, config, observer=sizes)
+            batcher = Batcher(extractor, replace(config, lanes=1), observer=sizes)  # one lane: its bound alone
             try:
                 assert batcher.max_tokens == config.tokens_for("cpu")
                 await asyncio.gather(*(batcher.submit(item) for item in items))  # all queued at once

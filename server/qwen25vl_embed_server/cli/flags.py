@@ -11,7 +11,13 @@ from pathlib import Path
 from typing import Any
 
 from qwen25vl_embed_server.core import defaults
-from qwen25vl_embed_server.core.batcher import ACCELERATOR_BATCH_TOKENS, CPU_BATCH_TOKENS, BatchingConfig
+from qwen25vl_embed_server.core.batcher import (
+    ACCELERATOR_BATCH_TOKENS,
+    ACCELERATOR_LANES,
+    CPU_BATCH_TOKENS,
+    CPU_LANES,
+    BatchingConfig,
+)
 from qwen25vl_embed_server.core.limits import Limits
 from qwen25vl_embed_server.core.recipes import RECIPE_CHOICES
 
@@ -158,6 +164,15 @@ def batching_flags(parser: argparse.ArgumentParser) -> None:
         ),
     )
     group.add_argument(
+        "--model-lanes",
+        type=int,
+        default=batching.lanes,
+        help=(
+            f"batches the model runs side by side, on a share of torch's threads each ({CPU_LANES} on the CPU,"
+            f" {ACCELERATOR_LANES} else; at most one per thread)"
+        ),
+    )
+    group.add_argument(
         "--max-queue", type=int, default=batching.max_queue, help=f"queued requests, then refuse ({batching.max_queue})"
     )
     group.add_argument(
@@ -205,6 +220,7 @@ def batching_of(args: argparse.Namespace) -> BatchingConfig:
         max_wait_ms=args.batch_max_wait_ms,
         max_queue=args.max_queue,
         max_piece_tokens=args.max_piece_tokens,
+        lanes=args.model_lanes,
     )
 
 
@@ -256,6 +272,7 @@ SERVE_FLAG_RANGES: tuple[tuple[str, str, float, float | None], ...] = (
     ("--batch-max-tokens", "batch_max_tokens", 1, None),
     ("--batch-max-wait-ms", "batch_max_wait_ms", 0, 60_000),
     ("--max-piece-tokens", "max_piece_tokens", 0, None),
+    ("--model-lanes", "model_lanes", 1, 1024),
     ("--grace", "grace", 0, 86_400),
     ("--send-timeout", "send_timeout", 0.001, 86_400),
     ("--min-pixels", "min_pixels", 1, None),

@@ -1,9 +1,11 @@
-"""Dynamic batching across concurrent requests, in front of the one thread that owns the device.
+"""Dynamic batching across concurrent requests, in front of the model's lanes (:mod:`~.model_lanes`).
 
-Requests queue on the event loop. The batcher takes the oldest, waits up to ``max_wait_ms`` for
-company, fills the batch up to ``max_images`` / ``max_tokens`` (by device), drops requests whose caller
-gave up (cancelled, or the deadline passed while queued), and runs the rest as one batch on the
-model thread. While the model runs, new requests queue: under load batches form by themselves.
+Requests queue on the event loop. Once a lane is free, the batcher takes the oldest, waits up to
+``max_wait_ms`` for company, fills the batch up to ``max_images`` / ``max_tokens`` (by device),
+drops requests whose caller gave up (cancelled, or the deadline passed while queued), and runs the
+rest as one batch on that lane. While the lanes run, new requests queue: under load batches form
+by themselves. On the CPU there are two lanes by default: a batch formed while another lane is
+free too takes half of what is queued, so the two run side by side; a lone request runs wide.
 
 Fairness: a request costing more than ``max_piece_tokens`` (a large one) runs alone and in pieces
 (the vision tower a few images at a time, then the language model; :mod:`~.pieces`). Between two pieces the
@@ -27,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from qwen25vl_embed_server.core.errors import DeadlineExceededError, ModelNotReadyError, OverloadedError
+from qwen25vl_embed_server.core.model_lanes import ModelLanes
 from qwen25vl_embed_server.core.model_thread import ModelThread
 
 if TYPE_CHECKING:  # only types: keeps this module (and BatchingConfig for the CLI) free of torch
@@ -42,6 +45,10 @@ _T = TypeVar("_T")
 # in 16; bf16 82 / 89 / 97. 6,144 takes four such images with the language model, six without.
 CPU_BATCH_TOKENS = 6144
 ACCELERATOR_BATCH_TOKENS = 32768
+# Lanes by device when none is given (see core/model_lanes.py): on an accelerator one (its kernels
+# queue on one stream anyway).
+CPU_LANES = 2
+ACCELERATOR_LANES = 1
 
 
 @dataclass(frozen=True)
@@ -53,6 +60,7 @@ class BatchingConfig:
     at most this many vision patches (an image larger than that is one piece), then the language
     model; 0 never splits. The default leaves whole a request of up to 12 images at 448x448 (16
     without the language model).
+    ``lanes``: batches the model runs side by side (:mod:`~.model_lanes`); None: by device.
     """
 
     max_images: int = 32
@@ -60,6 +68,13 @@ class BatchingConfig:
     max_wait_ms: float = 2.0
     max_queue: int = 256
     max_piece_tokens: int = 16384
+    lanes: int | None = None
+
+    def lanes_for(self, device_type: str) -> int:
+        """Model lanes on a device of this type (at most one per torch thread, when they start)."""
+        if self.lanes is not None:
+            return self.lanes
+        return CPU_LANES if device_type == "cpu" else ACCELERATOR_LANES
 
     def tokens_for(self, device_type: str) -> int:
         """The bound in tokens on a device of this type ("cpu", "cuda", "mps")."""
@@ -100,9 +115,10 @@ class _Pending:
 
 
 class Batcher:
-    """Owns the model thread. Create and use it on one event loop; :meth:`close` stops it.
+    """Owns the model's lanes. Create and use it on one event loop; :meth:`close` stops it.
 
-    ``model_thread``: the one that loaded the model (see :mod:`~.model_thread`); None: a new one.
+    ``model_thread``: the one that loaded the model (see :mod:`~.model_thread`), the first lane;
+    None: a new one.
     """
 
     def __init__(
@@ -117,11 +133,12 @@ class Batcher:
         self._observer = observer
         self._queue: deque[_Pending] = deque()
         self._arrived = asyncio.Event()
-        self._model_thread = model_thread or ModelThread()
-        self.max_tokens = config.tokens_for(extractor.loaded.device.type)
+        device_type = extractor.loaded.device.type
+        self.lanes = ModelLanes(model_thread or ModelThread(), config.lanes_for(device_type))
+        self.max_tokens = config.tokens_for(device_type)
+        self._dispatched: set[asyncio.Task[None]] = set()
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="batcher")
         self.batches_run = 0
-        self._runs = 0
 
     @property
     def queue_depth(self) -> int:
@@ -154,46 +171,69 @@ class Batcher:
 
     @property
     def running(self) -> bool:
-        """True while a model run is in progress on the model thread."""
-        return self._runs > 0
+        """True while a model run is in progress on a lane."""
+        return self.lanes.running
 
     async def close(self, wait: bool = True) -> None:
         """Stop taking batches; fail what is still queued; wait for the model thread (``wait``
         False: do not wait for a model run in progress, whose callers are gone)."""
         self._task.cancel()
+        for task in list(self._dispatched):
+            task.cancel()
         for pending in self._queue:
             if not pending.future.done():
                 pending.future.set_exception(ModelNotReadyError("the server is shutting down; retry elsewhere"))
         self._queue.clear()
         if wait:
-            await asyncio.get_running_loop().run_in_executor(None, self._model_thread.shutdown)
+            await asyncio.get_running_loop().run_in_executor(None, self.lanes.shutdown)
         else:
-            self._model_thread.shutdown(wait=False)
+            self.lanes.shutdown(wait=False)
 
     async def _loop(self) -> None:
         while True:
-            batch: list[_Pending] = []
             try:
-                batch = await self._next_batch()
-                if len(batch) == 1 and self._large(batch[0].item):
-                    await self._run_large(batch[0])
-                elif batch:
-                    await self._run_batch(batch)
-            except Exception as error:  # a fault of the batcher itself: fail what it held, go on serving
-                held = batch or ([self._queue.popleft()] if self._queue else [])
+                lane, batch = await self._next_batch()
+            except Exception as error:  # a fault of the batcher itself: fail the oldest, go on serving
+                held = [self._queue.popleft()] if self._queue else []
                 log.error("the batcher failed on %d request(s)", len(held), exc_info=error)
                 for pending in held:
                     _settle(pending, error=error)
+                continue
+            task = asyncio.get_running_loop().create_task(self._dispatch(lane, batch), name="batch")
+            self._dispatched.add(task)
+            task.add_done_callback(self._dispatched.discard)
 
-    async def _run_batch(self, batch: list[_Pending]) -> None:
-        """Run one batch on the model thread and settle its requests (alone, one by one, if it fails)."""
+    async def _dispatch(self, lane: ModelThread, batch: list[_Pending]) -> None:
+        """Run ``batch`` on ``lane`` (a large request: in pieces), then free the lane."""
+        try:
+            if len(batch) == 1 and self._large(batch[0].item):
+                await self._run_large(lane, batch[0])
+            elif batch:
+                await self._run_batch(lane, batch)
+        except Exception as error:  # a fault of the batcher itself: fail what it held, go on serving
+            log.error("the batcher failed on %d request(s)", len(batch), exc_info=error)
+            for pending in batch:
+                _settle(pending, error=error)
+        except asyncio.CancelledError:  # closing: nobody will run these any more
+            for pending in batch:
+                _settle(pending, error=ModelNotReadyError("the server is shutting down; retry elsewhere"))
+            raise
+        finally:
+            self.lanes.release(lane)
+
+    async def _call(self, lane: ModelThread, function: Callable[..., _T], *args: object) -> _T:
+        """``function(*args)`` on ``lane``; wide when no request waits (see :mod:`~.model_lanes`)."""
+        return await self.lanes.call(lane, function, *args, alone=not self._queue)
+
+    async def _run_batch(self, lane: ModelThread, batch: list[_Pending]) -> None:
+        """Run one batch on ``lane`` and settle its requests (alone, one by one, if it fails)."""
         started = time.monotonic()
         try:
-            results, seconds = await self._model_thread.call(self._run, [p.item for p in batch])
+            results, seconds = await self._call(lane, self._run, [p.item for p in batch])
         except Exception as error:  # one failing batch: retry its requests one by one
             if len(batch) > 1:
                 log.warning("a batch of %d failed (%s); running its requests alone", len(batch), error)
-                await self._run_alone(batch)
+                await self._run_alone(lane, batch)
             else:
                 _settle(batch[0], error=error)
             return
@@ -202,23 +242,24 @@ class Batcher:
         for pending, result in zip(batch, results, strict=True):
             _settle(pending, result=(result, BatchTiming(started - pending.enqueued, seconds, len(batch))))
 
-    async def _run_alone(self, batch: list[_Pending]) -> None:
+    async def _run_alone(self, lane: ModelThread, batch: list[_Pending]) -> None:
         for pending in batch:
             if pending.abandoned:
                 continue
             started = time.monotonic()
             try:
-                results, seconds = await self._model_thread.call(self._run, [pending.item])
+                results, seconds = await self._call(lane, self._run, [pending.item])
             except Exception as error:
                 _settle(pending, error=error)
             else:
                 self._ran([pending], seconds)
                 _settle(pending, result=(results[0], BatchTiming(started - pending.enqueued, seconds, 1)))
 
-    async def _run_large(self, pending: _Pending) -> None:
-        """Run one large request piece by piece; between pieces, the small requests queued then."""
+    async def _run_large(self, lane: ModelThread, pending: _Pending) -> None:
+        """Run one large request piece by piece on ``lane``; between pieces, the small requests
+        queued then (on the same lane: other lanes take from the queue meanwhile)."""
         if self.extractor.pieces(pending.item, self.config.max_piece_tokens) == 1:  # one image, or text
-            await self._run_batch([pending])
+            await self._run_batch(lane, [pending])
             return
         started = time.monotonic()
         run = self.extractor.run_in_pieces(pending.item, self.config.max_piece_tokens)
@@ -226,12 +267,12 @@ class Batcher:
         result: Extraction | None = None
         for piece in range(run.pieces):
             if piece:
-                await self._run_waiting()
+                await self._run_waiting(lane)
                 if pending.abandoned:  # its caller gave up: free the device for the others
                     _settle(pending, error=DeadlineExceededError("the deadline passed while the request ran"))
                     return
             try:
-                result, took = await self._model_thread.call(self._timed, run.step)
+                result, took = await self._call(lane, self._timed, run.step)
             except Exception as error:
                 _settle(pending, error=error)
                 return
@@ -242,27 +283,24 @@ class Batcher:
         self._ran([pending], seconds)
         _settle(pending, result=(result, BatchTiming(started - pending.enqueued, seconds, 1)))
 
-    async def _run_waiting(self) -> None:
-        """Run, in batches, the small requests queued now (not those that arrive meanwhile)."""
+    async def _run_waiting(self, lane: ModelThread) -> None:
+        """Run, in batches on ``lane``, the small requests queued now (not those that arrive meanwhile)."""
         waiting = [pending for pending in self._queue if not self._large(pending.item)]
         while waiting:
             batch = self._form(waiting)
             if batch:
-                await self._run_batch(batch)
+                await self._run_batch(lane, batch)
             waiting = [pending for pending in waiting if pending in self._queue]
 
     def _run(self, items: Sequence[Prepared]) -> tuple[list[Extraction], float]:
-        """The model run and its duration (on the model thread, so no event-loop hop is counted)."""
+        """The model run and its duration (on a lane, so no event-loop hop is counted)."""
         return self._timed(lambda: self.extractor.run(items))
 
-    def _timed(self, work: Callable[[], _T]) -> tuple[_T, float]:
-        """``work()`` (on the model thread) and how long it took."""
+    @staticmethod
+    def _timed(work: Callable[[], _T]) -> tuple[_T, float]:
+        """``work()`` (on a lane) and how long it took."""
         started = time.monotonic()
-        self._runs += 1
-        try:
-            result = work()
-        finally:
-            self._runs -= 1
+        result = work()
         return result, time.monotonic() - started
 
     def _ran(self, batch: list[_Pending], seconds: float) -> None:
@@ -270,22 +308,37 @@ class Batcher:
             images = sum(_images(p.item) for p in batch)
             self._observer.batch_ran(len(batch), images, seconds)
 
-    async def _next_batch(self) -> list[_Pending]:
-        """Wait for a request, then for company (bounded by max_wait_ms and the batch bounds)."""
-        while not self._queue:
-            self._arrived.clear()
-            await self._arrived.wait()
-        cutoff = time.monotonic() + self.config.max_wait_ms / 1000
-        while not self._full() and (remaining := cutoff - time.monotonic()) > 0:
-            self._arrived.clear()
-            try:
-                await asyncio.wait_for(self._arrived.wait(), remaining)
-            except TimeoutError:
-                break
-        return self._form(list(self._queue))
+    async def _next_batch(self) -> tuple[ModelThread, list[_Pending]]:
+        """Wait for a request and a free lane (and for a wide run to end: requests stay queued,
+        and cancellable, meanwhile), take the lane, then wait for company (bounded by max_wait_ms
+        and the batch bounds); the lane and the batch.
 
-    def _form(self, candidates: list[_Pending]) -> list[_Pending]:
-        """The next batch from ``candidates`` (queued, oldest first), taken out of the queue.
+        With other lanes free, the batch takes its share of what is queued (half, with one other
+        free), so that they run too; the first share is the larger one."""
+        while not self._queue or self.lanes.wide or not self.lanes.free:
+            if self._queue:
+                await self.lanes.changed()
+            else:
+                self._arrived.clear()
+                await self._arrived.wait()
+        lane = self.lanes.take()
+        try:
+            cutoff = time.monotonic() + self.config.max_wait_ms / 1000
+            while not self._full() and (remaining := cutoff - time.monotonic()) > 0:
+                self._arrived.clear()
+                try:
+                    await asyncio.wait_for(self._arrived.wait(), remaining)
+                except TimeoutError:
+                    break
+            candidates = list(self._queue)
+            return lane, self._form(candidates, -(-len(candidates) // (1 + self.lanes.free)))
+        except BaseException:
+            self.lanes.release(lane)
+            raise
+
+    def _form(self, candidates: list[_Pending], most: int | None = None) -> list[_Pending]:
+        """The next batch from ``candidates`` (queued, oldest first), taken out of the queue; at most
+        ``most`` requests (None: as many as the bounds allow).
 
         Abandoned candidates are failed on the way. A large request runs alone: it ends the batch,
         or is the batch when it comes first.
@@ -300,7 +353,12 @@ class Batcher:
             item = pending.item
             n_images = _images(item)
             large = self._large(item)
-            if batch and (large or images + n_images > self.config.max_images or tokens + item.cost > self.max_tokens):
+            if batch and (
+                large
+                or images + n_images > self.config.max_images
+                or tokens + item.cost > self.max_tokens
+                or (most is not None and len(batch) >= most)
+            ):
                 break
             self._queue.remove(pending)
             batch.append(pending)

@@ -1,12 +1,15 @@
 """Forward hooks that capture the vision tower's and the language model's internals.
 
 Hooks only keep references to tensors the forward computes anyway; they never change it. Every
-handle is removed when the ``with`` block ends, also when the forward raised.
+handle is removed when the ``with`` block ends, also when the forward raised. Several threads may
+run the model at once (the model lanes, :mod:`~.model_lanes`): a hook hears only forwards on the
+thread that installed it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,6 +53,16 @@ def capturing(visual: Any, language_model: Any, plan: OutputPlan) -> Iterator[Ca
     ``projected`` is the vision tower's merged output in image order (its ``pooler_output``).
     """
     captured = Captured()
+    owner = threading.get_ident()
+
+    def mine(hook: Callable[..., None]) -> Callable[..., None]:
+        """``hook``, deaf to forwards on other threads (another lane's run of the same modules)."""
+
+        def on_own_thread(*args: Any) -> None:
+            if threading.get_ident() == owner:
+                hook(*args)
+
+        return on_own_thread
 
     def on_visual(_module: Any, _args: Any, output: Any) -> None:
         captured.projected = getattr(output, "pooler_output", None)
@@ -66,13 +79,13 @@ def capturing(visual: Any, language_model: Any, plan: OutputPlan) -> Iterator[Ca
         return hook
 
     with ExitStack() as handles:
-        handles.callback(visual.register_forward_hook(on_visual).remove)
+        handles.callback(visual.register_forward_hook(mine(on_visual)).remove)
         if plan.needs_vision_tokens:
-            handles.callback(visual.merger.register_forward_pre_hook(on_merger).remove)
+            handles.callback(visual.merger.register_forward_pre_hook(mine(on_merger)).remove)
         for k in plan.vision_layers:
-            handle = visual.blocks[k].register_forward_hook(on_block(k, captured.vision_blocks))
+            handle = visual.blocks[k].register_forward_hook(mine(on_block(k, captured.vision_blocks)))
             handles.callback(handle.remove)
         for k in plan.lm_layers:
-            handle = language_model.layers[k].register_forward_hook(on_block(k, captured.lm_layers))
+            handle = language_model.layers[k].register_forward_hook(mine(on_block(k, captured.lm_layers)))
             handles.callback(handle.remove)
         yield captured

@@ -1,7 +1,7 @@
-"""The one thread that does torch's heavy work (loading and running the model), and what keeps
-every other thread's torch ops on that thread alone.
+"""The threads that do torch's heavy work (loading and running the model), and what keeps every
+other thread's torch ops on that thread alone.
 
-Why one thread: torch's CPU kernels run on OpenMP, and every thread that starts a parallel region
+Why so few: torch's CPU kernels run on OpenMP, and every thread that starts a parallel region
 gets a team of worker threads of its own. GNU libgomp (what PyPI's torch ships) counts the
 threads of all teams; once they outnumber the CPUs it throttles: an idle worker spins about 100
 times instead of about 300,000 before it sleeps, so every one of the thousands of parallel
@@ -10,8 +10,9 @@ torch ops (its torchvision backend): one preprocessing thread with a team of its
 Measured here (2 cores, bf16, the ``bench`` checkpoint, one 448x448 image per run): 85 ms per
 image with all torch work on one thread, 116 ms with preprocessing on another.
 
-So a server has one :class:`ModelThread`: it loads the model, then runs every batch; each other
-thread that may run torch ops calls :func:`single_threaded_torch` first (the preprocessing
+So the model runs on model threads alone: the one that loads it is the first of the model's
+lanes (:mod:`~.model_lanes`, which says how a second lane on the CPU keeps to the cores), and each
+other thread that may run torch ops calls :func:`single_threaded_torch` first (the preprocessing
 workers do; so does the bulk actor, which Ray constructs on one thread and calls on another).
 Small ops never start a team, so the event loop's bookkeeping needs nothing.
 """
