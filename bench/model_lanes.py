@@ -9,7 +9,9 @@ each round runs every workload once on each, the one going first alternating, af
 went idle. The workloads are ``bench/vs_vllm.py``'s (24 noise images: uniform 448x448, mixed sizes,
 two-image requests), run by ``--callers`` concurrent SDK callers (1: one request at a time, so
 images/s there is the inverse of the latency). Prints images/s (median over rounds), the ratio
-two / one, and the largest difference between the two servers' vectors (0: the same bits).
+two / one, the largest difference between the two servers' vectors (0: the same bits; mixed sizes
+under load may batch differently, within the batched promise), and in how many rounds two lanes
+were faster.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--callers", nargs="+", type=int, default=[1, 4])
     parser.add_argument("--rounds", type=int, default=6)
     args = parser.parse_args(argv)
-    print("dtype     workload  callers  1 lane img/s  2 lanes img/s  2 / 1   difference", flush=True)
+    print("dtype     workload  callers  1 lane img/s  2 lanes img/s  2 / 1   difference  2 faster", flush=True)
     with tempfile.TemporaryDirectory() as folder:
         workloads = [w for w in make_workloads(Path(folder)) if w.name in args.workloads]
         for dtype in args.dtypes:
@@ -71,9 +73,12 @@ def main(argv: Sequence[str] | None = None) -> None:
                     one, two = (statistics.median(rates[workload.name, callers, i]) for i in range(len(LANES)))
                     pair = [vectors[workload.name, callers, i] for i in range(len(LANES))]
                     difference = relative_difference(pair[1], pair[0])
+                    wins = sum(
+                        b > a for a, b in zip(*(rates[workload.name, callers, i] for i in range(2)), strict=True)
+                    )
                     print(
                         f"{dtype:9} {workload.name:9} {callers:7} {one:13.2f} {two:14.2f} {two / one:6.3f}x"
-                        f"  {difference:.1e}",
+                        f"  {difference:.1e}  {wins}/{args.rounds}",
                         flush=True,
                     )
             finally:

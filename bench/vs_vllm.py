@@ -319,6 +319,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--before", type=Path, default=None, help="a checkout of an earlier version of ours, run in the same rounds"
     )
     parser.add_argument(
+        "--only",
+        nargs="+",
+        default=None,
+        help="run only these of our sides (labels as printed: ours, 'ours onednn', 'ours vendor', before)",
+    )
+    parser.add_argument(
         "--vllm-mkl-dispatch",
         choices=mkl_dispatch.MODES,
         nargs="+",
@@ -336,7 +342,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         references = [VLLM_LABELS[name] for name in args.vllm_mkl_dispatch]
         print(f"{'dtype':9} {'workload':10} {'side':13} {'img/s':>7}  " + "  ".join(f"vs {r}" for r in references))
         for dtype in args.dtypes:
-            variants = variants_for(dtype, args.before)
+            variants = [v for v in variants_for(dtype, args.before) if args.only is None or v.label in args.only]
             compared = compare(dtype, python, workloads, args.rounds, variants, args.vllm_mkl_dispatch)
             for name, result in compared.items():
                 for side in [*references, *(variant.label for variant in variants)]:

@@ -27,6 +27,7 @@ from PIL import Image
 
 from qwen25vl_embed import EmbeddingClient, EmbeddingError
 from qwen25vl_embed.v1 import embed_pb2 as pb
+from qwen25vl_embed_server.core.batcher import CPU_LANES
 from qwen25vl_embed_server.rpc.harness import ServerProcess
 
 KIB, MIB = 1 << 10, 1 << 20
@@ -74,7 +75,8 @@ def _bound_mib(model: Path, request_bytes: int) -> float:
     hidden = max(vision, int(config["text_config"]["hidden_size"]))
     activations = 8 * hidden * 4 + vision * 4
     calls = CALLERS + NON_READERS + BOMBS
-    total = 3 * PIXELS_IN_FLIGHT + 9 * KIB * TOKENS_IN_FLIGHT + activations * BATCH_TOKENS + RESULT_BYTES
+    running = min(TOKENS_IN_FLIGHT, CPU_LANES * BATCH_TOKENS)  # the batches the lanes run at once
+    total = 3 * PIXELS_IN_FLIGHT + 9 * KIB * TOKENS_IN_FLIGHT + activations * running + RESULT_BYTES
     return (total + 2 * CHUNK_BYTES * calls + request_bytes) / MIB
 
 

@@ -175,7 +175,7 @@ class Batcher:
         return self.lanes.running
 
     async def close(self, wait: bool = True) -> None:
-        """Stop taking batches; fail what is still queued; wait for the model thread (``wait``
+        """Stop taking batches; fail what is still queued; wait for the lanes (``wait``
         False: do not wait for a model run in progress, whose callers are gone)."""
         self._task.cancel()
         for task in list(self._dispatched):

@@ -20,7 +20,7 @@ DEFAULT_CHUNK_BYTES = 1 << 20
 """Largest response message (1 MiB): token tensors are split across messages of at most this."""
 
 DEFAULT_PREPROCESS_WORKERS = 4
-"""Threads decoding images and running the processor, beside the one model thread."""
+"""Threads decoding images and running the processor, beside the model's lanes."""
 
 DEFAULT_STREAM_WINDOW = 64
 """Requests of one ExtractBatch stream in flight at once; the server reads no further ahead."""

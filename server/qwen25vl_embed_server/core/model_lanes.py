@@ -60,13 +60,15 @@ class ModelLanes:
 
     Use on one event loop: :meth:`take` a free lane, :meth:`call` on it, :meth:`release` it.
     ``threads`` None: ``first``'s torch thread count. More lanes than threads are not made: each
-    lane gets at least one thread.
+    lane gets at least one thread. One lane runs as the thread is set up: its count is not touched.
     """
 
     def __init__(self, first: ModelThread, count: int = 1, threads: int | None = None) -> None:
         if count < 1:
             raise ValueError(f"lanes must be at least 1, got {count}")
-        self.threads = threads if threads is not None else first.run(torch_threads)
+        if threads is None:  # one lane never sets a count: no need to ask the (maybe busy) thread
+            threads = first.run(torch_threads) if count > 1 else 1
+        self.threads = threads
         self.count = max(1, min(count, self.threads))
         self.narrow = max(1, self.threads // self.count)
         self._lanes = [first] + [ModelThread() for _ in range(self.count - 1)]

@@ -4,7 +4,7 @@ A request's model run becomes: the vision tower over a few consecutive images at
 piece at most ``max_piece_tokens`` patches; an image larger than that is a piece of its own, as the
 tower attends across a whole image), then, if the request needs it, the language model over the
 full sequence with the image features the vision pieces collected. Each piece is one short call on
-the model thread; the batcher decides what runs between two pieces (see :mod:`~.batcher`).
+a model lane; the batcher decides what runs between two pieces (see :mod:`~.batcher`).
 
 The result equals the request run whole: the vision tower attends within each image only (its
 window permutation is computed per piece, for that piece's images), the language model gets the

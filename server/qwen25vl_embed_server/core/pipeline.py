@@ -1,5 +1,5 @@
 """The one request path, transport-neutral: encoded request -> checked, decoded, prompt-checked,
-processed (on worker threads) -> batched on the model thread -> :class:`Extraction`.
+processed (on worker threads) -> batched on the model's lanes -> :class:`Extraction`.
 
 The gRPC servicer and the Ray Serve replica both run requests through a :class:`Pipeline`; the
 in-process CLI and the bulk job, which own their model thread, call the same
@@ -142,7 +142,7 @@ class Pipeline:
     async def running(
         self, request: EncodedRequest, deadline: float | None = None, observer: StageObserver | None = None
     ) -> AsyncIterator[Extraction]:
-        """Check, preprocess (a worker thread), then run in a batch (the model thread); the result's
+        """Check, preprocess (a worker thread), then run in a batch (a model lane); the result's
         bytes count against ``max_result_bytes`` until the block ends (send the result inside it).
 
         Stages and budgets: the headers give an :class:`Estimate`; its decoded pixels are held
@@ -217,13 +217,13 @@ class Pipeline:
         return prepared
 
     async def close(self, wait: bool = True) -> None:
-        """Fail what is queued, stop the model thread and the workers (``wait`` False: without
+        """Fail what is queued, stop the model lanes and the workers (``wait`` False: without
         waiting for a model run in progress; see :meth:`Batcher.close`)."""
         await self.batcher.close(wait)
         self._preprocess.shutdown(wait=False, cancel_futures=True)
 
     def _start_worker(self) -> None:
-        single_threaded_torch()  # the processor's torch ops must not slow the model thread down
+        single_threaded_torch()  # the processor's torch ops must not slow the model lanes down
         # Each worker thread tokenizes with a processor of its own: fast tokenizers are not safe to
         # share between threads (huggingface/tokenizers#537).
         self._local.processor = copy.deepcopy(self.extractor.loaded.processor)

@@ -163,8 +163,8 @@ async def serve(config: ServerConfig, load: LoadOptions) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    single_threaded_torch()  # this thread only serves: torch's threads are the model thread's
-    model_thread = ModelThread()  # loads the model, then runs it (see core/model_thread.py)
+    single_threaded_torch()  # this thread only serves: torch's threads are the model lanes'
+    model_thread = ModelThread()  # loads the model, then runs it as the first lane (core/model_lanes.py)
     loader = asyncio.ensure_future(model_thread.call(lambda: Extractor(load_model(load))))
     waiter = asyncio.ensure_future(stop.wait())
     await asyncio.wait({loader, waiter}, return_when=asyncio.FIRST_COMPLETED)
@@ -179,7 +179,7 @@ async def serve(config: ServerConfig, load: LoadOptions) -> None:
     log.info("shutting down (grace %.0f s)", config.grace_seconds)
     await running.stop(config.grace_seconds)
     if running.service.calls.model_running:
-        # Python joins the model thread at exit, which would wait for the forward (minutes for
+        # Python joins the model lanes' threads at exit, which would wait for the forward (minutes for
         # a large one): leave now, as --grace promises.
         log.warning("a model run is still in progress; exiting without waiting for it")
         logging.shutdown()
