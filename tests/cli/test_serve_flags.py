@@ -79,3 +79,16 @@ def test_serve_on_a_port_in_use_exits_2_with_one_line(extractor: Extractor, tiny
     last = done.stderr.splitlines()[-1]
     assert last.startswith(f"error: cannot listen on 127.0.0.1:{port}: the port is in use")
     assert last.endswith("(--host, --port, --metrics-host, --metrics-port)")
+
+
+def test_the_batching_flags_reach_the_batcher_config() -> None:
+    from qwen25vl_embed_server.cli.app import build_parser
+    from qwen25vl_embed_server.cli.flags import batching_of
+
+    args = build_parser().parse_args(["serve", "--model-lanes", "1", "--batch-max-tokens", "100", "--max-queue", "7"])
+    batching = batching_of(args)
+    assert (batching.lanes, batching.max_tokens, batching.max_queue) == (1, 100, 7)
+    assert batching.lanes_for("cpu") == 1
+    default = batching_of(build_parser().parse_args(["serve"]))
+    assert default.lanes is None
+    assert (default.lanes_for("cpu"), default.lanes_for("cuda")) == (2, 1)

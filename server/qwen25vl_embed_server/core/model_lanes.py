@@ -4,8 +4,8 @@ Why: a forward split across all cores leaves some of them waiting. Each of the t
 parallel regions in a forward ends at a barrier, small ops split badly, and any other work on the
 machine that pre-empts one of the team's threads (preprocessing, gRPC, the clients) stalls the
 whole team at the next barrier. Two batches side by side, each on half the cores, keep the cores
-busy. Measured here (2 cores, the ``bench`` checkpoint, 448x448, the model alone,
-``python bench/model_lanes.py``): see the README's *Performance*.
+busy. Measured at the server here (2 cores, the ``bench`` checkpoint, ``python
+bench/model_lanes.py``): see the README's *Performance*.
 
 **Widths.** A run on the first lane is *wide* (all of the model's threads) when nothing else runs
 and nothing waits, so a lone request (concurrency 1) keeps all the cores; every other run is
@@ -17,9 +17,10 @@ libgomp throttles every spin-wait once the teams' threads outnumber the CPUs (se
 
 Each lane is a :class:`~.model_thread.ModelThread`; the first one is the thread that loaded the
 model. A run's width is set on its lane's thread before it starts: OpenMP's thread count is a
-setting of each thread, and MKL follows it. The outputs do not depend on the width: the kernels
-split their work across threads, never a sum (each output is summed by one thread in one order;
-the tests check the results against transformers' with several lanes running).
+setting of each thread, and MKL follows it. Here the outputs are the same bits at either width:
+the kernels this model runs split rows and heads across threads, not sums (tested: requests run
+narrow, side by side, equal them run alone on all threads at every capture point). A kernel that
+split a sum across threads would differ by float rounding, as batching does.
 """
 
 from __future__ import annotations
