@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -34,6 +35,7 @@ from typing import Any, TypeVar
 from qwen25vl_embed_server.core.model_thread import ModelThread
 
 _T = TypeVar("_T")
+log = logging.getLogger(__name__)
 
 
 def torch_threads() -> int:
@@ -73,6 +75,13 @@ class ModelLanes:
         self.count = max(1, min(count, self.threads))
         self.narrow = max(1, self.threads // self.count)
         self._lanes = [first] + [ModelThread() for _ in range(self.count - 1)]
+        if self.count > 1:
+            log.info(
+                "model lanes: %d, %d torch thread(s) each; a lone request runs on %d",
+                self.count,
+                self.narrow,
+                self.threads,
+            )
         self._free = list(self._lanes)
         self._running = 0
         self._wide = False
