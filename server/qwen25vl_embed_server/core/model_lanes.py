@@ -63,7 +63,7 @@ class ModelLanes:
 
     Use on one event loop: :meth:`take` a free lane, :meth:`call` on it, :meth:`release` it.
     ``threads`` None: ``first``'s torch thread count. More lanes than threads are not made: each
-    lane gets at least one thread. One lane runs as the thread is set up: its count is not touched.
+    lane gets at least one thread. With one lane, the thread's count is never changed.
     """
 
     def __init__(self, first: ModelThread, count: int = 1, threads: int | None = None) -> None:
