@@ -26,13 +26,12 @@ split a sum across threads would differ by float rounding, as batching does.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import threading
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TypeVar
 
-from qwen25vl_embed_server.core.model_thread import ModelThread
+from qwen25vl_embed_server.core.model_thread import ModelThread, set_torch_threads
 
 _T = TypeVar("_T")
 log = logging.getLogger(__name__)
@@ -43,19 +42,6 @@ def torch_threads() -> int:
     import torch
 
     return int(torch.get_num_threads())
-
-
-@functools.cache
-def _openmp() -> Any:
-    from threadpoolctl import ThreadpoolController
-
-    return ThreadpoolController().select(user_api="openmp")
-
-
-def _set_threads(count: int) -> None:
-    """The calling thread's OpenMP thread count (torch's and MKL's), for this thread alone
-    (``torch.set_num_threads`` would also change what new threads start with)."""
-    _openmp().limit(limits=count)
 
 
 class ModelLanes:
@@ -83,7 +69,7 @@ class ModelLanes:
                 self.threads,
             )
         self._free = list(self._lanes)
-        self._running = 0
+        self._running = 0  # calls awaited on the loop: what decides a width (a cancelled one no longer counts)
         self._wide = False
         self._changed = asyncio.Event()
         self._lock = threading.Lock()
@@ -148,7 +134,7 @@ class ModelLanes:
             self._in_threads += 1
         try:
             if self.count > 1:
-                _set_threads(width)
+                set_torch_threads(width)
             return function(*args)
         finally:
             with self._lock:

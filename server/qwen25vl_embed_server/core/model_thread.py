@@ -20,9 +20,11 @@ Small ops never start a team, so the event loop's bookkeeping needs nothing.
 from __future__ import annotations
 
 import asyncio
+import functools
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from typing import Any, TypeVar
 
 _T = TypeVar("_T")
 
@@ -48,14 +50,32 @@ class ModelThread:
 
 
 def single_threaded_torch() -> None:
-    """Make torch's OpenMP kernels run on the calling thread alone, with no team of its own.
+    """Make torch's OpenMP kernels run on the calling thread alone, with no team of its own: the
+    model's threads keep their counts (see :func:`set_torch_threads`)."""
+    set_torch_threads(1)
 
-    torch sets a thread's OpenMP thread count on its first parallel op, so this runs one first,
-    then caps OpenMP for this thread only (threadpoolctl; OpenMP's count is per thread): the
-    model thread keeps all of its threads, and MKL's (process-wide) count is left alone.
+
+_thread_state = threading.local()
+
+
+@functools.cache
+def _openmp() -> Any:
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController().select(user_api="openmp")
+
+
+def set_torch_threads(count: int) -> None:
+    """Set the calling thread's OpenMP thread count (torch's kernels and MKL's follow it), for this
+    thread alone; cheap enough to call before every model run.
+
+    torch sets a thread's OpenMP count on its first parallel op, so that runs first, once per
+    thread; then threadpoolctl sets OpenMP's count, which is a setting of each thread.
+    ``torch.set_num_threads`` is not used: it also changes what new threads start with.
     """
-    import torch
-    from threadpoolctl import threadpool_limits
+    if not getattr(_thread_state, "torch_ready", False):
+        import torch
 
-    torch.zeros(2).add_(1)  # torch's per-thread set-up of the OpenMP count, before the cap
-    threadpool_limits(limits=1, user_api="openmp")
+        torch.zeros(2).add_(1)  # torch's per-thread set-up of the OpenMP count, before ours
+        _thread_state.torch_ready = True
+    _openmp().limit(limits=count)
