@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from qwen25vl_embed_server.core import mkl_dispatch, vision_attention
+from qwen25vl_embed_server.core import mkl_dispatch, patch_embedding, vision_attention
 from qwen25vl_embed_server.core.defaults import (
     DEFAULT_DEVICE,
     DEFAULT_DTYPE,
@@ -23,7 +23,7 @@ from qwen25vl_embed_server.core.defaults import (
 )
 from qwen25vl_embed_server.core.dtypes import TORCH_DTYPES, dtype_name
 from qwen25vl_embed_server.core.errors import ModelLoadError
-from qwen25vl_embed_server.core.packed_linear import PackedLinear, pack_linears, packing_applies
+from qwen25vl_embed_server.core.packed_linear import PackedLinear, PackedPatchEmbed, pack_linears, packing_applies
 from qwen25vl_embed_server.core.recipes import Recipe, detect_recipe, get_recipe
 from qwen25vl_embed_server.core.retrieval_model import RetrievalLayout, find_layout, load_retrieval
 from qwen25vl_embed_server.core.tiny_model import TINY_MODEL_NAME, build_tiny_model
@@ -196,8 +196,10 @@ def _load(options: LoadOptions, device: torch.device, dtype: torch.dtype, starte
     if pack:  # last: the weights have their final device and dtype (and any adapter is merged)
         pack_linears(model, patch_embed=dtype == torch.float32)
         head = PackedLinear(head) if isinstance(head, torch.nn.Linear) else head
-    if device.type == "cpu":  # after packing: its check runs the layers as they will run
+    if device.type == "cpu":  # after packing: the checks run the layers as they will run
         vision_attention.install(model.model.visual)
+        if not isinstance(model.model.visual.patch_embed, PackedPatchEmbed):  # fp32 "onednn" has its own
+            patch_embedding.install(model.model.visual)
     seconds = time.perf_counter() - started
     log.info(
         "loaded %s on %s (%s%s) in %.1f s, recipe %s",

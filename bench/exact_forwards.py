@@ -1,13 +1,16 @@
-"""The vision tower's batched attention forward against transformers', the model alone, alternating.
+"""Our bit-identical forwards of the vision tower against transformers', the model alone, alternating.
 
-    python bench/vision_attention.py                     # fp32 and bf16, 4 noise images 448x448
-    python bench/vision_attention.py --sizes mixed       # 4 images of different sizes and aspects
+    python bench/exact_forwards.py                          # both levers, fp32 and bf16, 4 images 448x448
+    python bench/exact_forwards.py --lever patch-embedding  # one lever: the others stay ours on both
+    python bench/exact_forwards.py --sizes mixed            # 4 images of different sizes and aspects
 
 Two copies of the 'bench' random-weight checkpoint on the CPU, loaded as the server loads them:
-``ours`` (``core/vision_attention.py`` installed) and ``transformers`` (the same load, the blocks
-given back transformers' forward). Each round runs the batch once on each, the order alternating.
-Prints ms per image (median over rounds), the ratio, and whether every capture point is equal.
-``--vision-only`` asks for vision outputs only, so the language model does not run.
+``ours`` (every forward of ours installed) and ``transformers`` (the same load, the chosen levers'
+modules given back transformers' forward). Levers: ``vision-attention``
+(``core/vision_attention.py``) and ``patch-embedding`` (``core/patch_embedding.py``). Each round runs
+the batch once on each, the order alternating. Prints ms per image (median over rounds), the ratio,
+and whether every capture point is equal. ``--vision-only`` asks for vision outputs only, so the
+language model does not run.
 """
 
 from __future__ import annotations
@@ -20,8 +23,9 @@ import argparse
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -37,18 +41,34 @@ SIZES = {"uniform": [(448, 448)] * 4, "mixed": [(448, 448), (300, 700), (1000, 2
 OUTPUTS = ["vision_tokens", "projected_tokens", "lm_last_hidden"]
 
 
-def variants(dtype: str) -> dict[str, Extractor]:
+def _stock_attention(visual: Any) -> None:
+    for block in visual.blocks:
+        vars(block.attn).pop("forward", None)  # transformers' class forward again
+
+
+def _stock_patch_embedding(visual: Any) -> None:
+    vars(visual.patch_embed).pop("forward", None)
+
+
+LEVERS: dict[str, Callable[[Any], None]] = {
+    "vision-attention": _stock_attention,
+    "patch-embedding": _stock_patch_embedding,
+}
+
+
+def variants(dtype: str, levers: Sequence[str]) -> dict[str, Extractor]:
     path = str(checkpoint("bench", "cpu", getattr(torch, dtype)))
     ours = Extractor(load_model(LoadOptions(model=path, device="cpu", dtype=dtype)))
     theirs = Extractor(load_model(LoadOptions(model=path, device="cpu", dtype=dtype)))
-    for block in theirs.loaded.visual.blocks:
-        vars(block.attn).pop("forward", None)  # transformers' class forward again
+    for lever in levers:
+        LEVERS[lever](theirs.loaded.visual)
     return {"transformers": theirs, "ours": ours}
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    parser.add_argument("--lever", nargs="+", choices=LEVERS, default=list(LEVERS), help="what `transformers` lacks")
     parser.add_argument("--sizes", choices=SIZES, default="uniform")
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--vision-only", action="store_true", help="the vision tower alone (no LM output asked)")
@@ -56,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in SIZES[args.sizes]]
     for dtype in args.dtypes:
-        extractors = variants(dtype)
+        extractors = variants(dtype, args.lever)
         outputs = OUTPUTS[:2] if args.vision_only else OUTPUTS
         plans = {name: e.plan(outputs) for name, e in extractors.items()}
         batches = {name: [e.prepare([i], PROMPT, plans[name]) for i in images] for name, e in extractors.items()}

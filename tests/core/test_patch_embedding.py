@@ -1,0 +1,80 @@
+"""The patch embedding over a grid of patches equals transformers' bit for bit, and is installed only
+where it applies and matches.
+
+End to end, every capture point through the server is compared with a stock transformers model in
+``test_fidelity.py`` (fp32) and ``test_packed_linear.py`` (bf16), with this forward installed as the
+server loads it; these tests check the piece.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from qwen25vl_embed_server.core import patch_embedding
+from qwen25vl_embed_server.core.extractor import Extractor
+
+from ..helpers import noise_image
+
+
+def _stock(path: Path, dtype: torch.dtype = torch.float32) -> Any:
+    return AutoModelForImageTextToText.from_pretrained(path, dtype=dtype).eval()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 4, 63, 64, 65, 4 * 64, 1024 + 36])
+def test_forward_equals_transformers_bit_for_bit(tiny_model_path: Path, dtype: torch.dtype, rows: int) -> None:
+    """Full lines, a short last line, fewer rows than a line, one row; float32 rows as the processor
+    hands them over, cast to the model's dtype on the way."""
+    patch_embed = _stock(tiny_model_path, dtype).model.visual.patch_embed
+    features = patch_embed.proj.weight[0].numel()
+    hidden = torch.randn(rows, features, generator=torch.Generator().manual_seed(rows)) * 3
+    with torch.inference_mode():
+        expected = patch_embed(hidden)
+        got = patch_embedding.forward(patch_embed, hidden)
+    assert got.dtype == expected.dtype == dtype
+    assert got.shape == expected.shape == (rows, patch_embed.embed_dim)
+    assert got.is_contiguous()
+    assert torch.equal(got, expected)
+
+
+def test_the_tower_equals_transformers_on_mixed_sizes(tiny_model_path: Path) -> None:
+    stock, ours = _stock(tiny_model_path), _stock(tiny_model_path)
+    assert patch_embedding.install(ours.model.visual)
+    pixels = AutoProcessor.from_pretrained(tiny_model_path).image_processor(
+        images=[noise_image(300, 200), noise_image(448, 448, seed=1), noise_image(1000, 60, seed=2)],
+        return_tensors="pt",
+    )
+    with torch.inference_mode():
+        expected = stock.model.visual(pixels["pixel_values"], grid_thw=pixels["image_grid_thw"])
+        got = ours.model.visual(pixels["pixel_values"], grid_thw=pixels["image_grid_thw"])
+    assert torch.equal(got.last_hidden_state, expected.last_hidden_state)
+    assert torch.equal(got.pooler_output, expected.pooler_output)
+
+
+def test_loaded_cpu_models_get_it(extractor: Extractor) -> None:
+    assert "forward" in vars(extractor.loaded.visual.patch_embed), "the tower runs transformers' patch embedding"
+
+
+def test_a_forward_that_differs_is_not_installed(tiny_model_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The load-time check compares bits: a result one float step off keeps transformers' forward."""
+    forward = patch_embedding.forward
+
+    def off_by_one_step(patch_embed: Any, hidden_states: torch.Tensor) -> torch.Tensor:
+        out = forward(patch_embed, hidden_states)
+        return torch.nextafter(out, torch.full_like(out, float("inf")))
+
+    monkeypatch.setattr(patch_embedding, "forward", off_by_one_step)
+    visual = _stock(tiny_model_path).model.visual
+    assert not patch_embedding.install(visual)
+    assert "forward" not in vars(visual.patch_embed)
+
+
+def test_models_off_the_cpu_keep_their_own(tiny_model_path: Path) -> None:
+    visual = _stock(tiny_model_path).model.visual.to("meta")
+    assert not patch_embedding.install(visual)
+    assert "forward" not in vars(visual.patch_embed)
