@@ -26,10 +26,10 @@ def _stock(path: Path, dtype: torch.dtype = torch.float32) -> Any:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rows", [1, 4, 63, 64, 65, 4 * 64, 1024 + 36])
+@pytest.mark.parametrize("rows", [1, 4, 63, 64, 65, 4 * 64, 1024 + 36, 4096, 2 * 4096 + 100])
 def test_forward_equals_transformers_bit_for_bit(tiny_model_path: Path, dtype: torch.dtype, rows: int) -> None:
-    """Full lines, a short last line, fewer rows than a line, one row; float32 rows as the processor
-    hands them over, cast to the model's dtype on the way."""
+    """Full lines, a short last line, fewer rows than a line, one row, the largest call and several
+    calls; float32 rows as the processor hands them over, cast to the model's dtype on the way."""
     patch_embed = _stock(tiny_model_path, dtype).model.visual.patch_embed
     features = patch_embed.proj.weight[0].numel()
     hidden = torch.randn(rows, features, generator=torch.Generator().manual_seed(rows)) * 3
@@ -54,6 +54,28 @@ def test_the_tower_equals_transformers_on_mixed_sizes(tiny_model_path: Path) -> 
         got = ours.model.visual(pixels["pixel_values"], grid_thw=pixels["image_grid_thw"])
     assert torch.equal(got.last_hidden_state, expected.last_hidden_state)
     assert torch.equal(got.pooler_output, expected.pooler_output)
+
+
+def test_many_patches_run_as_several_calls_of_at_most_the_checked_size(
+    tiny_model_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    patch_embed = _stock(tiny_model_path).model.visual.patch_embed
+    shapes: list[tuple[int, ...]] = []
+    convolution = patch_embed.proj.forward
+
+    def recording(grid: torch.Tensor) -> torch.Tensor:
+        shapes.append(tuple(grid.shape))
+        out: torch.Tensor = convolution(grid)
+        return out
+
+    monkeypatch.setattr(patch_embed.proj, "forward", recording)
+    largest = patch_embedding.LINES * patch_embedding.WIDTH
+    features = patch_embed.proj.weight[0].numel()
+    with torch.inference_mode():
+        patch_embedding.forward(patch_embed, torch.randn(2 * largest + 5, features))
+    channels, (temporal, height, width) = patch_embed.proj.in_channels, patch_embed.proj.kernel_size
+    full = (1, channels, temporal, patch_embedding.LINES * height, patch_embedding.WIDTH * width)
+    assert shapes == [full, full, (1, channels, temporal, height, 5 * width)]
 
 
 def test_loaded_cpu_models_get_it(extractor: Extractor) -> None:

@@ -10,12 +10,15 @@ and runs the module's own ``Conv3d`` on it once: the kernel still covers one pat
 position, so every output is the same patch's dot product with the same weights, computed by the
 same oneDNN kernel in the same order of summation, over more positions per call. The copy into
 the grid also does the cast to the weights' dtype that transformers does apart. A line left short
-at the end is padded with zeros, whose outputs are dropped.
+at the end is padded with zeros, whose outputs are dropped. One call covers at most :data:`LINES`
+lines; more patches run as several calls.
 
 :func:`install` puts :func:`forward` on the patch embedding of CPU models, once a check on this
 machine found its output equal, bit for bit, to transformers' forward on random rows (the kernel is
-oneDNN's choice, not ours). Elsewhere, or if the check fails, transformers' forward stays, and the
-log says why.
+oneDNN's choice, not ours). oneDNN picks its kernel's configuration by the problem's size (in
+bf16 it switches to another data layout above some tens of lines here), so the check runs the
+largest call there can be, a full :data:`LINES`, beside smaller ones. Elsewhere, or if the check
+fails, transformers' forward stays, and the log says why.
 """
 
 from __future__ import annotations
@@ -31,10 +34,20 @@ log = logging.getLogger(__name__)
 
 # Patches per line of the grid: enough output positions per line for oneDNN's kernel to run long rows.
 WIDTH = 64
+# Lines per convolution at most (4,096 patches: four 448x448 images), the largest call the load check runs.
+LINES = 64
 
 
-def forward(patch_embed: Any, hidden_states: torch.Tensor, width: int = WIDTH) -> torch.Tensor:
+def forward(patch_embed: Any, hidden_states: torch.Tensor) -> torch.Tensor:
     """``Qwen2_5_VisionPatchEmbed.forward`` of ``patch_embed``: [rows, C*T*P*P] -> [rows, embed_dim]."""
+    parts = hidden_states.split(WIDTH * LINES)
+    if len(parts) == 1:
+        return _grid(patch_embed, hidden_states, WIDTH)
+    return torch.cat([_grid(patch_embed, part, WIDTH) for part in parts])
+
+
+def _grid(patch_embed: Any, hidden_states: torch.Tensor, width: int) -> torch.Tensor:
+    """One convolution over ``hidden_states``' patches, ``width`` to a line."""
     proj: nn.Conv3d = patch_embed.proj
     channels = int(proj.in_channels)
     temporal, height, across = (int(size) for size in proj.kernel_size)
@@ -78,12 +91,12 @@ def install(visual: Any) -> bool:
 
 def matches(patch_embed: Any) -> bool:
     """Whether :func:`forward` equals ``patch_embed``'s own forward bit for bit on random float32 rows
-    (what the processor hands over, for any dtype): full lines and a short one, then fewer rows
-    than a line."""
+    (what the processor hands over, for any dtype): the largest call (:data:`LINES` full lines),
+    then a few full lines and a short one, then fewer rows than a line."""
     generator = torch.Generator().manual_seed(0)
     features = patch_embed.proj.weight[0].numel()
     with torch.inference_mode():
-        for rows in (3 * WIDTH + 12, 8):
+        for rows in (LINES * WIDTH, 3 * WIDTH + 12, 8):
             hidden = torch.randn(rows, features, generator=generator) * 2
             if not torch.equal(type(patch_embed).forward(patch_embed, hidden), forward(patch_embed, hidden)):
                 return False
