@@ -42,17 +42,17 @@ def forward(patch_embed: Any, hidden_states: torch.Tensor) -> torch.Tensor:
     """``Qwen2_5_VisionPatchEmbed.forward`` of ``patch_embed``: [rows, C*T*P*P] -> [rows, embed_dim]."""
     parts = hidden_states.split(WIDTH * LINES)
     if len(parts) == 1:
-        return _grid(patch_embed, hidden_states, WIDTH)
-    return torch.cat([_grid(patch_embed, part, WIDTH) for part in parts])
+        return _grid(patch_embed, hidden_states)
+    return torch.cat([_grid(patch_embed, part) for part in parts])
 
 
-def _grid(patch_embed: Any, hidden_states: torch.Tensor, width: int) -> torch.Tensor:
-    """One convolution over ``hidden_states``' patches, ``width`` to a line."""
+def _grid(patch_embed: Any, hidden_states: torch.Tensor) -> torch.Tensor:
+    """One convolution over ``hidden_states``' patches, :data:`WIDTH` to a line (fewer rows: one line)."""
     proj: nn.Conv3d = patch_embed.proj
     channels = int(proj.in_channels)
     temporal, height, across = (int(size) for size in proj.kernel_size)
     rows = hidden_states.shape[0]
-    width = max(1, min(width, rows))
+    width = max(1, min(WIDTH, rows))
     lines = -(-rows // width)
     clips = hidden_states.view(rows, channels, temporal, height, across)
     # The grid as the convolution reads it: [1, channels, temporal, lines x height, width x across].
