@@ -68,7 +68,9 @@ def variants(dtype: str, levers: Sequence[str]) -> dict[str, Extractor]:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
-    parser.add_argument("--lever", nargs="+", choices=LEVERS, default=list(LEVERS), help="what `transformers` lacks")
+    parser.add_argument(
+        "--lever", nargs="+", choices=LEVERS, default=list(LEVERS), help="what the `transformers` side runs as stock"
+    )
     parser.add_argument("--sizes", choices=SIZES, default="uniform")
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--vision-only", action="store_true", help="the vision tower alone (no LM output asked)")

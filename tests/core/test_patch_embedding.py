@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
+from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl
 
 from qwen25vl_embed_server.core import patch_embedding
 from qwen25vl_embed_server.core.extractor import Extractor
@@ -40,6 +41,17 @@ def test_forward_equals_transformers_bit_for_bit(tiny_model_path: Path, dtype: t
     assert got.shape == expected.shape == (rows, patch_embed.embed_dim)
     assert got.is_contiguous()
     assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_largest_call_at_the_7b_width_equals_transformers(dtype: torch.dtype) -> None:
+    """The 7B's embedding width (1,280) over a full call: there oneDNN configures its bf16 kernel with
+    another data layout than for a few lines (seen with ONEDNN_VERBOSE), and the bits stay."""
+    patch_embed = modeling_qwen2_5_vl.Qwen2_5_VisionPatchEmbed(14, 2, 3, 1280).to(dtype).eval()
+    rows = patch_embedding.LINES * patch_embedding.WIDTH
+    hidden = torch.randn(rows, 3 * 2 * 14 * 14, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        assert torch.equal(patch_embedding.forward(patch_embed, hidden), patch_embed(hidden))
 
 
 def test_the_tower_equals_transformers_on_mixed_sizes(tiny_model_path: Path) -> None:

@@ -23,7 +23,7 @@ from qwen25vl_embed_server.core.defaults import (
 )
 from qwen25vl_embed_server.core.dtypes import TORCH_DTYPES, dtype_name
 from qwen25vl_embed_server.core.errors import ModelLoadError
-from qwen25vl_embed_server.core.packed_linear import PackedLinear, PackedPatchEmbed, pack_linears, packing_applies
+from qwen25vl_embed_server.core.packed_linear import PackedLinear, pack_linears, packing_applies
 from qwen25vl_embed_server.core.recipes import Recipe, detect_recipe, get_recipe
 from qwen25vl_embed_server.core.retrieval_model import RetrievalLayout, find_layout, load_retrieval
 from qwen25vl_embed_server.core.tiny_model import TINY_MODEL_NAME, build_tiny_model
@@ -193,12 +193,13 @@ def _load(options: LoadOptions, device: torch.device, dtype: torch.dtype, starte
         if options.attn_implementation:
             kwargs["attn_implementation"] = options.attn_implementation
         model = AutoModelForImageTextToText.from_pretrained(path, **kwargs).to(device).eval()  # type: ignore[arg-type]
+    packed_patch_embed = pack and dtype == torch.float32  # fp32 "onednn": the patch embedding as one matmul
     if pack:  # last: the weights have their final device and dtype (and any adapter is merged)
-        pack_linears(model, patch_embed=dtype == torch.float32)
+        pack_linears(model, patch_embed=packed_patch_embed)
         head = PackedLinear(head) if isinstance(head, torch.nn.Linear) else head
     if device.type == "cpu":  # after packing: the checks run the layers as they will run
         vision_attention.install(model.model.visual)
-        if not isinstance(model.model.visual.patch_embed, PackedPatchEmbed):  # fp32 "onednn" has its own
+        if not packed_patch_embed:
             patch_embedding.install(model.model.visual)
     seconds = time.perf_counter() - started
     log.info(

@@ -24,6 +24,8 @@ import logging
 import torch
 from torch import nn
 
+from qwen25vl_embed_server.core.patch_embedding import is_patchwise
+
 log = logging.getLogger(__name__)
 
 # Never called by the extractor (it reads hidden states, not logits): packing it would only cost memory.
@@ -65,7 +67,7 @@ class PackedPatchEmbed(nn.Module):
     def __init__(self, patch_embed: nn.Module) -> None:
         super().__init__()
         conv = patch_embed.proj
-        if not isinstance(conv, nn.Conv3d) or conv.kernel_size != conv.stride or conv.padding != (0, 0, 0):
+        if not is_patchwise(conv):
             raise ValueError("the patch embedding is not a patch-wise projection")
         self.embed_dim = int(conv.out_channels)
         self.in_features = int(conv.weight[0].numel())

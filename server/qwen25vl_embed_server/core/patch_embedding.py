@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 from torch import nn
@@ -36,6 +36,11 @@ log = logging.getLogger(__name__)
 WIDTH = 64
 # Lines per convolution at most (4,096 patches: four 448x448 images), the largest call the load check runs.
 LINES = 64
+
+
+def is_patchwise(conv: object) -> TypeGuard[nn.Conv3d]:
+    """Whether ``conv`` is a ``Conv3d`` whose kernel is its stride, unpadded: one output per patch."""
+    return isinstance(conv, nn.Conv3d) and conv.kernel_size == conv.stride and conv.padding == (0, 0, 0)
 
 
 def forward(patch_embed: Any, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -74,7 +79,7 @@ def install(visual: Any) -> bool:
     matches. Returns whether it was installed."""
     patch_embed = getattr(visual, "patch_embed", None)
     proj = getattr(patch_embed, "proj", None)
-    if not isinstance(proj, nn.Conv3d) or proj.kernel_size != proj.stride or proj.padding != (0, 0, 0):
+    if not is_patchwise(proj):
         return _not_installed("it is not a patch-wise Conv3d")
     if proj.weight.device.type != "cpu":
         return _not_installed(f"the model is on {proj.weight.device.type}, not the CPU")
