@@ -4,9 +4,9 @@
     python bench/roofline.py --peer-images-per-s 3.85 # also: what being 1.25x that peer would take
     python bench/roofline.py --sizes mixed --dtypes float32
 
-One forward of a random-weight checkpoint ('bench' unless ``--shape``), loaded as the server loads it, records every
-linear layer's call (rows, in, out, bias) and every attention call (its shapes and whether it is
-causal). Then, on the same CPU and threads:
+One forward of a random-weight checkpoint ('bench' unless ``--shape``), loaded as the server loads
+it, records every linear layer's call (rows, in, out, bias) and every attention call (the (query,
+key) pairs it must compute, and its head size). Then, on the same CPU and threads:
 
 - **Linear floor.** Each recorded matmul is timed alone at its own shape, with fresh tensors, on
   the faster of torch's path (MKL in fp32, oneDNN in bf16) and oneDNN with the weight prepacked
@@ -14,15 +14,16 @@ causal). Then, on the same CPU and threads:
   gate and up) are also timed as one fused matmul, and the faster of fused and separate counts.
 - **Attention floor.** The attention FLOPs, counting only the (query, key) pairs a call has to
   compute (the causal triangle, a mask's allowed pairs: no padding), at the best rate any of the
-  model's matmuls reached. Attention's own kernels reach less.
+  model's matmuls reached (generous: attention's own kernels also do a softmax).
 - Everything else (norms, rotary embeddings, activations, residual adds, the patch embedding,
   copies) counts as free.
 
 The sum is the time per image below which no implementation that computes these products on this
-CPU can go, whatever its kernels. It prints the model's own time (median over ``--rounds``), the
-floor and their ratio. With ``--peer-images-per-s``, it prints the time per image that being
-``--target`` times that peer's rate would take, against the floor. The server's images/s add
-preprocessing and transport (about 5 % of a request's CPU time here) to the model's time.
+CPU can go, whatever its kernels. It prints the range of rates the matmuls ran at, the model's own
+time (median over ``--rounds``), the floor and their ratio. With ``--peer-images-per-s``, it prints
+the time per image that being ``--target`` times that peer's rate would take, against the floor.
+The server's images/s add preprocessing and transport (about 5 % of a request's CPU time here) to
+the model's time.
 """
 
 from __future__ import annotations
@@ -160,24 +161,23 @@ def fastest_seconds(call: Matmul, dtype: torch.dtype, repeats: int) -> float:
     return min(stock, onednn)
 
 
-def linear_floor(groups: list[list[Matmul]], dtype: torch.dtype, repeats: int) -> tuple[float, float]:
-    """Seconds for all the linear calls at their fastest (fused where faster), and the best FLOP/s."""
-    distinct = Counter(tuple(group) for group in groups)
-    total, best_rate = 0.0, 0.0
-    for group, count in distinct.items():
+def linear_floor(groups: list[list[Matmul]], dtype: torch.dtype, repeats: int) -> tuple[float, list[float]]:
+    """Seconds for all the linear calls at their fastest (fused where faster), and every FLOP/s timed."""
+    total, rates = 0.0, []
+    for group, count in Counter(tuple(group) for group in groups).items():
         separate = 0.0
         for call in group:
             seconds = fastest_seconds(call, dtype, repeats)
             separate += seconds
-            best_rate = max(best_rate, call.flops / seconds)
-        seconds = separate
+            rates.append(call.flops / seconds)
         if len(group) > 1:
             first = group[0]
             fused = Matmul(first.rows, first.inputs, sum(c.outputs for c in group), any(c.bias for c in group))
-            seconds = min(separate, fastest_seconds(fused, dtype, repeats))
-            best_rate = max(best_rate, fused.flops / seconds)
-        total += count * seconds
-    return total, best_rate
+            fused_seconds = fastest_seconds(fused, dtype, repeats)
+            rates.append(fused.flops / fused_seconds)
+            separate = min(separate, fused_seconds)
+        total += count * separate
+    return total, rates
 
 
 @dataclass(frozen=True)
@@ -189,6 +189,7 @@ class Report:
     linear_ms: float
     attention_gflop: float
     attention_ms: float
+    slowest_gflops: float
     best_gflops: float
 
     @property
@@ -208,7 +209,7 @@ def measure(shape: str, name: str, images: list[Image.Image], rounds: int, repea
         started = time.perf_counter()
         extractor.run(batch)
         model_ms.append((time.perf_counter() - started) * 1e3)
-    linear_s, best_rate = linear_floor(groups, dtype, repeats)
+    linear_s, rates = linear_floor(groups, dtype, repeats)
     attention_flops = sum(call.flops for call in attention)
     n = len(images)
     return Report(
@@ -216,8 +217,9 @@ def measure(shape: str, name: str, images: list[Image.Image], rounds: int, repea
         linear_gflop=sum(call.flops for group in groups for call in group) / n / 1e9,
         linear_ms=linear_s * 1e3 / n,
         attention_gflop=attention_flops / n / 1e9,
-        attention_ms=attention_flops / best_rate * 1e3 / n,
-        best_gflops=best_rate / 1e9,
+        attention_ms=attention_flops / max(rates) * 1e3 / n,
+        slowest_gflops=min(rates) / 1e9,
+        best_gflops=max(rates) / 1e9,
     )
 
 
@@ -238,8 +240,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         label = f"{name:9} {args.sizes:8}"
         print(
             f"{label} linear layers {report.linear_gflop:5.2f} GFLOP/image, floor {report.linear_ms:6.1f} ms/image"
-            f" (best matmul {report.best_gflops:4.0f} GFLOP/s); attention {report.attention_gflop:4.2f} GFLOP/image,"
-            f" floor {report.attention_ms:5.1f} ms/image",
+            f" (matmuls at {report.slowest_gflops:.0f}-{report.best_gflops:.0f} GFLOP/s);"
+            f" attention {report.attention_gflop:4.2f} GFLOP/image, floor {report.attention_ms:5.1f} ms/image",
             flush=True,
         )
         print(
