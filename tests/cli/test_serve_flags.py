@@ -92,3 +92,18 @@ def test_the_batching_flags_reach_the_batcher_config() -> None:
     default = batching_of(build_parser().parse_args(["serve"]))
     assert default.lanes is None
     assert (default.lanes_for("cpu"), default.lanes_for("cuda")) == (2, 1)
+
+
+def test_the_bf16_arithmetic_flag_reaches_the_load_options_and_ray_settings() -> None:
+    from qwen25vl_embed_server.cli.app import build_parser
+    from qwen25vl_embed_server.cli.commands import load_options
+    from qwen25vl_embed_server.ray.deployment import EmbedderSettings
+
+    parser = build_parser()
+    assert load_options(parser.parse_args(["serve", "--model", "m"])).bf16_arithmetic == "auto"
+    for choice in ("native", "float32"):
+        args = parser.parse_args(["serve", "--model", "m", "--bf16-arithmetic", choice])
+        assert load_options(args).bf16_arithmetic == choice
+        assert EmbedderSettings(bf16_arithmetic=choice).load_options().bf16_arithmetic == choice
+    with pytest.raises(SystemExit):
+        parser.parse_args(["serve", "--model", "m", "--bf16-arithmetic", "fast"])

@@ -66,7 +66,8 @@ def _run(extractor: Extractor, sizes: list[tuple[int, int]]) -> tuple[dict[str, 
 
 @pytest.fixture(scope="module")
 def bf16_packed(tiny_model_path: Path) -> Extractor:
-    return Extractor(load_model(LoadOptions(model=str(tiny_model_path), device="cpu", dtype="bfloat16")))
+    options = LoadOptions(model=str(tiny_model_path), device="cpu", dtype="bfloat16", bf16_arithmetic="native")
+    return Extractor(load_model(options))
 
 
 @pytest.fixture(scope="module")

@@ -130,6 +130,7 @@ def load_options(args: argparse.Namespace) -> LoadOptions:
         pooling=args.pooling,
         image_tokens_only=args.image_tokens_only,
         fp32_matmul=args.fp32_matmul,
+        bf16_arithmetic=args.bf16_arithmetic,
     )
 
 

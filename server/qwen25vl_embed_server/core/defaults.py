@@ -37,6 +37,15 @@ prepacked oneDNN weights (faster, not bit-exact; see ``core/packed_linear.py``).
 
 DEFAULT_FP32_MATMUL = "exact"
 
+BF16_ARITHMETICS = ("auto", "native", "float32")
+"""How a bf16 CPU model computes its dot products: ``native`` (torch's bf16 kernels), ``float32``
+(widened to float32, rounded to bf16 after each sum) or ``auto`` (float32 where the CPU has no bf16
+dot products)."""
+
+DEFAULT_BF16_ARITHMETIC = "auto"
+"""bf16 on the CPU: float32 arithmetic where the CPU has no bf16 dot products (about 3x faster
+there, within bf16 rounding), torch's bf16 kernels elsewhere (see ``core/bf16_arithmetic.py``)."""
+
 DEFAULT_WIRE_DTYPE = "float32"
 """The dtype floating outputs travel in when a request names none."""
 

@@ -13,8 +13,10 @@ from typing import Any
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from qwen25vl_embed_server.core import mkl_dispatch, patch_embedding, vision_attention
+from qwen25vl_embed_server.core import bf16_arithmetic, mkl_dispatch, patch_embedding, vision_attention
 from qwen25vl_embed_server.core.defaults import (
+    BF16_ARITHMETICS,
+    DEFAULT_BF16_ARITHMETIC,
     DEFAULT_DEVICE,
     DEFAULT_DTYPE,
     DEFAULT_FP32_MATMUL,
@@ -39,8 +41,10 @@ class LoadOptions:
     "none" (raw states) or a name of :data:`~.recipes.RECIPES`. ``pooling`` / ``image_tokens_only``
     override the recipe's (see :func:`~.recipes.get_recipe`). ``fp32_matmul``: on the CPU, "exact"
     (torch's own fp32 matmul, bit-exact against transformers) or "onednn" (prepacked oneDNN weights,
-    faster, within float rounding; see :mod:`~.packed_linear`). bf16 CPU models are always packed:
-    it is exact there.
+    faster, within float rounding; see :mod:`~.packed_linear`). ``bf16_arithmetic``: for bf16 CPU
+    models, "native" (torch's bf16 kernels, oneDNN-packed: bit-exact against transformers' bf16),
+    "float32" (dot products widened to float32 and rounded to bf16, within bf16 rounding; see
+    :mod:`~.bf16_arithmetic`) or "auto" (float32 where the CPU has no bf16 dot products).
     """
 
     model: str
@@ -53,10 +57,14 @@ class LoadOptions:
     pooling: str | None = None
     image_tokens_only: bool = False
     fp32_matmul: str = DEFAULT_FP32_MATMUL
+    bf16_arithmetic: str = DEFAULT_BF16_ARITHMETIC
 
     def __post_init__(self) -> None:
         if self.fp32_matmul not in FP32_MATMULS:
             raise ValueError(f"unknown fp32 matmul {self.fp32_matmul!r}; expected one of {', '.join(FP32_MATMULS)}")
+        if self.bf16_arithmetic not in BF16_ARITHMETICS:
+            choices = ", ".join(BF16_ARITHMETICS)
+            raise ValueError(f"unknown bf16 arithmetic {self.bf16_arithmetic!r}; expected one of {choices}")
 
 
 @dataclass(frozen=True)
@@ -163,15 +171,18 @@ def load_model(options: LoadOptions) -> LoadedModel:
     started = time.perf_counter()
     device = check_device(options.device)
     dtype = resolve_dtype(options.dtype, device)
-    pack = packing_applies(device, dtype, options.fp32_matmul)
+    widen = bf16_arithmetic.applies(options.bf16_arithmetic, device, dtype)
+    pack = not widen and packing_applies(device, dtype, options.fp32_matmul)
     try:
-        return _load(options, device, dtype, started, pack)
+        return _load(options, device, dtype, started, pack, widen)
     except (OSError, ValueError, KeyError, RuntimeError) as err:  # what transformers raises for a bad checkpoint
         cause = " ".join(str(err).split()) or type(err).__name__
         raise ModelLoadError(f"cannot load model {options.model!r}: {cause}") from err
 
 
-def _load(options: LoadOptions, device: torch.device, dtype: torch.dtype, started: float, pack: bool) -> LoadedModel:
+def _load(
+    options: LoadOptions, device: torch.device, dtype: torch.dtype, started: float, pack: bool, widen: bool
+) -> LoadedModel:
     path = resolve_model_path(options.model)
     layout = find_layout(path)
     recipe = choose_recipe(options, layout)
@@ -197,9 +208,12 @@ def _load(options: LoadOptions, device: torch.device, dtype: torch.dtype, starte
     if pack:  # last: the weights have their final device and dtype (and any adapter is merged)
         pack_linears(model, patch_embed=packed_patch_embed)
         head = PackedLinear(head) if isinstance(head, torch.nn.Linear) else head
+    if widen:  # likewise last: bf16 weights read per call in float32
+        bf16_arithmetic.install(model)
+        head = bf16_arithmetic.Float32Linear(head) if isinstance(head, torch.nn.Linear) else head
     if device.type == "cpu":  # after packing: the checks run the layers as they will run
-        vision_attention.install(model.model.visual)
-        if not packed_patch_embed:
+        vision_attention.install(model.model.visual, attend=bf16_arithmetic.attend if widen else None)
+        if not packed_patch_embed and not widen:
             patch_embedding.install(model.model.visual)
     seconds = time.perf_counter() - started
     log.info(
@@ -207,7 +221,7 @@ def _load(options: LoadOptions, device: torch.device, dtype: torch.dtype, starte
         options.model,
         device,
         dtype_name(dtype),
-        ", oneDNN-packed linears" if pack else "",
+        ", oneDNN-packed linears" if pack else ", float32 arithmetic" if widen else "",
         seconds,
         recipe.name if recipe else "none",
     )

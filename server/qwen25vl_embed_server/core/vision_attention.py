@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -70,12 +70,16 @@ def forward(
     hidden_states: torch.Tensor,
     cu_seqlens: torch.Tensor,
     position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+    *,
+    attend: Callable[..., torch.Tensor] | None = None,
     **_: Any,
 ) -> torch.Tensor:
     """``Qwen2_5_VLVisionAttention.forward`` of ``attention`` (SDPA), with fewer passes.
 
     ``hidden_states`` [S, C] holds the windows (or images) one after the other, ``cu_seqlens``
-    their boundaries, ``position_embeddings`` the (cos, sin) [S, head_dim] of every row.
+    their boundaries, ``position_embeddings`` the (cos, sin) [S, head_dim] of every row. ``attend``
+    computes the attention of a run of windows with SDPA's signature (SDPA itself when None;
+    another arithmetic: :func:`~.bf16_arithmetic.attend`).
     """
     assert position_embeddings is not None, "Qwen2.5-VL's vision blocks get their rotary embedding"
     rows = hidden_states.shape[0]
@@ -86,9 +90,10 @@ def forward(
     query, key, value = rotated[:, 0], rotated[:, 1], qkv[:, 2]
     outputs = []
     start = 0
+    attend = attend or functional.scaled_dot_product_attention
     for count, length in equal_runs((cu_seqlens[1:] - cu_seqlens[:-1]).tolist()):
         q, k, v = (_windows(states, start, count, length) for states in (query, key, value))
-        out = functional.scaled_dot_product_attention(q, k, v, dropout_p=0.0, scale=attention.scaling)
+        out = attend(q, k, v, dropout_p=0.0, scale=attention.scaling)
         outputs.append(out.transpose(1, 2).reshape(count * length, -1))
         start += count * length
     result: torch.Tensor = attention.proj(outputs[0] if len(outputs) == 1 else torch.cat(outputs))
@@ -102,11 +107,12 @@ def _windows(states: torch.Tensor, start: int, count: int, length: int) -> torch
     return windows.transpose(1, 2)
 
 
-def install(visual: Any) -> bool:
+def install(visual: Any, attend: Callable[..., torch.Tensor] | None = None) -> bool:
     """Give every block of the vision tower ``visual`` :func:`forward`, where it applies and matches.
 
     Returns whether it was installed. Applies to CPU towers whose attention is SDPA; matching means
-    the check of :func:`matches` on the first block passed.
+    the check of :func:`matches` on the first block passed. The blocks compute their attention with
+    ``attend`` (:func:`forward`'s); the check runs SDPA itself, as transformers does.
     """
     blocks = list(getattr(visual, "blocks", ()))
     if not blocks:
@@ -125,7 +131,7 @@ def install(visual: Any) -> bool:
     if not same:
         return _not_installed("its output differs from transformers' on this machine")
     for block in blocks:
-        block.attn.forward = functools.partial(forward, block.attn)
+        block.attn.forward = functools.partial(forward, block.attn, attend=attend)
     log.info("vision attention: one call per run of equal windows, rotary in fewer passes")
     return True
 

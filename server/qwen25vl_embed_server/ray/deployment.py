@@ -73,6 +73,7 @@ class EmbedderSettings(BaseModel):
     device: str = defaults.DEFAULT_DEVICE
     dtype: str = defaults.DEFAULT_DTYPE
     fp32_matmul: str = defaults.DEFAULT_FP32_MATMUL
+    bf16_arithmetic: str = defaults.DEFAULT_BF16_ARITHMETIC
     min_pixels: int | None = None
     max_pixels: int | None = None
     chunk_bytes: int = defaults.DEFAULT_CHUNK_BYTES
@@ -96,6 +97,7 @@ class EmbedderSettings(BaseModel):
             min_pixels=self.min_pixels,
             max_pixels=self.max_pixels,
             fp32_matmul=self.fp32_matmul,
+            bf16_arithmetic=self.bf16_arithmetic,
         )
 
     def service_config(self) -> ServiceConfig:
