@@ -9,7 +9,8 @@ its best settings for this measurement: both cores for the model, prefix caching
 cache and (through fresh uuids per round) the encoder cache off, so every image is computed.
 It pools the last token without activation: the same vector as our ``lm_last_token``, which the
 run checks. Ours is ``qwen25vl-embed serve`` with 4 concurrent SDK callers, in fp32 once as it
-ships (exact) and once with ``--fp32-matmul onednn``; ``--before DIR`` adds the server of another
+ships (exact) and once with ``--fp32-matmul onednn``, in bf16 once as it ships and once with
+``--bf16-arithmetic native``; ``--before DIR`` adds the server of another
 checkout of this project (its ``server/`` and ``client/`` first on ``PYTHONPATH``), so a change is
 measured against what it replaces in one run; ``ours vendor`` is ours with MKL's own kernel choice
 (``QWEN25VL_EMBED_MKL_DISPATCH=vendor``, see ``core/mkl_dispatch.py``), and
@@ -274,11 +275,15 @@ def compare(
 
 
 def variants_for(dtype: str, before: Path | None) -> list[Variant]:
-    """What each dtype compares: ours as it ships, fp32 also with oneDNN matmuls, ours with MKL's
-    own dispatch (``core/mkl_dispatch.py``: the lever alone), and ``before``."""
+    """What each dtype compares: ours as it ships, fp32 also with oneDNN matmuls, bf16 also with
+    torch's bf16 kernels (``--bf16-arithmetic native``: what ``auto`` picks on CPUs with bf16 dot
+    products, and the lever alone where it picks float32), ours with MKL's own dispatch
+    (``core/mkl_dispatch.py``: the lever alone), and ``before``."""
     variants = [Variant("ours")]
     if dtype == "float32":
         variants.append(Variant("ours onednn", ("--fp32-matmul", "onednn")))
+    if dtype == "bfloat16":
+        variants.append(Variant("ours native", ("--bf16-arithmetic", "native")))
     variants.append(Variant("ours vendor", env=((mkl_dispatch.ENV, "vendor"),)))
     if before is not None:
         path = f"{before.resolve() / 'server'}{os.pathsep}{before.resolve() / 'client'}"
@@ -322,7 +327,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--only",
         nargs="+",
         default=None,
-        help="run only these of our sides (labels as printed: ours, 'ours onednn', 'ours vendor', before)",
+        help="only these of our sides (labels as printed: ours, 'ours onednn', 'ours native', 'ours vendor', before)",
     )
     parser.add_argument(
         "--vllm-mkl-dispatch",

@@ -148,6 +148,8 @@ def test_every_dot_product_of_the_model_is_widened(widened: Extractor) -> None:
     assert sum(isinstance(m, Float32Linear) for m in model.modules()) > 0
     assert isinstance(widened.loaded.visual.patch_embed, Float32PatchEmbed)
     assert widened.loaded.language_model.config._attn_implementation == ATTENTION
+    for layer in widened.loaded.language_model.layers:  # what each attention reads at every call
+        assert layer.self_attn.config._attn_implementation == ATTENTION
     for block in widened.loaded.visual.blocks:
         forward = vars(block.attn)["forward"]
         assert isinstance(forward, functools.partial)

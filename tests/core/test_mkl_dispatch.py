@@ -131,7 +131,8 @@ def test_concurrent_first_builds_all_apply(tmp_path: Path) -> None:
     ]
     outputs = [run.communicate(timeout=120)[0].strip() for run in runs]
     assert outputs == [str(applies_here())] * 4
-    assert len(list((tmp_path / "cache").iterdir())) == int(applies_here())
+    cache = tmp_path / "cache"  # made only for a build: not on Intel's CPUs, where MKL needs no dispatch
+    assert len(list(cache.iterdir()) if cache.exists() else []) == int(applies_here())
 
 
 def test_this_process_chose_as_the_servers_do() -> None:
