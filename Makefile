@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed-stamp
 setup: $(STAMP)
 
 # torch first, on its own line, so its pinned build is what transformers finds.
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml constraints.txt protos/qwen25vl_embed/v1/embed.proto
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -c constraints.txt torch torchvision

@@ -73,6 +73,9 @@ class ServerInfo:
         chunk_bytes: largest response message the server sends, in bytes.
         server_version: the server package's version.
         recipe: the retrieval recipe, None for a model served as raw states.
+        arithmetic: how the model's dot products run: "exact" (transformers' own kernels: its
+            bits), "fp32-onednn" (within float rounding) or "bf16-float32" (bf16 in float32
+            arithmetic: within bf16 rounding of the fp32 result); "" from an older server.
     """
 
     model: str
@@ -92,6 +95,7 @@ class ServerInfo:
     chunk_bytes: int
     server_version: str
     recipe: RetrievalRecipe | None = None
+    arithmetic: str = ""
 
     @classmethod
     def from_proto(cls, message: pb.InfoResponse) -> ServerInfo:
@@ -114,4 +118,5 @@ class ServerInfo:
             chunk_bytes=message.chunk_bytes,
             server_version=message.server_version,
             recipe=RetrievalRecipe.from_proto(message.recipe) if message.HasField("recipe") else None,
+            arithmetic=message.arithmetic,
         )

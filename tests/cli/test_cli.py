@@ -64,6 +64,7 @@ def test_extract_local_and_via_server_write_the_same_files(
 
     manifest = json.loads((local / "cat" / "manifest.json").read_text())
     assert manifest["prompt"] == "A photo."
+    assert manifest["arithmetic"] == "exact"
     assert manifest["image"] == str(images[0])
     for name, entry in manifest["files"].items():
         saved = np.load(local / "cat" / entry["file"])

@@ -41,6 +41,7 @@ def test_repeated_names_in_a_tree_are_mirrored_under_outdir(tmp_path: Path, serv
     # Absolute paths, and the normalisation: what a reader of the folder needs to know.
     assert manifest["image"] == str(tmp_path / "photos" / "2024" / "IMG_0001.JPG")
     assert manifest["normalize"] is False
+    assert manifest["arithmetic"] == "exact"  # the values are transformers' own (fp32 on the CPU)
 
 
 def test_output_folders_name_every_clash_on_a_large_tree() -> None:

@@ -155,6 +155,7 @@ def test_every_dot_product_of_the_model_is_widened(widened: Extractor) -> None:
         assert isinstance(forward, functools.partial)
         assert forward.keywords["attend"] is attend
     assert next(model.parameters()).dtype == torch.bfloat16
+    assert widened.info().arithmetic == "bf16-float32"
 
 
 @pytest.mark.parametrize("sizes", list(CASES.values()), ids=list(CASES))

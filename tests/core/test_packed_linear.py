@@ -130,6 +130,7 @@ def test_bf16_packed_capture_points_equal_transformers_bf16(
     bf16_packed: Extractor, tiny_model_path: Path, sizes: list[tuple[int, int]]
 ) -> None:
     assert (_linears(bf16_packed.loaded.model)[0] > 0) == BF16_PACKED
+    assert bf16_packed.info().arithmetic == "exact"
     tensors, encoded = _run(bf16_packed, sizes)
     expected = _reference_outputs(Reference(tiny_model_path, torch.bfloat16).run(encoded, PROMPT))
     for name, value in expected.items():
@@ -141,6 +142,7 @@ def test_fp32_onednn_capture_points_are_within_rounding_of_transformers(
     fp32_onednn: Extractor, tiny_model_path: Path, sizes: list[tuple[int, int]]
 ) -> None:
     assert _linears(fp32_onednn.loaded.model)[0] > 0
+    assert fp32_onednn.info().arithmetic == "fp32-onednn"
     tensors, encoded = _run(fp32_onednn, sizes)
     expected = _reference_outputs(Reference(tiny_model_path).run(encoded, PROMPT))
     for name, value in expected.items():

@@ -169,6 +169,7 @@ def test_info_describes_the_model(client: EmbeddingClient) -> None:
     assert (info.num_lm_layers, info.num_vision_layers) == (2, 4)
     assert info.device == "cpu"
     assert info.dtype == "float32"
+    assert info.arithmetic == "exact"  # transformers' own fp32 kernels: its bits
     assert "lm_layer_1" in info.outputs
     assert "vision_layer_3" in info.outputs
     assert info.chunk_bytes == 1 << 20

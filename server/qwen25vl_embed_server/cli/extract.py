@@ -122,7 +122,7 @@ def run_extract(
                 except InvalidInputError as err:
                     print(f"error: {err} (server {args.server})", file=sys.stderr)
                     return 2
-                saver.model = info.model
+                saver.model, saver.arithmetic = info.model, info.arithmetic
                 results = client.extract_many(
                     todo_paths,
                     prompt=args.prompt,
@@ -143,7 +143,7 @@ def run_extract(
             bar = progress_bar(not saver.verbose, len(todo))
             try:
                 for (path, folder), outcome in zip(
-                    todo, _extract_here(args, options, outputs, todo_paths), strict=True
+                    todo, _extract_here(args, options, outputs, todo_paths, saver), strict=True
                 ):
                     saver.save(path, folder, outcome)
                     if bar is not None:
@@ -158,16 +158,17 @@ def run_extract(
 
 
 def _extract_here(
-    args: argparse.Namespace, options: LoadOptions, outputs: list[str], paths: list[Path]
+    args: argparse.Namespace, options: LoadOptions, outputs: list[str], paths: list[Path], saver: _Saver
 ) -> Iterator[Embeddings | Exception]:
     """In-process, one image at a time: the original script's way, through the same request checks
-    and preparation as the server (at the default limits)."""
+    and preparation as the server (at the default limits). Tells ``saver`` the model's arithmetic."""
     from qwen25vl_embed_server.core.extractor import Extractor
     from qwen25vl_embed_server.core.limits import Limits
     from qwen25vl_embed_server.core.loading import load_model
     from qwen25vl_embed_server.core.request import EncodedRequest, prepare_request
 
     extractor = Extractor(load_model(options))
+    saver.arithmetic = extractor.loaded.arithmetic
     # The in-process model has the flags' pixel range already: no per-request range here.
     plan = extractor.plan(outputs)
     limits = Limits()
@@ -203,6 +204,7 @@ class _Saver:
         self.skipped = skipped
         self.verbose = total - skipped <= _VERBOSE_UP_TO
         self.model = ""
+        self.arithmetic = ""  # Info's: how close the values are to transformers' (unknown: not recorded)
         self.saved = 0
         self.failed = 0
 
@@ -212,6 +214,8 @@ class _Saver:
             print(f"error: {path}: {result}", file=sys.stderr)
             return
         manifest: dict[str, Any] = {"normalize": self.args.normalize}
+        if self.arithmetic:
+            manifest["arithmetic"] = self.arithmetic
         result.save(folder, manifest, image=path, prompt=self.args.prompt, model=self.model)
         self.saved += 1
         if self.verbose:

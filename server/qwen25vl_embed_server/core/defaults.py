@@ -42,6 +42,11 @@ BF16_ARITHMETICS = ("auto", "native", "float32")
 (widened to float32, rounded to bf16 after each sum) or ``auto`` (float32 where the CPU has no bf16
 dot products)."""
 
+ARITHMETICS = ("exact", "fp32-onednn", "bf16-float32")
+"""How a loaded model's dot products run (reported by Info): transformers' own kernels (its bits);
+fp32 through prepacked oneDNN weights (``--fp32-matmul onednn``); bf16 in float32 arithmetic
+(``--bf16-arithmetic`` float32, or auto on a CPU without bf16 dot products)."""
+
 DEFAULT_BF16_ARITHMETIC = "auto"
 """bf16 on the CPU: float32 arithmetic where the CPU has no bf16 dot products (about 3x faster
 there, within bf16 rounding), torch's bf16 kernels elsewhere (see ``core/bf16_arithmetic.py``)."""

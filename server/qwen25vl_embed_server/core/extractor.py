@@ -166,6 +166,7 @@ class Extractor:
             num_vision_layers=self.num_vision_layers,
             load_seconds=loaded.load_seconds,
             recipe=RecipeInfo.of(self.recipe, self.retrieval_dim) if self.recipe is not None else None,
+            arithmetic=loaded.arithmetic,
         )
 
     def plan(self, requested: Sequence[str], has_images: bool = True) -> OutputPlan:

@@ -72,7 +72,8 @@ class LoadedModel:
     """A model in eval mode on its device, with the processor that prepares its inputs.
 
     ``model.model`` is the Qwen2.5-VL body (``visual``, ``language_model``); ``recipe`` and ``head``
-    (ColQwen2.5's ``custom_text_proj``) are set for a retrieval model.
+    (ColQwen2.5's ``custom_text_proj``) are set for a retrieval model. ``arithmetic``: how its dot
+    products run (:data:`~.defaults.ARITHMETICS`: "exact", "fp32-onednn" or "bf16-float32").
     """
 
     name: str
@@ -83,6 +84,7 @@ class LoadedModel:
     load_seconds: float
     recipe: Recipe | None = None
     head: Any = None
+    arithmetic: str = "exact"
 
     @property
     def visual(self) -> Any:
@@ -236,6 +238,7 @@ def _load(
         load_seconds=seconds,
         recipe=recipe,
         head=head,
+        arithmetic="bf16-float32" if widen else "fp32-onednn" if pack and dtype == torch.float32 else "exact",
     )
 
 

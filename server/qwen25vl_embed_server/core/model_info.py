@@ -25,7 +25,8 @@ class ModelInfo:
     ``min_pixels`` / ``max_pixels``: the processor's resize range (width x height), as loaded.
     ``outputs``: every output name this model serves; ``default_outputs``: those of a request
     that names none. ``load_seconds``: how long loading took. ``recipe``: the retrieval recipe,
-    None for a model served as raw states.
+    None for a model served as raw states. ``arithmetic``: how the dot products run (one of
+    :data:`~.defaults.ARITHMETICS`).
     """
 
     model: str
@@ -44,3 +45,4 @@ class ModelInfo:
     num_vision_layers: int
     load_seconds: float
     recipe: RecipeInfo | None = None
+    arithmetic: str = "exact"
