@@ -22,7 +22,6 @@ import qwen25vl_embed_server  # noqa: F401  (first: it sets MKL's dispatch befor
 import argparse
 import statistics
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -31,7 +30,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))  # run as a script: bench/ modules import each other
-from exact_forwards import OUTPUTS, SIZES
+from exact_forwards import OUTPUTS, SIZES, alternating_ms
 from throughput import PROMPT, checkpoint
 
 from qwen25vl_embed_server.core.bf16_arithmetic import cpu_has_bf16_dot_products
@@ -65,12 +64,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         plans = {name: e.plan(outputs) for name, e in extractors.items()}
         batches = {name: [e.prepare([i], PROMPT, plans[name]) for i in images] for name, e in extractors.items()}
         results = {name: e.run(batches[name]) for name, e in extractors.items()}  # also the warm-up
-        times: dict[str, list[float]] = {name: [] for name in extractors}
-        for round_ in range(args.rounds):
-            for name in list(extractors) if round_ % 2 == 0 else list(reversed(extractors)):
-                started = time.perf_counter()
-                extractors[name].run(batches[name])
-                times[name].append((time.perf_counter() - started) / len(images) * 1e3)
+        times = alternating_ms(extractors, batches, args.rounds)
         base = statistics.median(times["bf16 native"])
         for name, values in times.items():
             ms = statistics.median(values)

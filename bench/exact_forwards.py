@@ -65,6 +65,19 @@ def variants(dtype: str, levers: Sequence[str]) -> dict[str, Extractor]:
     return {"transformers": theirs, "ours": ours}
 
 
+def alternating_ms(
+    extractors: dict[str, Extractor], batches: dict[str, list[Any]], rounds: int
+) -> dict[str, list[float]]:
+    """ms per image of each extractor on its batch, every round; the order reversed every other round."""
+    times: dict[str, list[float]] = {name: [] for name in extractors}
+    for round_ in range(rounds):
+        for name in list(extractors) if round_ % 2 == 0 else list(reversed(extractors)):
+            started = time.perf_counter()
+            extractors[name].run(batches[name])
+            times[name].append((time.perf_counter() - started) / len(batches[name]) * 1e3)
+    return times
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
@@ -88,12 +101,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             for a, b in zip(results["ours"], results["transformers"], strict=True)
             for key in outputs
         )
-        times: dict[str, list[float]] = {name: [] for name in extractors}
-        for round_ in range(args.rounds):
-            for name in list(extractors) if round_ % 2 == 0 else list(reversed(extractors)):
-                started = time.perf_counter()
-                extractors[name].run(batches[name])
-                times[name].append((time.perf_counter() - started) / len(images) * 1e3)
+        times = alternating_ms(extractors, batches, args.rounds)
         base = statistics.median(times["transformers"])
         for name, values in times.items():
             ms = statistics.median(values)

@@ -60,7 +60,7 @@ def model_flags(parser: argparse.ArgumentParser, group: Any = None) -> None:
         choices=defaults.BF16_ARITHMETICS,
         default=defaults.DEFAULT_BF16_ARITHMETIC,
         help="bf16 on the CPU: native (torch's bf16 kernels, bit-exact against transformers' bf16), "
-        "float32 (dot products in float32, rounded to bf16: ~3x faster on CPUs without AVX512-BF16/AMX, "
+        "float32 (dot products in float32, rounded to bf16: ~2x faster in the model on CPUs without AVX512-BF16/AMX, "
         "within bf16 rounding) or auto (float32 where the CPU lacks bf16 dot products) "
         f"({defaults.DEFAULT_BF16_ARITHMETIC})",
     )

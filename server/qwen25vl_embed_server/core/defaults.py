@@ -48,7 +48,7 @@ fp32 through prepacked oneDNN weights (``--fp32-matmul onednn``); bf16 in float3
 (``--bf16-arithmetic`` float32, or auto on a CPU without bf16 dot products)."""
 
 DEFAULT_BF16_ARITHMETIC = "auto"
-"""bf16 on the CPU: float32 arithmetic where the CPU has no bf16 dot products (about 3x faster
+"""bf16 on the CPU: float32 arithmetic where the CPU has no bf16 dot products (2.1-2.3x faster in the model
 there, within bf16 rounding), torch's bf16 kernels elsewhere (see ``core/bf16_arithmetic.py``)."""
 
 DEFAULT_WIRE_DTYPE = "float32"

@@ -24,7 +24,7 @@ import logging
 import torch
 from torch import nn
 
-from qwen25vl_embed_server.core.patch_embedding import is_patchwise
+from qwen25vl_embed_server.core.patch_embedding import as_linear
 
 log = logging.getLogger(__name__)
 
@@ -66,18 +66,9 @@ class PackedPatchEmbed(nn.Module):
 
     def __init__(self, patch_embed: nn.Module) -> None:
         super().__init__()
-        conv = patch_embed.proj
-        if not is_patchwise(conv):
-            raise ValueError("the patch embedding is not a patch-wise projection")
-        self.embed_dim = int(conv.out_channels)
-        self.in_features = int(conv.weight[0].numel())
-        linear = nn.Linear(self.in_features, self.embed_dim, bias=conv.bias is not None, dtype=conv.weight.dtype)
-        with torch.no_grad():
-            linear.weight.copy_(conv.weight.reshape(self.embed_dim, self.in_features))
-            if conv.bias is not None:
-                linear.bias.copy_(conv.bias)
+        linear = as_linear(patch_embed)
+        self.embed_dim, self.in_features, self.dtype = linear.out_features, linear.in_features, linear.weight.dtype
         self.projection = PackedLinear(linear)
-        self.dtype = conv.weight.dtype
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         flat = hidden_states.reshape(-1, self.in_features).to(self.dtype)

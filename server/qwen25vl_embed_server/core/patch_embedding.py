@@ -43,6 +43,21 @@ def is_patchwise(conv: object) -> TypeGuard[nn.Conv3d]:
     return isinstance(conv, nn.Conv3d) and conv.kernel_size == conv.stride and conv.padding == (0, 0, 0)
 
 
+def as_linear(patch_embed: Any) -> nn.Linear:
+    """The patch embedding's Conv3d as the linear layer it is on the processor's rows (one per patch):
+    the flattened kernel as the weight, in the kernel's dtype. Raises ValueError if not patch-wise."""
+    conv = getattr(patch_embed, "proj", None)
+    if not is_patchwise(conv):
+        raise ValueError("the patch embedding is not a patch-wise projection")
+    out_features, in_features = int(conv.out_channels), int(conv.weight[0].numel())
+    linear = nn.Linear(in_features, out_features, bias=conv.bias is not None, dtype=conv.weight.dtype)
+    with torch.no_grad():
+        linear.weight.copy_(conv.weight.reshape(out_features, in_features))
+        if conv.bias is not None:
+            linear.bias.copy_(conv.bias)
+    return linear
+
+
 def forward(patch_embed: Any, hidden_states: torch.Tensor) -> torch.Tensor:
     """``Qwen2_5_VisionPatchEmbed.forward`` of ``patch_embed``: [rows, C*T*P*P] -> [rows, embed_dim]."""
     parts = hidden_states.split(WIDTH * LINES)
