@@ -1,13 +1,18 @@
 """Throughput, in one run on one model and one set of images: the original script vs this project.
 
 Rows:
-  baseline      the original one-file script's method: in-process, one image per call, forward
-                hooks, the full ``model(**inputs)`` forward with ``lm_head``, ``use_cache=False``
+  baseline      the original one-file script's method: transformers' model as ``from_pretrained``
+                loads it (none of this project's forwards or kernels), in-process, one image per
+                call, forward hooks, the full ``model(**inputs)`` forward with ``lm_head``,
+                ``use_cache=False``
   in-process    the extraction core (``Extractor.extract``), one image at a time
   service       ``qwen25vl-embed serve`` in a child process, N concurrent SDK clients over gRPC,
                 for pooled outputs, pooled + all token tensors, and vision-only outputs
-Every row reports images/s, its ratio to the baseline, and p50 / p99 latency; then the RPC
-overhead (service at concurrency 1 vs in-process, pooled outputs) and a tensor-transfer figure.
+The rows run in ``--rounds`` alternating rounds (every row one pass over the images per round,
+the order reversed every other round), so that the machine's drift hits all of them alike. Every
+row reports images/s (median over rounds), its ratio to the baseline (median of each round's
+ratio) and p50 / p99 latency over all passes; then the RPC overhead (service at concurrency 1 vs
+in-process, pooled outputs, image by image) and a tensor-transfer figure.
 
     python bench/throughput.py                      # CPU: the 'bench' random-weight model
     python bench/throughput.py --quick --shape tiny  # a smoke run (seconds)
@@ -36,12 +41,14 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor
 
 sys.path.insert(0, str(Path(__file__).parent))  # run as a script: bench/ modules import each other
 from transfer import measure_transfer
@@ -51,7 +58,7 @@ from qwen25vl_embed_server.core import mkl_dispatch
 from qwen25vl_embed_server.core.defaults import DEFAULT_FP32_MATMUL, FP32_MATMULS
 from qwen25vl_embed_server.core.extractor import Extractor
 from qwen25vl_embed_server.core.image_decoding import decode_image
-from qwen25vl_embed_server.core.loading import LoadedModel, LoadOptions, load_model
+from qwen25vl_embed_server.core.loading import LoadedModel, LoadOptions, load_model, resolve_device
 from qwen25vl_embed_server.core.tiny_model import BENCH_SHAPE, QWEN25VL_7B_SHAPE, TinyShape, build_tiny_model
 from qwen25vl_embed_server.rpc.harness import ServerProcess
 
@@ -76,9 +83,6 @@ class Row:
     def images_per_s(self) -> float:
         return len(self.latencies) / self.wall
 
-    def percentile(self, q: float) -> float:
-        return float(np.percentile(self.latencies, q)) * 1000
-
 
 def checkpoint(shape: str, device: str, dtype: torch.dtype) -> Path:
     """The random-weight checkpoint for ``shape`` (built once, cached)."""
@@ -101,9 +105,24 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def original_script(loaded: LoadedModel, image: bytes) -> dict[str, np.ndarray]:
+@dataclass
+class OriginalModel:
+    """The model as the one-file script loaded it: transformers' own classes and forwards, none of ours."""
+
+    model: Any
+    processor: Any
+    device: torch.device
+
+
+def load_original(path: Path, device: torch.device, dtype: torch.dtype) -> OriginalModel:
+    """``path`` loaded as the original script did (``from_pretrained`` in ``dtype``, nothing installed)."""
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype).to(device).eval()  # type: ignore[arg-type]
+    return OriginalModel(model, AutoProcessor.from_pretrained(path), device)
+
+
+def original_script(original: OriginalModel, image: bytes) -> dict[str, np.ndarray]:
     """What the one-file script did per image: hooks on the tower, the full forward, lm_head included."""
-    model, processor = loaded.model, loaded.processor
+    model, processor = original.model, original.processor
     captured: dict[str, torch.Tensor] = {}
     visual = model.model.visual
     hooks = [
@@ -116,7 +135,7 @@ def original_script(loaded: LoadedModel, image: bytes) -> dict[str, np.ndarray]:
         text = processor.apply_chat_template(
             [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
         )
-        inputs = processor(text=[text], images=[picture], return_tensors="pt").to(loaded.device)
+        inputs = processor(text=[text], images=[picture], return_tensors="pt").to(original.device)
         with torch.no_grad():
             out = model(**inputs, use_cache=False, output_hidden_states=True)
         last = out.hidden_states[-1]
@@ -174,39 +193,72 @@ def timed_clients(
 
 
 BASELINE = "baseline (original script)"
+IN_PROCESS = "in-process core, pooled"
 
 
-def measure_baseline(loaded: LoadedModel, images: Sequence[bytes]) -> Row:
-    """The original script's method on ``loaded``, one image at a time, in this process."""
+def sequential_pass(original: OriginalModel, images: Sequence[bytes]) -> Callable[[], Row]:
+    """One pass of the original script's method over ``images``, one image at a time (warmed up once)."""
 
     def baseline(image: bytes) -> Any:
-        return original_script(loaded, image)
+        return original_script(original, image)
 
-    for warm in images[:2]:
-        baseline(warm)
-    return timed_sequential(BASELINE, images, baseline, loaded.device)
-
-
-def baseline_in_child(args: argparse.Namespace) -> Row:
-    """:func:`measure_baseline` in a child process under ``args.baseline_mkl_dispatch``."""
-    command = [sys.executable, __file__, "--baseline-child", "--shape", args.shape, "--device", args.device]
-    command += ["--dtype", args.dtype, "--images", str(args.images), "--size", str(args.size)]
-    environment = {**os.environ, mkl_dispatch.ENV: args.baseline_mkl_dispatch}
-    run = subprocess.run(command, check=True, capture_output=True, text=True, env=environment)
-    figures = json.loads(run.stdout.splitlines()[-1])
-    return Row(BASELINE, figures["latencies"], figures["wall"])
+    for image in images[:2]:
+        baseline(image)
+    return lambda: timed_sequential(BASELINE, images, baseline, original.device)
 
 
-def measure_in_process(
-    loaded: LoadedModel, images: Sequence[bytes], core: LoadedModel | None = None, baseline: bool = True
-) -> tuple[list[Row], Callable[[bytes], Any]]:
-    """The baseline (on ``loaded``, if ``baseline``) and the extraction core (on ``core``, default
-    ``loaded``), one image at a time, in this process.
+class BaselineChild:
+    """The baseline in a child process under ``args.baseline_mkl_dispatch``: one pass per :meth:`run`.
 
-    Also returns the in-process call, for the interleaved RPC-overhead pass.
+    The child loads the original model once and answers each line on its stdin with one pass's
+    figures (a JSON line), so that its passes can alternate with the other rows'.
     """
-    rows = [measure_baseline(loaded, images)] if baseline else []
-    extractor = Extractor(core or loaded)
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        command = [sys.executable, __file__, "--baseline-child", "--shape", args.shape, "--device", args.device]
+        command += ["--dtype", args.dtype, "--images", str(args.images), "--size", str(args.size)]
+        environment = {**os.environ, mkl_dispatch.ENV: args.baseline_mkl_dispatch}
+        self._process = subprocess.Popen(
+            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=environment
+        )
+        self._read()  # loaded and warmed up
+
+    def run(self) -> Row:
+        assert self._process.stdin is not None
+        self._process.stdin.write("run\n")
+        self._process.stdin.flush()
+        figures = self._read()
+        return Row(BASELINE, figures["latencies"], figures["wall"])
+
+    def _read(self) -> dict[str, Any]:
+        assert self._process.stdout is not None
+        line = self._process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the baseline's process exited with {self._process.wait()} (its stderr is above)")
+        figures: dict[str, Any] = json.loads(line)
+        return figures
+
+    def close(self) -> None:
+        assert self._process.stdin is not None
+        self._process.stdin.close()
+        self._process.wait(timeout=60)
+
+
+def serve_baseline_child(original: OriginalModel, images: Sequence[bytes]) -> None:
+    """The child's side of :class:`BaselineChild`: a JSON line when ready, then one per pass asked for."""
+    channel, sys.stdout = sys.stdout, sys.stderr  # whatever else prints stays off the figures' channel
+    one_pass = sequential_pass(original, images)
+    channel.write(json.dumps({"ready": True}) + "\n")
+    channel.flush()
+    for _ in sys.stdin:
+        row = one_pass()
+        channel.write(json.dumps({"latencies": row.latencies, "wall": row.wall}) + "\n")
+        channel.flush()
+
+
+def in_process_call(loaded: LoadedModel, images: Sequence[bytes]) -> Callable[[bytes], Any]:
+    """The extraction core on ``loaded`` for one image, pooled outputs (warmed up)."""
+    extractor = Extractor(loaded)
     pooled_plan = extractor.plan(OUTPUT_SETS["pooled"])
 
     def in_process(image: bytes) -> Any:
@@ -214,8 +266,45 @@ def measure_in_process(
 
     for warm in images[:2]:
         in_process(warm)
-    rows.append(timed_sequential("in-process core, pooled", images, in_process, loaded.device))
-    return rows, in_process
+    return in_process
+
+
+@dataclass
+class Measured:
+    """One row's passes, each from its own round."""
+
+    name: str
+    passes: list[Row] = field(default_factory=list)
+
+    @property
+    def images_per_s(self) -> float:
+        return statistics.median(row.images_per_s for row in self.passes)
+
+    def ratio(self, baseline: Measured) -> float:
+        """Median over rounds of this row's images/s over the baseline's in the same round."""
+        return statistics.median(
+            row.images_per_s / base.images_per_s for row, base in zip(self.passes, baseline.passes, strict=True)
+        )
+
+    @property
+    def latencies(self) -> list[float]:
+        return [latency for row in self.passes for latency in row.latencies]
+
+    @property
+    def server_ms(self) -> list[float]:
+        return [ms for row in self.passes for ms in row.server_ms]
+
+    def percentile(self, q: float) -> float:
+        return float(np.percentile(self.latencies, q)) * 1000
+
+
+def alternating(sides: dict[str, Callable[[], Row]], rounds: int) -> list[Measured]:
+    """Every side's pass once per round, the order reversed every other round: drift hits all alike."""
+    measured = {name: Measured(name) for name in sides}
+    for round_ in range(rounds):
+        for name in list(sides) if round_ % 2 == 0 else list(reversed(sides)):
+            measured[name].passes.append(sides[name]())
+    return list(measured.values())
 
 
 def interleaved_overhead(
@@ -240,7 +329,7 @@ def interleaved_overhead(
     return statistics.median(ratios) - 1
 
 
-def main(argv: Sequence[str] | None = None) -> list[Row]:
+def main(argv: Sequence[str] | None = None) -> list[Measured]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="bench")
     parser.add_argument("--device", default="cpu")
@@ -248,7 +337,8 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
     parser.add_argument("--images", type=int, default=16, help="distinct 448x448 images per row")
     parser.add_argument("--size", type=int, default=448)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
-    parser.add_argument("--quick", action="store_true", help="few images, no transfer figure: a smoke run")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds: every row once per round")
+    parser.add_argument("--quick", action="store_true", help="few images, one round, no transfer figure: a smoke run")
     parser.add_argument(
         "--fp32-matmul", choices=FP32_MATMULS, default=DEFAULT_FP32_MATMUL, help="the core's and the service's"
     )
@@ -261,55 +351,65 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
     parser.add_argument("--baseline-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:
-        args.images, args.concurrency = 3, [1, 2]
+        args.images, args.concurrency, args.rounds = 3, [1, 2], 1
     dtype = getattr(torch, args.dtype)
     path = checkpoint(args.shape, args.device, dtype)
     images = [noise_png(args.size, seed) for seed in range(args.images)]
-    loaded = load_model(LoadOptions(model=str(path), device=args.device, dtype=args.dtype))
     if args.baseline_child:
-        row = measure_baseline(loaded, images)
-        print(json.dumps({"latencies": row.latencies, "wall": row.wall}))
-        return [row]
-    core = None
+        serve_baseline_child(load_original(path, resolve_device(args.device), dtype), images)
+        return []
+    loaded = load_model(LoadOptions(model=str(path), device=args.device, dtype=args.dtype))
+    core = loaded
     if args.fp32_matmul != DEFAULT_FP32_MATMUL:
         options = LoadOptions(model=str(path), device=args.device, dtype=args.dtype, fp32_matmul=args.fp32_matmul)
         core = load_model(options)
-    in_child = loaded.device.type == "cpu"  # elsewhere MKL runs nothing of the model: no second load
-    rows, in_process = measure_in_process(loaded, images, core, baseline=not in_child)
-    if in_child:
-        rows.insert(0, baseline_in_child(args))
+    in_process = in_process_call(core, images)
+    sides: dict[str, Callable[[], Row]] = {}
+    child = None
+    if loaded.device.type == "cpu":  # MKL's kernel choice is the process's: the baseline gets its own
+        child = BaselineChild(args)
+        sides[BASELINE] = child.run
+    else:  # elsewhere MKL runs nothing of the model: the baseline shares this process
+        sides[BASELINE] = sequential_pass(load_original(path, loaded.device, dtype), images)
+    sides[IN_PROCESS] = lambda: timed_sequential(IN_PROCESS, images, in_process, loaded.device)
     serve_args = ["--model", str(path), "--device", args.device, "--dtype", args.dtype]
-    if core is not None:
+    if core is not loaded:
         serve_args += ["--fp32-matmul", args.fp32_matmul]
-    with ServerProcess(serve_args) as server, EmbeddingClient(server.address) as client:
-        for outputs in OUTPUT_SETS.values():  # warm the server up on every output set
-            for warm in images[:3]:
-                client.extract(warm, outputs=outputs)
-        for outputs_name, outputs in OUTPUT_SETS.items():
-            for concurrency in args.concurrency:
-                name = f"service c={concurrency}, {outputs_name}"
-                rows.append(timed_clients(name, client, images, concurrency, outputs))
-        overhead = interleaved_overhead(in_process, client, images, loaded.device)
+    try:
+        with ServerProcess(serve_args) as server, EmbeddingClient(server.address) as client:
+            for outputs in OUTPUT_SETS.values():  # warm the server up on every output set
+                for warm in images[:3]:
+                    client.extract(warm, outputs=outputs)
+            for outputs_name, outputs in OUTPUT_SETS.items():
+                for concurrency in args.concurrency:
+                    name = f"service c={concurrency}, {outputs_name}"
+                    sides[name] = partial(timed_clients, name, client, images, concurrency, outputs)
+            rows = alternating(sides, args.rounds)
+            overhead = interleaved_overhead(in_process, client, images, loaded.device)
+    finally:
+        if child is not None:
+            child.close()
     report(rows, args, overhead)
     return rows
 
 
-def report(rows: list[Row], args: argparse.Namespace, overhead: float) -> None:
-    baseline = rows[0].images_per_s
+def report(rows: list[Measured], args: argparse.Namespace, overhead: float) -> None:
+    baseline = rows[0]
     print(f"\n{args.images} images of {args.size}x{args.size}, model '{args.shape}' on {args.device} ({args.dtype})")
     if args.device == "cpu":
         print(
             f"MKL dispatch: the baseline's process {args.baseline_mkl_dispatch}; this process and the server's: "
             f"{mkl_dispatch.state().reason}"
         )
+    print(f"{args.rounds} alternating round(s); images/s: median over rounds; vs base: median of each round's ratio")
     print(f"{'':38} {'img/s':>8} {'vs base':>8} {'p50 ms':>9} {'p99 ms':>9}")
     for row in rows:
-        ratio = row.images_per_s / baseline
+        ratio = row.ratio(baseline)
         print(
             f"{row.name:38} {row.images_per_s:8.2f} {ratio:7.2f}x {row.percentile(50):9.1f} {row.percentile(99):9.1f}"
         )
     by_name = {row.name: row for row in rows}
-    in_process = statistics.median(by_name["in-process core, pooled"].latencies)
+    in_process = statistics.median(by_name[IN_PROCESS].latencies)
     first = args.concurrency[0]
     service_row = by_name[f"service c={first}, pooled"]
     service = statistics.median(service_row.latencies)
@@ -317,10 +417,7 @@ def report(rows: list[Row], args: argparse.Namespace, overhead: float) -> None:
         f"\nRPC overhead at concurrency 1, pooled (interleaved pairs, median): {overhead * 100:+.1f} % "
         f"of the in-process latency"
     )
-    print(
-        f"  the rows above, sequential p50: service c={first} {service * 1000:.0f} ms, "
-        f"in-process {in_process * 1000:.0f} ms"
-    )
+    print(f"  the rows above, p50: service c={first} {service * 1000:.0f} ms, in-process {in_process * 1000:.0f} ms")
     if service_row.server_ms:
         outside = service * 1000 - statistics.median(service_row.server_ms)
         print(f"  time outside the server's own processing (network, codec, client): {outside:+.1f} ms")
