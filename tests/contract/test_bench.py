@@ -1,4 +1,5 @@
-"""The benchmark scripts run end to end (tiny model, CPU): the GPU script stays ready to use."""
+"""The benchmark scripts run end to end (tiny model, CPU): the GPU script stays ready to use, and the
+throughput table's baseline is the original script's model."""
 
 from __future__ import annotations
 
@@ -6,7 +7,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import torch
+
 BENCH = Path(__file__).parents[2] / "bench"
+sys.path.insert(0, str(BENCH))  # bench/ holds scripts, not a package
+import throughput  # noqa: E402
+
+from qwen25vl_embed_server.core.extractor import Extractor  # noqa: E402
+from qwen25vl_embed_server.core.image_decoding import decode_image  # noqa: E402
 
 
 def test_gpu_benchmark_script_runs_on_the_cpu_with_a_small_config() -> None:
@@ -19,3 +28,18 @@ def test_gpu_benchmark_script_runs_on_the_cpu_with_a_small_config() -> None:
         assert row in done.stdout
     assert "RPC overhead at concurrency 1" in done.stdout
     assert "TFLOP/s" in done.stdout
+
+
+def test_the_throughput_baseline_is_transformers_own_model(tiny_model_path: Path, extractor: Extractor) -> None:
+    """The original script's method runs on the model ``from_pretrained`` gives, none of our forwards in
+    it, and computes what the core computes, bit for bit (fp32, one image)."""
+    original = throughput.load_original(tiny_model_path, torch.device("cpu"), torch.float32)
+    ours = extractor.loaded.model.model.visual
+    theirs = original.model.model.visual
+    assert any("forward" in vars(module) for module in [*ours.blocks.modules(), ours.patch_embed])
+    assert not any("forward" in vars(module) for module in theirs.modules())
+    image = throughput.noise_png(56, seed=3)
+    baseline = throughput.original_script(original, image)
+    core = extractor.extract([decode_image(image)], throughput.PROMPT, extractor.plan(list(baseline)))
+    for name, vector in baseline.items():
+        assert np.array_equal(core.tensors[name][0], vector), name
