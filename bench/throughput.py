@@ -31,6 +31,7 @@ import qwen25vl_embed_server  # noqa: F401  (first: it sets MKL's dispatch befor
 
 # isort: split
 import argparse
+import contextlib
 import io
 import json
 import os
@@ -240,7 +241,8 @@ class BaselineChild:
 
     def close(self) -> None:
         assert self._process.stdin is not None
-        self._process.stdin.close()
+        with contextlib.suppress(BrokenPipeError):  # a child that already exited
+            self._process.stdin.close()
         self._process.wait(timeout=60)
 
 
