@@ -32,7 +32,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))  # run as a script: bench/ modules import each other
-from throughput import PROMPT, checkpoint
+from throughput import PROMPT, alternating, checkpoint
 
 from qwen25vl_embed_server.core.extractor import Extractor
 from qwen25vl_embed_server.core.loading import LoadOptions, load_model
@@ -68,14 +68,17 @@ def variants(dtype: str, levers: Sequence[str]) -> dict[str, Extractor]:
 def alternating_ms(
     extractors: dict[str, Extractor], batches: dict[str, list[Any]], rounds: int
 ) -> dict[str, list[float]]:
-    """ms per image of each extractor on its batch, every round; the order reversed every other round."""
-    times: dict[str, list[float]] = {name: [] for name in extractors}
-    for round_ in range(rounds):
-        for name in list(extractors) if round_ % 2 == 0 else list(reversed(extractors)):
+    """ms per image of each extractor on its batch, every round (:func:`throughput.alternating`)."""
+
+    def timed(name: str) -> Callable[[], float]:
+        def run() -> float:
             started = time.perf_counter()
             extractors[name].run(batches[name])
-            times[name].append((time.perf_counter() - started) / len(batches[name]) * 1e3)
-    return times
+            return (time.perf_counter() - started) / len(batches[name]) * 1e3
+
+        return run
+
+    return alternating({name: timed(name) for name in extractors}, rounds)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

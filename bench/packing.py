@@ -21,7 +21,6 @@ import argparse
 import dataclasses
 import statistics
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -30,6 +29,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))  # run as a script: bench/ modules import each other
+from exact_forwards import alternating_ms
 from throughput import PROMPT, checkpoint
 
 from qwen25vl_embed_server.core.extractor import Extractor, Prepared
@@ -70,13 +70,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         plan = first.plan(["lm_last_token"])
         batch: list[Prepared] = [first.prepare([image], PROMPT, plan) for image in images]
         vectors = {name: e.run(batch)[0].tensors["lm_last_token"] for name, e in extractors.items()}  # warm
-        times: dict[str, list[float]] = {name: [] for name in extractors}
-        for round_ in range(args.rounds):
-            names = list(extractors) if round_ % 2 == 0 else list(reversed(extractors))
-            for name in names:
-                started = time.perf_counter()
-                extractors[name].run(batch)
-                times[name].append((time.perf_counter() - started) / len(batch) * 1e3)
+        times = alternating_ms(extractors, dict.fromkeys(extractors, batch), args.rounds)
         plain = statistics.median(times["plain"])
         reference = np.asarray(vectors["plain"], np.float64)
         for name, values in times.items():

@@ -44,7 +44,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -195,6 +195,7 @@ def timed_clients(
 
 BASELINE = "baseline (original script)"
 IN_PROCESS = "in-process core, pooled"
+T = TypeVar("T")
 
 
 def sequential_pass(original: OriginalModel, images: Sequence[bytes]) -> Callable[[], Row]:
@@ -276,7 +277,7 @@ class Measured:
     """One row's passes, each from its own round."""
 
     name: str
-    passes: list[Row] = field(default_factory=list)
+    passes: list[Row]
 
     @property
     def images_per_s(self) -> float:
@@ -300,13 +301,13 @@ class Measured:
         return float(np.percentile(self.latencies, q)) * 1000
 
 
-def alternating(sides: dict[str, Callable[[], Row]], rounds: int) -> list[Measured]:
-    """Every side's pass once per round, the order reversed every other round: drift hits all alike."""
-    measured = {name: Measured(name) for name in sides}
+def alternating(sides: dict[str, Callable[[], T]], rounds: int) -> dict[str, list[T]]:
+    """Every side's result once per round, the order reversed every other round: drift hits all alike."""
+    results: dict[str, list[T]] = {name: [] for name in sides}
     for round_ in range(rounds):
         for name in list(sides) if round_ % 2 == 0 else list(reversed(sides)):
-            measured[name].passes.append(sides[name]())
-    return list(measured.values())
+            results[name].append(sides[name]())
+    return results
 
 
 def interleaved_overhead(
@@ -360,12 +361,9 @@ def main(argv: Sequence[str] | None = None) -> list[Measured]:
     if args.baseline_child:
         serve_baseline_child(load_original(path, resolve_device(args.device), dtype), images)
         return []
-    loaded = load_model(LoadOptions(model=str(path), device=args.device, dtype=args.dtype))
-    core = loaded
-    if args.fp32_matmul != DEFAULT_FP32_MATMUL:
-        options = LoadOptions(model=str(path), device=args.device, dtype=args.dtype, fp32_matmul=args.fp32_matmul)
-        core = load_model(options)
-    in_process = in_process_call(core, images)
+    options = LoadOptions(model=str(path), device=args.device, dtype=args.dtype, fp32_matmul=args.fp32_matmul)
+    loaded = load_model(options)
+    in_process = in_process_call(loaded, images)
     sides: dict[str, Callable[[], Row]] = {}
     child = None
     if loaded.device.type == "cpu":  # MKL's kernel choice is the process's: the baseline gets its own
@@ -375,8 +373,7 @@ def main(argv: Sequence[str] | None = None) -> list[Measured]:
         sides[BASELINE] = sequential_pass(load_original(path, loaded.device, dtype), images)
     sides[IN_PROCESS] = lambda: timed_sequential(IN_PROCESS, images, in_process, loaded.device)
     serve_args = ["--model", str(path), "--device", args.device, "--dtype", args.dtype]
-    if core is not loaded:
-        serve_args += ["--fp32-matmul", args.fp32_matmul]
+    serve_args += ["--fp32-matmul", args.fp32_matmul]
     try:
         with ServerProcess(serve_args) as server, EmbeddingClient(server.address) as client:
             for outputs in OUTPUT_SETS.values():  # warm the server up on every output set
@@ -386,7 +383,7 @@ def main(argv: Sequence[str] | None = None) -> list[Measured]:
                 for concurrency in args.concurrency:
                     name = f"service c={concurrency}, {outputs_name}"
                     sides[name] = partial(timed_clients, name, client, images, concurrency, outputs)
-            rows = alternating(sides, args.rounds)
+            rows = [Measured(name, passes) for name, passes in alternating(sides, args.rounds).items()]
             overhead = interleaved_overhead(in_process, client, images, loaded.device)
     finally:
         if child is not None:
