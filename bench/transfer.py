@@ -1,10 +1,18 @@
-"""Tensor transfer: token tensors delivered to numpy over gRPC loopback, beside a plain copy.
+"""Tensor transfer: token tensors delivered to numpy over gRPC loopback, the server's two ways.
 
-A minimal server streams one fixed float32 tensor through the project's codec (``codec.pack``, the
-same chunking the service uses); the SDK's ``ResultBuilder`` rebuilds it. The figure is MB/s of
-tensor bytes delivered to numpy, next to ``ndarray.copy()`` of the same bytes in memory.
+A minimal server streams one fixed float32 tensor through the service's own response path
+(``response_messages``, the same chunking and serializer) in one of two ways, alternating round by
+round in one run:
 
-    python bench/transfer.py [--mb 64] [--repeats 5]
+  messages   protobuf messages built the usual way (Tensor, then EmbeddingResponse, serialized)
+  encoded    the server's path: the same bytes written with one copy of the tensor data
+             (``rpc/encoded_responses.py``)
+
+The SDK's ``ResultBuilder`` rebuilds the tensor. It prints MB/s of tensor bytes delivered to numpy
+(median over rounds), the server's side alone (building and serializing the messages) and
+``ndarray.copy()`` of the same bytes.
+
+    python bench/transfer.py [--mb 64] [--rounds 5]
 """
 
 from __future__ import annotations
@@ -14,40 +22,50 @@ import asyncio
 import statistics
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import grpc
 import numpy as np
 
-from qwen25vl_embed import codec
 from qwen25vl_embed.assembly import ResultBuilder
 from qwen25vl_embed.v1 import embed_pb2 as pb
 from qwen25vl_embed_server.core.defaults import DEFAULT_CHUNK_BYTES
+from qwen25vl_embed_server.core.extractor import Extraction
+from qwen25vl_embed_server.rpc.encoded_responses import PassEncodedResponses
+from qwen25vl_embed_server.rpc.messages import response_messages
 
 _METHOD = "/bench.Transfer/Stream"
+PATHS = ("messages", "encoded")
 
 
 @dataclass(frozen=True)
 class TransferResult:
+    """MB/s by path (:data:`PATHS`): delivered over gRPC into numpy, and built by the server alone."""
+
     megabytes: float
-    grpc_mb_s: float
+    grpc_mb_s: dict[str, float]
+    server_mb_s: dict[str, float]
     copy_mb_s: float
-    codec_mb_s: float
 
-    @property
-    def ratio(self) -> float:
-        return self.grpc_mb_s / self.copy_mb_s
+    def speedup(self, figures: dict[str, float]) -> float:
+        return figures["encoded"] / figures["messages"]
 
 
-def _serve(array: np.ndarray, chunk_bytes: int, ready: threading.Event, port: list[int], stop: threading.Event) -> None:
-    async def stream(_request: bytes, _context: object) -> AsyncIterator[pb.EmbeddingResponse]:
-        yield pb.EmbeddingResponse(metadata=pb.ResponseMetadata(sequence_length=1))
-        for parts in codec.pack({"lm_last_hidden": array}, chunk_bytes):
-            yield pb.EmbeddingResponse(tensors=parts)
+def _extraction(array: np.ndarray) -> Extraction:
+    none = np.zeros(0, np.int64)
+    return Extraction({"lm_last_hidden": array}, none, none.reshape(0, 3), none, array.shape[1])
+
+
+def _serve(
+    result: Extraction, chunk_bytes: int, ready: threading.Event, port: list[int], stop: threading.Event
+) -> None:
+    async def stream(request: bytes, _context: object) -> AsyncIterator[pb.EmbeddingResponse | bytes]:
+        for message in response_messages("", result, chunk_bytes, encoded=request == b"encoded"):
+            yield message
 
     async def main() -> None:
-        server = grpc.aio.server()
+        server = grpc.aio.server(interceptors=[PassEncodedResponses()])
         handler = grpc.method_handlers_generic_handler(
             "bench.Transfer",
             {
@@ -69,63 +87,72 @@ def _serve(array: np.ndarray, chunk_bytes: int, ready: threading.Event, port: li
     asyncio.run(main())
 
 
-def measure_transfer(megabytes: float = 64, repeats: int = 5, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> TransferResult:
-    """Median MB/s over ``repeats`` of: gRPC loopback -> numpy, codec alone, and a memory copy."""
+def _seconds(run: Callable[[], object]) -> float:
+    started = time.perf_counter()
+    run()
+    return time.perf_counter() - started
+
+
+def measure_transfer(megabytes: float = 64, rounds: int = 5, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> TransferResult:
+    """Median MB/s over ``rounds`` alternating rounds of both paths, and of a memory copy."""
     rows = int(megabytes * 1e6 / (3584 * 4))
     array = np.random.default_rng(0).standard_normal((1, rows, 3584), dtype=np.float32)
-    nbytes = array.nbytes
+    result = _extraction(array)
     ready, stop = threading.Event(), threading.Event()
     port: list[int] = []
-    thread = threading.Thread(target=_serve, args=(array, chunk_bytes, ready, port, stop), daemon=True)
+    thread = threading.Thread(target=_serve, args=(result, chunk_bytes, ready, port, stop), daemon=True)
     thread.start()
     ready.wait()
-    grpc_times, codec_times, copy_times = [], [], []
+    grpc_times: dict[str, list[float]] = {path: [] for path in PATHS}
+    server_times: dict[str, list[float]] = {path: [] for path in PATHS}
+    copy_times = []
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port[0]}") as channel:
             call = channel.unary_stream(
                 _METHOD, request_serializer=lambda b: b, response_deserializer=pb.EmbeddingResponse.FromString
             )
-            for _ in range(repeats + 1):  # the first run warms the channel up
-                started = time.perf_counter()
+
+            def receive(path: str) -> None:
                 builder = ResultBuilder()
-                for response in call(b""):
+                for response in call(path.encode()):
                     builder.add(response)
-                received = builder.build()["lm_last_hidden"]
-                grpc_times.append(time.perf_counter() - started)
-            assert np.array_equal(received, array)
-        for _ in range(repeats):
-            started = time.perf_counter()
-            builder = ResultBuilder()
-            builder.add(pb.EmbeddingResponse(metadata=pb.ResponseMetadata(sequence_length=1)))
-            for parts in codec.pack({"t": array}, chunk_bytes):
-                builder.add(pb.EmbeddingResponse.FromString(pb.EmbeddingResponse(tensors=parts).SerializeToString()))
-            builder.build()
-            codec_times.append(time.perf_counter() - started)
-            started = time.perf_counter()
-            array.copy()
-            copy_times.append(time.perf_counter() - started)
+                assert np.array_equal(builder.build()["lm_last_hidden"], array)
+
+            def build(path: str) -> None:
+                for message in response_messages("", result, chunk_bytes, encoded=path == "encoded"):
+                    message if isinstance(message, bytes) else message.SerializeToString()
+
+            for path in PATHS:  # warm the channel and both paths up
+                receive(path)
+            for round_ in range(rounds):
+                for path in PATHS if round_ % 2 == 0 else reversed(PATHS):
+                    grpc_times[path].append(_seconds(lambda: receive(path)))  # noqa: B023 - called at once
+                    server_times[path].append(_seconds(lambda: build(path)))  # noqa: B023
+                copy_times.append(_seconds(array.copy))
     finally:
         stop.set()
         thread.join()
-    mb = nbytes / 1e6
+    mb = array.nbytes / 1e6
     return TransferResult(
         megabytes=mb,
-        grpc_mb_s=mb / statistics.median(grpc_times[1:]),
+        grpc_mb_s={path: mb / statistics.median(times) for path, times in grpc_times.items()},
+        server_mb_s={path: mb / statistics.median(times) for path, times in server_times.items()},
         copy_mb_s=mb / statistics.median(copy_times),
-        codec_mb_s=mb / statistics.median(codec_times),
     )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--mb", type=float, default=64, help="tensor size in MB (default 64)")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
-    result = measure_transfer(args.mb, args.repeats)
-    print(f"{result.megabytes:.0f} MB float32 tensor, 1 MiB messages:")
-    print(f"  gRPC loopback -> numpy  {result.grpc_mb_s:8.0f} MB/s  ({result.ratio:.2f}x of a memory copy)")
-    print(f"  codec only (no socket)  {result.codec_mb_s:8.0f} MB/s")
-    print(f"  ndarray.copy()          {result.copy_mb_s:8.0f} MB/s")
+    result = measure_transfer(args.mb, args.rounds)
+    print(f"{result.megabytes:.0f} MB float32 tensor, 1 MiB messages, {args.rounds} alternating rounds (MB/s):")
+    print(f"{'':34} {'messages':>9} {'encoded':>9}")
+    rows = {"gRPC loopback -> numpy": result.grpc_mb_s, "the server's side alone": result.server_mb_s}
+    for label, figures in rows.items():
+        print(f"  {label:32} {figures['messages']:9.0f} {figures['encoded']:9.0f}  x{result.speedup(figures):.2f}")
+    print(f"  {'ndarray.copy()':32} {result.copy_mb_s:9.0f}")
 
 
 if __name__ == "__main__":

@@ -80,16 +80,34 @@ def encode(name: str, array: np.ndarray) -> pb.Tensor:
     return pb.Tensor(name=name, shape=list(array.shape), dtype=wire_dtype_of(array), data=_raw(array).tobytes())
 
 
-def pack(tensors: Mapping[str, np.ndarray], message_bytes: int) -> Iterator[list[pb.Tensor]]:
-    """Group ``tensors`` into lists of ``Tensor`` parts that each fit one message of ``message_bytes``.
+@dataclass(frozen=True)
+class Part:
+    """One ``Tensor`` message's worth of a tensor, its bytes not yet copied out of the array."""
+
+    name: str
+    shape: list[int]
+    dtype: pb.DType.ValueType
+    data: memoryview
+    offset: int
+
+    def message(self) -> pb.Tensor:
+        """This part as a ``Tensor`` message (one copy of its bytes)."""
+        return pb.Tensor(
+            name=self.name, shape=self.shape, dtype=self.dtype, data=self.data.tobytes(), offset=self.offset
+        )
+
+
+def split(tensors: Mapping[str, np.ndarray], message_bytes: int) -> Iterator[list[Part]]:
+    """Group ``tensors`` into lists of :class:`Part` that each fit one message of ``message_bytes``.
 
     Small tensors share a message; a tensor that does not fit whole is split into consecutive parts
-    across messages, in byte order. Every part carries the full shape and dtype.
+    across messages, in byte order. Every part carries the full shape and dtype. Nothing is copied:
+    each part views its array's bytes.
     """
     budget = message_bytes - _MESSAGE_OVERHEAD
     if budget <= _MESSAGE_OVERHEAD:
         raise CodecError(f"message size {message_bytes} is too small (minimum {2 * _MESSAGE_OVERHEAD + 1})")
-    batch: list[pb.Tensor] = []
+    batch: list[Part] = []
     room = budget
     for name, array in tensors.items():
         raw, shape, dtype = _raw(array), list(array.shape), wire_dtype_of(array)
@@ -103,11 +121,7 @@ def pack(tensors: Mapping[str, np.ndarray], message_bytes: int) -> Iterator[list
         offset = 0
         while True:
             take = min(raw.nbytes - offset, room - framing)
-            batch.append(
-                pb.Tensor(
-                    name=name, shape=shape, dtype=dtype, data=raw[offset : offset + take].tobytes(), offset=offset
-                )
-            )
+            batch.append(Part(name, shape, dtype, raw[offset : offset + take], offset))
             room -= take + framing
             offset += take
             if offset >= raw.nbytes:
@@ -116,6 +130,12 @@ def pack(tensors: Mapping[str, np.ndarray], message_bytes: int) -> Iterator[list
             batch, room = [], budget
     if batch:
         yield batch
+
+
+def pack(tensors: Mapping[str, np.ndarray], message_bytes: int) -> Iterator[list[pb.Tensor]]:
+    """:func:`split`, each part made a ``Tensor`` message."""
+    for batch in split(tensors, message_bytes):
+        yield [part.message() for part in batch]
 
 
 def _raw(array: np.ndarray) -> memoryview:
@@ -178,8 +198,9 @@ class TensorAssembler:
                 f"tensor {name!r}: part with shape {list(tensor.shape)} and dtype {tensor.dtype}, "
                 f"but its first part had shape {pending.shape} and dtype {pending.dtype}"
             )
-        pending.parts.append(tensor.data)
-        pending.received += len(tensor.data)
+        data = tensor.data  # each read of a bytes field copies it out of the message
+        pending.parts.append(data)
+        pending.received += len(data)
         expected = int(np.prod(pending.shape, dtype=np.int64)) * numpy_dtype(pending.dtype).itemsize
         if pending.received >= expected:
             data = pending.parts[0] if len(pending.parts) == 1 else b"".join(pending.parts)

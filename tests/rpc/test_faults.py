@@ -316,7 +316,9 @@ def test_out_of_memory_fails_only_that_request_and_the_server_goes_on(
 
     monkeypatch.setattr(extractor_module, "_release_device_memory", counting_release)
     with (
-        serving(extractor, BatchingConfig(max_wait_ms=1)) as (server, sdk),
+        # One lane: with the CPU's default two (given two torch threads, as when this test runs
+        # alone), the four queued requests are shared between them as two batches.
+        serving(extractor, BatchingConfig(max_wait_ms=1, lanes=1)) as (server, sdk),
         ThreadPoolExecutor(8) as pool,
         ModelProbe(extractor, hold=HOLD, oom=OOM, oom_error=oom_error) as probe,
     ):

@@ -21,6 +21,7 @@ from qwen25vl_embed_server.core.extractor import Extractor
 from qwen25vl_embed_server.rpc.calls import EmbeddingCalls, ServiceConfig
 from qwen25vl_embed_server.rpc.error_mapping import status_for
 from qwen25vl_embed_server.rpc.harness import BackgroundServer
+from qwen25vl_embed_server.rpc.messages import Response
 from qwen25vl_embed_server.rpc.metrics import Metrics
 from qwen25vl_embed_server.rpc.servicer import EmbeddingService
 
@@ -128,7 +129,7 @@ def test_a_batch_caller_that_reads_nothing_is_ended_and_its_results_freed(extrac
                     image = pb.Image(data=image_bytes(GOOD_SIZE))
                     yield pb.ImageRequest(images=[image], outputs=OUTPUTS, request_id=str(i))
 
-            async def never(message: pb.EmbeddingResponse) -> None:
+            async def never(message: Response) -> None:
                 await asyncio.Event().wait()
 
             with pytest.raises(SlowConsumerError, match=r"read no response for 0\.2 s") as caught:

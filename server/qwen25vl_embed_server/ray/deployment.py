@@ -43,6 +43,7 @@ from qwen25vl_embed_server.rpc.error_mapping import log_failure, status_for
 if TYPE_CHECKING:
     from qwen25vl_embed_server.core.loading import LoadOptions
     from qwen25vl_embed_server.rpc.calls import EmbeddingCalls, ServiceConfig
+    from qwen25vl_embed_server.rpc.messages import Response  # messages here: these calls are not encoded
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +147,7 @@ class EmbedderReplica:
 
     async def Extract(  # noqa: N802 - the RPC's name
         self, request: pb.ImageRequest, grpc_context: RayServegRPCContext
-    ) -> AsyncIterator[pb.EmbeddingResponse]:
+    ) -> AsyncIterator[Response]:
         try:
             async for message in self._calls.extract(request, deadline=None):
                 yield message
@@ -155,10 +156,10 @@ class EmbedderReplica:
 
     async def ExtractBatch(  # noqa: N802 - the RPC's name
         self, requests: AsyncIterator[pb.ImageRequest], grpc_context: RayServegRPCContext
-    ) -> AsyncIterator[pb.EmbeddingResponse]:
-        outbox: asyncio.Queue[pb.EmbeddingResponse] = asyncio.Queue(_OUTBOX_MESSAGES)
+    ) -> AsyncIterator[Response]:
+        outbox: asyncio.Queue[Response] = asyncio.Queue(_OUTBOX_MESSAGES)
         stream = asyncio.ensure_future(self._calls.extract_batch(requests, None, outbox.put))
-        getter: asyncio.Future[pb.EmbeddingResponse] | None = None
+        getter: asyncio.Future[Response] | None = None
         try:
             while True:
                 getter = asyncio.ensure_future(outbox.get())

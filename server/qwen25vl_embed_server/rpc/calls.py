@@ -25,6 +25,7 @@ from qwen25vl_embed_server.core.outputs import DEFAULT_OUTPUTS
 from qwen25vl_embed_server.core.pipeline import Pipeline, PipelineConfig
 from qwen25vl_embed_server.rpc.error_mapping import log_failure, status_for
 from qwen25vl_embed_server.rpc.messages import (
+    Response,
     Undecodable,
     error_message,
     info_response,
@@ -34,7 +35,7 @@ from qwen25vl_embed_server.rpc.messages import (
 from qwen25vl_embed_server.rpc.metrics import Metrics
 from qwen25vl_embed_server.rpc.observation import CANCELLED, RequestObservation
 
-Write = Callable[[pb.EmbeddingResponse], Awaitable[None]]
+Write = Callable[[Response], Awaitable[None]]
 
 
 # gRPC cancels a call at its deadline by its own clock; ours (monotonic + time_remaining() at the
@@ -74,11 +75,16 @@ def server_version() -> str:
 class EmbeddingCalls:
     """Extract, ExtractBatch and Info, once :meth:`attach` gave them a model.
 
-    ``metrics``: where to record (a private :class:`Metrics` when not given).
+    ``metrics``: where to record (a private :class:`Metrics` when not given). ``encoded``: tensor
+    messages leave as their serialized bytes (see :func:`~.messages.response_messages`); only for
+    handlers that pass bytes through (:class:`~.encoded_responses.PassEncodedResponses`).
     """
 
-    def __init__(self, config: ServiceConfig = ServiceConfig(), metrics: Metrics | None = None) -> None:
+    def __init__(
+        self, config: ServiceConfig = ServiceConfig(), metrics: Metrics | None = None, encoded: bool = False
+    ) -> None:
         self.config = config
+        self.encoded = encoded
         self.metrics = metrics if metrics is not None else Metrics(process_metrics=False)
         self._pipeline: Pipeline | None = None
         self._cut_at: float | None = None
@@ -121,9 +127,7 @@ class EmbeddingCalls:
             raise ModelNotReadyError("the model is still loading; retry later")
         return self._pipeline
 
-    async def extract(
-        self, request: pb.ImageRequest, deadline: float | None
-    ) -> AsyncGenerator[pb.EmbeddingResponse, None]:
+    async def extract(self, request: pb.ImageRequest, deadline: float | None) -> AsyncGenerator[Response, None]:
         """The response messages of one request; a failure raises (the edge maps it to a status).
 
         ``deadline``: ``time.monotonic()`` after which the caller no longer waits (None: never).
@@ -135,7 +139,7 @@ class EmbeddingCalls:
                 observation.outputs_ready(result.sequence_length)
                 started = time.perf_counter()
                 for message in response_messages(
-                    request.request_id, result, self.config.chunk_bytes, observation.timings()
+                    request.request_id, result, self.config.chunk_bytes, observation.timings(), self.encoded
                 ):
                     yield message
                 observation.serialized(started)
@@ -172,7 +176,7 @@ class EmbeddingCalls:
                     async with writing:
                         started = time.perf_counter()
                         for message in response_messages(
-                            request_id, result, self.config.chunk_bytes, observation.timings()
+                            request_id, result, self.config.chunk_bytes, observation.timings(), self.encoded
                         ):
                             await self.send(write, message)
                         observation.serialized(started)
@@ -209,7 +213,7 @@ class EmbeddingCalls:
             # Let them end (and give their budgets back) before the call does.
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def send(self, write: Write, message: pb.EmbeddingResponse) -> None:
+    async def send(self, write: Write, message: Response) -> None:
         """``write(message)``, or :class:`SlowConsumerError` when the caller takes it for longer
         than the send timeout (HTTP/2 flow control holds the write while it reads nothing)."""
         timeout = self.config.send_timeout_seconds

@@ -15,6 +15,7 @@ from qwen25vl_embed_server.core.errors import InvalidInputError, quoted
 from qwen25vl_embed_server.core.extractor import Extraction
 from qwen25vl_embed_server.core.model_info import ModelInfo
 from qwen25vl_embed_server.core.request import EncodedRequest
+from qwen25vl_embed_server.rpc.encoded_responses import encoded
 
 
 @dataclass(frozen=True)
@@ -104,12 +105,20 @@ def wire_dtype(dtype: int) -> str:
     raise InvalidInputError(f"dtype {name} is not a floating-point wire dtype; use FLOAT32, FLOAT16 or BFLOAT16")
 
 
+Response = pb.EmbeddingResponse | bytes
+"""A response message, or its serialized bytes (:mod:`~.encoded_responses`)."""
+
+
 def response_messages(
-    request_id: str, result: Extraction, chunk_bytes: int, timings: pb.Timings | None = None
-) -> Iterator[pb.EmbeddingResponse]:
+    request_id: str, result: Extraction, chunk_bytes: int, timings: pb.Timings | None = None, encoded: bool = False
+) -> Iterator[Response]:
     """Metadata (with ``timings``, if given) first, then the tensors in messages of at most
-    ``chunk_bytes``; the final one has ``last`` set."""
-    message = pb.EmbeddingResponse(
+    ``chunk_bytes``; the final one has ``last`` set.
+
+    ``encoded``: the tensors' messages already serialized, with one copy of their bytes
+    (:func:`~.encoded_responses.encoded`), for handlers whose serializer passes bytes through.
+    """
+    pending: pb.EmbeddingResponse | list[codec.Part] = pb.EmbeddingResponse(
         request_id=request_id,
         metadata=pb.ResponseMetadata(
             visual_token_lens=result.visual_token_lens.tolist(),
@@ -119,11 +128,19 @@ def response_messages(
             timings=timings,
         ),
     )
-    for parts in codec.pack(result.tensors, chunk_bytes):
-        yield message
-        message = pb.EmbeddingResponse(request_id=request_id, tensors=parts)
-    message.last = True
-    yield message
+    for parts in codec.split(result.tensors, chunk_bytes):
+        yield _response(request_id, pending, last=False, encode=encoded)
+        pending = parts
+    yield _response(request_id, pending, last=True, encode=encoded)
+
+
+def _response(request_id: str, pending: pb.EmbeddingResponse | list[codec.Part], last: bool, encode: bool) -> Response:
+    if isinstance(pending, pb.EmbeddingResponse):  # the metadata: small, always a message
+        pending.last = last
+        return pending
+    if encode:
+        return encoded(request_id, pending, last)
+    return pb.EmbeddingResponse(request_id=request_id, tensors=[part.message() for part in pending], last=last)
 
 
 def error_message(request_id: str, code: int, details: str) -> pb.EmbeddingResponse:

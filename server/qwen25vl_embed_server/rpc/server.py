@@ -22,6 +22,7 @@ from qwen25vl_embed_server.core.model_thread import ModelThread, single_threaded
 from qwen25vl_embed_server.rpc.auth import AuthConfig, BearerTokenInterceptor
 from qwen25vl_embed_server.rpc.calls import ServiceConfig
 from qwen25vl_embed_server.rpc.connections import ConnectionConfig
+from qwen25vl_embed_server.rpc.encoded_responses import PassEncodedResponses
 from qwen25vl_embed_server.rpc.error_mapping import ErrorMappingInterceptor
 from qwen25vl_embed_server.rpc.exposure import exposure_warnings, is_loopback
 from qwen25vl_embed_server.rpc.metrics import Metrics
@@ -99,7 +100,8 @@ async def create_server(config: ServerConfig) -> RunningServer:
     for warning in exposure_warnings(config.host, tls=config.tls is not None, auth=authenticated):
         log.warning("%s", warning)
     # Authentication first: a refused call never reaches error mapping or the servicer.
-    interceptors: list[grpc.aio.ServerInterceptor] = [ErrorMappingInterceptor()]  # type: ignore[type-arg]
+    # Last (innermost): the serializers it installs are the ones the interceptors above rebuild with.
+    interceptors: list[grpc.aio.ServerInterceptor] = [ErrorMappingInterceptor(), PassEncodedResponses()]  # type: ignore[type-arg]
     if config.auth is not None:
         interceptors.insert(0, BearerTokenInterceptor(config.auth.tokens))
     server = grpc.aio.server(
@@ -112,7 +114,7 @@ async def create_server(config: ServerConfig) -> RunningServer:
             *config.connections.grpc_options(),
         ],
     )
-    service = EmbeddingService(config.service, Metrics())
+    service = EmbeddingService(config.service, Metrics(), encoded=True)
     pb_grpc.add_EmbeddingServiceServicer_to_server(service, server)
     health_servicer = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -18,16 +18,24 @@ from qwen25vl_embed.v1 import embed_pb2_grpc as pb_grpc
 from qwen25vl_embed_server.core.extractor import Extractor
 from qwen25vl_embed_server.core.model_thread import ModelThread
 from qwen25vl_embed_server.rpc.calls import EmbeddingCalls, ServiceConfig
+from qwen25vl_embed_server.rpc.messages import Response
 from qwen25vl_embed_server.rpc.metrics import Metrics
 
-Context = grpc.aio.ServicerContext[pb.ImageRequest, pb.EmbeddingResponse]
+Context = grpc.aio.ServicerContext[pb.ImageRequest, Response]  # messages, or their bytes (encoded)
 
 
 class EmbeddingService(pb_grpc.EmbeddingServiceServicer):
-    """Serves Extract, ExtractBatch and Info once :meth:`attach` gave it a model."""
+    """Serves Extract, ExtractBatch and Info once :meth:`attach` gave it a model.
 
-    def __init__(self, config: ServiceConfig | None = None, metrics: Metrics | None = None) -> None:
-        self.calls = EmbeddingCalls(config or ServiceConfig(), metrics)
+    ``encoded``: responses with tensors are written as their serialized bytes (one copy of the
+    tensor data instead of four); the server must then pass bytes through its response serializer
+    (:class:`~.encoded_responses.PassEncodedResponses`, as :func:`~.server.create_server` does).
+    """
+
+    def __init__(
+        self, config: ServiceConfig | None = None, metrics: Metrics | None = None, encoded: bool = False
+    ) -> None:
+        self.calls = EmbeddingCalls(config or ServiceConfig(), metrics, encoded)
 
     @property
     def metrics(self) -> Metrics:
