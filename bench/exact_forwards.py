@@ -4,7 +4,8 @@
     python bench/exact_forwards.py --lever patch-embedding  # one lever: the others stay ours on both
     python bench/exact_forwards.py --sizes mixed            # 4 images of different sizes and aspects
 
-Two copies of the 'bench' random-weight checkpoint on the CPU, loaded as the server loads them:
+Two copies of the 'bench' random-weight checkpoint on the CPU, loaded as the server loads them
+(bf16 in torch's bf16 kernels, ``--bf16-arithmetic native``, on both sides):
 ``ours`` (every forward of ours installed) and ``transformers`` (the same load, the chosen levers'
 modules given back transformers' forward). Levers: ``vision-attention``
 (``core/vision_attention.py``) and ``patch-embedding`` (``core/patch_embedding.py``). Each round runs
@@ -56,10 +57,16 @@ LEVERS: dict[str, Callable[[Any], None]] = {
 }
 
 
-def variants(dtype: str, levers: Sequence[str]) -> dict[str, Extractor]:
-    path = str(checkpoint("bench", "cpu", getattr(torch, dtype)))
-    ours = Extractor(load_model(LoadOptions(model=path, device="cpu", dtype=dtype)))
-    theirs = Extractor(load_model(LoadOptions(model=path, device="cpu", dtype=dtype)))
+def variants(dtype: str, levers: Sequence[str], path: str | None = None) -> dict[str, Extractor]:
+    """``ours`` and ``transformers`` (``levers`` given back transformers' forward) on ``path``
+    (None: the 'bench' checkpoint), in ``dtype``."""
+    path = path or str(checkpoint("bench", "cpu", getattr(torch, dtype)))
+    # bf16 in torch's own bf16 kernels on both sides, on every CPU: where "auto" would choose the
+    # float32 arithmetic (no bf16 dot products), ours would attend in float32 and transformers'
+    # forward in bf16, and the bits would differ by that arithmetic, not by the lever.
+    options = LoadOptions(model=path, device="cpu", dtype=dtype, bf16_arithmetic="native")
+    ours = Extractor(load_model(options))
+    theirs = Extractor(load_model(options))
     for lever in levers:
         LEVERS[lever](theirs.loaded.visual)
     return {"transformers": theirs, "ours": ours}

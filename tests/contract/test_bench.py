@@ -1,5 +1,6 @@
-"""The benchmark scripts run end to end (tiny model, CPU): the GPU script stays ready to use, and the
-throughput table's baseline is the original script's model."""
+"""The benchmark scripts run end to end (tiny model, CPU): the GPU script stays ready to use, the
+throughput table's baseline is the original script's model, and the exact-forwards bench compares
+the forwards alone."""
 
 from __future__ import annotations
 
@@ -8,10 +9,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 BENCH = Path(__file__).parents[2] / "bench"
 sys.path.insert(0, str(BENCH))  # bench/ holds scripts, not a package
+import exact_forwards  # noqa: E402
 import throughput  # noqa: E402
 
 from qwen25vl_embed_server.core.extractor import Extractor  # noqa: E402
@@ -43,3 +46,21 @@ def test_the_throughput_baseline_is_transformers_own_model(tiny_model_path: Path
     core = extractor.extract([decode_image(image)], throughput.PROMPT, extractor.plan(list(baseline)))
     for name, vector in baseline.items():
         assert np.array_equal(core.tensors[name][0], vector), name
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_exact_forwards_bench_compares_the_forwards_alone(tiny_model_path: Path, dtype: str) -> None:
+    """Both sides in the same arithmetic (bf16: torch's bf16 kernels even where the server would choose
+    float32 arithmetic), so the bits can differ only by the levers, which keep them."""
+    extractors = exact_forwards.variants(dtype, list(exact_forwards.LEVERS), str(tiny_model_path))
+    ours, theirs = (extractors[name].loaded.model.model.visual for name in ("ours", "transformers"))
+    assert all("forward" in vars(block.attn) for block in ours.blocks)
+    assert "forward" in vars(ours.patch_embed)
+    assert not any("forward" in vars(module) for module in [*theirs.blocks.modules(), theirs.patch_embed])
+    image = decode_image(throughput.noise_png(112, seed=5))
+    results = {}
+    for name, extractor in extractors.items():
+        assert extractor.loaded.arithmetic == "exact"
+        results[name] = extractor.extract([image], throughput.PROMPT, extractor.plan(exact_forwards.OUTPUTS))
+    for output in exact_forwards.OUTPUTS:
+        assert np.array_equal(results["ours"].tensors[output], results["transformers"].tensors[output]), output
