@@ -10,7 +10,7 @@ from qwen25vl_embed import codec
 from qwen25vl_embed.assembly import from_response_stream
 from qwen25vl_embed.v1 import embed_pb2 as pb
 from qwen25vl_embed_server.core.extractor import Extraction
-from qwen25vl_embed_server.rpc.encoded_responses import encoded, passing_encoded
+from qwen25vl_embed_server.rpc.encoded_responses import passing_encoded, serialized
 from qwen25vl_embed_server.rpc.messages import response_messages
 
 
@@ -44,12 +44,12 @@ def _serialized(message: pb.EmbeddingResponse | bytes) -> bytes:
 @pytest.mark.parametrize("request_id", ["", "req-9", "r" * 300])
 @pytest.mark.parametrize("last", [False, True])
 @pytest.mark.parametrize("message_bytes", [2049, 6000, 1 << 20])
-def test_encoded_equals_protobufs_own_serialization(request_id: str, last: bool, message_bytes: int) -> None:
+def test_serialized_equals_protobufs_own_serialization(request_id: str, last: bool, message_bytes: int) -> None:
     batches = list(codec.split(_tensors(), message_bytes))
     assert len(batches) > 1 or message_bytes == 1 << 20
     for parts in batches:
         message = pb.EmbeddingResponse(request_id=request_id, tensors=[part.message() for part in parts], last=last)
-        assert encoded(request_id, parts, last) == message.SerializeToString()
+        assert serialized(request_id, parts, last) == message.SerializeToString()
 
 
 @pytest.mark.parametrize("chunk_bytes", [4096, 1 << 20])

@@ -15,7 +15,7 @@ from qwen25vl_embed_server.core.errors import InvalidInputError, quoted
 from qwen25vl_embed_server.core.extractor import Extraction
 from qwen25vl_embed_server.core.model_info import ModelInfo
 from qwen25vl_embed_server.core.request import EncodedRequest
-from qwen25vl_embed_server.rpc.encoded_responses import encoded
+from qwen25vl_embed_server.rpc.encoded_responses import serialized
 
 
 @dataclass(frozen=True)
@@ -116,7 +116,7 @@ def response_messages(
     ``chunk_bytes``; the final one has ``last`` set.
 
     ``encoded``: the tensors' messages already serialized, with one copy of their bytes
-    (:func:`~.encoded_responses.encoded`), for handlers whose serializer passes bytes through.
+    (:func:`~.encoded_responses.serialized`), for handlers whose serializer passes bytes through.
     """
     pending: pb.EmbeddingResponse | list[codec.Part] = pb.EmbeddingResponse(
         request_id=request_id,
@@ -139,7 +139,7 @@ def _response(request_id: str, pending: pb.EmbeddingResponse | list[codec.Part],
         pending.last = last
         return pending
     if encode:
-        return encoded(request_id, pending, last)
+        return serialized(request_id, pending, last)
     return pb.EmbeddingResponse(request_id=request_id, tensors=[part.message() for part in pending], last=last)
 
 
