@@ -32,7 +32,7 @@ from qwen25vl_embed.assembly import ResultBuilder
 from qwen25vl_embed.v1 import embed_pb2 as pb
 from qwen25vl_embed_server.core.defaults import DEFAULT_CHUNK_BYTES
 from qwen25vl_embed_server.core.extractor import Extraction
-from qwen25vl_embed_server.rpc.encoded_responses import PassEncodedResponses
+from qwen25vl_embed_server.rpc.encoded_responses import PassEncodedResponses, passing_encoded
 from qwen25vl_embed_server.rpc.messages import response_messages
 
 _METHOD = "/bench.Transfer/Stream"
@@ -119,8 +119,9 @@ def measure_transfer(megabytes: float = 64, rounds: int = 5, chunk_bytes: int = 
                 assert np.array_equal(builder.build()["lm_last_hidden"], array)
 
             def build(path: str) -> None:
+                serialize = passing_encoded(pb.EmbeddingResponse.SerializeToString)  # as the server does
                 for message in response_messages("", result, chunk_bytes, encoded=path == "encoded"):
-                    message if isinstance(message, bytes) else message.SerializeToString()
+                    serialize(message)
 
             for path in PATHS:  # warm the channel and both paths up
                 receive(path)

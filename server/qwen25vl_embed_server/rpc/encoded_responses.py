@@ -39,10 +39,10 @@ def serialized(request_id: str, parts: Sequence[Part], last: bool) -> bytes:
     for part in parts:
         # Fields in number order, as protobuf writes them: name, shape, dtype | data | offset.
         head = pb.Tensor(name=part.name, shape=part.shape, dtype=part.dtype).SerializeToString()
-        data = _key_and_length(_DATA_KEY, part.data.nbytes) if part.data.nbytes else b""  # proto3: empty is absent
+        data_key = _key_and_length(_DATA_KEY, part.data.nbytes) if part.data.nbytes else b""  # proto3: empty is absent
         tail = pb.Tensor(offset=part.offset).SerializeToString()
-        size = len(head) + len(data) + part.data.nbytes + len(tail)
-        pieces += [_key_and_length(_TENSORS_KEY, size), head, data, part.data, tail]
+        size = len(head) + len(data_key) + part.data.nbytes + len(tail)
+        pieces += [_key_and_length(_TENSORS_KEY, size), head, data_key, part.data, tail]
     if last:
         pieces.append(_LAST)
     return b"".join(pieces)
