@@ -18,10 +18,19 @@ key) pairs it must compute, and its head size). Then, on the same CPU and thread
 - Everything else (norms, rotary embeddings, activations, residual adds, the patch embedding,
   copies) counts as free.
 
+A second floor holds for any implementation that keeps transformers' bits, as the exact path
+does: the time one forward of the model spends inside the kernels whose summation order fixes
+those bits (:data:`PINNED_KERNELS`: the matmuls as MKL or oneDNN runs them, the attention kernel,
+the patch embedding's convolution), as torch's profiler counts their own time. Another kernel for
+any of them sums in another order and gives other bits, so an exact implementation can only win
+time on the rest (norms, rotary embeddings, activations, residual adds, casts, copies), which the
+script prints beside it.
+
 The sum is the time per image below which no implementation that computes these products on this
 CPU can go, whatever its kernels. It prints the range of rates the matmuls ran at, the model's own
-time (median over ``--rounds``), the floor and their ratio. With ``--peer-images-per-s``, it prints
-the time per image that being ``--target`` times that peer's rate would take, against the floor.
+time (median over ``--rounds``), the floor and their ratio, and the exact floor. With
+``--peer-images-per-s``, it prints the time per image that being ``--target`` times that peer's rate
+would take, against both floors, and by how much the rest of the exact model would have to shrink.
 The server's images/s add preprocessing and transport (about 5 % of a request's CPU time here) to
 the model's time.
 """
@@ -47,6 +56,7 @@ import torch
 from PIL import Image
 from torch import nn
 from torch.nn import functional
+from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).parent))  # run as a script: bench/ modules import each other
@@ -140,6 +150,38 @@ def record(extractor: Extractor, batch: list[Any]) -> tuple[list[list[Matmul]], 
     return groups, attention.calls
 
 
+# The kernels whose summation order fixes transformers' bits, as they run in the exact path: the
+# linear layers (MKL's sgemm in fp32, with addmm's bias; oneDNN's in bf16, packed or not), the
+# attention kernel, the patch embedding's convolution. Their self time only: addmm's copy of the
+# bias into its output is counted with the rest, which keeps this floor on the low side.
+PINNED_KERNELS = frozenset(
+    {
+        "aten::mm",
+        "aten::addmm",
+        "aten::bmm",
+        "mkldnn::_linear_pointwise",
+        "aten::_scaled_dot_product_flash_attention_for_cpu",
+        "aten::mkldnn_convolution",
+    }
+)
+
+
+def pinned_kernels(extractor: Extractor, batch: list[Any]) -> tuple[float, int]:
+    """The share of one forward of ``batch``'s wall time spent inside :data:`PINNED_KERNELS` (their
+    self time, as torch's profiler counts it), and how many calls of them it made.
+
+    A share, to be applied to the forward's time without the profiler: the profiler slows the whole
+    forward, and the many small ops outside these kernels the most, so the share errs low.
+    """
+    with profile(activities=[ProfilerActivity.CPU]) as profiled:
+        started = time.perf_counter()
+        extractor.run(batch)
+        wall = time.perf_counter() - started
+    events = [event for event in profiled.key_averages() if event.key in PINNED_KERNELS]
+    seconds = sum(event.self_cpu_time_total for event in events) / 1e6
+    return seconds / wall, sum(event.count for event in events)
+
+
 def _median_seconds(fn: Callable[[], Any], repeats: int) -> float:
     fn()
     times = []
@@ -191,6 +233,7 @@ class Report:
     attention_ms: float
     slowest_gflops: float
     best_gflops: float
+    pinned_ms: float
 
     @property
     def floor_ms(self) -> float:
@@ -209,17 +252,20 @@ def measure(shape: str, name: str, images: list[Image.Image], rounds: int, repea
         started = time.perf_counter()
         extractor.run(batch)
         model_ms.append((time.perf_counter() - started) * 1e3)
+    pinned_share = statistics.median(pinned_kernels(extractor, batch)[0] for _ in range(3))
     linear_s, rates = linear_floor(groups, dtype, repeats)
     attention_flops = sum(call.flops for call in attention)
     n = len(images)
+    model_per_image = statistics.median(model_ms) / n
     return Report(
-        model_ms=statistics.median(model_ms) / n,
+        model_ms=model_per_image,
         linear_gflop=sum(call.flops for group in groups for call in group) / n / 1e9,
         linear_ms=linear_s * 1e3 / n,
         attention_gflop=attention_flops / n / 1e9,
         attention_ms=attention_flops / max(rates) * 1e3 / n,
         slowest_gflops=min(rates) / 1e9,
         best_gflops=max(rates) / 1e9,
+        pinned_ms=pinned_share * model_per_image,
     )
 
 
@@ -249,6 +295,13 @@ def main(argv: Sequence[str] | None = None) -> None:
             f" model / floor x{report.model_ms / report.floor_ms:4.2f}",
             flush=True,
         )
+        rest_ms = report.model_ms - report.pinned_ms
+        print(
+            f"{label} at transformers' bits: the pinned kernels (matmuls, attention, patch convolution)"
+            f" {report.pinned_ms / report.model_ms:4.0%} of the model's time, {report.pinned_ms:6.1f} ms/image;"
+            f" the rest {rest_ms:5.1f} ms/image",
+            flush=True,
+        )
         if index < len(args.peer_images_per_s):
             peer = args.peer_images_per_s[index]
             needed = 1e3 / (args.target * peer)
@@ -258,6 +311,14 @@ def main(argv: Sequence[str] | None = None) -> None:
                 f" it leaves {needed - report.floor_ms:+6.1f} ms/image for everything but the products",
                 flush=True,
             )
+            left = needed - report.pinned_ms
+            exact = (
+                "below what the pinned kernels take alone: no exact implementation reaches it"
+                if left <= 0
+                else f"it leaves {left:5.1f} ms/image for everything else (the rest of the model, {rest_ms:.1f}"
+                " ms/image now, and the server's preprocessing and transport)"
+            )
+            print(f"{label} at transformers' bits: {exact}", flush=True)
 
 
 if __name__ == "__main__":

@@ -76,6 +76,17 @@ def test_record_sees_every_linear_call_and_every_attended_pair(extractor: Extrac
     assert sum(call.pairs for call in attention) == vision_pairs + lm_pairs
 
 
+def test_the_pinned_kernels_are_every_product_and_the_patch_convolution(extractor: Extractor) -> None:
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (448, 448, 3), dtype=np.uint8))
+    prepared = extractor.prepare([image], "Describe the image.", extractor.plan(["vision_tokens", "lm_last_hidden"]))
+    groups, attention = roofline.record(extractor, [prepared])
+    share, calls = roofline.pinned_kernels(extractor, [prepared])
+    # Every linear call and every attention call reached a pinned kernel, and so did the one
+    # convolution of the patch embedding: a kernel the set misses (or a renamed one) fails here.
+    assert calls == sum(len(group) for group in groups) + len(attention) + 1
+    assert 0 < share < 1  # the kernels' own time is part of the forward's
+
+
 def test_the_script_prints_the_floor_and_judges_a_target_against_it() -> None:
     command = [sys.executable, str(BENCH / "roofline.py"), "--shape", "tiny", "--dtypes", "float32"]
     done = subprocess.run(
@@ -90,3 +101,5 @@ def test_the_script_prints_the_floor_and_judges_a_target_against_it() -> None:
     assert "model / floor" in done.stdout
     # 1.25x of a billion images/s is under a nanosecond per image: below any floor.
     assert "below the floor: no implementation reaches it" in done.stdout
+    assert "at transformers' bits: the pinned kernels" in done.stdout
+    assert "below what the pinned kernels take alone: no exact implementation reaches it" in done.stdout
