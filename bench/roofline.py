@@ -30,7 +30,7 @@ The sum is the time per image below which no implementation that computes these 
 CPU can go, whatever its kernels. It prints the range of rates the matmuls ran at, the model's own
 time (median over ``--rounds``), the floor and their ratio, and the exact floor. With
 ``--peer-images-per-s``, it prints the time per image that being ``--target`` times that peer's rate
-would take, against both floors, and by how much the rest of the exact model would have to shrink.
+would take, against both floors, and what each leaves for everything else.
 The server's images/s add preprocessing and transport (about 5 % of a request's CPU time here) to
 the model's time.
 """
