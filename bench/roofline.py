@@ -170,8 +170,8 @@ def pinned_kernels(extractor: Extractor, batch: list[Any]) -> tuple[float, int]:
     """The share of one forward of ``batch``'s wall time spent inside :data:`PINNED_KERNELS` (their
     self time, as torch's profiler counts it), and how many calls of them it made.
 
-    A share, to be applied to the forward's time without the profiler: the profiler slows the whole
-    forward, and the many small ops outside these kernels the most, so the share errs low.
+    A share, applied to the model's time measured without the profiler, so that the machine's drift
+    between the profiled forward and the timed ones does not enter the floor.
     """
     with profile(activities=[ProfilerActivity.CPU]) as profiled:
         started = time.perf_counter()

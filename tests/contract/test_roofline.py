@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from qwen25vl_embed_server.core.extractor import Extractor
+from qwen25vl_embed_server.core.extractor import Extractor, Prepared
 
 BENCH = Path(__file__).parents[2] / "bench"
 sys.path.insert(0, str(BENCH))  # bench/ holds scripts, not a package
@@ -47,9 +47,14 @@ def test_attended_pairs_match_counting_each_pair(queries: int, keys: int) -> Non
         assert roofline.attended_pairs(query, key, additive, False) == expected
 
 
+def _one_image(extractor: Extractor, seed: int) -> Prepared:
+    """One 448x448 noise image (several attention windows) asking for vision and LM states."""
+    image = Image.fromarray(np.random.default_rng(seed).integers(0, 256, (448, 448, 3), dtype=np.uint8))
+    return extractor.prepare([image], "Describe the image.", extractor.plan(["vision_tokens", "lm_last_hidden"]))
+
+
 def test_record_sees_every_linear_call_and_every_attended_pair(extractor: Extractor) -> None:
-    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (448, 448, 3), dtype=np.uint8))
-    prepared = extractor.prepare([image], "Describe the image.", extractor.plan(["vision_tokens", "lm_last_hidden"]))
+    prepared = _one_image(extractor, 0)
     groups, attention = roofline.record(extractor, [prepared])
 
     model = extractor.loaded.model
@@ -77,8 +82,7 @@ def test_record_sees_every_linear_call_and_every_attended_pair(extractor: Extrac
 
 
 def test_the_pinned_kernels_are_every_product_and_the_patch_convolution(extractor: Extractor) -> None:
-    image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (448, 448, 3), dtype=np.uint8))
-    prepared = extractor.prepare([image], "Describe the image.", extractor.plan(["vision_tokens", "lm_last_hidden"]))
+    prepared = _one_image(extractor, 1)
     groups, attention = roofline.record(extractor, [prepared])
     share, calls = roofline.pinned_kernels(extractor, [prepared])
     # Every linear call and every attention call reached a pinned kernel, and so did the one
