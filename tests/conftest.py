@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from qwen25vl_embed import EmbeddingClient
+from qwen25vl_embed_server.core.batcher import BatchingConfig
 from qwen25vl_embed_server.core.extractor import Extractor
 from qwen25vl_embed_server.core.loading import LoadedModel, LoadOptions, load_model
 from qwen25vl_embed_server.core.tiny_model import build_tiny_model
@@ -70,6 +71,26 @@ def server(tiny_server: Callable[..., BackgroundServer]) -> Iterator[BackgroundS
 def client(server: BackgroundServer) -> Iterator[EmbeddingClient]:
     """The SDK client with gRPC's default message limits (4 MiB receive)."""
     with EmbeddingClient(server.address) as sdk:
+        yield sdk
+
+
+@pytest.fixture(scope="session")
+def full_width_server(tiny_server: Callable[..., BackgroundServer]) -> Iterator[BackgroundServer]:
+    """A server with one model lane, so every run uses all of the model's threads, as a reference
+    computed on the test's own thread does: bit-for-bit comparisons with transformers go through it.
+
+    On the default two lanes a run beside another one (or beside a run still ending on the first
+    lane) is narrow, on one thread, and kernels may sum in another order at another thread count
+    (MKL's AVX2 kernels do): such a run equals the reference within float rounding, not bit for bit.
+    """
+    with tiny_server(batching=BatchingConfig(lanes=1)) as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def full_width_client(full_width_server: BackgroundServer) -> Iterator[EmbeddingClient]:
+    """The SDK client of :func:`full_width_server`."""
+    with EmbeddingClient(full_width_server.address) as sdk:
         yield sdk
 
 

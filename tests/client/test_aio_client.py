@@ -53,14 +53,17 @@ def _assert_equal(result: Embeddings, expected: Embeddings) -> None:
     assert result.sequence_length == expected.sequence_length
 
 
-def test_extract_equals_the_blocking_clients_result(server: BackgroundServer, client: EmbeddingClient) -> None:
+def test_extract_equals_the_blocking_clients_result(
+    full_width_server: BackgroundServer, full_width_client: EmbeddingClient
+) -> None:
+    """Bit for bit: both runs use all of the model's threads (one lane)."""
     images = _images(2)
 
     async def scenario(aio: AsyncEmbeddingClient) -> Embeddings:
         return await aio.extract(images, prompt="Compare.", outputs=OUTPUTS, dtype="bfloat16", request_id="a1")
 
-    result = run(scenario, server.address)
-    _assert_equal(result, client.extract(images, prompt="Compare.", outputs=OUTPUTS, dtype="bfloat16"))
+    result = run(scenario, full_width_server.address)
+    _assert_equal(result, full_width_client.extract(images, prompt="Compare.", outputs=OUTPUTS, dtype="bfloat16"))
     assert result.request_id == "a1"
     assert result.timings is not None
     assert result.timings.model_ms > 0

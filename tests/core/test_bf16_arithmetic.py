@@ -11,6 +11,9 @@ rounding differences propagate through the layers in either direction) or one bf
 from __future__ import annotations
 
 import functools
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +36,8 @@ from .test_packed_linear import CASES, _reference_outputs, _run
 CPU = torch.device("cpu")
 BF16_STEP = 2.0**-7  # bf16's spacing relative to a value, at most: 8 significant bits
 GENERATOR_SEED = 0
+# oneDNN's ISA caps below the first with bf16 instructions (AVX-512 BW/VL/DQ, or AVX-NE-CONVERT).
+ONEDNN_CAPS_WITHOUT_BF16 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI"}
 
 
 def _relative_error(value: Any, reference: Any) -> float:
@@ -132,7 +137,22 @@ def test_the_cpu_is_read_as_the_kernel_reports_it() -> None:
         )
     )
     has = "avx512_bf16" in flags or "amx_bf16" in flags
-    assert bf16_arithmetic.cpu_has_bf16_dot_products() is has
+    capped = os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").upper() in ONEDNN_CAPS_WITHOUT_BF16
+    assert bf16_arithmetic.cpu_has_bf16_dot_products() is (has and not capped)
+
+
+def test_onednn_capped_to_avx2_counts_as_a_cpu_without_bf16_dot_products() -> None:
+    """torch's bf16 matmuls are oneDNN's: capped to AVX2 they run as on an AVX2 CPU, so ``auto``
+    widens there, whatever the CPU has (a child process: the cap is read when oneDNN loads)."""
+    probe = (
+        "import qwen25vl_embed_server, torch\n"
+        "from qwen25vl_embed_server.core import bf16_arithmetic as b\n"
+        "print(b.cpu_has_bf16_dot_products(), b.applies('auto', torch.device('cpu'), torch.bfloat16))\n"
+    )
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["False", "True"]
 
 
 def test_an_unknown_arithmetic_is_refused() -> None:

@@ -4,6 +4,10 @@ The real tiny model runs every request. Where two runs must overlap, one is held
 forward (at the language model's final norm, after every capture hook of its forward has fired)
 while the other runs from start to end: a capture hook that heard the other lane's forward would
 put the other request's tensors into the held one's result.
+
+A run's bits depend on its width (its thread count) where a kernel splits a sum across threads, as
+MKL's AVX2 matmuls do: a lane's result is compared bit for bit with the request run alone at the
+width that lane ran, and runs at the two widths are compared within float rounding.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import torch
 from qwen25vl_embed_server.core.batcher import Batcher, BatchingConfig
 from qwen25vl_embed_server.core.extractor import Extraction, Extractor, Prepared
 from qwen25vl_embed_server.core.model_lanes import ModelLanes
-from qwen25vl_embed_server.core.model_thread import ModelThread
+from qwen25vl_embed_server.core.model_thread import ModelThread, set_torch_threads
 
 from ..helpers import assert_batched_close, noise_image
 from ..rpc.test_faults import CALL_TIMEOUT
@@ -41,15 +45,34 @@ def _assert_identical(actual: Extraction, expected: Extraction) -> None:
         assert np.array_equal(actual.tensors[name], array), name
 
 
+def _alone_at(extractor: Extractor, item: Prepared, width: int) -> Extraction:
+    """``item`` run alone on a thread of its own with ``width`` torch threads."""
+    thread = ModelThread()
+
+    def run() -> Extraction:
+        set_torch_threads(width)
+        return extractor.run([item])[0]
+
+    try:
+        return thread.run(run)
+    finally:
+        thread.shutdown()
+
+
 @contextmanager
-def held_at_the_final_norm(extractor: Extractor, sequence_length: int) -> Iterator[threading.Event]:
+def held_at_the_final_norm(
+    extractor: Extractor, sequence_length: int, widths: dict[int, int] | None = None
+) -> Iterator[threading.Event]:
     """Hold the forward whose sequence has ``sequence_length`` tokens at the language model's final
-    norm until the yielded event is set; ``holding`` (an attribute of the event) is set meanwhile."""
+    norm until the yielded event is set; ``holding`` (an attribute of the event) is set meanwhile.
+    ``widths`` records each forward's torch thread count by its sequence length."""
     release = threading.Event()
     holding = threading.Event()
     release.holding = holding  # type: ignore[attr-defined]
 
     def hook(_module: Any, args: tuple[Any, ...]) -> None:
+        if widths is not None:
+            widths[args[0].shape[1]] = torch.get_num_threads()
         if args[0].shape[1] == sequence_length:
             holding.set()
             assert release.wait(CALL_TIMEOUT), "the test never released the held forward"
@@ -64,12 +87,12 @@ def held_at_the_final_norm(extractor: Extractor, sequence_length: int) -> Iterat
 
 def test_two_lanes_run_side_by_side_and_each_result_is_its_own(extractor: Extractor) -> None:
     """Two requests queued together run on the two lanes: the first is held inside its forward
-    while the second runs whole; both results equal each request run alone, bit for bit, at every
-    capture point."""
+    while the second runs whole; both results equal each request run alone at the same width, bit
+    for bit, at every capture point."""
     held = _request(extractor, 112, 84, seed=1)
     other = _request(extractor, 56, 140, seed=2)
     assert held.sequence_length != other.sequence_length
-    alone = {id(item): extractor.run([item])[0] for item in (held, other)}
+    widths: dict[int, int] = {}
 
     async def scenario(release: threading.Event) -> tuple[Extraction, Extraction]:
         batcher = Batcher(extractor, BatchingConfig(max_wait_ms=1, lanes=2))
@@ -84,10 +107,25 @@ def test_two_lanes_run_side_by_side_and_each_result_is_its_own(extractor: Extrac
         finally:
             await batcher.close()
 
-    with held_at_the_final_norm(extractor, held.sequence_length) as release:
+    with held_at_the_final_norm(extractor, held.sequence_length, widths) as release:
         first, second = asyncio.run(scenario(release))
-    _assert_identical(first, alone[id(held)])
-    _assert_identical(second, alone[id(other)])
+    assert widths == {held.sequence_length: 1, other.sequence_length: 1}  # side by side: both narrow
+    _assert_identical(first, _alone_at(extractor, held, 1))
+    _assert_identical(second, _alone_at(extractor, other, 1))
+
+
+def test_narrow_and_wide_runs_agree_within_float_rounding(extractor: Extractor) -> None:
+    """A request run on one thread and on all of the model's (2 here at least, or the same run
+    twice on a 1-CPU machine) agrees within what batching promises at every capture point; and
+    a width is deterministic: the same width twice gives the same bits."""
+    item = _request(extractor, 112, 84, seed=3)
+    wide = max(2, torch.get_num_threads())
+    narrow_run, wide_run = _alone_at(extractor, item, 1), _alone_at(extractor, item, wide)
+    assert narrow_run.tensors.keys() == wide_run.tensors.keys()
+    for name, array in wide_run.tensors.items():
+        assert_batched_close(narrow_run.tensors[name], array, name)
+    _assert_identical(_alone_at(extractor, item, wide), wide_run)
+    _assert_identical(_alone_at(extractor, item, 1), narrow_run)
 
 
 def test_one_lane_runs_one_batch_at_a_time(extractor: Extractor) -> None:

@@ -8,6 +8,7 @@ the unpacked model computes.
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +83,9 @@ def fp32_onednn(tiny_model_path: Path) -> Extractor:
 def test_a_packed_layer_computes_the_linear(dtype: torch.dtype, shape: tuple[int, ...]) -> None:
     torch.manual_seed(0)
     linear = nn.Linear(48, 80).to(dtype)
+    if dtype == torch.bfloat16 and not BF16_PACKED:
+        _assert_bf16_packing_is_refused_here(lambda: PackedLinear(linear))
+        return
     packed = PackedLinear(linear)
     inputs = torch.randn(*shape, dtype=dtype)
     with torch.inference_mode():
@@ -97,6 +101,14 @@ def test_a_packed_layer_computes_the_linear(dtype: torch.dtype, shape: tuple[int
         assert_batched_close(actual.float().numpy(), expected.float().numpy())
         assert_batched_close(actual_strided.float().numpy(), expected_strided.float().numpy())
     assert (packed.in_features, packed.out_features) == (48, 80)
+
+
+def _assert_bf16_packing_is_refused_here(pack: Callable[[], object]) -> None:
+    """On a CPU whose oneDNN has no bf16 kernels (AVX2, or oneDNN capped to it), the packed kernel
+    cannot run: the loader never packs there (:func:`packing_applies`), and oneDNN refuses."""
+    assert not packing_applies(CPU, torch.bfloat16)
+    with pytest.raises(RuntimeError, match="bf16 path needs the cpu support"):
+        pack()
 
 
 def test_packing_applies_to_cpu_models_only_and_fp32_on_request() -> None:
@@ -170,6 +182,9 @@ def test_the_packed_patch_embedding_computes_the_convolution(fp32_onednn: Extrac
     assert isinstance(fp32_onednn.loaded.visual.patch_embed, PackedPatchEmbed)
     torch.manual_seed(0)
     reference = Qwen2_5_VisionPatchEmbed(patch_size=14, temporal_patch_size=2, in_channels=3, embed_dim=32).to(dtype)
+    if dtype == torch.bfloat16 and not BF16_PACKED:
+        _assert_bf16_packing_is_refused_here(lambda: PackedPatchEmbed(reference))
+        return
     packed = PackedPatchEmbed(reference)
     rows = torch.randn(50, 3 * 2 * 14 * 14)  # float32, as the processor gives them
     with torch.inference_mode():

@@ -1,5 +1,6 @@
 """Text requests (no image) and the raw prompt format, through the real server and SDK, against
-transformers computing the same text alone (fp32 on CPU: exact; batched: within 1e-5)."""
+transformers computing the same text alone (fp32 on CPU: exact at the reference's thread count,
+through ``full_width_client``; batched: within 1e-5)."""
 
 from __future__ import annotations
 
@@ -56,10 +57,10 @@ def reference(tiny_model_path: Path) -> TextReference:
 
 
 def test_text_request_equals_transformers_on_the_prompt_alone(
-    client: EmbeddingClient, reference: TextReference
+    full_width_client: EmbeddingClient, reference: TextReference
 ) -> None:
     prompt = "a red bicycle leaning on a wall"
-    result = client.extract(None, prompt, outputs=LM_OUTPUTS)
+    result = full_width_client.extract(None, prompt, outputs=LM_OUTPUTS)
     expected = reference.run(reference.chat_text(prompt))
     for name in LM_OUTPUTS:
         np.testing.assert_array_equal(result[name], expected[name], err_msg=name)
@@ -101,19 +102,23 @@ def test_text_requests_batched_beside_image_requests(extractor: Extractor, refer
         )
 
 
-def test_raw_format_places_each_image_at_its_placeholder(client: EmbeddingClient, reference: TextReference) -> None:
+def test_raw_format_places_each_image_at_its_placeholder(
+    full_width_client: EmbeddingClient, reference: TextReference
+) -> None:
     images = [png_bytes(noise_image(224, 112, seed=1)), png_bytes(noise_image(112, 112, seed=2))]
     raw = "<|im_start|>user\nFirst <image> then <image>: compare.<|im_end|><|endoftext|>"
-    result = client.extract(images, raw, outputs=["lm_last_hidden", "lm_image_tokens"], prompt_format="raw")
+    result = full_width_client.extract(images, raw, outputs=["lm_last_hidden", "lm_image_tokens"], prompt_format="raw")
     expected = reference.run(raw.replace("<image>", VISION_SPAN), images)
     np.testing.assert_array_equal(result["lm_last_hidden"], expected["lm_last_hidden"])
     assert result.sequence_length == expected["length"]
     assert result.visual_token_lens.tolist() == [32, 16]
 
 
-def test_raw_format_without_images_is_the_text_as_written(client: EmbeddingClient, reference: TextReference) -> None:
+def test_raw_format_without_images_is_the_text_as_written(
+    full_width_client: EmbeddingClient, reference: TextReference
+) -> None:
     raw = "Query: where is the cat?" + "<|endoftext|>" * 10
-    result = client.extract(None, raw, outputs=["lm_last_hidden"], prompt_format="raw")
+    result = full_width_client.extract(None, raw, outputs=["lm_last_hidden"], prompt_format="raw")
     np.testing.assert_array_equal(result["lm_last_hidden"], reference.run(raw)["lm_last_hidden"])
 
 

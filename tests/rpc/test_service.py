@@ -19,7 +19,7 @@ from qwen25vl_embed_server.core.image_decoding import decode_image
 from qwen25vl_embed_server.rpc.harness import BackgroundServer
 from qwen25vl_embed_server.rpc.server import ServerConfig
 
-from ..helpers import noise_image, png_bytes
+from ..helpers import assert_batched_close, noise_image, png_bytes
 
 FOUR_MIB = 4 << 20
 
@@ -31,11 +31,12 @@ def stub(server: BackgroundServer) -> Iterator[pb_grpc.EmbeddingServiceStub]:
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
-def test_every_wire_dtype_round_trips(client: EmbeddingClient, dtype: str) -> None:
+def test_every_wire_dtype_round_trips(full_width_client: EmbeddingClient, dtype: str) -> None:
     image = png_bytes(noise_image(200, 150))
     outputs = ["vision_tokens", "lm_last_hidden", "lm_pooled_mean", "visual_token_lens"]
-    full = client.extract(image, outputs=outputs)
-    half = client.extract(image, outputs=outputs, dtype=dtype)
+    # Two runs of one request, both on all of the model's threads: the same float32 values.
+    full = full_width_client.extract(image, outputs=outputs)
+    half = full_width_client.extract(image, outputs=outputs, dtype=dtype)
     expected_type = np.float16 if dtype == "float16" else ml_dtypes.bfloat16
     for name in ("vision_tokens", "lm_last_hidden", "lm_pooled_mean"):
         assert full[name].dtype == np.float32
@@ -46,20 +47,28 @@ def test_every_wire_dtype_round_trips(client: EmbeddingClient, dtype: str) -> No
 
 
 def test_tensor_over_4_mib_arrives_whole_with_default_limits(
-    client: EmbeddingClient, stub: pb_grpc.EmbeddingServiceStub, extractor: Extractor
+    full_width_client: EmbeddingClient, full_width_server: BackgroundServer, extractor: Extractor
 ) -> None:
     # 16 images (the default limit) of 476x448 -> 16 * 34 * 32 patches of 64 fp32 channels = 4.5 MB.
     images = [png_bytes(noise_image(476, 448, seed=i)) for i in range(16)]
-    result = client.extract(images, outputs=["vision_tokens"])
-    assert result["vision_tokens"].nbytes > FOUR_MIB
+    result = full_width_client.extract(images, outputs=["vision_tokens"])["vision_tokens"]
+    assert result.nbytes > FOUR_MIB
+    # The same request's messages as they cross the wire, each within the 1 MiB default chunk size;
+    # their parts, put at their offsets by hand, are the SDK's array byte for byte.
+    request = pb.ImageRequest(images=[pb.Image(data=b) for b in images], outputs=["vision_tokens"])
+    with grpc.insecure_channel(full_width_server.address) as channel:
+        responses = list(pb_grpc.EmbeddingServiceStub(channel).Extract(request))
+    assert len(responses) > 5
+    assert max(response.ByteSize() for response in responses) <= 1 << 20
+    whole = bytearray(result.nbytes)
+    for part in (tensor for response in responses for tensor in response.tensors if tensor.name == "vision_tokens"):
+        whole[part.offset : part.offset + len(part.data)] = part.data
+    assert bytes(whole) == result.tobytes()
+    # And they are the model's: the server runs the tower over a few images at a time (a large
+    # request goes in pieces), so against the whole request run at once, within float rounding.
     decoded = [decode_image(data) for data in images]
     direct = extractor.extract(decoded, plan=extractor.plan(["vision_tokens"])).tensors["vision_tokens"]
-    np.testing.assert_array_equal(result["vision_tokens"], direct)
-    # Every message respects the 1 MiB default chunk size.
-    request = pb.ImageRequest(images=[pb.Image(data=b) for b in images], outputs=["vision_tokens"])
-    sizes = [response.ByteSize() for response in stub.Extract(request)]
-    assert len(sizes) > 5
-    assert max(sizes) <= 1 << 20
+    assert_batched_close(result, direct, "vision_tokens")
 
 
 def test_configured_chunk_size_is_respected(tiny_server: Callable[..., BackgroundServer]) -> None:

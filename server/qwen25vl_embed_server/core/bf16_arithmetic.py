@@ -52,9 +52,12 @@ _SKIPPED = ("lm_head",)
 
 
 def cpu_has_bf16_dot_products() -> bool:
-    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX-BF16)."""
+    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX-BF16) and oneDNN, which runs
+    torch's bf16 matmuls, may use it: ``ONEDNN_MAX_CPU_ISA`` (AVX2, say) caps oneDNN below the CPU,
+    and then torch's bf16 kernels run without those instructions, as on a CPU that lacks them."""
     capabilities = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
-    return bool(capabilities.get("avx512_bf16") or capabilities.get("amx_bf16"))
+    in_hardware = bool(capabilities.get("avx512_bf16") or capabilities.get("amx_bf16"))
+    return in_hardware and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def applies(choice: str, device: torch.device, dtype: torch.dtype) -> bool:
