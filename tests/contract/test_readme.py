@@ -4,12 +4,14 @@ docs cannot drift from the SDK.
 The blocks name ``localhost:50051`` (and ``127.0.0.1:50051`` / ``:50052`` for two servers, and
 ``localhost:50061`` for a retrieval model); the test starts servers on free ports (the last one on
 the tiny ColQwen2.5) and points those addresses at them, and runs each block in a
-folder holding the images the blocks name (``cat.jpg``, ``a.png``, ``b.png``).
+folder holding the images the blocks name (``cat.jpg``, ``a.png``, ``b.png``, and the bundled
+``examples/images/``, as in a clone of the repository).
 """
 
 from __future__ import annotations
 
 import re
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -20,7 +22,8 @@ from qwen25vl_embed_server.rpc.harness import BackgroundServer
 
 from ..helpers import noise_image, server_config
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+ROOT = Path(__file__).resolve().parents[2]
+README = ROOT / "README.md"
 _BLOCK = re.compile(r"^```python\n(.*?)^```", re.DOTALL | re.MULTILINE)
 BLOCKS = _BLOCK.findall(README.read_text())
 
@@ -64,6 +67,7 @@ def test_readme_python_block_runs_as_written(
     noise_image(448, 336, seed=1).save(tmp_path / "cat.jpg")
     noise_image(112, 56, seed=2).save(tmp_path / "a.png")
     noise_image(56, 112, seed=3).save(tmp_path / "b.png")
+    shutil.copytree(ROOT / "examples" / "images", tmp_path / "examples" / "images")
     monkeypatch.chdir(tmp_path)
     exec(compile(source, f"README.md python block {index}", "exec"), {"__name__": "__readme__"})
     assert "Error" not in capsys.readouterr().out  # extract_many(errors="return") printed no failure

@@ -24,7 +24,8 @@ from PIL import Image
 from qwen25vl_embed.v1 import embed_pb2 as pb
 from qwen25vl_embed.v1 import embed_pb2_grpc as pb_grpc
 from qwen25vl_embed_server.core.errors import InvalidInputError
-from qwen25vl_embed_server.core.image_decoding import ALLOWED_FORMATS, decode_image
+from qwen25vl_embed_server.core.image_decoding import decode_image
+from qwen25vl_embed_server.core.image_formats import ALLOWED_FORMATS
 from qwen25vl_embed_server.core.limits import Limits
 from qwen25vl_embed_server.core.request import check_request
 from qwen25vl_embed_server.rpc.harness import BackgroundServer

@@ -23,7 +23,7 @@ from qwen25vl_embed_server.cli.inputs import expand_inputs
 from qwen25vl_embed_server.cli.layout import is_complete, output_folders
 from qwen25vl_embed_server.core import defaults
 from qwen25vl_embed_server.core.errors import InvalidInputError, ModelLoadError
-from qwen25vl_embed_server.core.image_decoding import IMAGE_SUFFIXES
+from qwen25vl_embed_server.core.image_formats import IMAGE_SUFFIXES
 from qwen25vl_embed_server.core.outputs import (
     DEFAULT_OUTPUTS,
     IMAGE_GRID_THW,

@@ -1,9 +1,9 @@
 """Encoded image bytes -> an RGB PIL image, or a clear :class:`InvalidInputError`.
 
 Safety (the bytes come from the network):
-- Only the formats in :data:`ALLOWED_FORMATS` are opened (photos and the common web formats).
-  Pillow's other plugins stay closed: some run external programs (EPS runs Ghostscript) and
-  most are rarely used and rarely hardened.
+- Only the formats in :data:`.image_formats.ALLOWED_FORMATS` are opened (photos and the common
+  web formats). Pillow's other plugins stay closed: some run external programs (EPS runs
+  Ghostscript) and most are rarely used and rarely hardened.
 - The declared size is checked before any pixel is decoded: ``Image.open`` reads the header
   only, and an image of more than ``max_pixels`` pixels (width x height) is refused. A
   decompression bomb (a small file that decodes to a gigantic image) costs a header read.
@@ -43,31 +43,8 @@ import simplejpeg
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from qwen25vl_embed_server.core.errors import InvalidInputError, LimitExceededError
+from qwen25vl_embed_server.core.image_formats import ALLOWED_FORMATS
 from qwen25vl_embed_server.core.limits import DEFAULT_MAX_PIXELS
-
-_WANTED_FORMATS = (
-    "PNG",  # APNG too
-    "JPEG",  # MPO (multi-picture JPEG from many phone cameras) too
-    "WEBP",
-    "GIF",
-    "BMP",
-    "TIFF",
-    "AVIF",  # Pillow >= 11.3
-    "JPEG2000",
-    "PPM",
-)
-Image.init()
-ALLOWED_FORMATS: tuple[str, ...] = tuple(name for name in _WANTED_FORMATS if name in Image.OPEN)
-"""Pillow format names that :func:`decode_image` opens (those of the list this Pillow has)."""
-
-# MPO (multi-picture JPEG) opens through the JPEG plugin, which does not register its suffix.
-_EXTRA_SUFFIXES = {"JPEG": (".mpo",)}
-IMAGE_SUFFIXES: frozenset[str] = frozenset(
-    {suffix for suffix, name in Image.registered_extensions().items() if name in ALLOWED_FORMATS}
-    | {suffix for name in ALLOWED_FORMATS for suffix in _EXTRA_SUFFIXES.get(name, ())}
-)
-"""File suffixes (lower case, with the dot) of the allowed formats: what a folder of images is
-searched for, by ``extract`` and ``bulk`` alike."""
 
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
 _ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa"})
