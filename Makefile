@@ -2,23 +2,35 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed-stamp
+# Two stamps, one per layer of the venv: the server extra (all `make demo` needs), then everything
+# the tests, linters and benchmarks use on top. Either rebuilds when what it was installed from changes.
+SERVER_STAMP := $(VENV)/.server-stamp
+STAMP        := $(VENV)/.installed-stamp
+INSTALLED_FROM := pyproject.toml constraints.txt protos/qwen25vl_embed/v1/embed.proto
 
-.PHONY: setup demo test lint clean bench bench-gpu bench-vllm
+.PHONY: setup setup-server demo test lint clean bench bench-gpu bench-vllm
 
 setup: $(STAMP)
 
+setup-server: $(SERVER_STAMP)
+
 # torch first, on its own line, so its pinned build is what transformers finds.
-$(STAMP): pyproject.toml constraints.txt protos/qwen25vl_embed/v1/embed.proto
+$(SERVER_STAMP): $(INSTALLED_FROM)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -c constraints.txt torch torchvision
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[server]"
+	touch $(SERVER_STAMP)
+
+# The dev tools, Ray, the search and examples extras, and colpali-engine (a test reference) beside it.
+$(STAMP): $(SERVER_STAMP) $(INSTALLED_FROM)
 	$(BIN)/pip install --quiet -c constraints.txt -e ".[server,dev,ray,search,examples]"
 	$(BIN)/pip install --quiet --no-deps -c constraints.txt colpali-engine
 	touch $(STAMP)
 
 ## Start a server on the offline tiny model, extract a bundled image through the client, stop.
-demo: setup
+## Installs the server extra only (torch, transformers, gRPC): no dev tools, Ray or colpali-engine.
+demo: setup-server
 	$(BIN)/python examples/demo.py
 
 ## The test suite (real server on 127.0.0.1, real SDK, tiny random-weight Qwen2.5-VL).

@@ -16,9 +16,10 @@ has native multivectors with a MaxSim comparator (so the rerank can be cross-che
 database itself), and the same client code runs against a Qdrant server when the index outgrows
 one process. LanceDB also stores multivectors but brings a native engine and pyarrow.
 
-Usage::
+Usage (offline, on a random-weight ColQwen2.5; or serve a real ColQwen2.5 adapter or checkpoint)::
 
-    qwen25vl-embed serve --model /path/to/colqwen2.5-adapter &   # or any ColQwen2.5 checkpoint
+    qwen25vl-embed make-tiny-model tiny-colqwen --recipe colqwen2.5
+    qwen25vl-embed serve --model tiny-colqwen/adapter &
     python examples/search/search.py --server localhost:50051 --images photos/ --db index/ \\
         --text "a red bicycle" --image photos/query.png --pool-factor 2
 """

@@ -1,21 +1,36 @@
-"""The CLI as a new user meets it (issue 12): layouts that mirror the input tree, flags that cannot
-apply refused, errors checked once and up front, Ctrl-C and resuming, one-line start-up errors."""
+"""The CLI as a new user meets it: layouts that mirror the input tree, flags that cannot apply
+refused, errors checked once and up front, Ctrl-C and resuming, one-line start-up errors, a machine
+without the hub, the tiny retrieval models, quiet progress at ``--log-level warning``."""
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import socket
 import subprocess
 import sys
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
 from qwen25vl_embed import Embeddings
 from qwen25vl_embed_server.cli import main
+from qwen25vl_embed_server.cli.app import build_parser
+from qwen25vl_embed_server.cli.commands import load_options
 from qwen25vl_embed_server.cli.layout import output_folders
+from qwen25vl_embed_server.core import defaults
+from qwen25vl_embed_server.core.extractor import Extractor
+from qwen25vl_embed_server.core.loading import load_model
 from qwen25vl_embed_server.rpc.harness import BackgroundServer
+from qwen25vl_embed_server.rpc.server import ListenError, check_bindable
 
-from ..helpers import noise_image
+from ..helpers import noise_image, server_config
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _photos(root: Path, count: int, side: int = 56) -> list[Path]:
@@ -233,3 +248,224 @@ def test_a_relative_model_path_is_recorded_absolute(
     argv = ["extract", str(image), "--outdir", str(tmp_path / "out"), "--model", tiny_model_path.name]
     assert main([*argv, "--device", "cpu"]) == 0
     assert json.loads((tmp_path / "out" / "cat" / "manifest.json").read_text())["model"] == str(tiny_model_path)
+
+
+# A CLI run in a child process with the model's libraries imported before the clock starts, so that
+# what is timed is the command (loading, or failing to), not importing torch on a busy machine. The
+# seconds it took are the last line of its stdout.
+_TIMED_MAIN = """
+import sys, time
+import qwen25vl_embed_server.core.loading
+from qwen25vl_embed_server.cli import main
+started = time.monotonic()
+code = main(sys.argv[1:])
+print(f"{time.monotonic() - started:.2f}")
+sys.exit(code)
+"""
+# The hub must not keep a command waiting longer than this (its own request timeout is 10 s).
+_PATIENCE_SECONDS = 20.0
+
+
+def _run_timed(argv: list[str], env: dict[str, str]) -> tuple[subprocess.CompletedProcess[str], float]:
+    done = subprocess.run(
+        [sys.executable, "-c", _TIMED_MAIN, *argv], capture_output=True, text=True, timeout=300, env=env, check=False
+    )
+    return done, float(done.stdout.splitlines()[-1]) if done.stdout.strip() else float("inf")
+
+
+def _hub_env(home: Path, endpoint: str) -> dict[str, str]:
+    """This environment with the Hugging Face settings replaced: the hub at ``endpoint`` (on
+    127.0.0.1: no traffic leaves the machine, whatever its network), its cache under ``home``,
+    online mode and the libraries' own timeouts, no proxy."""
+    settings = ("HF_", "HUGGINGFACE_", "TRANSFORMERS_")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(settings) and "proxy" not in k.lower()}
+    return {**env, "HF_HOME": str(home), "HF_ENDPOINT": endpoint, "HF_HUB_DISABLE_TELEMETRY": "1"}
+
+
+@pytest.fixture
+def refusing_hub() -> Iterator[str]:
+    """The address of a hub that refuses connections at once, as a host without a route or a name
+    resolver does: a port bound (so that nobody else takes it) where nothing listens."""
+    with socket.socket() as bound:
+        bound.bind(("127.0.0.1", 0))
+        yield f"http://127.0.0.1:{bound.getsockname()[1]}"
+
+
+@pytest.fixture
+def silent_hub() -> Iterator[str]:
+    """The address of a hub that never answers, as behind a firewall that drops packets: the
+    kernel accepts the connection; nobody reads the request."""
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen(16)
+        yield f"http://127.0.0.1:{listening.getsockname()[1]}"
+
+
+class _NotFound(BaseHTTPRequestHandler):
+    def do_HEAD(self) -> None:
+        self.send_response(404)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def do_GET(self) -> None:
+        self.do_HEAD()
+
+    def log_message(self, format: str, *args: object) -> None:  # quiet
+        pass
+
+
+@pytest.fixture
+def empty_hub() -> Iterator[str]:
+    """The address of a hub that answers, and has none of the files asked for."""
+    with ThreadingHTTPServer(("127.0.0.1", 0), _NotFound) as hub:
+        threading.Thread(target=hub.serve_forever, daemon=True).start()
+        yield f"http://127.0.0.1:{hub.server_address[1]}"
+        hub.shutdown()
+
+
+def _assert_names_the_way_out(line: str, model: str, endpoint: str) -> None:
+    assert line.startswith(f"error: cannot load model '{model}': the hub at {endpoint} cannot be reached ("), line
+    assert line.endswith(
+        "and the model is not in the hub cache here; without the hub, give a local checkpoint folder or "
+        "'tiny-random' as the model, or HF_HUB_OFFLINE=1 with it in the hub cache"
+    ), line
+
+
+def test_extract_without_the_hub_fails_at_once_naming_the_way_out(tmp_path: Path, refusing_hub: str) -> None:
+    image = tmp_path / "cat.png"
+    noise_image(56, 56).save(image)
+    argv = ["extract", str(image), "--outdir", str(tmp_path / "out")]  # the default model, a hub id
+    done, seconds = _run_timed(argv, _hub_env(tmp_path / "hf", refusing_hub))
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert seconds < _PATIENCE_SECONDS, done.stderr[-3000:]
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1, done.stderr[-3000:]  # no retry warnings, no traceback
+    _assert_names_the_way_out(lines[0], defaults.DEFAULT_MODEL, refusing_hub)
+    assert not (tmp_path / "out").exists()
+
+
+def test_serve_with_a_hub_that_never_answers_gives_up_within_seconds(tmp_path: Path, silent_hub: str) -> None:
+    argv = ["--log-level", "warning", "serve", "--port", "0"]
+    done, seconds = _run_timed(argv, _hub_env(tmp_path / "hf", silent_hub))
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert seconds < _PATIENCE_SECONDS, done.stderr[-3000:]
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1, done.stderr[-3000:]
+    _assert_names_the_way_out(lines[0], defaults.DEFAULT_MODEL, silent_hub)
+    assert "Timeout" in lines[0] or "no answer within" in lines[0], lines[0]
+
+
+def test_a_hub_that_answers_is_left_to_say_what_it_lacks(tmp_path: Path, empty_hub: str) -> None:
+    image = tmp_path / "cat.png"
+    noise_image(56, 56).save(image)
+    argv = ["extract", str(image), "--outdir", str(tmp_path / "out"), "--model", "someone/missing"]
+    done, seconds = _run_timed(argv, _hub_env(tmp_path / "hf", empty_hub))
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert seconds < _PATIENCE_SECONDS, done.stderr[-3000:]
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1, done.stderr[-3000:]
+    assert lines[0].startswith("error: cannot load model 'someone/missing': "), lines[0]
+    assert "cannot be reached" not in lines[0]  # transformers' own account of the missing repository
+
+
+def test_a_model_in_the_hub_cache_loads_without_the_hub(
+    tmp_path: Path, tiny_model_path: Path, refusing_hub: str
+) -> None:
+    # The hub cache's own layout, as a download leaves it: refs/main names the snapshot.
+    repo = tmp_path / "hf" / "hub" / "models--someone--tiny"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(tiny_model_path, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    image = tmp_path / "cat.png"
+    noise_image(56, 56).save(image)
+    argv = ["extract", str(image), "--outdir", str(tmp_path / "out"), "--model", "someone/tiny", "--device", "cpu"]
+    done, seconds = _run_timed(argv, _hub_env(tmp_path / "hf", refusing_hub))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert seconds < _PATIENCE_SECONDS, done.stderr[-3000:]
+    assert "loading someone/tiny from the hub cache" in done.stderr
+    assert "Retrying" not in done.stderr  # no file is asked of the hub again
+    assert json.loads((tmp_path / "out" / "cat" / "manifest.json").read_text())["model"] == "someone/tiny"
+
+
+@pytest.mark.parametrize(("recipe", "output"), [("colqwen2.5", "multi_vector"), ("biqwen2.5", "single_vector")])
+def test_make_tiny_model_builds_a_retrieval_model_that_serve_loads(
+    recipe: str, output: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["make-tiny-model", str(tmp_path / "tiny"), "--recipe", recipe]) == 0
+    folder = capsys.readouterr().out.strip()
+    assert folder == str(tmp_path / "tiny" / "adapter")  # the folder to serve; the base beside it
+    assert (tmp_path / "tiny" / "base" / "config.json").is_file()
+    args = build_parser().parse_args(["serve", "--model", folder, "--device", "cpu"])
+    loaded = load_model(load_options(args))  # as serve loads it: the recipe detected
+    assert loaded.recipe is not None
+    assert (loaded.recipe.name, loaded.recipe.output) == (recipe, output)
+
+
+def test_the_search_example_runs_as_the_readme_says_on_the_tiny_colqwen(tmp_path: Path) -> None:
+    assert main(["make-tiny-model", str(tmp_path / "tiny-colqwen"), "--recipe", "colqwen2.5"]) == 0
+    folder = tmp_path / "tiny-colqwen" / "adapter"
+    args = build_parser().parse_args(["serve", "--model", str(folder), "--device", "cpu"])
+    extractor = Extractor(load_model(load_options(args)))
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for seed in range(3):
+        noise_image(112, 84, seed=seed).save(photos / f"photo{seed}.png")
+    with BackgroundServer(extractor, server_config()) as running:
+        search = [sys.executable, str(REPO / "examples" / "search" / "search.py"), "--server", running.address]
+        query = ["--text", "a red bicycle", "--image", str(photos / "photo1.png"), "--pool-factor", "2"]
+        command = [*search, "--images", str(photos), "--db", str(tmp_path / "index"), *query]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("indexed 3 images: token vectors ")
+    # Each query lists the three images, best first (random weights: the order says nothing).
+    assert [line for line in lines if not line.startswith("  ")] == [
+        lines[0],
+        "text 'a red bicycle'",
+        f"image {photos / 'photo1.png'}",
+    ]
+    assert len(lines) == 1 + 2 * (1 + 3)
+
+
+def test_serve_on_a_port_in_use_prints_only_its_own_line() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        command = [sys.executable, "-m", "qwen25vl_embed_server.cli", "serve", "--model", "unused", "--port", str(port)]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 2
+    # gRPC's C core logs a failed bind on stderr itself: the port is checked before gRPC is asked.
+    flags = "(--host, --port, --metrics-host, --metrics-port)"
+    assert done.stderr == f"error: cannot listen on 127.0.0.1:{port}: the port is in use {flags}\n"
+
+
+def test_a_host_that_is_not_here_is_refused_before_grpc_binds() -> None:
+    with pytest.raises(ListenError, match=r"^cannot listen on 192\.0\.2\.1:50051: the host is not an address of"):
+        check_bindable("192.0.2.1", 50051)  # TEST-NET-1: documentation only, never a machine's address
+    with pytest.raises(ListenError, match=r"^cannot listen on 192\.0\.2\.1:0: the host is not an address of"):
+        check_bindable("192.0.2.1", 0)  # any port: the host is checked all the same
+    check_bindable("127.0.0.1", 0)
+
+
+def test_log_level_warning_hides_the_libraries_progress_bars(tmp_path: Path, tiny_model_path: Path) -> None:
+    image = tmp_path / "cat.png"
+    noise_image(56, 56).save(image)
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_DISABLE_PROGRESS_BARS"}
+    cli = [sys.executable, "-m", "qwen25vl_embed_server.cli"]
+    extract = ["extract", str(image), "--outdir", str(tmp_path / "out"), "--model", str(tiny_model_path)]
+    done = subprocess.run(
+        [*cli, "--log-level", "warning", *extract, "--device", "cpu"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "out" / "cat" / "manifest.json").is_file()
+    # transformers' "Loading weights" bar, or any other tqdm bar (which redraws with carriage returns)
+    assert "Loading weights" not in done.stderr, done.stderr[-3000:]
+    assert "\r" not in done.stderr, done.stderr[-3000:]
+    assert "it/s]" not in done.stderr, done.stderr[-3000:]

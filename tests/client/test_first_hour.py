@@ -1,4 +1,4 @@
-"""The SDK as a new user meets it (issue 12): per-request pixel range, wait_ready, saved files,
+"""The SDK as a new user meets it: per-request pixel range, wait_ready, saved files,
 split_by_image's shared outputs, local errors told apart from the server's."""
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from qwen25vl_embed import AsyncEmbeddingClient, EmbeddingClient, EmbeddingError, Embeddings, LocalRequestError
+from qwen25vl_embed_server.cli import main
 from qwen25vl_embed_server.core.extractor import Extractor
 from qwen25vl_embed_server.rpc.server import RunningServer, create_server
 
@@ -109,6 +110,32 @@ def test_wait_ready_waits_for_the_model_and_times_out_without_it(
             return (await aio.wait_ready(30.0)).model
 
     assert asyncio.run(aio_wait()) == extractor.loaded.name
+
+
+def test_a_call_while_the_model_loads_names_how_to_wait_for_it(
+    loading_server: tuple[RunningServer, asyncio.AbstractEventLoop],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    running, _ = loading_server
+    address = f"127.0.0.1:{running.port}"
+    with EmbeddingClient(address) as client:
+        with pytest.raises(EmbeddingError) as caught:
+            client.extract(IMAGE)
+        assert caught.value.code == grpc.StatusCode.UNAVAILABLE
+        with pytest.raises(EmbeddingError) as asked:
+            client.info()
+    for details in (caught.value.details, asked.value.details):
+        assert details.startswith("the model is still loading; "), details
+        assert "wait_ready(timeout) in the SDK" in details
+        assert "--wait SECONDS on the CLI" in details
+    # The command line, which says the server's message as it is.
+    image = tmp_path / "cat.png"
+    image.write_bytes(IMAGE)
+    assert main(["extract", str(image), "--outdir", str(tmp_path / "out"), "--server", address]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: UNAVAILABLE: the model is still loading; "), err
+    assert "--wait SECONDS" in err
 
 
 def test_wait_ready_on_an_address_nobody_listens_on_times_out() -> None:

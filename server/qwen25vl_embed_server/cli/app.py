@@ -30,6 +30,7 @@ from qwen25vl_embed_server.cli.logging_setup import LOG_FORMATS, configure_loggi
 from qwen25vl_embed_server.core import defaults
 from qwen25vl_embed_server.core.errors import InvalidInputError
 from qwen25vl_embed_server.core.outputs import TOKEN_OUTPUTS
+from qwen25vl_embed_server.core.recipes import RECIPES
 
 # The modules each extra brings (import names): a command that misses one says which extra to install.
 _EXTRAS = {
@@ -185,9 +186,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bulk.set_defaults(run=commands.bulk)
 
-    tiny = subcommands.add_parser("make-tiny-model", help=f"write a random-weight Qwen2.5-VL checkpoint ({_SERVER})")
+    tiny = subcommands.add_parser(
+        "make-tiny-model", help=f"write a random-weight Qwen2.5-VL checkpoint, offline ({_SERVER})"
+    )
     tiny.add_argument("outdir", type=Path)
     tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument(
+        "--recipe",
+        choices=tuple(RECIPES),
+        default=None,
+        help="a retrieval model instead, as published: OUTDIR/base and the LoRA adapter OUTDIR/adapter, "
+        "the folder to serve (default: a plain Qwen2.5-VL)",
+    )
     tiny.set_defaults(run=commands.make_tiny_model)
     return parser
 

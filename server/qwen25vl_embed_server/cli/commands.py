@@ -220,7 +220,13 @@ def bulk(args: argparse.Namespace) -> int:
 
 
 def make_tiny_model(args: argparse.Namespace) -> int:
-    from qwen25vl_embed_server.core.tiny_model import build_tiny_model
+    """Prints the folder to pass as ``--model``: OUTDIR, or OUTDIR/adapter with ``--recipe``."""
+    if args.recipe is None:
+        from qwen25vl_embed_server.core.tiny_model import build_tiny_model
 
-    print(build_tiny_model(args.outdir, seed=args.seed))
+        print(build_tiny_model(args.outdir, seed=args.seed))
+    else:
+        from qwen25vl_embed_server.core.tiny_retrieval import build_tiny_retrieval
+
+        print(build_tiny_retrieval(args.outdir, args.recipe, seed=args.seed))
     return 0

@@ -6,7 +6,7 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from qwen25vl_embed_server.core.defaults import (
 )
 from qwen25vl_embed_server.core.dtypes import TORCH_DTYPES, dtype_name
 from qwen25vl_embed_server.core.errors import ModelLoadError
+from qwen25vl_embed_server.core.hub import reachable_source
 from qwen25vl_embed_server.core.packed_linear import PackedLinear, pack_linears, packing_applies
 from qwen25vl_embed_server.core.recipes import Recipe, detect_recipe, get_recipe
 from qwen25vl_embed_server.core.retrieval_model import RetrievalLayout, find_layout, load_retrieval
@@ -168,7 +169,9 @@ def load_model(options: LoadOptions) -> LoadedModel:
     Raises:
         ValueError: a device this machine lacks, or an unknown dtype (:func:`check_options`).
         ModelLoadError: the checkpoint could not be loaded (bad id or path, hub unreachable);
-            one line, the cause chained.
+            one line, the cause chained. A hub id is not waited for: when the hub does not answer
+            (:func:`~.hub.reachable_source`), the hub cache serves it, or the error names the ways
+            to load without the hub.
     """
     started = time.perf_counter()
     device = check_device(options.device)
@@ -185,8 +188,13 @@ def load_model(options: LoadOptions) -> LoadedModel:
 def _load(
     options: LoadOptions, device: torch.device, dtype: torch.dtype, started: float, pack: bool, widen: bool
 ) -> LoadedModel:
-    path = resolve_model_path(options.model)
+    # Asked before transformers' first request, which would retry each file for minutes without the hub.
+    path = reachable_source(resolve_model_path(options.model))
     layout = find_layout(path)
+    if layout is not None and (base := reachable_source(layout.base)) != layout.base:
+        # A local adapter on a hub id's base, without the hub: the base's snapshot in the hub cache.
+        processor_path = base if layout.processor == layout.base else layout.processor
+        layout = replace(layout, base=base, processor=processor_path)
     recipe = choose_recipe(options, layout)
     head = None
     if layout is not None:

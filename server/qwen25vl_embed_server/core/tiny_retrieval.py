@@ -11,6 +11,7 @@ both LoRA factors are random (not peft's zero B), so the adapter changes every o
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -48,7 +49,9 @@ def build_tiny_retrieval(outdir: str | Path, kind: str, shape: TinyShape | None 
     processor.save_pretrained(base)
 
     lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=TARGET_MODULES[kind], init_lora_weights=False)
-    peft_model = get_peft_model(body, lora)
+    with warnings.catch_warnings():  # peft asks for a property transformers 5 deprecates: not the caller's
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        peft_model = get_peft_model(body, lora)
     peft_model.peft_config["default"].base_model_name_or_path = str(base.resolve())
     peft_model.save_pretrained(str(adapter))
     processor.save_pretrained(adapter)

@@ -23,7 +23,7 @@ from qwen25vl_embed_server.core.limits import MAX_REQUEST_ID_CHARS
 from qwen25vl_embed_server.core.model_thread import ModelThread
 from qwen25vl_embed_server.core.outputs import DEFAULT_OUTPUTS
 from qwen25vl_embed_server.core.pipeline import Pipeline, PipelineConfig
-from qwen25vl_embed_server.rpc.error_mapping import log_failure, status_for
+from qwen25vl_embed_server.rpc.error_mapping import MODEL_LOADING, log_failure, status_for
 from qwen25vl_embed_server.rpc.messages import (
     Response,
     Undecodable,
@@ -124,7 +124,7 @@ class EmbeddingCalls:
     @property
     def pipeline(self) -> Pipeline:
         if self._pipeline is None:
-            raise ModelNotReadyError("the model is still loading; retry later")
+            raise ModelNotReadyError(MODEL_LOADING)
         return self._pipeline
 
     async def extract(self, request: pb.ImageRequest, deadline: float | None) -> AsyncGenerator[Response, None]:

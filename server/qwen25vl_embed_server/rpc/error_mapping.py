@@ -28,6 +28,12 @@ from qwen25vl_embed_server.rpc.messages import Undecodable, tolerant
 
 log = logging.getLogger(__name__)
 
+MODEL_LOADING = (
+    "the model is still loading; wait for it with wait_ready(timeout) in the SDK or --wait SECONDS on the CLI, "
+    "or retry later"
+)
+"""UNAVAILABLE's message while the server listens and its model loads: it names how to wait."""
+
 
 def status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
     """The status code and caller-facing message for ``error``."""
@@ -38,7 +44,7 @@ def status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
     if isinstance(error, DeadlineExceededError):
         return grpc.StatusCode.DEADLINE_EXCEEDED, str(error)
     if isinstance(error, ModelNotReadyError):
-        return grpc.StatusCode.UNAVAILABLE, str(error) or "the model is not loaded yet; retry later"
+        return grpc.StatusCode.UNAVAILABLE, str(error) or MODEL_LOADING
     return grpc.StatusCode.INTERNAL, "internal server error; the server log has the details"
 
 

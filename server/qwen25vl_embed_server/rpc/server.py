@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import signal
+import socket
 import sys
 from dataclasses import dataclass, field
 
@@ -95,10 +97,11 @@ class RunningServer:
 
 
 async def create_server(config: ServerConfig) -> RunningServer:
-    """Start a server (health NOT_SERVING, no model yet) and return it with its bound port."""
-    authenticated = config.auth is not None or (config.tls is not None and config.tls.mutual)
-    for warning in exposure_warnings(config.host, tls=config.tls is not None, auth=authenticated):
-        log.warning("%s", warning)
+    """Start a server (health NOT_SERVING, no model yet) and return it with its bound port.
+
+    Raises :class:`ListenError` when it cannot listen at ``config.host``/``config.port``.
+    """
+    check_bindable(config.host, config.port)
     # Authentication first: a refused call never reaches error mapping or the servicer.
     # Last (innermost): the serializers it installs are the ones the interceptors above rebuild with.
     interceptors: list[grpc.aio.ServerInterceptor] = [ErrorMappingInterceptor(), PassEncodedResponses()]  # type: ignore[type-arg]
@@ -134,6 +137,9 @@ async def create_server(config: ServerConfig) -> RunningServer:
         raise ListenError(
             f"cannot listen on {address}: the port is in use, or the host is not an address here"
         ) from err
+    authenticated = config.auth is not None or (config.tls is not None and config.tls.mutual)
+    for warning in exposure_warnings(config.host, tls=config.tls is not None, auth=authenticated):
+        log.warning("%s", warning)  # once it does listen there
     await server.start()
     if config.metrics_port is not None:
         host = config.metrics_host if config.metrics_host is not None else config.host
@@ -150,6 +156,43 @@ async def create_server(config: ServerConfig) -> RunningServer:
 
 def _address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+_BIND_PROBLEMS = {
+    errno.EADDRINUSE: "the port is in use",
+    errno.EADDRNOTAVAIL: "the host is not an address of this machine",
+    errno.EACCES: "permission denied (ports below 1024 need privileges)",
+}
+
+
+def check_bindable(host: str, port: int) -> None:
+    """Raise :class:`ListenError` naming why ``host:port`` cannot be bound, before gRPC is asked.
+
+    gRPC's C core reports a failed bind with a log line of its own on stderr before the server
+    sees the error; a listening socket bound here first, with the options gRPC uses (SO_REUSEADDR,
+    no SO_REUSEPORT), fails the same way without it. Like gRPC, a host whose every address fails
+    is refused; one that binds on any of its addresses is left to gRPC. Port 0 checks the host.
+    """
+    address = _address(host, port)
+    try:
+        candidates = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as err:
+        raise ListenError(f"cannot listen on {address}: cannot resolve {host!r} ({err.strerror})") from err
+    failures: list[OSError] = []
+    for family, kind, protocol, _, sockaddr in candidates:
+        try:  # creating the socket fails too, for an address family this machine lacks
+            with socket.socket(family, kind, protocol) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe.bind(sockaddr)
+                probe.listen(1)
+        except OSError as err:
+            failures.append(err)
+        else:
+            return
+    if failures:
+        first = failures[0]
+        problem = _BIND_PROBLEMS.get(first.errno or 0, (first.strerror or str(first)).lower())
+        raise ListenError(f"cannot listen on {address}: {problem}") from first
 
 
 async def serve(config: ServerConfig, load: LoadOptions) -> None:
