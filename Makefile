@@ -8,7 +8,7 @@ SERVER_STAMP := $(VENV)/.server-stamp
 STAMP        := $(VENV)/.installed-stamp
 INSTALLED_FROM := pyproject.toml constraints.txt protos/qwen25vl_embed/v1/embed.proto
 
-.PHONY: setup setup-server demo test lint clean bench bench-gpu bench-vllm
+.PHONY: setup setup-server demo test test-avx2 lint dist clean bench bench-gpu bench-vllm
 
 setup: $(STAMP)
 
@@ -39,13 +39,25 @@ test: setup
 	@command -v ss >/dev/null || { apt-get update -qq && apt-get install -y -qq iproute2; }
 	$(BIN)/pytest -q
 
+## The tests that run the model, again as an AVX2-only CPU runs them (torch, oneDNN and MKL each
+## capped to AVX2, after a check that each cap takes effect: tests/cpu_caps.py). CI runs it after
+## `make test`, so an AVX-512 machine proves the AVX2 path too.
+CPU_SENSITIVE := tests/core tests/rpc tests/cli tests/client --ignore=tests/cli/test_client_only.py
+test-avx2: setup
+	$(BIN)/python -m tests.cpu_caps -q $(CPU_SENSITIVE)
+
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
+## A wheel of the package in dist/ (the protobuf code generated into it): pip install dist/*.whl
+## gives the client; add [server] for the server.
+dist:
+	$(PYTHON) -m pip wheel --no-deps --wheel-dir dist .
+
 clean:
-	rm -rf $(VENV) out client/qwen25vl_embed/v1/*_pb2*.py client/qwen25vl_embed/v1/*_pb2*.pyi
+	rm -rf $(VENV) out dist client/qwen25vl_embed/v1/*_pb2*.py client/qwen25vl_embed/v1/*_pb2*.pyi
 
 ## The public contract with the buf CLI pinned in tools/buf (needs Node.js and npm); `make test`
 ## runs the same checks (tests/test_proto_contract.py).

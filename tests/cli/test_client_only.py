@@ -1,8 +1,9 @@
-"""A client-only install, made as a user makes it: a fresh virtual environment and
-``pip install <checkout>`` with no extra (the base dependencies come from pip's configured index,
-at the versions of ``constraints.txt``). There, against a real server: ``info --server`` and
-``extract --server`` work, the README's SDK samples run, and the commands that run a model say
-which extra they need, in one line with exit code 2. Nothing of the server extra is importable.
+"""A client-only install, made as a user makes it: a wheel built from the checkout as ``make dist``
+builds it, installed with no extra into a fresh virtual environment (the base dependencies come
+from pip's configured index, at the versions of ``constraints.txt``). There, against a real
+server: ``info --server`` and ``extract --server`` work, the README's SDK samples run, and the
+commands that run a model say which extra they need, in one line with exit code 2. Nothing of the
+server extra is importable.
 
 The environment is built once for the module (under a minute: the wheel is built from the
 sources, with the generated protobuf code, as ``pip install`` does it).
@@ -67,8 +68,8 @@ def _run(argv: list[str | Path], cwd: Path | None = None, timeout: float = 120) 
 
 @pytest.fixture(scope="module")
 def client_only(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """The ``bin`` folder of a fresh virtual environment holding ``pip install <checkout>``
-    (removed afterwards: it weighs about 150 MB).
+    """The ``bin`` folder of a fresh virtual environment holding the package's wheel, built as
+    ``make dist`` builds it (removed afterwards: it weighs about 150 MB).
 
     The sources are copied first, without generated code, so that the build must generate it and
     leaves the checkout's own generated modules alone."""
@@ -85,7 +86,11 @@ def client_only(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     made = _run([sys.executable, "-m", "venv", venv], timeout=300)
     assert made.returncode == 0, made.stderr
     bin_dir = venv / "bin"
-    installed = _run([bin_dir / "python", "-m", "pip", "install", "-c", ROOT / "constraints.txt", source], timeout=600)
+    wheels = base / "dist"
+    built = _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--wheel-dir", wheels, source], timeout=600)
+    assert built.returncode == 0, built.stdout[-4000:] + built.stderr[-4000:]
+    (wheel,) = wheels.glob("qwen25vl_embed-*.whl")
+    installed = _run([bin_dir / "python", "-m", "pip", "install", "-c", ROOT / "constraints.txt", wheel], timeout=600)
     assert installed.returncode == 0, installed.stdout[-4000:] + installed.stderr[-4000:]
     yield bin_dir
     shutil.rmtree(base, ignore_errors=True)

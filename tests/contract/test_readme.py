@@ -4,8 +4,8 @@ docs cannot drift from the SDK.
 The blocks name ``localhost:50051`` (and ``127.0.0.1:50051`` / ``:50052`` for two servers, and
 ``localhost:50061`` for a retrieval model); the test starts servers on free ports (the last one on
 the tiny ColQwen2.5) and points those addresses at them, and runs each block in a
-folder holding the images the blocks name (``cat.jpg``, ``a.png``, ``b.png``, and the bundled
-``examples/images/``, as in a clone of the repository).
+folder holding the bundled ``examples/images/``, as in a clone of the repository: the blocks name
+no other image.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import pytest
 from qwen25vl_embed_server.core.extractor import Extractor
 from qwen25vl_embed_server.rpc.harness import BackgroundServer
 
-from ..helpers import noise_image, server_config
+from ..helpers import server_config
 
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
@@ -64,9 +64,6 @@ def test_readme_python_block_runs_as_written(
         .replace("127.0.0.1:50051", f"127.0.0.1:{port}")
         .replace("127.0.0.1:50052", f"127.0.0.1:{second_port}")
     )
-    noise_image(448, 336, seed=1).save(tmp_path / "cat.jpg")
-    noise_image(112, 56, seed=2).save(tmp_path / "a.png")
-    noise_image(56, 112, seed=3).save(tmp_path / "b.png")
     shutil.copytree(ROOT / "examples" / "images", tmp_path / "examples" / "images")
     monkeypatch.chdir(tmp_path)
     exec(compile(source, f"README.md python block {index}", "exec"), {"__name__": "__readme__"})

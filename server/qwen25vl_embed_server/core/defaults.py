@@ -43,7 +43,8 @@ BF16_ARITHMETICS = ("auto", "native", "float32")
 dot products)."""
 
 ARITHMETICS = ("exact", "fp32-onednn", "bf16-float32")
-"""How a loaded model's dot products run (reported by Info): transformers' own kernels (its bits);
+"""How a loaded model's dot products run (reported by Info): transformers' own kernels (its bits
+for a request run alone at the model's full thread count; batched or narrower, within float rounding);
 fp32 through prepacked oneDNN weights (``--fp32-matmul onednn``); bf16 in float32 arithmetic
 (``--bf16-arithmetic`` float32, or auto on a CPU without bf16 dot products)."""
 

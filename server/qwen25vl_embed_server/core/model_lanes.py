@@ -17,10 +17,11 @@ libgomp throttles every spin-wait once the teams' threads outnumber the CPUs (se
 
 Each lane is a :class:`~.model_thread.ModelThread`; the first one is the thread that loaded the
 model. A run's width is set on its lane's thread before it starts: OpenMP's thread count is a
-setting of each thread, and MKL follows it. Here the outputs are the same bits at either width:
-the kernels this model runs split rows and heads across threads, not sums (tested: requests run
-narrow, side by side, equal them run alone on all threads at every capture point). A kernel that
-split a sum across threads would differ by float rounding, as batching does.
+setting of each thread, and MKL follows it. A run's bits depend on its width wherever a kernel
+splits a sum across threads or blocks rows by the thread count: MKL's AVX2 matmuls do, and so do
+some AVX-512 ones at some shapes. So a narrow run equals the request run alone at the same width
+bit for bit, and a wide run within float rounding, as batching promises (both tested); only a
+wide run is transformers' computation at the process's thread count, bit for bit.
 """
 
 from __future__ import annotations
