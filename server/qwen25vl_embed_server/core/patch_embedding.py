@@ -19,12 +19,18 @@ oneDNN's choice, not ours). oneDNN picks its kernel's configuration by the probl
 bf16 it switches to another data layout above some tens of lines here), so the check runs the
 largest call there can be, a full :data:`LINES`, beside smaller ones. Elsewhere, or if the check
 fails, transformers' forward stays, and the log says why.
+
+Not in bf16 where oneDNN runs AMX (:func:`onednn_runs_amx_bf16`): there transformers' own
+convolution sums a patch in an order that depends on how many patches it is given (on a Sapphire
+Rapids core, 70 of the sizes from 1 to 200 patches give other bits than the grid at a width of 32;
+a random check can pass beside them), so no one grid can equal it at every size.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import os
 from typing import Any, TypeGuard
 
 import torch
@@ -89,15 +95,32 @@ def _grid(patch_embed: Any, hidden_states: torch.Tensor) -> torch.Tensor:
     return out.view(proj.out_channels, lines * width)[:, :rows].t().contiguous()
 
 
+def onednn_runs_amx_bf16() -> bool:
+    """Whether oneDNN runs bf16 convolutions on AMX here: the CPU has AMX-BF16 and
+    ``ONEDNN_MAX_CPU_ISA`` (or its older name ``DNNL_MAX_CPU_ISA``) does not cap oneDNN below it."""
+    capabilities = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
+    cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "ALL").upper()
+    return bool(capabilities.get("amx_bf16")) and (cap in ("ALL", "DEFAULT") or "AMX" in cap)
+
+
+def applies(patch_embed: Any) -> str | None:
+    """Why :func:`forward` cannot be given to ``patch_embed`` whatever the check finds, or None."""
+    proj = getattr(patch_embed, "proj", None)
+    if not is_patchwise(proj):
+        return "it is not a patch-wise Conv3d"
+    if proj.weight.device.type != "cpu":
+        return f"the model is on {proj.weight.device.type}, not the CPU"
+    if proj.weight.dtype == torch.bfloat16 and onednn_runs_amx_bf16():
+        return "oneDNN's AMX bf16 convolution sums in an order that depends on the number of patches"
+    return None
+
+
 def install(visual: Any) -> bool:
     """Give the patch embedding of the vision tower ``visual`` :func:`forward`, where it applies and
     matches. Returns whether it was installed."""
     patch_embed = getattr(visual, "patch_embed", None)
-    proj = getattr(patch_embed, "proj", None)
-    if not is_patchwise(proj):
-        return _not_installed("it is not a patch-wise Conv3d")
-    if proj.weight.device.type != "cpu":
-        return _not_installed(f"the model is on {proj.weight.device.type}, not the CPU")
+    if (reason := applies(patch_embed)) is not None:
+        return _not_installed(reason)
     try:
         same = matches(patch_embed)
     except Exception as error:  # a transformers version whose patch embedding this does not know
