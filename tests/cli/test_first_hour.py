@@ -86,7 +86,8 @@ def test_pixel_range_flags_reach_the_server_and_model_flags_are_refused(
     assert main([*argv, "--max-pixels", str(224 * 224)]) == 0
     assert json.loads((outdir / "big" / "manifest.json").read_text())["visual_token_lens"] == [64]  # not 256
     capsys.readouterr()
-    for flags in (["--dtype", "bfloat16"], ["--device", "cpu"], ["--recipe", "colqwen2.5"], ["--image-tokens-only"]):
+    model_flags = (["--dtype", "bfloat16"], ["--device", "cpu"], ["--recipe", "colqwen2.5"], ["--image-tokens-only"])
+    for flags in (*model_flags, ["--allow-partial-weights"]):
         assert main([*argv, *flags]) == 2
         assert f"{flags[0]} choose" in capsys.readouterr().err
     assert main([*argv, "--max-pixels", "99999999999"]) == 1  # beyond the server's cap: refused by it

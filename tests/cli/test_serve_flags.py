@@ -3,6 +3,7 @@ port in use is an error, not a second server sharing its connections."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -107,3 +108,35 @@ def test_the_bf16_arithmetic_flag_reaches_the_load_options_and_ray_settings() ->
         assert EmbedderSettings(bf16_arithmetic=choice).load_options().bf16_arithmetic == choice
     with pytest.raises(SystemExit):
         parser.parse_args(["serve", "--model", "m", "--bf16-arithmetic", "fast"])
+
+
+def test_the_allow_partial_weights_flag_reaches_the_load_options() -> None:
+    from qwen25vl_embed_server.cli.app import build_parser
+    from qwen25vl_embed_server.cli.commands import load_options
+
+    parser = build_parser()
+    for command in ("serve", "extract"):
+        argv = [command, "--model", "m", *(["image.png"] if command == "extract" else [])]
+        assert not load_options(parser.parse_args(argv)).allow_partial_weights
+        assert load_options(parser.parse_args([*argv, "--allow-partial-weights"])).allow_partial_weights
+
+
+def test_serve_refuses_a_partly_random_model_in_one_line(tiny_model_path: Path, tmp_path: Path) -> None:
+    """A checkpoint missing a weight: exit 2 and one line naming it, before any request is served."""
+    from safetensors.torch import load_file, save_file
+
+    model = tmp_path / "tiny"
+    shutil.copytree(tiny_model_path, model)
+    weights = load_file(str(model / "model.safetensors"))
+    del weights["model.norm.weight"]
+    save_file(weights, str(model / "model.safetensors"), metadata={"format": "pt"})
+    command = [sys.executable, "-m", "qwen25vl_embed_server.cli", "--log-level", "warning", "serve"]
+    done = subprocess.run(
+        [*command, "--model", str(model), "--port", "0"], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.splitlines() == [
+        f"error: cannot load model '{model}': checkpoint {model}: 1 missing (newly initialised): "
+        "model.language_model.norm.weight; refusing to serve a partly random model "
+        "(--allow-partial-weights loads it anyway)"
+    ]

@@ -131,6 +131,7 @@ def load_options(args: argparse.Namespace) -> LoadOptions:
         image_tokens_only=args.image_tokens_only,
         fp32_matmul=args.fp32_matmul,
         bf16_arithmetic=args.bf16_arithmetic,
+        allow_partial_weights=args.allow_partial_weights,
     )
 
 

@@ -73,6 +73,7 @@ def _flag_problem(args: argparse.Namespace) -> str | None:
             ("--recipe", args.recipe, "auto"),
             ("--pooling", args.pooling, None),
             ("--image-tokens-only", args.image_tokens_only, False),
+            ("--allow-partial-weights", args.allow_partial_weights, False),
         )
         if value != default
     ]

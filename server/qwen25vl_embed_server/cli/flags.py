@@ -88,6 +88,12 @@ def model_flags(parser: argparse.ArgumentParser, group: Any = None) -> None:
     parser.add_argument(
         "--image-tokens-only", action="store_true", help="multi-vector recipes: documents keep image-token vectors only"
     )
+    parser.add_argument(
+        "--allow-partial-weights",
+        action="store_true",
+        help="load a checkpoint or adapter whose weights do not all fit the model (missing ones stay random), "
+        "with a warning; without it such a model is refused",
+    )
 
 
 def prompt_flag(parser: argparse.ArgumentParser) -> None:

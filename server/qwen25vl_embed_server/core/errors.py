@@ -72,4 +72,5 @@ class DeviceOutOfMemoryError(OutOfMemoryError):
 
 class ModelLoadError(RuntimeError):
     """The model could not be loaded (a bad id or path, a hub that cannot be reached, a device
-    that is not there). The message is one line naming the model and the cause."""
+    that is not there, weights that do not all fit the model). The message is one line naming the
+    model and the cause."""

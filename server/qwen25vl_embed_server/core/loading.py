@@ -8,7 +8,7 @@ import shutil
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -26,9 +26,11 @@ from qwen25vl_embed_server.core.defaults import (
 from qwen25vl_embed_server.core.dtypes import TORCH_DTYPES, dtype_name
 from qwen25vl_embed_server.core.errors import ModelLoadError
 from qwen25vl_embed_server.core.hub import reachable_source
+from qwen25vl_embed_server.core.load_report import LoadReport, WeightCheck, one_line_reports, require_complete
 from qwen25vl_embed_server.core.packed_linear import PackedLinear, pack_linears, packing_applies
-from qwen25vl_embed_server.core.recipes import Recipe, detect_recipe, get_recipe
-from qwen25vl_embed_server.core.retrieval_model import RetrievalLayout, find_layout, load_retrieval
+from qwen25vl_embed_server.core.recipes import Recipe, get_recipe
+from qwen25vl_embed_server.core.retrieval_layout import RetrievalLayout, detect_recipe, find_layout
+from qwen25vl_embed_server.core.retrieval_model import load_retrieval
 from qwen25vl_embed_server.core.tiny_model import TINY_MODEL_NAME, build_tiny_model
 
 log = logging.getLogger(__name__)
@@ -38,14 +40,18 @@ log = logging.getLogger(__name__)
 class LoadOptions:
     """How to load a model. ``device``/``dtype`` "auto": cuda > mps > cpu; bf16 on cuda else fp32.
 
-    ``recipe``: "auto" (detected from the checkpoint: a ColQwen2.5 / BiQwen2.5 config or adapter),
-    "none" (raw states) or a name of :data:`~.recipes.RECIPES`. ``pooling`` / ``image_tokens_only``
-    override the recipe's (see :func:`~.recipes.get_recipe`). ``fp32_matmul``: on the CPU, "exact"
+    ``recipe``: "auto" (what a ColQwen2.5 / BiQwen2.5 checkpoint or adapter folder says, see
+    :func:`~.retrieval_layout.detect_recipe`), "none" (raw states) or a name of
+    :data:`~.recipes.RECIPES`. ``pooling`` / ``image_tokens_only`` override the recipe's (see
+    :func:`~.recipes.get_recipe`). ``fp32_matmul``: on the CPU, "exact"
     (torch's own fp32 matmul, bit-exact against transformers) or "onednn" (prepacked oneDNN weights,
     faster, within float rounding; see :mod:`~.packed_linear`). ``bf16_arithmetic``: for bf16 CPU
     models, "native" (torch's bf16 kernels, oneDNN-packed: bit-exact against transformers' bf16),
     "float32" (dot products widened to float32 and rounded to bf16, within bf16 rounding; see
     :mod:`~.bf16_arithmetic`) or "auto" (float32 where the CPU has no bf16 dot products).
+    ``allow_partial_weights``: load a checkpoint or adapter whose weights do not all fit the model
+    (missing, unexpected, of another shape), with a warning; by default such a load is refused
+    (:mod:`~.load_report`).
     """
 
     model: str
@@ -59,6 +65,7 @@ class LoadOptions:
     image_tokens_only: bool = False
     fp32_matmul: str = DEFAULT_FP32_MATMUL
     bf16_arithmetic: str = DEFAULT_BF16_ARITHMETIC
+    allow_partial_weights: bool = False
 
     def __post_init__(self) -> None:
         if self.fp32_matmul not in FP32_MATMULS:
@@ -75,6 +82,7 @@ class LoadedModel:
     ``model.model`` is the Qwen2.5-VL body (``visual``, ``language_model``); ``recipe`` and ``head``
     (ColQwen2.5's ``custom_text_proj``) are set for a retrieval model. ``arithmetic``: how its dot
     products run (:data:`~.defaults.ARITHMETICS`: "exact", "fp32-onednn" or "bf16-float32").
+    ``report``: what loading found (the recipe's grounds, each file set's weights).
     """
 
     name: str
@@ -86,6 +94,7 @@ class LoadedModel:
     recipe: Recipe | None = None
     head: Any = None
     arithmetic: str = "exact"
+    report: LoadReport | None = None
 
     @property
     def visual(self) -> Any:
@@ -168,8 +177,9 @@ def load_model(options: LoadOptions) -> LoadedModel:
 
     Raises:
         ValueError: a device this machine lacks, or an unknown dtype (:func:`check_options`).
-        ModelLoadError: the checkpoint could not be loaded (bad id or path, hub unreachable);
-            one line, the cause chained. A hub id is not waited for: when the hub does not answer
+        ModelLoadError: the checkpoint could not be loaded (bad id or path, hub unreachable,
+            weights that do not all fit the model, see ``allow_partial_weights``); one line, the
+            cause chained. A hub id is not waited for: when the hub does not answer
             (:func:`~.hub.reachable_source`), the hub cache serves it, or the error names the ways
             to load without the hub.
     """
@@ -195,14 +205,20 @@ def _load(
         # A local adapter on a hub id's base, without the hub: the base's snapshot in the hub cache.
         processor_path = base if layout.processor == layout.base else layout.processor
         layout = replace(layout, base=base, processor=processor_path)
-    recipe = choose_recipe(options, layout)
+    recipe, reason = choose_recipe(options, layout)
     head = None
+    checks: tuple[WeightCheck, ...] = ()
     if layout is not None:
-        model, processor, head = load_retrieval(layout, recipe or get_recipe("biqwen2.5"), dtype, device)
+        body = recipe or _body_recipe(layout)
+        model, processor, head, checks = load_retrieval(layout, body, dtype, device, options.allow_partial_weights)
+        head = head if recipe is not None else None
     else:
         if recipe is not None and recipe.head:
             raise ValueError(f"recipe {recipe.name} needs a custom_text_proj head; {path} is a plain checkpoint")
         processor = AutoProcessor.from_pretrained(path)
+        if not hasattr(processor, "image_processor"):
+            named = type(processor).__name__
+            raise ValueError(f"{path}: its processor files give a {named}, not a Qwen2.5-VL processor")
     size = dict(processor.image_processor.size)
     if options.min_pixels is not None:
         size["shortest_edge"] = options.min_pixels
@@ -213,7 +229,13 @@ def _load(
         kwargs: dict[str, Any] = {"dtype": dtype}
         if options.attn_implementation:
             kwargs["attn_implementation"] = options.attn_implementation
-        model = AutoModelForImageTextToText.from_pretrained(path, **kwargs).to(device).eval()  # type: ignore[arg-type]
+        with one_line_reports():
+            loaded = AutoModelForImageTextToText.from_pretrained(path, output_loading_info=True, **kwargs)
+        model, info = cast("tuple[Any, dict[str, Any]]", loaded)
+        check = WeightCheck.of_checkpoint(path, model, info)
+        require_complete(check, options.allow_partial_weights)
+        checks = (check,)
+        model = model.to(device).eval()
     packed_patch_embed = pack and dtype == torch.float32  # fp32 "onednn": the patch embedding as one matmul
     if pack:  # last: the weights have their final device and dtype (and any adapter is merged)
         pack_linears(model, patch_embed=packed_patch_embed)
@@ -227,13 +249,14 @@ def _load(
             patch_embedding.install(model.model.visual)
     seconds = time.perf_counter() - started
     log.info(
-        "loaded %s on %s (%s%s) in %.1f s, recipe %s",
+        "loaded %s on %s (%s%s) in %.1f s, recipe %s (%s)",
         options.model,
         device,
         dtype_name(dtype),
         ", oneDNN-packed linears" if pack else ", float32 arithmetic" if widen else "",
         seconds,
         recipe.name if recipe else "none",
+        reason,
     )
     if device.type == "cpu":
         log.info("MKL dispatch: %s", mkl_dispatch.state().reason)
@@ -247,15 +270,34 @@ def _load(
         recipe=recipe,
         head=head,
         arithmetic="bf16-float32" if widen else "fp32-onednn" if pack and dtype == torch.float32 else "exact",
+        report=LoadReport(
+            recipe=recipe.name if recipe else None,
+            recipe_reason=reason,
+            base=layout.base if layout is not None else path,
+            adapter=layout.adapter if layout is not None else None,
+            weights=checks,
+        ),
     )
 
 
-def choose_recipe(options: LoadOptions, layout: RetrievalLayout | None) -> Recipe | None:
-    """The recipe ``options`` ask for; "auto": the one the checkpoint's architectures name."""
+def choose_recipe(options: LoadOptions, layout: RetrievalLayout | None) -> tuple[Recipe | None, str]:
+    """The recipe ``options`` ask for and why; "auto": the one the checkpoint says it has
+    (:func:`~.retrieval_layout.detect_recipe`; ValueError when the checkpoint contradicts itself)."""
     name: str | None = options.recipe
+    reason = f"recipe {options.recipe!r} asked for"
     if name == "auto":
-        name = detect_recipe(list(layout.architectures)) if layout is not None else None
+        name, reason = detect_recipe(layout) if layout is not None else (None, "a plain checkpoint")
     if name in (None, "none"):
-        return None
+        return None, reason
     assert name is not None
-    return get_recipe(name, options.pooling, options.image_tokens_only)
+    return get_recipe(name, options.pooling, options.image_tokens_only), reason
+
+
+def _body_recipe(layout: RetrievalLayout) -> Recipe:
+    """For raw states ("none") of a retrieval checkpoint: the recipe whose body fits its weights (a
+    ColQwen2.5's head and its LoRA load, unused), BiQwen2.5's when the checkpoint names none."""
+    try:
+        name, _ = detect_recipe(layout)
+    except ValueError:  # a checkpoint that names both: the bare body; its weights are checked as ever
+        name = None
+    return get_recipe(name or "biqwen2.5")

@@ -26,8 +26,14 @@ VISION_SPAN = "<|vision_start|><|image_pad|><|vision_end|>"
 MULTI_VECTOR = "multi_vector"
 SINGLE_VECTOR = "single_vector"
 
-# The architectures colpali-engine writes into a retrieval checkpoint's config.json.
-_ARCHITECTURES = {"ColQwen2_5": "colqwen2.5", "BiQwen2_5": "biqwen2.5"}
+# colpali-engine's class names, as a checkpoint records them: the model classes in config.json's
+# architectures (and an adapter's config), the processor classes in its processor files.
+_CLASSES = {
+    "ColQwen2_5": "colqwen2.5",
+    "BiQwen2_5": "biqwen2.5",
+    "ColQwen2_5_Processor": "colqwen2.5",
+    "BiQwen2_5_Processor": "biqwen2.5",
+}
 
 
 @dataclass(frozen=True)
@@ -112,9 +118,6 @@ def get_recipe(name: str, pooling: str | None = None, image_tokens_only: bool = 
     return recipe
 
 
-def detect_recipe(architectures: list[str] | None) -> str | None:
-    """The recipe a checkpoint's ``config.json`` architectures name, or None."""
-    for architecture in architectures or ():
-        if architecture in _ARCHITECTURES:
-            return _ARCHITECTURES[architecture]
-    return None
+def recipe_of_class(name: str) -> str | None:
+    """The recipe of one of colpali-engine's model or processor classes (by name), or None."""
+    return _CLASSES.get(name)
