@@ -101,7 +101,11 @@ def test_the_bulk_actor_runs_its_model_on_the_thread_that_loaded_it(tiny_model_p
         paths.append(tmp_path / f"image{index}.png")
         paths[-1].write_bytes(png_bytes(noise_image(56 + 28 * index, 56, seed=index)))
     load = LoadOptions(model=str(tiny_model_path), device="cpu", dtype="float32")
-    actor = BulkExtractionActor(BulkJob(source=str(tmp_path), output=tmp_path / "out", load=load))
+    before = torch.get_num_threads()
+    try:  # the actor sets its process's torch threads to its CPUs (Ray gives it a process of its own)
+        actor = BulkExtractionActor(BulkJob(source=str(tmp_path), output=tmp_path / "out", load=load))
+    finally:  # this process is the test suite's: later tests and their threads keep the count
+        torch.set_num_threads(before)
     loaded_on = actor._model_thread.run(threading.get_ident)
     forwards: list[int] = []
     actor._extractor.loaded.visual.register_forward_pre_hook(lambda *_: forwards.append(threading.get_ident()))

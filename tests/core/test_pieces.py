@@ -170,7 +170,7 @@ def test_a_small_request_queued_behind_a_large_one_runs_between_its_pieces(extra
     assert extractor.pieces(alone, 256) == 1
 
     async def scenario(probe: ModelProbe) -> list[str]:
-        batcher = Batcher(extractor, BatchingConfig(max_wait_ms=1, max_piece_tokens=256 if split else 0))
+        batcher = Batcher(extractor, BatchingConfig(max_wait_ms=1, max_piece_tokens=256 if split else 0, lanes=1))
         done: list[str] = []
 
         async def one(name: str, item: Prepared) -> None:
