@@ -16,6 +16,7 @@ from pathlib import Path
 
 from qwen25vl_embed import EmbeddingError
 from qwen25vl_embed_server.cli import commands
+from qwen25vl_embed_server.cli.check_model import check_model
 from qwen25vl_embed_server.cli.extract import extract
 from qwen25vl_embed_server.cli.flags import (
     batching_flags,
@@ -182,15 +183,15 @@ def build_parser() -> argparse.ArgumentParser:
     bulk.add_argument(
         "--skip-failed",
         action="store_true",
-        help="keep the error rows of earlier runs and skip those images (default: a rerun retries them)",
+        help="keep the error rows that a previous run wrote and skip those images (default: a rerun retries them)",
     )
     bulk.set_defaults(run=commands.bulk)
 
     tiny = subcommands.add_parser(
         "make-tiny-model", help=f"write a random-weight Qwen2.5-VL checkpoint, offline ({_SERVER})"
     )
-    tiny.add_argument("outdir", type=Path)
-    tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("outdir", type=Path, help="folder to write the checkpoint to")
+    tiny.add_argument("--seed", type=int, default=0, help="seed of the random weights (0)")
     tiny.add_argument(
         "--recipe",
         choices=tuple(RECIPES),
@@ -199,6 +200,14 @@ def build_parser() -> argparse.ArgumentParser:
         "the folder to serve (default: a plain Qwen2.5-VL)",
     )
     tiny.set_defaults(run=commands.make_tiny_model)
+
+    check = subcommands.add_parser(
+        "check-model",
+        help=f"load a checkpoint as serve would, say what it holds, run one image and one text ({_SERVER})",
+    )
+    check.add_argument("model", help="the checkpoint: a local folder (or adapter folder), a hub id, or 'tiny-random'")
+    model_flags(check, model=False)
+    check.set_defaults(run=check_model)
     return parser
 
 

@@ -36,11 +36,13 @@ LIMIT_FLAGS: dict[str, str] = {
 _PER_REQUEST = "; with --server: sent with each request, within the server's range"
 
 
-def model_flags(parser: argparse.ArgumentParser, group: Any = None) -> None:
-    """--model (in ``group`` when given, e.g. exclusive with --server), --device, --dtype, pixels."""
-    (group or parser).add_argument(
-        "--model", default=None, help=f"hub id or local path, or 'tiny-random' (default: {defaults.DEFAULT_MODEL})"
-    )
+def model_flags(parser: argparse.ArgumentParser, group: Any = None, model: bool = True) -> None:
+    """--model (in ``group`` when given, e.g. exclusive with --server; none where ``model`` is False:
+    the command takes the model as an argument), --device, --dtype, pixels."""
+    if model:
+        (group or parser).add_argument(
+            "--model", default=None, help=f"hub id or local path, or 'tiny-random' (default: {defaults.DEFAULT_MODEL})"
+        )
     parser.add_argument(
         "--device", default=defaults.DEFAULT_DEVICE, help="auto (cuda > mps > cpu), cuda, cuda:1, mps or cpu"
     )
