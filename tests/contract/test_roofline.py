@@ -1,4 +1,4 @@
-"""``bench/roofline.py`` counts the work it puts a floor under: every linear call, every attended pair.
+"""``bench.cpu.roofline`` counts the work it puts a floor under: every linear call, every attended pair.
 
 The counts are checked against ones derived independently, from the tiny model's parameters and
 config and the request's own sizes, so a call the recorder missed or miscounted fails here.
@@ -6,21 +6,19 @@ config and the request's own sizes, so a call the recorder missed or miscounted 
 
 from __future__ import annotations
 
+import json
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from bench.common import ROOT, module_command
+from bench.cpu import roofline
 from PIL import Image
 from torch import nn
 
 from qwen25vl_embed_server.core.extractor import Extractor, Prepared
-
-BENCH = Path(__file__).parents[2] / "bench"
-sys.path.insert(0, str(BENCH))  # bench/ holds scripts, not a package
-import roofline  # noqa: E402
 
 
 def _brute_force_pairs(queries: int, keys: int, heads: int, allowed: torch.Tensor | None, causal: bool) -> int:
@@ -91,14 +89,15 @@ def test_the_pinned_kernels_are_every_product_and_the_patch_convolution(extracto
     assert 0 < share < 1  # the kernels' own time is part of the forward's
 
 
-def test_the_script_prints_the_floor_and_judges_a_target_against_it() -> None:
-    command = [sys.executable, str(BENCH / "roofline.py"), "--shape", "tiny", "--dtypes", "float32"]
+def test_the_script_prints_the_floor_and_judges_a_target_against_it(tmp_path: Path) -> None:
+    command = module_command("bench.cpu.roofline", "--shape", "tiny", "--dtypes", "float32", "--rounds", "1")
     done = subprocess.run(
-        [*command, "--rounds", "1", "--repeats", "1", "--peer-images-per-s", "1e9"],
+        [*command, "--repeats", "1", "--peer-images-per-s", "1e9", "--output", str(tmp_path / "roofline.json")],
         capture_output=True,
         text=True,
         timeout=600,
         check=False,
+        cwd=ROOT,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "GFLOP/image, floor" in done.stdout
@@ -107,3 +106,6 @@ def test_the_script_prints_the_floor_and_judges_a_target_against_it() -> None:
     assert "below the floor: no implementation reaches it" in done.stdout
     assert "at transformers' bits: the pinned kernels" in done.stdout
     assert "below what the pinned kernels take alone: no exact implementation reaches it" in done.stdout
+    (row,) = json.loads((tmp_path / "roofline.json").read_text())["rows"]
+    assert row["dtype"] == "float32"
+    assert row["model / floor"] > 0

@@ -1,5 +1,5 @@
 """A small load test over loopback: concurrent clients mixing good, bad, cancelled and
-deadline-limited requests and ExtractBatch streams (bench/load_test.py at a small scale).
+deadline-limited requests and ExtractBatch streams (``bench.service.load_test`` at a small scale).
 
 Every good request gets exactly its own result (its request id, and the values of its image run
 alone beforehand), no request is lost or answered twice, and the server stays healthy: SERVING,
@@ -9,15 +9,11 @@ an empty queue, and a correct result for the next request.
 from __future__ import annotations
 
 import logging
-import sys
 from collections.abc import Callable
-from pathlib import Path
 
 import grpc
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parents[2] / "bench"))  # bench/ holds scripts, not a package
-from load_test import LoadConfig, run_load
+from bench.service.load_test import LoadConfig, run_load
 
 from qwen25vl_embed_server.core.batcher import BatchingConfig
 from qwen25vl_embed_server.rpc.harness import BackgroundServer

@@ -6,7 +6,7 @@ in bf16. MKL asks ``mkl_serv_intel_cpu_true()``, a function of its own service l
 looks at the CPU's features: on a CPU that is not Intel's it takes slower kernels, AVX-512 or not. On this
 project's 2-core AMD EPYC with AVX-512, torch's fp32 linear at the benchmark LM's MLP shape runs
 at 186 GFLOP/s, against 459 with the kernels MKL runs on Intel's AVX-512 CPUs, and the benchmark
-model at 224 against 129 ms per image (``bench/mkl_dispatch.py``, one run).
+model at 224 against 129 ms per image (``python -m bench.cpu.mkl_dispatch``, one run).
 
 MKL calls that function through the procedure linkage table, so the first definition in the
 process's global symbol scope answers for it. :func:`apply` compiles a one-line definition that

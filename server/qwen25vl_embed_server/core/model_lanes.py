@@ -4,8 +4,8 @@ Why: a forward split across all cores leaves some of them waiting. Each of the t
 parallel regions in a forward ends at a barrier, small ops split badly, and any other work on the
 machine that pre-empts one of the team's threads (preprocessing, gRPC, the clients) stalls the
 whole team at the next barrier. Two batches side by side, each on half the cores, keep the cores
-busy. Measured at the server here (2 cores, the ``bench`` checkpoint, ``python
-bench/model_lanes.py``): see the README's *Performance*.
+busy. Measured at the server on 2 cores (the ``bench`` checkpoint, ``python -m
+bench.service.model_lanes``): see the performance page of the docs.
 
 **Widths.** A run on the first lane is *wide* (all of the model's threads) when nothing else runs
 and nothing waits, so a lone request (concurrency 1) keeps all the cores; every other run is

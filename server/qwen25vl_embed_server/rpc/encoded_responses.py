@@ -12,7 +12,7 @@ in any language, does not change.
 
 The handlers that send such bytes need a response serializer that passes them through:
 :class:`PassEncodedResponses` (``rpc/server.py`` installs it). A Ray Serve replica yields messages
-instead: Serve's proxy serializes what replicas return itself. ``python bench/transfer.py``
+instead: Serve's proxy serializes what replicas return itself. ``python -m bench.service.transfer``
 measures both paths in one run.
 """
 

@@ -16,17 +16,15 @@ that never heard back), none duplicated, no result wrong. Afterwards the server 
 healthy and serve a good request correctly. Bounded in time (each call has a deadline, the whole
 run a limit) and in count; loopback only.
 
-    python bench/load_test.py                            # 32 clients x 20 requests, own tiny server
-    python bench/load_test.py --clients 64 --requests 50 --max-queue 32   # overload: RESOURCE_EXHAUSTED
-    python bench/load_test.py --server 127.0.0.1:50051   # a server already running on this machine
+    python -m bench.service.load_test                            # 32 clients x 20 requests, own tiny server
+    python -m bench.service.load_test --clients 64 --requests 50 --max-queue 32   # overload: RESOURCE_EXHAUSTED
+    python -m bench.service.load_test --server 127.0.0.1:50051   # a server already running on this machine
 
 The test suite runs the same code at a small scale (tests/rpc/test_load.py).
 """
 
 from __future__ import annotations
 
-import argparse
-import io
 import random
 import sys
 import tempfile
@@ -41,14 +39,15 @@ from typing import Any
 import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from PIL import Image
 
+from bench.common import Benchmark, noise_png
 from qwen25vl_embed import EmbeddingClient, EmbeddingError, Embeddings
 from qwen25vl_embed.assembly import ResultBuilder
 from qwen25vl_embed.requests import build_request
 from qwen25vl_embed.v1 import embed_pb2 as pb
 from qwen25vl_embed.v1 import embed_pb2_grpc as pb_grpc
 
+BENCH = Benchmark(__spec__.name, __doc__)
 KINDS = ("good", "bad", "cancelled", "deadline", "stream")
 OK = "OK"
 # What each kind of request may end with (OK: its own correct result); stream items as their own kinds.
@@ -127,17 +126,37 @@ class LoadReport:
     def percentile_ms(self, q: float) -> float:
         return float(np.percentile(self.latencies, q)) * 1000 if self.latencies else float("nan")
 
+    def rows(self) -> list[dict[str, Any]]:
+        """A row per kind: its requests and how many ended with each outcome."""
+        rows = []
+        for kind in EXPECTED:
+            counts = {o: n for (k, o), n in sorted(self.outcomes.items()) if k == kind}
+            if counts:
+                outcomes = ", ".join(f"{o} {n}" for o, n in counts.items())
+                rows.append({"kind": kind, "requests": sum(counts.values()), "outcomes": outcomes})
+        return rows
+
+    def figures(self) -> dict[str, Any]:
+        """The run's totals: the requests and their rate, what went wrong, the good latency."""
+        return {
+            "clients": self.clients,
+            "requests": self.requests,
+            "requests/s": self.requests / self.duration,
+            "lost": self.lost,
+            "duplicated": self.duplicated,
+            "wrong": len(self.wrong),
+            "unexpected": len(self.unexpected),
+            "server healthy after": self.healthy,
+            "good latency p50 ms": self.percentile_ms(50),
+            "good latency p99 ms": self.percentile_ms(99),
+        }
+
     def summary(self) -> str:
         lines = [
             f"clients {self.clients}, requests {self.requests}, duration {self.duration:.1f} s "
             f"({self.requests / self.duration:.0f} requests/s)",
         ]
-        for kind in EXPECTED:
-            counts = {o: n for (k, o), n in sorted(self.outcomes.items()) if k == kind}
-            if counts:
-                lines.append(
-                    f"  {kind:<11} {sum(counts.values()):>6}: " + ", ".join(f"{o} {n}" for o, n in counts.items())
-                )
+        lines.extend(f"  {row['kind']:<11} {row['requests']:>6}: {row['outcomes']}" for row in self.rows())
         lines.append(
             f"lost {self.lost}, duplicated {self.duplicated}, wrong {len(self.wrong)}, "
             f"unexpected {len(self.unexpected)}, server healthy after: {'yes' if self.healthy else 'NO'}"
@@ -149,13 +168,6 @@ class LoadReport:
         lines.extend(f"  wrong: {line}" for line in self.wrong[:10])
         lines.extend(f"  unexpected: {line}" for line in self.unexpected[:10])
         return "\n".join(lines)
-
-
-def noise_png(width: int, height: int, seed: int) -> bytes:
-    pixels = np.random.default_rng(seed).integers(0, 256, size=(height, width, 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def bad_inputs(good: bytes) -> list[tuple[bytes, tuple[str, ...] | None]]:
@@ -402,7 +414,7 @@ def _parse_mix(text: str) -> dict[str, float]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = BENCH.parser(argv)
     defaults = LoadConfig()
     parser.add_argument("--server", help="host:port of a running plaintext server on loopback (default: start one)")
     parser.add_argument(
@@ -448,6 +460,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             code = server.stop()
         print(f"server exit code {code}", file=sys.stderr)
     print(report.summary())
+    BENCH.write(args, report.rows(), summary=report.figures(), details={"mix": config.mix, "seed": config.seed})
     return 0 if report.passed else 1
 
 

@@ -14,10 +14,11 @@ row reports images/s (median over rounds), its ratio to the baseline (median of 
 ratio) and p50 / p99 latency over all passes; then the RPC overhead (service at concurrency 1 vs
 in-process, pooled outputs, image by image) and a tensor-transfer figure.
 
-    python bench/throughput.py                      # CPU: the 'bench' random-weight model
-    python bench/throughput.py --quick --shape tiny  # a smoke run (seconds)
-    python bench/throughput.py --fp32-matmul onednn  # the core and the service on oneDNN's packed
-                                                     # matmuls (the baseline stays transformers')
+    python -m bench.throughput.vs_original                       # CPU: the 'bench' random-weight model
+    python -m bench.throughput.vs_original --quick --shape tiny  # a smoke run (seconds)
+    python -m bench.throughput.vs_original --fp32-matmul onednn  # the core and the service on oneDNN's
+                                                                 # packed matmuls (the baseline stays
+                                                                 # transformers')
 
 MKL's kernel choice (``core/mkl_dispatch.py``) is a state of the whole process. On the CPU the
 baseline runs in a child process of its own with MKL's own choice, as the original script did
@@ -44,27 +45,35 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-sys.path.insert(0, str(Path(__file__).parent))  # run as a script: bench/ modules import each other
-from transfer import measure_transfer
-
+from bench.common import (
+    PROMPT,
+    ROOT,
+    SHAPES,
+    Benchmark,
+    alternating,
+    checkpoint,
+    concurrently,
+    module_command,
+    noise_png,
+    sync,
+)
+from bench.service.transfer import TransferResult, measure_transfer
 from qwen25vl_embed import EmbeddingClient
 from qwen25vl_embed_server.core import mkl_dispatch
 from qwen25vl_embed_server.core.defaults import DEFAULT_FP32_MATMUL, FP32_MATMULS
 from qwen25vl_embed_server.core.extractor import Extractor
 from qwen25vl_embed_server.core.image_decoding import decode_image
 from qwen25vl_embed_server.core.loading import LoadedModel, LoadOptions, load_model, resolve_device
-from qwen25vl_embed_server.core.tiny_model import BENCH_SHAPE, QWEN25VL_7B_SHAPE, TinyShape, build_tiny_model
 from qwen25vl_embed_server.rpc.harness import ServerProcess
 
-SHAPES = {"tiny": TinyShape(), "bench": BENCH_SHAPE, "7b": QWEN25VL_7B_SHAPE}
-PROMPT = "Describe the image."
+BENCH = Benchmark(__spec__.name, __doc__)
 POOLED = ["vision_pooled_mean", "projected_pooled_mean", "lm_pooled_mean", "lm_image_pooled_mean", "lm_last_token"]
 OUTPUT_SETS = {
     "pooled": [*POOLED, "visual_token_lens"],
@@ -83,27 +92,6 @@ class Row:
     @property
     def images_per_s(self) -> float:
         return len(self.latencies) / self.wall
-
-
-def checkpoint(shape: str, device: str, dtype: torch.dtype) -> Path:
-    """The random-weight checkpoint for ``shape`` (built once, cached)."""
-    root = Path.home() / ".cache" / "qwen25vl-embed" / f"bench-{shape}-{str(dtype).removeprefix('torch.')}"
-    if not (root / "config.json").exists():
-        print(f"building the {shape!r} random-weight checkpoint in {root} ...", file=sys.stderr)
-        build_tiny_model(root, SHAPES[shape], dtype=dtype, device=device)
-    return root
-
-
-def noise_png(size: int, seed: int) -> bytes:
-    pixels = np.random.default_rng(seed).integers(0, 256, size=(size, size, 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 @dataclass
@@ -169,33 +157,21 @@ def timed_clients(
     latencies: list[float] = []
     server_ms: list[float] = []
     lock = threading.Lock()
-    next_index = iter(range(len(images)))
 
-    def worker() -> None:
-        while True:
-            with lock:
-                index = next(next_index, None)
-            if index is None:
-                return
-            t0 = time.perf_counter()
-            result = client.extract(images[index], prompt=PROMPT, outputs=outputs)
-            with lock:
-                latencies.append(time.perf_counter() - t0)
-                if result.timings is not None:
-                    server_ms.append(result.timings.total_ms)
+    def call(index: int) -> None:
+        t0 = time.perf_counter()
+        result = client.extract(images[index], prompt=PROMPT, outputs=outputs)
+        with lock:
+            latencies.append(time.perf_counter() - t0)
+            if result.timings is not None:
+                server_ms.append(result.timings.total_ms)
 
-    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
-    started = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return Row(name, latencies, time.perf_counter() - started, server_ms)
+    wall = concurrently(len(images), concurrency, call)
+    return Row(name, latencies, wall, server_ms)
 
 
 BASELINE = "baseline (original script)"
 IN_PROCESS = "in-process core, pooled"
-T = TypeVar("T")
 
 
 def sequential_pass(original: OriginalModel, images: Sequence[bytes]) -> Callable[[], Row]:
@@ -217,11 +193,11 @@ class BaselineChild:
     """
 
     def __init__(self, args: argparse.Namespace) -> None:
-        command = [sys.executable, __file__, "--baseline-child", "--shape", args.shape, "--device", args.device]
+        command = module_command(__spec__.name, "--baseline-child", "--shape", args.shape, "--device", args.device)
         command += ["--dtype", args.dtype, "--images", str(args.images), "--size", str(args.size)]
         environment = {**os.environ, mkl_dispatch.ENV: args.baseline_mkl_dispatch}
         self._process = subprocess.Popen(
-            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=environment
+            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=environment, cwd=ROOT
         )
         self._read()  # loaded and warmed up
 
@@ -301,15 +277,6 @@ class Measured:
         return float(np.percentile(self.latencies, q)) * 1000
 
 
-def alternating(sides: dict[str, Callable[[], T]], rounds: int) -> dict[str, list[T]]:
-    """Every side's result once per round, the order reversed every other round: drift hits all alike."""
-    results: dict[str, list[T]] = {name: [] for name in sides}
-    for round_ in range(rounds):
-        for name in list(sides) if round_ % 2 == 0 else list(reversed(sides)):
-            results[name].append(sides[name]())
-    return results
-
-
 def interleaved_overhead(
     in_process: Callable[[bytes], Any], client: EmbeddingClient, images: Sequence[bytes], device: torch.device
 ) -> float:
@@ -332,8 +299,8 @@ def interleaved_overhead(
     return statistics.median(ratios) - 1
 
 
-def main(argv: Sequence[str] | None = None) -> list[Measured]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The table's settings (``bench.gpu.throughput_7b`` takes them too, with its own defaults)."""
     parser.add_argument("--shape", choices=sorted(SHAPES), default="bench")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -352,15 +319,30 @@ def main(argv: Sequence[str] | None = None) -> list[Measured]:
         help="on the CPU, the baseline's process: MKL's own choice (the original script's) or ours",
     )
     parser.add_argument("--baseline-child", action="store_true", help=argparse.SUPPRESS)
+
+
+def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """``argv`` parsed, ``--quick`` applied: 3 images, concurrency 1 and 2, one round."""
     args = parser.parse_args(argv)
     if args.quick:
         args.images, args.concurrency, args.rounds = 3, [1, 2], 1
+    return args
+
+
+@dataclass
+class Throughput:
+    """One run's rows (the baseline first), the RPC overhead, and the transfer figure (not with --quick)."""
+
+    rows: list[Measured]
+    overhead: float
+    transfer: TransferResult | None
+
+
+def measure(args: argparse.Namespace) -> Throughput:
+    """Every row in ``args.rounds`` alternating rounds, then the RPC overhead and the transfer figure."""
     dtype = getattr(torch, args.dtype)
-    path = checkpoint(args.shape, args.device, dtype)
-    images = [noise_png(args.size, seed) for seed in range(args.images)]
-    if args.baseline_child:
-        serve_baseline_child(load_original(path, resolve_device(args.device), dtype), images)
-        return []
+    path = checkpoint(dtype, shape=args.shape, device=args.device)
+    images = [noise_png(args.size, args.size, seed) for seed in range(args.images)]
     options = LoadOptions(model=str(path), device=args.device, dtype=args.dtype, fp32_matmul=args.fp32_matmul)
     loaded = load_model(options)
     in_process = in_process_call(loaded, images)
@@ -388,11 +370,11 @@ def main(argv: Sequence[str] | None = None) -> list[Measured]:
     finally:
         if child is not None:
             child.close()
-    report(rows, args, overhead)
-    return rows
+    return Throughput(rows, overhead, None if args.quick else measure_transfer())
 
 
-def report(rows: list[Measured], args: argparse.Namespace, overhead: float) -> None:
+def report(result: Throughput, args: argparse.Namespace) -> None:
+    rows, overhead = result.rows, result.overhead
     baseline = rows[0]
     print(f"\n{args.images} images of {args.size}x{args.size}, model '{args.shape}' on {args.device} ({args.dtype})")
     if args.device == "cpu":
@@ -407,26 +389,85 @@ def report(rows: list[Measured], args: argparse.Namespace, overhead: float) -> N
         print(
             f"{row.name:38} {row.images_per_s:8.2f} {ratio:7.2f}x {row.percentile(50):9.1f} {row.percentile(99):9.1f}"
         )
-    by_name = {row.name: row for row in rows}
-    in_process = statistics.median(by_name[IN_PROCESS].latencies)
-    first = args.concurrency[0]
-    service_row = by_name[f"service c={first}, pooled"]
-    service = statistics.median(service_row.latencies)
+    first, service, in_process, outside = _overhead_parts(result, args)
     print(
         f"\nRPC overhead at concurrency 1, pooled (interleaved pairs, median): {overhead * 100:+.1f} % "
         f"of the in-process latency"
     )
     print(f"  the rows above, p50: service c={first} {service * 1000:.0f} ms, in-process {in_process * 1000:.0f} ms")
-    if service_row.server_ms:
-        outside = service * 1000 - statistics.median(service_row.server_ms)
+    if outside is not None:
         print(f"  time outside the server's own processing (network, codec, client): {outside:+.1f} ms")
-    if not args.quick:
-        transfer = measure_transfer()
+    if result.transfer is not None:
+        transfer = result.transfer
         print(
             f"tensor transfer, gRPC loopback -> numpy: {transfer.grpc_mb_s['encoded']:.0f} MB/s "
             f"(protobuf messages built the usual way: {transfer.grpc_mb_s['messages']:.0f} MB/s; "
             f"a memory copy of the same {transfer.megabytes:.0f} MB: {transfer.copy_mb_s:.0f} MB/s)"
         )
+
+
+def _overhead_parts(result: Throughput, args: argparse.Namespace) -> tuple[int, float, float, float | None]:
+    """The first concurrency, its pooled service row's and the in-process row's median latency (s), and
+    the service's median ms outside the server's own processing (None where the server sent no timings)."""
+    by_name = {row.name: row for row in result.rows}
+    first = args.concurrency[0]
+    service_row = by_name[f"service c={first}, pooled"]
+    service = statistics.median(service_row.latencies)
+    in_process = statistics.median(by_name[IN_PROCESS].latencies)
+    outside = service * 1000 - statistics.median(service_row.server_ms) if service_row.server_ms else None
+    return first, service, in_process, outside
+
+
+def table(result: Throughput) -> list[dict[str, Any]]:
+    """The rows as :meth:`Benchmark.write` takes them."""
+    baseline = result.rows[0]
+    return [
+        {
+            "row": row.name,
+            "images/s": row.images_per_s,
+            "vs baseline": row.ratio(baseline),
+            "p50 ms": row.percentile(50),
+            "p99 ms": row.percentile(99),
+        }
+        for row in result.rows
+    ]
+
+
+def summary(result: Throughput, args: argparse.Namespace) -> dict[str, Any]:
+    """The figures beside the table: RPC overhead, and the transfer rates where measured."""
+    first, service, in_process, outside = _overhead_parts(result, args)
+    found: dict[str, Any] = {
+        "RPC overhead at concurrency 1, pooled, % of the in-process latency": result.overhead * 100,
+        f"p50 ms, service c={first} pooled": service * 1000,
+        "p50 ms, in-process": in_process * 1000,
+        "ms outside the server's own processing (network, codec, client)": outside,
+    }
+    if result.transfer is not None:
+        found["tensor transfer, gRPC loopback -> numpy, MB/s"] = result.transfer.grpc_mb_s["encoded"]
+        found["the same as protobuf messages built the usual way, MB/s"] = result.transfer.grpc_mb_s["messages"]
+        found["a memory copy of the same bytes, MB/s"] = result.transfer.copy_mb_s
+    return found
+
+
+def settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The run's settings, as parsed (``--quick`` applied)."""
+    return {key: value for key, value in vars(args).items() if key not in ("command", "output", "baseline_child")}
+
+
+def main(argv: Sequence[str] | None = None) -> Throughput | None:
+    parser = BENCH.parser(argv)
+    add_arguments(parser)
+    args = parse(parser, argv)
+    if args.baseline_child:
+        dtype = getattr(torch, args.dtype)
+        path = checkpoint(dtype, shape=args.shape, device=args.device)
+        images = [noise_png(args.size, args.size, seed) for seed in range(args.images)]
+        serve_baseline_child(load_original(path, resolve_device(args.device), dtype), images)
+        return None
+    result = measure(args)
+    report(result, args)
+    BENCH.write(args, table(result), summary=summary(result, args), details=settings(args), device=args.device)
+    return result
 
 
 if __name__ == "__main__":

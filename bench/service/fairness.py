@@ -6,27 +6,28 @@ of ``--large-side`` pixels square) while ``--clients`` callers send small reques
 image, ``lm_last_token``) back to back until the large one is done; rounds alternate
 ``max_piece_tokens=0`` (whole) and the default piece size, so both see the same machine.
 
-    python bench/fairness.py                       # tiny model, 6 x 1344 px, 2 rounds each
-    python bench/fairness.py --large-side 1792 --rounds 3
+    python -m bench.service.fairness                       # tiny model, 6 x 1344 px, 2 rounds each
+    python -m bench.service.fairness --large-side 1792 --rounds 3
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
+from bench.common import Benchmark, latency_ms, noise_image
 from qwen25vl_embed_server.core.batcher import Batcher, BatchingConfig
 from qwen25vl_embed_server.core.extractor import Extractor, Prepared
 from qwen25vl_embed_server.core.loading import LoadOptions, load_model
 from qwen25vl_embed_server.core.tiny_model import build_tiny_model
+
+BENCH = Benchmark(__spec__.name, __doc__)
 
 
 async def one_round(
@@ -59,30 +60,21 @@ async def one_round(
     return large_seconds, latencies
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = BENCH.parser(argv)
     parser.add_argument("--large-images", type=int, default=6)
     parser.add_argument("--large-side", type=int, default=1344, help="side of each large image, pixels")
     parser.add_argument("--large-outputs", default="projected_pooled_mean", help="comma-separated")
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=2, help="rounds of each mode")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as folder:
         path = build_tiny_model(Path(folder) / "tiny")
         extractor = Extractor(load_model(LoadOptions(model=str(path), device="cpu", dtype="float32")))
     rng = np.random.default_rng(0)
-    big = [
-        Image.fromarray(rng.integers(0, 256, (args.large_side, args.large_side, 3), dtype=np.uint8))
-        for _ in range(args.large_images)
-    ]
+    big = [noise_image(args.large_side, args.large_side, rng) for _ in range(args.large_images)]
     large = extractor.prepare(big, plan=extractor.plan(args.large_outputs.split(",")))
-    small = [
-        extractor.prepare(
-            [Image.fromarray(rng.integers(0, 256, (56, 56, 3), dtype=np.uint8))],
-            plan=extractor.plan(["lm_last_token"]),
-        )
-        for _ in range(8)
-    ]
+    small = [extractor.prepare([noise_image(56, 56, rng)], plan=extractor.plan(["lm_last_token"])) for _ in range(8)]
     pieces = BatchingConfig().max_piece_tokens
     print(
         f"large request: {args.large_images} x {args.large_side} px, cost {large.cost} tokens, "
@@ -91,15 +83,25 @@ def main() -> int:
     extractor.run([small[0]])  # warm up
     print("| large request | large s | small requests | small p50 ms | small p95 ms | small max ms |")
     print("|---|---|---|---|---|---|")
+    rows = []
     for _ in range(args.rounds):
         for mode, setting in (("whole", 0), ("in pieces", pieces)):
             seconds, latency = asyncio.run(one_round(extractor, large, small, args.clients, setting))
-            latency.sort()
-            p95 = latency[int(0.95 * (len(latency) - 1))] if latency else float("nan")
-            median = statistics.median(latency) if latency else float("nan")
-            top = latency[-1] if latency else float("nan")
-            cells = [mode, f"{seconds:.1f}", str(len(latency))] + [f"{v * 1000:.0f}" for v in (median, p95, top)]
+            median, p95, top = latency_ms(latency)
+            cells = [mode, f"{seconds:.1f}", str(len(latency))] + [f"{v:.0f}" for v in (median, p95, top)]
             print("| " + " | ".join(cells) + " |")
+            rows.append(
+                {
+                    "large request": mode,
+                    "large s": seconds,
+                    "small requests": len(latency),
+                    "small p50 ms": median,
+                    "small p95 ms": p95,
+                    "small max ms": top,
+                }
+            )
+    details = {"large_cost_tokens": large.cost, "max_piece_tokens": pieces, "clients": args.clients}
+    BENCH.write(args, rows, details={**details, "large_images": args.large_images, "large_side": args.large_side})
     return 0
 
 

@@ -1,8 +1,8 @@
 """Our bit-identical forwards of the vision tower against transformers', the model alone, alternating.
 
-    python bench/exact_forwards.py                          # both levers, fp32 and bf16, 4 images 448x448
-    python bench/exact_forwards.py --lever patch-embedding  # one lever: the others stay ours on both
-    python bench/exact_forwards.py --sizes mixed            # 4 images of different sizes and aspects
+    python -m bench.cpu.exact_forwards                          # both levers, fp32 and bf16, 4 images 448x448
+    python -m bench.cpu.exact_forwards --lever patch-embedding  # one lever: the others stay ours on both
+    python -m bench.cpu.exact_forwards --sizes mixed            # 4 images of different sizes and aspects
 
 Two copies of the 'bench' random-weight checkpoint on the CPU, loaded as the server loads them
 (bf16 in torch's bf16 kernels, ``--bf16-arithmetic native``, on both sides):
@@ -20,24 +20,17 @@ import qwen25vl_embed_server  # noqa: F401  (first: it sets MKL's dispatch befor
 
 # isort: split
 
-import argparse
 import statistics
-import sys
-import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).parent))  # run as a script: bench/ modules import each other
-from throughput import PROMPT, alternating, checkpoint
-
+from bench.common import Benchmark, alternating_ms, checkpoint, noise_images, prepared_batches
 from qwen25vl_embed_server.core.extractor import Extractor
 from qwen25vl_embed_server.core.loading import LoadOptions, load_model
 
+BENCH = Benchmark(__spec__.name, __doc__)
 SIZES = {"uniform": [(448, 448)] * 4, "mixed": [(448, 448), (300, 700), (1000, 250), (640, 480)]}
 OUTPUTS = ["vision_tokens", "projected_tokens", "lm_last_hidden"]
 
@@ -60,7 +53,7 @@ LEVERS: dict[str, Callable[[Any], None]] = {
 def variants(dtype: str, levers: Sequence[str], path: str | None = None) -> dict[str, Extractor]:
     """``ours`` and ``transformers`` (``levers`` given back transformers' forward) on ``path``
     (None: the 'bench' checkpoint), in ``dtype``."""
-    path = path or str(checkpoint("bench", "cpu", getattr(torch, dtype)))
+    path = path or str(checkpoint(dtype))
     # bf16 in torch's own bf16 kernels on both sides, on every CPU: where "auto" would choose the
     # float32 arithmetic (no bf16 dot products), ours would attend in float32 and transformers'
     # forward in bf16, and the bits would differ by that arithmetic, not by the lever.
@@ -72,24 +65,8 @@ def variants(dtype: str, levers: Sequence[str], path: str | None = None) -> dict
     return {"transformers": theirs, "ours": ours}
 
 
-def alternating_ms(
-    extractors: dict[str, Extractor], batches: dict[str, list[Any]], rounds: int
-) -> dict[str, list[float]]:
-    """ms per image of each extractor on its batch, every round (:func:`throughput.alternating`)."""
-
-    def timed(name: str) -> Callable[[], float]:
-        def run() -> float:
-            started = time.perf_counter()
-            extractors[name].run(batches[name])
-            return (time.perf_counter() - started) / len(batches[name]) * 1e3
-
-        return run
-
-    return alternating({name: timed(name) for name in extractors}, rounds)
-
-
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    parser = BENCH.parser(argv)
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     parser.add_argument(
         "--lever", nargs="+", choices=LEVERS, default=list(LEVERS), help="what the `transformers` side runs as stock"
@@ -98,13 +75,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--vision-only", action="store_true", help="the vision tower alone (no LM output asked)")
     args = parser.parse_args(argv)
-    rng = np.random.default_rng(0)
-    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in SIZES[args.sizes]]
+    images = noise_images(SIZES[args.sizes])
+    outputs = OUTPUTS[:2] if args.vision_only else OUTPUTS
+    rows = []
     for dtype in args.dtypes:
         extractors = variants(dtype, args.lever)
-        outputs = OUTPUTS[:2] if args.vision_only else OUTPUTS
-        plans = {name: e.plan(outputs) for name, e in extractors.items()}
-        batches = {name: [e.prepare([i], PROMPT, plans[name]) for i in images] for name, e in extractors.items()}
+        batches = prepared_batches(extractors, images, outputs)
         results = {name: e.run(batches[name]) for name, e in extractors.items()}  # also the warm-up
         equal = all(
             np.array_equal(a.tensors[key], b.tensors[key])
@@ -116,7 +92,18 @@ def main(argv: Sequence[str] | None = None) -> None:
         for name, values in times.items():
             ms = statistics.median(values)
             print(f"{dtype:9} {args.sizes:8} {name:13} {ms:7.1f} ms/image  x{base / ms:4.2f}", flush=True)
+            rows.append(
+                {
+                    "dtype": dtype,
+                    "sizes": args.sizes,
+                    "forwards": name,
+                    "ms/image": ms,
+                    "vs transformers": base / ms,
+                    "every capture point equal": equal,
+                }
+            )
         print(f"{dtype:9} {args.sizes:8} every capture point equal: {equal}", flush=True)
+    BENCH.write(args, rows, details={"levers": args.lever, "rounds": args.rounds, "outputs": outputs})
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """How close the model phase is to what this CPU's matmuls allow: a floor under any implementation.
 
-    python bench/roofline.py                          # fp32 and bf16, four 448x448 images in a batch
-    python bench/roofline.py --peer-images-per-s 3.85 # also: what being 1.25x that peer would take
-    python bench/roofline.py --sizes mixed --dtypes float32
+    python -m bench.cpu.roofline                           # fp32 and bf16, four 448x448 images in a batch
+    python -m bench.cpu.roofline --peer-images-per-s 3.85  # also: what being 1.25x that peer would take
+    python -m bench.cpu.roofline --sizes mixed --dtypes float32
 
 One forward of a random-weight checkpoint ('bench' unless ``--shape``), loaded as the server loads
 it, records every linear layer's call (rows, in, out, bias) and every attention call (the (query,
@@ -41,14 +41,11 @@ import qwen25vl_embed_server  # noqa: F401  (first: it sets MKL's dispatch befor
 
 # isort: split
 
-import argparse
 import statistics
-import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -59,13 +56,13 @@ from torch.nn import functional
 from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 
-sys.path.insert(0, str(Path(__file__).parent))  # run as a script: bench/ modules import each other
-from exact_forwards import OUTPUTS, SIZES
-from throughput import PROMPT, checkpoint
-
+from bench.common import PROMPT, Benchmark, checkpoint, noise_images
+from bench.cpu.exact_forwards import OUTPUTS, SIZES
 from qwen25vl_embed_server.core.extractor import Extractor
 from qwen25vl_embed_server.core.loading import LoadOptions, load_model
 from qwen25vl_embed_server.core.packed_linear import PackedLinear
+
+BENCH = Benchmark(__spec__.name, __doc__)
 
 
 @dataclass(frozen=True)
@@ -242,7 +239,7 @@ class Report:
 
 def measure(shape: str, name: str, images: list[Image.Image], rounds: int, repeats: int) -> Report:
     dtype = getattr(torch, name)
-    path = str(checkpoint(shape, "cpu", dtype))
+    path = str(checkpoint(dtype, shape=shape))
     extractor = Extractor(load_model(LoadOptions(model=path, device="cpu", dtype=name)))
     plan = extractor.plan(OUTPUTS)
     batch = [extractor.prepare([image], PROMPT, plan) for image in images]
@@ -270,7 +267,7 @@ def measure(shape: str, name: str, images: list[Image.Image], rounds: int, repea
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    parser = BENCH.parser(argv)
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     parser.add_argument("--shape", choices=["tiny", "bench"], default="bench", help="the random-weight checkpoint")
     parser.add_argument("--sizes", choices=SIZES, default="uniform")
@@ -279,10 +276,24 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--peer-images-per-s", type=float, nargs="*", default=[], help="one per dtype")
     parser.add_argument("--target", type=float, default=1.25, help="the ratio to the peer asked for")
     args = parser.parse_args(argv)
-    rng = np.random.default_rng(0)
-    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in SIZES[args.sizes]]
+    images = noise_images(SIZES[args.sizes])
+    rows = []
     for index, name in enumerate(args.dtypes):
         report = measure(args.shape, name, images, args.rounds, args.repeats)
+        row = {
+            "dtype": name,
+            "sizes": args.sizes,
+            "model ms/image": report.model_ms,
+            "floor ms/image": report.floor_ms,
+            "model / floor": report.model_ms / report.floor_ms,
+            "linear GFLOP/image": report.linear_gflop,
+            "linear floor ms": report.linear_ms,
+            "attention GFLOP/image": report.attention_gflop,
+            "attention floor ms": report.attention_ms,
+            "matmul GFLOP/s": f"{report.slowest_gflops:.0f}-{report.best_gflops:.0f}",
+            "pinned kernels ms/image": report.pinned_ms,
+        }
+        rows.append(row)
         label = f"{name:9} {args.sizes:8}"
         print(
             f"{label} linear layers {report.linear_gflop:5.2f} GFLOP/image, floor {report.linear_ms:6.1f} ms/image"
@@ -305,6 +316,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         if index < len(args.peer_images_per_s):
             peer = args.peer_images_per_s[index]
             needed = 1e3 / (args.target * peer)
+            row[f"{args.target:g}x the peer, ms/image"] = needed
             verdict = "below the floor: no implementation reaches it" if needed < report.floor_ms else "above the floor"
             print(
                 f"{label} {args.target:g}x a peer at {peer:g} images/s needs {needed:6.1f} ms/image in all: {verdict};"
@@ -319,6 +331,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 " ms/image now, and the server's preprocessing and transport)"
             )
             print(f"{label} at transformers' bits: {exact}", flush=True)
+    BENCH.write(args, rows, details={"shape": args.shape, "rounds": args.rounds, "peers": args.peer_images_per_s})
 
 
 if __name__ == "__main__":

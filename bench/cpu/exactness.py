@@ -1,15 +1,15 @@
 """Which comparisons of the model's outputs are bit-exact on this CPU, and which hold only within
 float rounding: measured, then written as data.
 
-    python bench/exactness.py                  # about a minute on 2 cores
-    python bench/exactness.py --output x.json  # elsewhere than bench/results/exactness-<cpu>.json
+    python -m bench.cpu.exactness                  # about a minute on 2 cores
+    python -m bench.cpu.exactness --output x.json  # elsewhere than bench/results/cpu-exactness-<cpu>.json
 
 The tiny random-weight checkpoint in fp32 on the CPU, three requests of one image each (noise
 images 300x200, 200x300 and 252x252, one prompt), outputs ``vision_tokens``, ``projected_tokens``,
 ``lm_last_hidden`` and ``lm_pooled_mean``. The images differ in shape but their sequences are
 close enough in length for the core to run the three as one batch in one forward (a 112x84 image
 beside a 224x448 one would run in a forward of its own, alone again). Every run is a fresh child
-process of this script (``--measure``), twice per instruction-set setting: this CPU as it is, and
+process of this module (``--measure``), twice per instruction-set setting: this CPU as it is, and
 capped to AVX2 (``tests/cpu_caps.py``: torch, oneDNN and MKL each run their AVX2 kernels, checked
 by a probe). "All threads" is torch's default count in the child.
 
@@ -27,7 +27,7 @@ and across them:
 For every comparison and output: whether the arrays are bit-equal, and the largest difference
 relative to the largest entry (``max |a - b| / max |b|``, ``b`` the second side). Prints a table;
 writes it, the machine (CPU model, the flags that choose kernels, CPUs), the versions, the commit
-and the date to the JSON file.
+and the date to ``bench/results/cpu-exactness-<cpu>.json``.
 """
 
 from __future__ import annotations
@@ -36,13 +36,9 @@ import qwen25vl_embed_server  # noqa: F401  (first: it sets MKL's dispatch befor
 
 # isort: split
 import argparse
-import datetime
 import json
 import os
-import platform
-import re
 import subprocess
-import sys
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -52,24 +48,22 @@ from typing import Any
 import numpy as np
 import torch
 import transformers
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the suite's reference, caps
 from tests.cpu_caps import CAPS, probe, problems
 from tests.helpers import noise_image, png_bytes
 
+from bench.common import ROOT, Benchmark, module_command
 from qwen25vl_embed_server.core.extractor import Extractor, similar_lengths
 from qwen25vl_embed_server.core.loading import LoadOptions, load_model
 from qwen25vl_embed_server.core.mkl_dispatch import state as mkl_dispatch_state
 from qwen25vl_embed_server.core.tiny_model import build_tiny_model
+
+BENCH = Benchmark(__spec__.name, __doc__)
 
 SIZES = [(300, 200), (200, 300), (252, 252)]
 PROMPT = "What is in the picture?"
 OUTPUTS = ["vision_tokens", "projected_tokens", "lm_last_hidden", "lm_pooled_mean"]
 ISAS = ("native", "avx2")
 PROCESSES = ("first", "second")
-CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "bench" / "results"
 
 Run = list[dict[str, np.ndarray]]  # one run: per request, output name -> array
 
@@ -215,54 +209,6 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-# --- the machine, the versions, the commit -----------------------------------------------------
-
-
-def cpu() -> dict[str, Any]:
-    """The CPU model name, the flags that choose kernels (avx2, avx512f, avx512_bf16, amx_bf16)
-    and the CPU count, from ``/proc/cpuinfo`` where it exists."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        info = ""
-    name = re.search(r"^model name\s*:\s*(.+)$", info, re.MULTILINE)
-    flags = re.search(r"^flags\s*:\s*(.+)$", info, re.MULTILINE)
-    present = set(flags[1].split()) if flags else set()
-    return {
-        "model": name[1].strip() if name else platform.processor() or platform.machine(),
-        "flags": {flag: flag in present for flag in CPU_FLAGS},
-        "cpus": os.cpu_count(),
-    }
-
-
-def slug(text: str) -> str:
-    """``Intel(R) Xeon(R) Platinum 8480+`` -> ``intel-xeon-platinum-8480``."""
-    text = re.sub(r"\((?:r|tm)\)", "", text.lower())
-    return re.sub(r"[^a-z0-9]+", "-", text).strip("-") or "cpu"
-
-
-def versions() -> dict[str, str]:
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "numpy": np.__version__,
-    }
-
-
-def commit() -> str:
-    """``git rev-parse --short HEAD``, with ``-dirty`` where tracked files differ from it."""
-
-    def git(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=False)
-
-    head = git("rev-parse", "--short", "HEAD")
-    if head.returncode != 0:
-        return "unknown"
-    dirty = git("diff", "--quiet", "HEAD").returncode != 0
-    return head.stdout.strip() + ("-dirty" if dirty else "")
-
-
 # --- the whole run -----------------------------------------------------------------------------
 
 
@@ -273,8 +219,9 @@ def environments() -> dict[str, dict[str, str]]:
 
 
 def child(process: str, model: Path, saved: Path, env: Mapping[str, str]) -> dict[str, Any]:
-    command = [sys.executable, __file__, "--measure", process, str(model), str(saved)]
-    done = subprocess.run(command, env={**env, "HF_HUB_DISABLE_PROGRESS_BARS": "1"}, capture_output=True, text=True)
+    command = module_command(__spec__.name, "--measure", process, str(model), str(saved))
+    environment = {**env, "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    done = subprocess.run(command, env=environment, capture_output=True, text=True, cwd=ROOT)
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-4000:]}")
     figures: dict[str, Any] = json.loads(done.stdout.splitlines()[-1])
@@ -282,8 +229,7 @@ def child(process: str, model: Path, saved: Path, env: Mapping[str, str]) -> dic
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
-    parser.add_argument("--output", type=Path, help="the JSON file (default: bench/results/exactness-<cpu>.json)")
+    parser = BENCH.parser(argv)
     parser.add_argument("--measure", nargs=3, metavar=("PROCESS", "MODEL", "SAVED"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.measure:
@@ -291,7 +237,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(json.dumps(measure(process, Path(model), Path(saved))))
         return
 
-    machine = cpu()
     settings: dict[str, dict[str, Any]] = {}
     runs: dict[tuple[str, str], dict[str, Run]] = {}
     requests: dict[str, Any] = {}
@@ -311,13 +256,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 runs[isa, process] = load_runs(saved)
     rows = [comparison.row() for comparison in comparisons(runs)]
     print(table(rows))
-
-    results = {
-        "benchmark": "exactness",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": commit(),
-        "machine": machine,
-        "versions": versions(),
+    details = {
         "model": "tiny random-weight Qwen2.5-VL (core/tiny_model.py, default shape), float32, CPU",
         "requests": {
             "image_sizes": [f"{w}x{h}" for w, h in SIZES],
@@ -326,12 +265,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             **requests,
         },
         "isa_settings": settings,
-        "comparisons": rows,
     }
-    output = args.output or RESULTS / f"exactness-{slug(machine['model'])}.json"
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {output}")
+    BENCH.write(args, rows, details=details)
 
 
 if __name__ == "__main__":

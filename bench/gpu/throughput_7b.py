@@ -1,30 +1,33 @@
 """The GPU benchmark: the Qwen2.5-VL-7B architecture (random weights, bf16, built on the GPU).
 
-Prints the same table as ``throughput.py`` (baseline = the original script's method, the core, the
-service at concurrency 1/4/16 for pooled / full / vision-only outputs), then the language model's
-achieved TFLOP/s in a batched forward against the card's bf16 dense peak. No download: the
-checkpoint is built on the device with random weights and cached on disk.
+Prints the same table as ``bench.throughput.vs_original`` (baseline = the original script's method,
+the core, the service at concurrency 1/4/16 for pooled / full / vision-only outputs), then the
+language model's achieved TFLOP/s in a batched forward against the card's bf16 dense peak. No
+download: the checkpoint is built on the device with random weights and cached on disk.
 
-    python bench/gpu_7b.py                                  # on a GPU machine
-    python bench/gpu_7b.py --shape tiny --device cpu --dtype float32 --quick   # smoke test
+    python -m bench.gpu.throughput_7b                   # on a GPU machine
+    python -m bench.gpu.throughput_7b --shape tiny --device cpu --dtype float32 --quick   # smoke test
 """
 
 from __future__ import annotations
 
+import qwen25vl_embed_server  # noqa: F401  (first: it sets MKL's dispatch before torch loads)
+
+# isort: split
 import argparse
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-import throughput
-
-from qwen25vl_embed_server.core.extractor import Extractor
+from bench.common import PROMPT, Benchmark, checkpoint, noise_png, sync
+from bench.throughput import vs_original
+from qwen25vl_embed_server.core.extractor import Extractor, Prepared
 from qwen25vl_embed_server.core.image_decoding import decode_image
 from qwen25vl_embed_server.core.loading import LoadOptions, load_model
+
+BENCH = Benchmark(__spec__.name, __doc__)
 
 # bf16 dense tensor-core peaks (TFLOP/s), by a substring of torch.cuda.get_device_name().
 PEAK_BF16_TFLOPS = {
@@ -57,17 +60,17 @@ def lm_tflops(path: Path, args: argparse.Namespace, batch: int) -> tuple[float, 
     """
     loaded = load_model(LoadOptions(model=str(path), device=args.device, dtype=args.dtype))
     extractor = Extractor(loaded)
-    image = decode_image(throughput.noise_png(args.size, 0))
-    full = [extractor.prepare([image], throughput.PROMPT, extractor.plan(["lm_last_hidden"]))] * batch
-    vision = [extractor.prepare([image], throughput.PROMPT, extractor.plan(["projected_tokens"]))] * batch
+    image = decode_image(noise_png(args.size, args.size, 0))
+    full = [extractor.prepare([image], PROMPT, extractor.plan(["lm_last_hidden"]))] * batch
+    vision = [extractor.prepare([image], PROMPT, extractor.plan(["projected_tokens"]))] * batch
 
-    def seconds(items: list, repeats: int = 3) -> float:  # type: ignore[type-arg]
+    def seconds(items: list[Prepared], repeats: int = 3) -> float:
         extractor.run(items)
-        throughput.sync(loaded.device)
+        sync(loaded.device)
         started = time.perf_counter()
         for _ in range(repeats):
             extractor.run(items)
-        throughput.sync(loaded.device)
+        sync(loaded.device)
         return (time.perf_counter() - started) / repeats
 
     lm_seconds = max(seconds(full) - seconds(vision), 1e-9)
@@ -80,30 +83,15 @@ def lm_tflops(path: Path, args: argparse.Namespace, batch: int) -> tuple[float, 
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--shape", default="7b", choices=sorted(throughput.SHAPES))
-    parser.add_argument("--device", default="cuda")
-    parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--images", type=int, default=32)
-    parser.add_argument("--size", type=int, default=448)
+    parser = BENCH.parser(argv)
+    vs_original.add_arguments(parser)
+    parser.set_defaults(shape="7b", device="cuda", dtype="bfloat16", images=32)
     parser.add_argument("--batch", type=int, default=8, help="requests per forward for the TFLOP/s figure")
     parser.add_argument("--peak-tflops", type=float, default=None, help="the card's bf16 dense peak")
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args(argv)
-    table_args = [
-        "--shape",
-        args.shape,
-        "--device",
-        args.device,
-        "--dtype",
-        args.dtype,
-        "--images",
-        str(args.images),
-        "--size",
-        str(args.size),
-    ] + (["--quick"] if args.quick else [])
-    throughput.main(table_args)
-    path = throughput.checkpoint(args.shape, args.device, getattr(torch, args.dtype))
+    args = vs_original.parse(parser, argv)
+    result = vs_original.measure(args)
+    vs_original.report(result, args)
+    path = checkpoint(args.dtype, shape=args.shape, device=args.device)
     batch = 2 if args.quick else args.batch
     achieved, seconds = lm_tflops(path, args, batch)
     peak = peak_tflops(args.device, args.peak_tflops)
@@ -112,6 +100,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"language model, batch of {batch} at {args.size}x{args.size}: {seconds * 1000:.1f} ms, "
         f"{achieved:.2f} TFLOP/s{share}"
     )
+    summary = vs_original.summary(result, args)
+    summary[f"language model, batch of {batch}: ms per forward"] = seconds * 1000
+    summary["language model: TFLOP/s"] = achieved
+    summary["language model: % of the bf16 dense peak"] = achieved / peak * 100 if peak else None
+    details = {**vs_original.settings(args), "batch": batch, "peak_tflops": peak}
+    BENCH.write(args, vs_original.table(result), summary=summary, details=details, device=args.device)
 
 
 if __name__ == "__main__":

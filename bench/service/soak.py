@@ -16,44 +16,36 @@ while --good-clients threads send small valid requests and time them. At the end
 server's peak RSS (VmHWM from /proc), the outcome counts per kind and the good requests' latency,
 and checks that every good request got its own correct result.
 
-    python bench/soak.py                    # 180 s, defaults
-    python bench/soak.py --seconds 60 --bomb-side 3584
-    python bench/soak.py --seconds 60 --attackers bomb6 --max-piece-tokens 0   # large requests whole
+    python -m bench.service.soak                    # 180 s, defaults
+    python -m bench.service.soak --seconds 60 --bomb-side 3584
+    python -m bench.service.soak --seconds 60 --attackers bomb6 --max-piece-tokens 0   # large requests whole
 """
 
 from __future__ import annotations
 
-import argparse
 import io
-import statistics
 import sys
 import tempfile
 import threading
 import time
 from collections import Counter
+from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 import grpc
 import numpy as np
 from PIL import Image
 
+from bench.common import Benchmark, latency_ms, noise_image, png, run_threads
 from qwen25vl_embed import EmbeddingClient, EmbeddingError
 from qwen25vl_embed.v1 import embed_pb2 as pb
 from qwen25vl_embed_server.core.tiny_model import build_tiny_model
 from qwen25vl_embed_server.rpc.harness import ServerProcess
 
+BENCH = Benchmark(__spec__.name, __doc__)
 SERVICE = "/qwen25vl_embed.v1.EmbeddingService/"
 KINDS = ["bomb", "bomb16", "bomb6", "nonreader", "nonreader", "malformed", "jpegcut", "dupids", "hostile"]
-
-
-def png(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, "PNG", optimize=True)
-    return buffer.getvalue()
-
-
-def noise(width: int, height: int, seed: int) -> Image.Image:
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
 
 
 def peak_rss_mib(pid: int) -> float:
@@ -71,12 +63,12 @@ class Soak:
         self.good_latency: list[float] = []
         self.wrong = 0
         self.lock = threading.Lock()
-        self.bomb = png(Image.new("RGB", (bomb_side, bomb_side), (120, 30, 200)))
+        self.bomb = png(Image.new("RGB", (bomb_side, bomb_side), (120, 30, 200)), optimize=True)
         jpeg = io.BytesIO()
-        noise(256, 256, 1).save(jpeg, "JPEG", quality=90)
+        noise_image(256, 256, np.random.default_rng(1)).save(jpeg, "JPEG", quality=90)
         data = jpeg.getvalue()
         self.jpegcut = data[: len(data) // 2] + b"\xff\xd9"
-        self.good = [png(noise(56 + 28 * (i % 3), 56, i)) for i in range(6)]
+        self.good = [png(noise_image(56 + 28 * (i % 3), 56, np.random.default_rng(i)), optimize=True) for i in range(6)]
         with EmbeddingClient(address, timeout=120) as client:
             self.reference = [client.extract(image, outputs=["lm_last_token"])["lm_last_token"] for image in self.good]
 
@@ -144,8 +136,8 @@ class Soak:
         return "OK"
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = BENCH.parser(argv)
     parser.add_argument("--seconds", type=float, default=180)
     parser.add_argument("--good-clients", type=int, default=4)
     parser.add_argument("--bomb-side", type=int, default=1792, help="side of the decompression-bomb image")
@@ -159,7 +151,7 @@ def main() -> int:
         "--max-piece-tokens", type=int, default=None, help="serve's --max-piece-tokens (0: large requests run whole)"
     )
     parser.add_argument("--server-log", type=Path, help="write the server's log here (a line per request)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     kinds = [kind for kind in args.attackers.split(",") if kind]
     unknown = sorted(set(kinds) - set(KINDS))
     if unknown:
@@ -173,35 +165,42 @@ def main() -> int:
         with ServerProcess(serve_args, echo=log) as server:
             assert server.process is not None
             soak = Soak(server.address, args.seconds, args.bomb_side)
-            threads = [threading.Thread(target=soak.attacker, args=(kind,)) for kind in kinds]
-            threads += [threading.Thread(target=soak.good_client, args=(seed,)) for seed in range(args.good_clients)]
-            started = time.monotonic()
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join()
-            elapsed = time.monotonic() - started
+            callers = [partial(soak.attacker, kind) for kind in kinds]
+            callers += [partial(soak.good_client, seed) for seed in range(args.good_clients)]
+            elapsed = run_threads(callers)
             rss = peak_rss_mib(server.process.pid)
             with EmbeddingClient(server.address, timeout=60) as client:
                 still_ok = client.extract(soak.good[0], outputs=["lm_last_token"]).num_images == 1
         if log is not None:
             log.close()
-    latency = sorted(soak.good_latency)
     pieces = "serve's" if args.max_piece_tokens is None else str(args.max_piece_tokens)
     print(
         f"soak: {elapsed:.0f} s, bomb {args.bomb_side}x{args.bomb_side}, send timeout {args.send_timeout:g} s, "
         f"max piece tokens {pieces}, attackers {','.join(kinds)}"
     )
     print(f"server peak RSS (VmHWM): {rss:.0f} MiB")
-    for (kind, status), count in sorted(soak.outcomes.items()):
-        print(f"  {kind:10s} {status:28s} {count}")
-    if latency:
-        p95 = latency[int(0.95 * (len(latency) - 1))]
+    rows = [{"kind": kind, "outcome": status, "count": n} for (kind, status), n in sorted(soak.outcomes.items())]
+    for row in rows:
+        print(f"  {row['kind']:10s} {row['outcome']:28s} {row['count']}")
+    p50, p95, top = latency_ms(soak.good_latency)
+    if soak.good_latency:
         print(
-            f"good requests: {len(latency)} ok, latency p50 {statistics.median(latency) * 1000:.0f} ms, "
-            f"p95 {p95 * 1000:.0f} ms, max {latency[-1] * 1000:.0f} ms; wrong {soak.wrong}"
+            f"good requests: {len(soak.good_latency)} ok, latency p50 {p50:.0f} ms, "
+            f"p95 {p95:.0f} ms, max {top:.0f} ms; wrong {soak.wrong}"
         )
     print(f"server healthy afterwards: {still_ok}")
+    figures = {
+        "seconds": elapsed,
+        "server peak RSS (VmHWM) MiB": rss,
+        "good requests": len(soak.good_latency),
+        "good latency p50 ms": p50,
+        "good latency p95 ms": p95,
+        "good latency max ms": top,
+        "wrong results": soak.wrong,
+        "server healthy afterwards": still_ok,
+    }
+    settings = {"bomb_side": args.bomb_side, "send_timeout": args.send_timeout, "max_piece_tokens": pieces}
+    BENCH.write(args, rows, summary=figures, details={**settings, "attackers": kinds})
     return 0 if soak.wrong == 0 and still_ok else 1
 
 

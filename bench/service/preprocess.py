@@ -1,7 +1,7 @@
 """Preprocessing on the CPU: decode + processor per image, and how it scales with workers.
 
-    python bench/preprocess.py                     # 448x448 PNGs, 1 / 2 / 4 workers
-    python bench/preprocess.py --size 1024 --images 32
+    python -m bench.service.preprocess                     # 448x448 PNGs, 1 / 2 / 4 workers
+    python -m bench.service.preprocess --size 1024 --images 32
 
 The server decodes and preprocesses each request on a pool of threads (``--preprocess-workers``)
 beside the model thread. Decoding (Pillow, libpng / libjpeg) and the processor's torch ops
@@ -21,32 +21,28 @@ import qwen25vl_embed_server  # noqa: F401  (first: it sets MKL's dispatch befor
 
 # isort: split
 
-import argparse
 import copy
 import io
 import multiprocessing
 import os
 import statistics
-import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
-from pathlib import Path
+from functools import partial
 
 import numpy as np
-import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).parent))  # run as a script: bench/ modules import each other
-from throughput import PROMPT, checkpoint
-
+from bench.common import PROMPT, Benchmark, alternating, checkpoint, noise_image, png
 from qwen25vl_embed_server.core.extractor import Extractor
 from qwen25vl_embed_server.core.limits import Limits
 from qwen25vl_embed_server.core.loading import LoadOptions, load_model
 from qwen25vl_embed_server.core.model_thread import single_threaded_torch
 from qwen25vl_embed_server.core.request import EncodedRequest, prepare_request
 
+BENCH = Benchmark(__spec__.name, __doc__)
 _EXTRACTOR: list[Extractor] = []  # one per process, loaded by the first worker started in it
 _LOCAL = threading.local()  # each worker thread's own processor, as in the server
 
@@ -74,8 +70,9 @@ def rate(executor: Executor, images: Sequence[bytes]) -> float:
     return len(images) / (time.perf_counter() - started)
 
 
-def compare_backends(model: str, images: Sequence[Image.Image], rounds: int) -> None:
-    """transformers' torchvision and PIL image processors: ms per image, largest pixel difference."""
+def compare_backends(model: str, images: Sequence[Image.Image], rounds: int) -> dict[str, float]:
+    """transformers' torchvision and PIL image processors: ms per image of each (printed too), and
+    the largest difference of their pixel values."""
     from transformers import AutoImageProcessor
 
     processors = {
@@ -87,40 +84,44 @@ def compare_backends(model: str, images: Sequence[Image.Image], rounds: int) -> 
         for name, p in processors.items()
     }
     largest = max(float((a - b).abs().max()) for a, b in zip(outputs["torchvision"], outputs["pil"], strict=True))
-    times: dict[str, list[float]] = {name: [] for name in processors}
-    for round_ in range(rounds):
-        for name in list(processors) if round_ % 2 == 0 else list(reversed(processors)):
-            started = time.perf_counter()
-            for image in images:
-                processors[name](images=[image], return_tensors="pt")
-            times[name].append((time.perf_counter() - started) / len(images) * 1e3)
+
+    def timed(name: str) -> float:
+        started = time.perf_counter()
+        for image in images:
+            processors[name](images=[image], return_tensors="pt")
+        return (time.perf_counter() - started) / len(images) * 1e3
+
+    times = alternating({name: partial(timed, name) for name in processors}, rounds)
+    figures = {}
     for name, values in times.items():
+        figures[f"image processor, {name} backend, ms/image"] = statistics.median(values)
         print(f"image processor, {name:11} backend: {statistics.median(values):6.2f} ms per image")
     print(f"  largest difference of their pixel values: {largest:.3g}")
+    figures["largest difference of their pixel values"] = largest
+    return figures
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    parser = BENCH.parser(argv)
     parser.add_argument("--size", type=int, default=448)
     parser.add_argument("--images", type=int, default=48)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args(argv)
-    model = str(checkpoint("bench", "cpu", torch.float32))
+    model = str(checkpoint())
     rng = np.random.default_rng(0)
-    images = []
-    for _ in range(args.images):
-        buffer = io.BytesIO()
-        Image.fromarray(rng.integers(0, 256, (args.size, args.size, 3), dtype=np.uint8)).save(buffer, "PNG")
-        images.append(buffer.getvalue())
+    images = [png(noise_image(args.size, args.size, rng)) for _ in range(args.images)]
 
     _start(model)
     started = time.perf_counter()
     for data in images:
         _prepare(data)
-    print(f"one thread: {(time.perf_counter() - started) / len(images) * 1e3:.1f} ms per {args.size}x{args.size} image")
+    one_thread = (time.perf_counter() - started) / len(images) * 1e3
+    print(f"one thread: {one_thread:.1f} ms per {args.size}x{args.size} image")
+    summary = {"one thread, ms/image": one_thread}
 
-    compare_backends(model, [Image.open(io.BytesIO(data)).convert("RGB") for data in images[:16]], args.rounds)
+    decoded = [Image.open(io.BytesIO(data)).convert("RGB") for data in images[:16]]
+    summary |= compare_backends(model, decoded, args.rounds)
 
     pools: dict[str, Callable[[int], Executor]] = {
         "threads": lambda n: ThreadPoolExecutor(n, initializer=_start, initargs=(model,)),
@@ -129,21 +130,20 @@ def main(argv: Sequence[str] | None = None) -> None:
             n, mp_context=multiprocessing.get_context("spawn"), initializer=_start, initargs=(model,)
         ),
     }
-    rates: dict[tuple[str, int], list[float]] = {}
     executors = {(kind, n): make(n) for kind, make in pools.items() for n in args.workers}
     try:
         for executor in executors.values():  # warm: every worker started and loaded
             rate(executor, images[: 2 * max(args.workers)])
-        for round_ in range(args.rounds):
-            keys = list(executors) if round_ % 2 == 0 else list(reversed(executors))
-            for key in keys:
-                rates.setdefault(key, []).append(rate(executors[key], images))
+        rates = alternating({key: partial(rate, executor, images) for key, executor in executors.items()}, args.rounds)
     finally:
         for executor in executors.values():
             executor.shutdown()
     print(f"{os.cpu_count()} CPUs; images/s (median of {args.rounds} alternating rounds):")
+    rows = []
     for (kind, n), values in rates.items():
         print(f"  {kind:9} x{n}: {statistics.median(values):7.1f}")
+        rows.append({"workers": kind, "count": n, "images/s": statistics.median(values)})
+    BENCH.write(args, rows, summary=summary, details={"size": args.size, "images": args.images})
 
 
 if __name__ == "__main__":

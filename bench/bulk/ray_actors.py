@@ -1,6 +1,6 @@
 """Ray Data bulk extraction on the CPU: images/s with 1 actor vs 2 actors, in one run.
 
-    .venv/bin/python bench/ray_bulk_actors.py [--images 1600] [--side 448] [--batch-size 8]
+    python -m bench.bulk.ray_actors [--images 1600] [--side 448] [--batch-size 8]
 
 One local Ray instance (``ray.init(num_cpus=2)``), the offline tiny model, the same JPEG files
 for every configuration, a fresh output folder each time. Each figure is what a user of
@@ -8,35 +8,34 @@ for every configuration, a fresh output folder each time. Each figure is what a 
 start and model loading included. Configurations:
 
 - 1 actor, 1 CPU (torch on 1 thread)
-- 2 actors, 1 CPU each: the actor pool's scaling, the figure the README quotes
+- 2 actors, 1 CPU each: the actor pool's scaling, the figure docs/performance.md quotes
 - 1 actor, 2 CPUs (torch on 2 threads): the same cores used by one model instead
 """
 
 from __future__ import annotations
 
-import argparse
-import logging
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
+from bench.common import Benchmark, noise_image
 from qwen25vl_embed_server.core.loading import LoadOptions
 from qwen25vl_embed_server.core.tiny_model import build_tiny_model
 from qwen25vl_embed_server.ray.bulk_job import BulkJob, BulkReport, run_bulk
 
+BENCH = Benchmark(__spec__.name, __doc__)
 CONFIGURATIONS = ((1, 1.0), (2, 1.0), (1, 2.0))  # (actors, CPUs per actor)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = BENCH.parser(argv)
     parser.add_argument("--images", type=int, default=1600)
     parser.add_argument("--side", type=int, default=448, help="image width and height in pixels")
     parser.add_argument("--batch-size", type=int, default=8)
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING)
+    args = parser.parse_args(argv)
 
     import ray
 
@@ -46,8 +45,8 @@ def main() -> None:
         images = root / "images"
         images.mkdir()
         for index in range(args.images):
-            pixels = np.random.default_rng(index).integers(0, 256, (args.side, args.side, 3), dtype=np.uint8)
-            Image.fromarray(pixels).save(images / f"{index:05d}.jpg", quality=90)
+            picture = noise_image(args.side, args.side, np.random.default_rng(index))
+            picture.save(images / f"{index:05d}.jpg", quality=90)
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
         try:
             reports: dict[tuple[int, float], BulkReport] = {}
@@ -75,6 +74,12 @@ def main() -> None:
         )
     one, two = reports[1, 1.0].images_per_second, reports[2, 1.0].images_per_second
     print(f"  2 actors / 1 actor: {two / one:.2f}x")
+    rows = [
+        {"actors": actors, "CPUs per actor": cpus, "images/s": r.images_per_second, "seconds": r.seconds}
+        for (actors, cpus), r in reports.items()
+    ]
+    settings = {"images": args.images, "side": args.side, "batch_size": args.batch_size}
+    BENCH.write(args, rows, summary={"2 actors / 1 actor": two / one}, details=settings)
 
 
 if __name__ == "__main__":

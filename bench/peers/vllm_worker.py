@@ -1,4 +1,5 @@
-"""vLLM's side of bench/vs_vllm.py: runs in vLLM's own virtual environment, never in the project's.
+"""vLLM's side of ``bench.peers.vs_vllm``: runs in vLLM's own virtual environment, never in the project's,
+as a script (``python bench/peers/vllm_worker.py MODEL DTYPE PROMPT MAX_IMAGES``), importing nothing of ours.
 
 Loads one checkpoint in vLLM's pooling runner (last-token pooling, no activation, every cache off)
 and answers commands, one JSON object per line on stdin -> one per line on stdout:

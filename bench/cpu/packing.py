@@ -1,7 +1,7 @@
 """oneDNN-packed linear layers against torch's own, the model alone, in alternating rounds.
 
-    python bench/packing.py                  # fp32 and bf16, a batch of 4 noise images 448x448
-    python bench/packing.py --batch 1 --dtypes float32
+    python -m bench.cpu.packing                  # fp32 and bf16, a batch of 4 noise images 448x448
+    python -m bench.cpu.packing --batch 1 --dtypes float32
 
 Variants, each a separately loaded copy of the 'bench' random-weight checkpoint on the CPU:
 ``plain`` (torch's matmuls), ``packed`` (every linear layer packed, as ``--fp32-matmul onednn`` /
@@ -17,29 +17,23 @@ import qwen25vl_embed_server  # noqa: F401  (first: it sets MKL's dispatch befor
 
 # isort: split
 
-import argparse
 import dataclasses
 import statistics
-import sys
 from collections.abc import Sequence
-from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).parent))  # run as a script: bench/ modules import each other
-from exact_forwards import alternating_ms
-from throughput import PROMPT, checkpoint
-
+from bench.common import PROMPT, Benchmark, alternating_ms, checkpoint, noise_images, relative_difference
 from qwen25vl_embed_server.core.extractor import Extractor, Prepared
 from qwen25vl_embed_server.core.loading import LoadOptions, load_model
 from qwen25vl_embed_server.core.packed_linear import pack_linears
 
+BENCH = Benchmark(__spec__.name, __doc__)
+
 
 def variants(dtype: str) -> dict[str, Extractor]:
     """Each variant's extractor, packed by hand from an unpacked load (fp32 loads unpacked)."""
-    path = str(checkpoint("bench", "cpu", getattr(torch, dtype)))
+    path = str(checkpoint(dtype))
     load = LoadOptions(model=path, device="cpu", dtype="float32")
 
     def unpacked() -> Extractor:
@@ -57,13 +51,13 @@ def variants(dtype: str) -> dict[str, Extractor]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    parser = BENCH.parser(argv)
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=4)
     args = parser.parse_args(argv)
-    rng = np.random.default_rng(0)
-    images = [Image.fromarray(rng.integers(0, 256, (448, 448, 3), dtype=np.uint8)) for _ in range(args.batch)]
+    images = noise_images([(448, 448)] * args.batch)
+    rows = []
     for dtype in args.dtypes:
         extractors = variants(dtype)
         first = next(iter(extractors.values()))
@@ -72,11 +66,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         vectors = {name: e.run(batch)[0].tensors["lm_last_token"] for name, e in extractors.items()}  # warm
         times = alternating_ms(extractors, dict.fromkeys(extractors, batch), args.rounds)
         plain = statistics.median(times["plain"])
-        reference = np.asarray(vectors["plain"], np.float64)
         for name, values in times.items():
             ms = statistics.median(values)
-            difference = np.abs(np.asarray(vectors[name], np.float64) - reference).max() / np.abs(reference).max()
+            difference = relative_difference(vectors[name], vectors["plain"])
             print(f"{dtype:9} {name:13} {ms:7.1f} ms/image  x{plain / ms:4.2f}  rel diff {difference:.1e}", flush=True)
+            rows.append(
+                {"dtype": dtype, "variant": name, "ms/image": ms, "vs plain": plain / ms, "rel. difference": difference}
+            )
+    BENCH.write(args, rows, details={"batch": args.batch, "rounds": args.rounds, "output": "lm_last_token"})
 
 
 if __name__ == "__main__":

@@ -1,13 +1,13 @@
 """All torch work on the model thread against a second thread that runs torch ops too, the model alone.
 
-    python bench/model_thread.py                  # fp32 and bf16, one noise image 448x448 per run
-    python bench/model_thread.py --dtypes bfloat16 --rounds 5
+    python -m bench.service.model_thread                  # fp32 and bf16, one noise image 448x448 per run
+    python -m bench.service.model_thread --dtypes bfloat16 --rounds 5
 
 libgomp's throttling (see ``core/model_thread.py``) is a state of the whole process, so each
-measurement is a fresh process of this script (``--measure``), the variants in alternating order.
+measurement is a fresh process of this module (``--measure``), the variants in alternating order.
 Variants: ``one thread`` (the model loads on its thread; requests are prepared on a preprocessing
 thread that calls ``single_threaded_torch``: what ``serve`` does) and ``two teams`` (the same, with
-the preprocessing thread's torch ops left on torch's full thread count: what ``serve`` did before).
+the preprocessing thread's torch ops left on torch's full thread count).
 Prints ms per image (median over rounds) and the ratio.
 """
 
@@ -20,23 +20,17 @@ import qwen25vl_embed_server  # noqa: F401  (first: it sets MKL's dispatch befor
 import argparse
 import statistics
 import subprocess
-import sys
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
+from functools import partial
 
-import numpy as np
-import torch
-from PIL import Image
-
-sys.path.insert(0, str(Path(__file__).parent))  # run as a script: bench/ modules import each other
-from throughput import PROMPT, checkpoint
-
+from bench.common import PROMPT, ROOT, Benchmark, alternating, checkpoint, module_command, noise_images
 from qwen25vl_embed_server.core.extractor import Extractor
 from qwen25vl_embed_server.core.loading import LoadOptions, load_model
 from qwen25vl_embed_server.core.model_thread import single_threaded_torch
 
+BENCH = Benchmark(__spec__.name, __doc__)
 VARIANTS = {"one thread": True, "two teams": False}
 
 
@@ -44,11 +38,10 @@ def measure(dtype: str, capped: bool, runs: int = 16) -> float:
     """ms per image of ``runs`` single-image runs, after a warm-up, in this process."""
     model_thread = ThreadPoolExecutor(1)
     preprocessing = ThreadPoolExecutor(1, initializer=single_threaded_torch if capped else None)
-    path = str(checkpoint("bench", "cpu", getattr(torch, dtype)))
+    path = str(checkpoint(dtype))
     extractor = model_thread.submit(lambda: Extractor(load_model(LoadOptions(model=path, device="cpu", dtype=dtype))))
     ready = extractor.result()
-    rng = np.random.default_rng(0)
-    images = [Image.fromarray(rng.integers(0, 256, (448, 448, 3), dtype=np.uint8)) for _ in range(4)]
+    images = noise_images([(448, 448)] * 4)
     plan = ready.plan(["lm_last_token"])
     prepared = [preprocessing.submit(ready.prepare, [image], PROMPT, plan).result() for image in images]
     for item in prepared[:2]:
@@ -59,8 +52,15 @@ def measure(dtype: str, capped: bool, runs: int = 16) -> float:
     return (time.perf_counter() - started) / runs * 1e3
 
 
+def in_child(dtype: str, variant: str) -> float:
+    """:func:`measure` in a fresh process."""
+    command = module_command(__spec__.name, "--measure", dtype, variant)
+    output = subprocess.run(command, check=True, capture_output=True, text=True, cwd=ROOT).stdout
+    return float(output.split()[-1])
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    parser = BENCH.parser(argv)
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--measure", nargs=2, metavar=("DTYPE", "VARIANT"), help=argparse.SUPPRESS)
@@ -69,19 +69,25 @@ def main(argv: Sequence[str] | None = None) -> None:
         dtype, variant = args.measure
         print(f"{measure(dtype, VARIANTS[variant]):.3f}")
         return
+    rows = []
     for dtype in args.dtypes:
-        checkpoint("bench", "cpu", getattr(torch, dtype))  # built once, before the timed processes
-        times: dict[str, list[float]] = {name: [] for name in VARIANTS}
-        for round_ in range(args.rounds):
-            for name in list(VARIANTS) if round_ % 2 == 0 else list(reversed(VARIANTS)):
-                command = [sys.executable, __file__, "--measure", dtype, name]
-                output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-                times[name].append(float(output.split()[-1]))
+        checkpoint(dtype)  # built once, before the timed processes
+        times = alternating({name: partial(in_child, dtype, name) for name in VARIANTS}, args.rounds)
         base = statistics.median(times["two teams"])
         for name, values in times.items():
             median = statistics.median(values)
             rounds = ", ".join(f"{value:.1f}" for value in values)
             print(f"{dtype:9} {name:10} {median:7.1f} ms/image  x{base / median:.2f}  rounds {rounds}")
+            rows.append(
+                {
+                    "dtype": dtype,
+                    "variant": name,
+                    "ms/image": median,
+                    "vs two teams": base / median,
+                    "rounds ms": values,
+                }
+            )
+    BENCH.write(args, rows)
 
 
 if __name__ == "__main__":

