@@ -8,7 +8,7 @@ SERVER_STAMP := $(VENV)/.server-stamp
 STAMP        := $(VENV)/.installed-stamp
 INSTALLED_FROM := pyproject.toml constraints.txt protos/qwen25vl_embed/v1/embed.proto
 
-.PHONY: setup setup-server demo test test-avx2 lint dist clean bench bench-gpu bench-vllm
+.PHONY: setup setup-server demo test test-avx2 lint docs dist clean bench bench-gpu bench-vllm
 
 setup: $(STAMP)
 
@@ -50,6 +50,12 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(MAKE) docs
+
+## The docs site (mkdocs.yml, docs/) into out/site/; --strict fails on a broken link or anchor, and
+## on a flag table that differs from the CLI's (docs/hooks/cli_reference.py regenerates them).
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 ## A wheel of the package in dist/ (the protobuf code generated into it): pip install dist/*.whl
 ## gives the client; add [server] for the server.
@@ -83,13 +89,13 @@ contract-snapshot: tools/buf/node_modules/.package-lock.json
 
 ## Throughput on the CPU: the original script's method vs the core vs the service (a few minutes).
 bench: setup
-	$(BIN)/python bench/throughput.py
+	$(BIN)/python -m bench.throughput.vs_original
 
 ## The same on a GPU with the Qwen2.5-VL-7B architecture (random weights, bf16), plus LM TFLOP/s.
 bench-gpu: setup
-	$(BIN)/python bench/gpu_7b.py
+	$(BIN)/python -m bench.gpu.throughput_7b
 
 ## Side by side with vLLM's CPU build (its own venv under ~/.cache, built on first use; not in CI).
 bench-vllm: setup
-	$(BIN)/python bench/vs_vllm.py --setup
-	$(BIN)/python bench/vs_vllm.py
+	$(BIN)/python -m bench.peers.vs_vllm --setup
+	$(BIN)/python -m bench.peers.vs_vllm

@@ -1,5 +1,5 @@
-"""Every Python code block of the README runs as written, against live tiny servers, so the
-docs cannot drift from the SDK.
+"""Every Python code block of the README and of the docs pages (``docs/*.md``) runs as written,
+against live tiny servers, so the docs cannot drift from the SDK.
 
 The blocks name ``localhost:50051`` (and ``127.0.0.1:50051`` / ``:50052`` for two servers, and
 ``localhost:50061`` for a retrieval model); the test starts servers on free ports (the last one on
@@ -24,12 +24,30 @@ from ..helpers import server_config
 
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
+PAGES = (README, *sorted((ROOT / "docs").glob("*.md")))
 _BLOCK = re.compile(r"^```python\n(.*?)^```", re.DOTALL | re.MULTILINE)
-BLOCKS = _BLOCK.findall(README.read_text())
+BLOCKS = [
+    (f"{page.relative_to(ROOT)} python block {index}", block)
+    for page in PAGES
+    for index, block in enumerate(_BLOCK.findall(page.read_text()))
+]
 
 
 def test_the_readme_has_the_python_blocks_this_test_runs() -> None:
-    assert len(BLOCKS) >= 3  # the SDK, asyncio and load-balancing samples
+    readme = [name for name, _ in BLOCKS if name.startswith("README.md")]
+    assert len(readme) >= 3  # the SDK, asyncio and retrieval samples
+
+
+def test_the_docs_have_the_python_blocks_this_test_runs() -> None:
+    pages = {name.partition(" ")[0] for name, _ in BLOCKS}
+    # The SDK, the first vector, a real checkpoint's info, retrieval, load balancing.
+    assert {
+        "docs/sdk.md",
+        "docs/getting-started.md",
+        "docs/checkpoints.md",
+        "docs/retrieval.md",
+        "docs/scaling.md",
+    } <= pages
 
 
 @pytest.fixture(scope="module")
@@ -44,9 +62,10 @@ def retrieval_server(colqwen: Extractor) -> Iterator[BackgroundServer]:
         yield running
 
 
-@pytest.mark.parametrize("index", range(len(BLOCKS)))
-def test_readme_python_block_runs_as_written(
-    index: int,
+@pytest.mark.parametrize(("name", "block"), BLOCKS, ids=[name for name, _ in BLOCKS])
+def test_python_block_runs_as_written(
+    name: str,
+    block: str,
     tmp_path: Path,
     server: BackgroundServer,
     second_server: BackgroundServer,
@@ -55,7 +74,6 @@ def test_readme_python_block_runs_as_written(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     port, second_port = server.address.rpartition(":")[2], second_server.address.rpartition(":")[2]
-    block = BLOCKS[index]
     if "localhost:50061" in block:  # started only for the blocks that need it
         retrieval: BackgroundServer = request.getfixturevalue("retrieval_server")
         block = block.replace("localhost:50061", retrieval.address)
@@ -66,5 +84,5 @@ def test_readme_python_block_runs_as_written(
     )
     shutil.copytree(ROOT / "examples" / "images", tmp_path / "examples" / "images")
     monkeypatch.chdir(tmp_path)
-    exec(compile(source, f"README.md python block {index}", "exec"), {"__name__": "__readme__"})
+    exec(compile(source, name, "exec"), {"__name__": "__readme__"})
     assert "Error" not in capsys.readouterr().out  # extract_many(errors="return") printed no failure

@@ -40,7 +40,7 @@ def test_the_classes_and_the_clamp() -> None:
 
 
 def test_a_small_request_passes_a_large_one_waiting_within_the_reserve() -> None:
-    """Head-of-line blocking: the old strict FIFO budget made the small ones wait behind ``big``."""
+    """No head-of-line blocking: one strict FIFO line per budget would make the small ones wait behind ``big``."""
 
     async def scenario() -> None:
         budget = Budget(CAPACITY, "units")

@@ -178,8 +178,8 @@ def test_a_request_whose_deadline_passes_while_queued_is_dropped_unrun(
 def test_a_fault_of_the_batcher_itself_fails_that_request_and_the_batcher_goes_on(
     extractor: Extractor, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """An exception in the batcher's own bookkeeping used to end its loop: every caller then waited
-    forever. Now the request it was handling fails with that error and the next one runs."""
+    """An exception in the batcher's own bookkeeping does not end its loop (every caller would then
+    wait forever): the request it was handling fails with that error and the next one runs."""
     item = extractor.prepare([noise_image(*GOOD[0])], plan=extractor.plan(OUTPUTS))
     real_images = batcher_module._images
     calls = 0

@@ -1,4 +1,5 @@
-"""Peak RSS of a real ``serve`` process under a hostile mix stays under the README's formula.
+"""Peak RSS of a real ``serve`` process under a hostile mix stays under the documented bound
+(``docs/security.md``, "Memory").
 
 The server runs with small budgets; after a warm-up (every preprocessing thread started, one
 large request run) its RSS is the baseline (the weights ``W`` and the runtime). Then, at once:
@@ -8,8 +9,8 @@ from their header). The process's peak (``VmHWM``) over the baseline must stay w
 
     3 P + 9 KiB x T + A x B + R + 2 x chunk bytes x calls + the request messages
 
-from the flags (README, "Server-wide bounds"), with ``MALLOC_MMAP_THRESHOLD_=1048576`` as the README
-says for a tight bound. The same mix at the default budgets peaked at
+from the flags (``docs/security.md``, "Memory"), with ``MALLOC_MMAP_THRESHOLD_=1048576`` as the docs
+say for a tight bound. The same mix at the default budgets peaked at
 about 790 MiB over the baseline here, the bound at these flags is about 114 MiB, and the peak
 measured with it 62 to 65 MiB: the margin holds on a loaded machine.
 """
@@ -46,7 +47,7 @@ FLAGS = {
     "--max-image-pixels": 1_100_000,
     "--send-timeout": 3,
 }
-# glibc's mmap threshold fixed at 1 MiB, as the README says to run for RSS that follows the budgets:
+# glibc's mmap threshold fixed at 1 MiB, as the docs say to run for RSS that follows the budgets:
 # at glibc's default each thread's heap keeps the freed buffers of the largest request it saw.
 TIGHT_HEAPS = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
 OUTPUTS = ["vision_tokens", "lm_last_token"]
@@ -68,7 +69,7 @@ def _status_mib(pid: int, key: str) -> float:
 
 
 def _bound_mib(model: Path, request_bytes: int) -> float:
-    """The README's formula at FLAGS, less W (in the baseline). ``A``, the activation bytes per
+    """The documented bound at FLAGS, less W (in the baseline). ``A``, the activation bytes per
     token: 8 x hidden x 4 (float32) for the forward's live tensors, plus the captured vision tokens."""
     config = json.loads((model / "config.json").read_text())
     vision = int(config["vision_config"]["hidden_size"])

@@ -4,7 +4,7 @@ The lock lives on the folder's open file description, so it is held by every pro
 that descriptor: the driver, and the watchdog of the local Ray it starts
 (:mod:`~qwen25vl_embed_server.ray.watchdog`). A run that ends unlocks it (for both); a killed
 driver cannot, and the watchdog's copy then keeps it until the last Ray process of the run is
-gone. A rerun started right after a SIGKILL therefore waits for the old run's writers to
+gone. A rerun started right after a SIGKILL therefore waits for the killed run's writers to
 be dead before it reads what is done; two jobs on one folder never write at once.
 """
 

@@ -110,7 +110,7 @@ def finished_paths(output: Path, *, retry_failed: bool = False) -> set[str]:
 
 def drop_failed_rows(output: Path, paths: set[str]) -> int:
     """Remove the error rows of ``paths`` from ``output``'s files (each file rewritten beside
-    itself, then renamed over itself, so a reader sees the old file or the new one); returns how
+    itself, then renamed over itself, so a reader sees the file before or after, never half); returns how
     many were removed. Done before those images run again, so an interruption at any point leaves
     each image with one row or none: none runs again on the next rerun."""
     removed = 0

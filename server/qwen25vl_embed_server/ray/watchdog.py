@@ -13,7 +13,7 @@ The watchdog is a small process the driver starts right after ``ray.init`` (Linu
 gone, killed or exited) it SIGKILLs each recorded process still alive (same pid *and* start time,
 so a reused pid is never hit), waits until they are gone, and exits. The file descriptors it is
 given (the bulk job's lock on its output folder) close only then, so no rerun starts while a
-process of the old run lives. It runs in a session of its own: Ctrl-C in a terminal reaches the
+process of the killed run lives. It runs in a session of its own: Ctrl-C in a terminal reaches the
 driver (which shuts Ray down itself), not the watchdog.
 """
 

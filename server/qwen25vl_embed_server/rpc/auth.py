@@ -7,7 +7,7 @@ describes the service to whoever asks.
 Tokens come from a file (one per line; blank lines and ``#`` comments skipped) or an environment
 variable (one token, or several separated by commas), never from the command line, where other
 users of the machine can read them. Several tokens allow rotation: add the new one, move the
-clients, remove the old one. Comparison is constant-time (``hmac.compare_digest`` over SHA-256
+clients, remove the retired one. Comparison is constant-time (``hmac.compare_digest`` over SHA-256
 digests, against every token).
 
 Tokens travel in clear text unless the server uses TLS (:mod:`.tls`).
