@@ -14,8 +14,12 @@ The SDK is light: it depends on grpcio, protobuf and numpy (with ml_dtypes for b
 for image inputs and tqdm for progress bars), never on torch or transformers. Its modules, one job
 each:
 
-- :mod:`~qwen25vl_embed.client`, :mod:`~qwen25vl_embed.aio`: the sync and asyncio clients.
-- :mod:`~qwen25vl_embed.requests`: arguments -> validated ``ImageRequest``.
+- :mod:`~qwen25vl_embed.frontend`: both clients' constructor and request methods, written once;
+  :mod:`~qwen25vl_embed.client`, :mod:`~qwen25vl_embed.aio`: their blocking and asyncio transports.
+- :mod:`~qwen25vl_embed.options`: :class:`ExtractOptions`, one request's settings as one value;
+  :mod:`~qwen25vl_embed.choices`: the Enums :class:`PromptFormat`, :class:`VectorEncoding`,
+  :class:`Arithmetic`.
+- :mod:`~qwen25vl_embed.requests`: settings -> validated ``ImageRequest``.
 - :mod:`~qwen25vl_embed.images`: the accepted image kinds -> ``Image`` messages.
 - :mod:`~qwen25vl_embed.assembly`: a response stream -> :class:`Embeddings`.
 - :mod:`~qwen25vl_embed.extract_many`: in-order results and error policy of ``extract_many``.
@@ -35,11 +39,13 @@ from __future__ import annotations
 from importlib.metadata import PackageNotFoundError, version
 
 from qwen25vl_embed.aio import AsyncEmbeddingClient
+from qwen25vl_embed.choices import Arithmetic, PromptFormat, VectorEncoding
 from qwen25vl_embed.client import EmbeddingClient
 from qwen25vl_embed.embeddings import Embeddings, Timings
 from qwen25vl_embed.errors import EmbeddingError, LocalRequestError
 from qwen25vl_embed.images import ImageInput
 from qwen25vl_embed.info import RetrievalRecipe, ServerInfo
+from qwen25vl_embed.options import ExtractOptions
 from qwen25vl_embed.search import maxsim, pool_tokens, storage_bytes
 
 try:
@@ -48,15 +54,19 @@ except PackageNotFoundError:  # running from a source tree that was never instal
     __version__ = "0.0.0"
 
 __all__ = [
+    "Arithmetic",
     "AsyncEmbeddingClient",
     "EmbeddingClient",
     "EmbeddingError",
     "Embeddings",
+    "ExtractOptions",
     "ImageInput",
     "LocalRequestError",
+    "PromptFormat",
     "RetrievalRecipe",
     "ServerInfo",
     "Timings",
+    "VectorEncoding",
     "__version__",
     "maxsim",
     "pool_tokens",

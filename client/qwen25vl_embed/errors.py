@@ -12,9 +12,19 @@ Which errors come from where:
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
+
 import grpc
 
-__all__ = ["EmbeddingError", "LocalRequestError", "from_rpc_error", "not_ready_error", "still_loading"]
+__all__ = [
+    "EmbeddingError",
+    "LocalRequestError",
+    "ReadyWait",
+    "from_rpc_error",
+    "not_ready_error",
+    "still_loading",
+]
 
 
 class EmbeddingError(Exception):
@@ -85,3 +95,39 @@ def not_ready_error(target: str, timeout: float, last: EmbeddingError | None) ->
     return EmbeddingError(
         grpc.StatusCode.DEADLINE_EXCEEDED, f"the server at {target} was not ready within {timeout:g} s{seen}"
     )
+
+
+class ReadyWait:
+    """The bookkeeping of one ``wait_ready``: its deadline, the last failure, when to give up.
+
+    Both clients loop ``for remaining in wait.attempts()``: an Info call with ``remaining`` as
+    its deadline; on failure ``wait.failed(err)`` (raises what is not worth waiting through), then
+    a pause of ``wait.pause()`` seconds; after the loop, ``raise wait.gave_up()``.
+    """
+
+    POLL_SECONDS = 0.2  # how often to ask a loading server
+
+    def __init__(self, target: str, timeout: float) -> None:
+        self._target = target
+        self._timeout = timeout
+        self._deadline = time.monotonic() + timeout
+        self._last: EmbeddingError | None = None
+
+    def attempts(self) -> Iterator[float]:
+        """The seconds left before the deadline, once per attempt, while some are left."""
+        while (remaining := self._deadline - time.monotonic()) > 0:
+            yield remaining
+
+    def failed(self, err: grpc.RpcError) -> None:
+        """Record a failed attempt; raise its :class:`EmbeddingError` unless the server is loading."""
+        self._last = from_rpc_error(err)
+        if not still_loading(self._last):
+            raise self._last from err
+
+    def pause(self) -> float:
+        """Seconds to wait before the next attempt (never past the deadline)."""
+        return min(self.POLL_SECONDS, max(0.0, self._deadline - time.monotonic()))
+
+    def gave_up(self) -> EmbeddingError:
+        """The DEADLINE_EXCEEDED error to raise when no attempt succeeded in time."""
+        return not_ready_error(self._target, self._timeout, self._last)

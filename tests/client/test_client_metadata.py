@@ -10,7 +10,7 @@ import grpc
 import pytest
 
 from qwen25vl_embed import EmbeddingClient, EmbeddingError, Embeddings
-from qwen25vl_embed_server.core.extractor import Extractor
+from qwen25vl_embed_server.core.model.extractor import Extractor
 from qwen25vl_embed_server.rpc.auth import AuthConfig
 from qwen25vl_embed_server.rpc.harness import BackgroundServer
 

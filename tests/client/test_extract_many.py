@@ -13,9 +13,9 @@ import pytest
 from qwen25vl_embed import EmbeddingClient, EmbeddingError, Embeddings
 from qwen25vl_embed.v1 import embed_pb2 as pb
 from qwen25vl_embed.v1 import embed_pb2_grpc as pb_grpc
-from qwen25vl_embed_server.core.batcher import BatchingConfig
-from qwen25vl_embed_server.core.extractor import Extraction
-from qwen25vl_embed_server.core.pipeline import Pipeline
+from qwen25vl_embed_server.core.model.finishing import Extraction
+from qwen25vl_embed_server.core.scheduling.batcher import BatchingConfig
+from qwen25vl_embed_server.core.scheduling.pipeline import Pipeline
 from qwen25vl_embed_server.rpc.harness import BackgroundServer
 
 from ..helpers import noise_image, png_bytes

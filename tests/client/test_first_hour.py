@@ -18,7 +18,7 @@ import pytest
 
 from qwen25vl_embed import AsyncEmbeddingClient, EmbeddingClient, EmbeddingError, Embeddings, LocalRequestError
 from qwen25vl_embed_server.cli import main
-from qwen25vl_embed_server.core.extractor import Extractor
+from qwen25vl_embed_server.core.model.extractor import Extractor
 from qwen25vl_embed_server.rpc.server import RunningServer, create_server
 
 from ..helpers import noise_image, png_bytes, server_config

@@ -13,7 +13,7 @@ from colpali_engine.compression.token_pooling import HierarchicalTokenPooler
 from colpali_engine.models import ColQwen2_5_Processor
 
 from qwen25vl_embed import AsyncEmbeddingClient, EmbeddingClient, maxsim, pool_tokens, storage_bytes
-from qwen25vl_embed_server.core.extractor import Extractor
+from qwen25vl_embed_server.core.model.extractor import Extractor
 from qwen25vl_embed_server.rpc.harness import BackgroundServer
 
 from ..helpers import assert_batched_close, noise_image, png_bytes, server_config

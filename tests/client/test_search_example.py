@@ -18,7 +18,7 @@ import pytest
 from qdrant_client import QdrantClient
 
 from qwen25vl_embed import EmbeddingClient
-from qwen25vl_embed_server.core.extractor import Extractor
+from qwen25vl_embed_server.core.model.extractor import Extractor
 from qwen25vl_embed_server.rpc.harness import BackgroundServer
 
 from ..helpers import noise_image, server_config
