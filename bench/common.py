@@ -39,8 +39,8 @@ import torch
 from PIL import Image
 
 from qwen25vl_embed import EmbeddingClient
-from qwen25vl_embed_server.core.extractor import Extractor, Prepared
-from qwen25vl_embed_server.core.tiny_model import BENCH_SHAPE, QWEN25VL_7B_SHAPE, TinyShape, build_tiny_model
+from qwen25vl_embed_server.core.fixtures.tiny_model import BENCH_SHAPE, QWEN25VL_7B_SHAPE, TinyShape, build_tiny_model
+from qwen25vl_embed_server.core.model.extractor import Extractor, Prepared
 
 log = logging.getLogger(__name__)
 

@@ -9,10 +9,10 @@ from typing import Any
 import pytest
 
 from qwen25vl_embed import EmbeddingClient
-from qwen25vl_embed_server.core.batcher import BatchingConfig
-from qwen25vl_embed_server.core.extractor import Extractor
-from qwen25vl_embed_server.core.loading import LoadedModel, LoadOptions, load_model
-from qwen25vl_embed_server.core.tiny_model import build_tiny_model
+from qwen25vl_embed_server.core.fixtures.tiny_model import build_tiny_model
+from qwen25vl_embed_server.core.model.extractor import Extractor
+from qwen25vl_embed_server.core.model.loading import LoadedModel, LoadOptions, load_model
+from qwen25vl_embed_server.core.scheduling.batcher import BatchingConfig
 from qwen25vl_embed_server.rpc.harness import BackgroundServer
 
 from .helpers import server_config
@@ -37,7 +37,7 @@ def extractor(loaded: LoadedModel) -> Extractor:
 @pytest.fixture(scope="session")
 def colqwen_adapter(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random-weight ColQwen2.5 in the published layout; the adapter folder (base beside it)."""
-    from qwen25vl_embed_server.core.tiny_retrieval import build_tiny_retrieval
+    from qwen25vl_embed_server.core.fixtures.tiny_retrieval import build_tiny_retrieval
 
     return build_tiny_retrieval(tmp_path_factory.mktemp("colqwen"), "colqwen2.5")
 

@@ -10,11 +10,11 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from qwen25vl_embed_server.core import mkl_dispatch
-from qwen25vl_embed_server.core.batcher import BatchingConfig
+from qwen25vl_embed_server.core.admission.limits import Limits
+from qwen25vl_embed_server.core.cpu import mkl_dispatch
 from qwen25vl_embed_server.core.defaults import DEFAULT_CHUNK_BYTES, DEFAULT_STREAM_WINDOW
-from qwen25vl_embed_server.core.limits import Limits
-from qwen25vl_embed_server.core.pipeline import PipelineConfig
+from qwen25vl_embed_server.core.scheduling.batcher import BatchingConfig
+from qwen25vl_embed_server.core.scheduling.pipeline import PipelineConfig
 from qwen25vl_embed_server.rpc.calls import ServiceConfig
 from qwen25vl_embed_server.rpc.server import ServerConfig
 
@@ -63,6 +63,6 @@ def assert_batched_close(actual: np.ndarray, expected: np.ndarray, name: str = "
 
 
 def applies_here() -> bool:
-    """Whether MKL's dispatch by features applies on this machine (core/mkl_dispatch.py): the
+    """Whether MKL's dispatch by features applies on this machine (core/cpu/mkl_dispatch.py): the
     expectation its tests compute from the CPU, so that they run everywhere."""
     return sys.platform == "linux" and platform.machine() == "x86_64" and mkl_dispatch._cpu_vendor() != "GenuineIntel"

@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import Benchmark, noise_image
-from qwen25vl_embed_server.core.loading import LoadOptions
-from qwen25vl_embed_server.core.tiny_model import build_tiny_model
+from qwen25vl_embed_server.core.fixtures.tiny_model import build_tiny_model
+from qwen25vl_embed_server.core.model.loading import LoadOptions
 from qwen25vl_embed_server.ray.bulk_job import BulkJob, BulkReport, run_bulk
 
 BENCH = Benchmark(__spec__.name, __doc__)

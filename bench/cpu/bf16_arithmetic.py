@@ -6,7 +6,7 @@
 
 The 'bench' random-weight checkpoint (its float32 weights) loaded three times on the CPU, as the
 server loads it: ``bf16 native`` (``--bf16-arithmetic native``: torch's bf16 kernels, oneDNN-packed),
-``bf16 float32`` (``--bf16-arithmetic float32``, ``core/bf16_arithmetic.py``) and ``fp32`` (the
+``bf16 float32`` (``--bf16-arithmetic float32``, ``core/cpu/bf16_arithmetic.py``) and ``fp32`` (the
 default dtype, for reference). Each round runs the batch once on each, the order alternating.
 Prints ms per image (median over rounds), each one's speed over ``bf16 native``, and each bf16
 variant's largest error against fp32, relative to the capture point's largest magnitude: the two
@@ -27,9 +27,9 @@ import torch
 
 from bench.common import Benchmark, alternating_ms, checkpoint, noise_image, prepared_batches, relative_difference
 from bench.cpu.exact_forwards import OUTPUTS, SIZES
-from qwen25vl_embed_server.core.bf16_arithmetic import cpu_has_bf16_dot_products
-from qwen25vl_embed_server.core.extractor import Extractor
-from qwen25vl_embed_server.core.loading import LoadOptions, load_model
+from qwen25vl_embed_server.core.cpu.bf16_arithmetic import cpu_has_bf16_dot_products
+from qwen25vl_embed_server.core.model.extractor import Extractor
+from qwen25vl_embed_server.core.model.loading import LoadOptions, load_model
 
 BENCH = Benchmark(__spec__.name, __doc__)
 VARIANTS = {"bf16 native": ("bfloat16", "native"), "bf16 float32": ("bfloat16", "float32"), "fp32": ("float32", "auto")}

@@ -8,7 +8,7 @@ Two copies of the 'bench' random-weight checkpoint on the CPU, loaded as the ser
 (bf16 in torch's bf16 kernels, ``--bf16-arithmetic native``, on both sides):
 ``ours`` (every forward of ours installed) and ``transformers`` (the same load, the chosen levers'
 modules given back transformers' forward). Levers: ``vision-attention``
-(``core/vision_attention.py``) and ``patch-embedding`` (``core/patch_embedding.py``). Each round runs
+(``core/cpu/vision_attention.py``) and ``patch-embedding`` (``core/cpu/patch_embedding.py``). Each round runs
 the batch once on each, the order alternating. Prints ms per image (median over rounds), the ratio,
 and whether every capture point is equal. ``--vision-only`` asks for vision outputs only, so the
 language model does not run.
@@ -27,8 +27,8 @@ from typing import Any
 import numpy as np
 
 from bench.common import Benchmark, alternating_ms, checkpoint, noise_images, prepared_batches
-from qwen25vl_embed_server.core.extractor import Extractor
-from qwen25vl_embed_server.core.loading import LoadOptions, load_model
+from qwen25vl_embed_server.core.model.extractor import Extractor
+from qwen25vl_embed_server.core.model.loading import LoadOptions, load_model
 
 BENCH = Benchmark(__spec__.name, __doc__)
 SIZES = {"uniform": [(448, 448)] * 4, "mixed": [(448, 448), (300, 700), (1000, 250), (640, 480)]}

@@ -52,10 +52,10 @@ from tests.cpu_caps import CAPS, probe, problems
 from tests.helpers import noise_image, png_bytes
 
 from bench.common import ROOT, Benchmark, module_command
-from qwen25vl_embed_server.core.extractor import Extractor, similar_lengths
-from qwen25vl_embed_server.core.loading import LoadOptions, load_model
-from qwen25vl_embed_server.core.mkl_dispatch import state as mkl_dispatch_state
-from qwen25vl_embed_server.core.tiny_model import build_tiny_model
+from qwen25vl_embed_server.core.cpu.mkl_dispatch import state as mkl_dispatch_state
+from qwen25vl_embed_server.core.fixtures.tiny_model import build_tiny_model
+from qwen25vl_embed_server.core.model.extractor import Extractor, similar_lengths
+from qwen25vl_embed_server.core.model.loading import LoadOptions, load_model
 
 BENCH = Benchmark(__spec__.name, __doc__)
 
@@ -257,7 +257,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     rows = [comparison.row() for comparison in comparisons(runs)]
     print(table(rows))
     details = {
-        "model": "tiny random-weight Qwen2.5-VL (core/tiny_model.py, default shape), float32, CPU",
+        "model": "tiny random-weight Qwen2.5-VL (core/fixtures/tiny_model.py, default shape), float32, CPU",
         "requests": {
             "image_sizes": [f"{w}x{h}" for w, h in SIZES],
             "prompt": PROMPT,

@@ -3,7 +3,7 @@
     python -m bench.cpu.mkl_dispatch                   # fp32 exact, fp32 onednn, bf16; 3 rounds
     python -m bench.cpu.mkl_dispatch --variants float32 --rounds 5
 
-``core/mkl_dispatch.py`` is a state of the whole process, set before torch loads, so each
+``core/cpu/mkl_dispatch.py`` is a state of the whole process, set before torch loads, so each
 measurement is a fresh process of this module (``--measure``) with ``QWEN25VL_EMBED_MKL_DISPATCH``
 set to ``features`` (what the package does) or ``vendor`` (MKL's own choice), in alternating order.
 Each process times torch's fp32 linear at the 'bench' language model's MLP shape (GFLOP/s) and the
@@ -42,10 +42,10 @@ from bench.common import (
     noise_images,
     relative_difference,
 )
-from qwen25vl_embed_server.core import mkl_dispatch
-from qwen25vl_embed_server.core.extractor import Extractor
-from qwen25vl_embed_server.core.loading import LoadOptions, load_model
-from qwen25vl_embed_server.core.tiny_model import BENCH_SHAPE
+from qwen25vl_embed_server.core.cpu import mkl_dispatch
+from qwen25vl_embed_server.core.fixtures.tiny_model import BENCH_SHAPE
+from qwen25vl_embed_server.core.model.extractor import Extractor
+from qwen25vl_embed_server.core.model.loading import LoadOptions, load_model
 
 BENCH = Benchmark(__spec__.name, __doc__)
 # name: (dtype, fp32 matmul)

@@ -24,9 +24,9 @@ from collections.abc import Sequence
 import torch
 
 from bench.common import PROMPT, Benchmark, alternating_ms, checkpoint, noise_images, relative_difference
-from qwen25vl_embed_server.core.extractor import Extractor, Prepared
-from qwen25vl_embed_server.core.loading import LoadOptions, load_model
-from qwen25vl_embed_server.core.packed_linear import pack_linears
+from qwen25vl_embed_server.core.cpu.packed_linear import pack_linears
+from qwen25vl_embed_server.core.model.extractor import Extractor, Prepared
+from qwen25vl_embed_server.core.model.loading import LoadOptions, load_model
 
 BENCH = Benchmark(__spec__.name, __doc__)
 

@@ -58,9 +58,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from bench.common import PROMPT, Benchmark, checkpoint, noise_images
 from bench.cpu.exact_forwards import OUTPUTS, SIZES
-from qwen25vl_embed_server.core.extractor import Extractor
-from qwen25vl_embed_server.core.loading import LoadOptions, load_model
-from qwen25vl_embed_server.core.packed_linear import PackedLinear
+from qwen25vl_embed_server.core.cpu.packed_linear import PackedLinear
+from qwen25vl_embed_server.core.model.extractor import Extractor
+from qwen25vl_embed_server.core.model.loading import LoadOptions, load_model
 
 BENCH = Benchmark(__spec__.name, __doc__)
 

@@ -23,9 +23,9 @@ import torch
 
 from bench.common import PROMPT, Benchmark, checkpoint, noise_png, sync
 from bench.throughput import vs_original
-from qwen25vl_embed_server.core.extractor import Extractor, Prepared
-from qwen25vl_embed_server.core.image_decoding import decode_image
-from qwen25vl_embed_server.core.loading import LoadOptions, load_model
+from qwen25vl_embed_server.core.model.extractor import Extractor, Prepared
+from qwen25vl_embed_server.core.model.image_decoding import decode_image
+from qwen25vl_embed_server.core.model.loading import LoadOptions, load_model
 
 BENCH = Benchmark(__spec__.name, __doc__)
 

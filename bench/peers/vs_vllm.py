@@ -13,7 +13,7 @@ ships (exact) and once with ``--fp32-matmul onednn``, in bf16 once as it ships a
 ``--bf16-arithmetic native``; ``--before DIR`` adds the server of another
 checkout of this project (its ``server/`` and ``client/`` first on ``PYTHONPATH``), so a change is
 measured against what it replaces in one run; ``ours vendor`` is ours with MKL's own kernel choice
-(``QWEN25VL_EMBED_MKL_DISPATCH=vendor``, see ``core/mkl_dispatch.py``), and
+(``QWEN25VL_EMBED_MKL_DISPATCH=vendor``, see ``core/cpu/mkl_dispatch.py``), and
 ``--vllm-mkl-dispatch vendor features`` runs vLLM as it ships and with our choice (its processes
 preload the same definition), side by side. Both sides decode the
 images inside their timing. Before each timed run the bench waits for the machine to go idle:
@@ -55,7 +55,7 @@ from bench.common import (
     wait_until_idle,
 )
 from qwen25vl_embed import EmbeddingClient
-from qwen25vl_embed_server.core import mkl_dispatch
+from qwen25vl_embed_server.core.cpu import mkl_dispatch
 from qwen25vl_embed_server.rpc.harness import ServerProcess
 
 BENCH = Benchmark(__spec__.name, __doc__)
@@ -193,7 +193,7 @@ def variants_for(dtype: str, before: Path | None) -> list[Variant]:
     """What each dtype compares: ours as it ships, fp32 also with oneDNN matmuls, bf16 also with
     torch's bf16 kernels (``--bf16-arithmetic native``: what ``auto`` picks on CPUs with bf16 dot
     products, and the lever alone where it picks float32), ours with MKL's own dispatch
-    (``core/mkl_dispatch.py``: the lever alone), and ``before``."""
+    (``core/cpu/mkl_dispatch.py``: the lever alone), and ``before``."""
     variants = [Variant("ours")]
     if dtype == "float32":
         variants.append(Variant("ours onednn", ("--fp32-matmul", "onednn")))

@@ -1,5 +1,5 @@
 """ms per image against batch size, the model alone, in alternating rounds: what sets the CPU's
-default bound of a batch (``CPU_BATCH_TOKENS`` in ``core/batcher.py``).
+default bound of a batch (``CPU_BATCH_TOKENS`` in ``core/scheduling/batcher.py``).
 
     python -m bench.service.batch_size                         # fp32, 16 noise images 448x448
     python -m bench.service.batch_size --dtype bfloat16 --fp32-matmul exact --sizes 1 4 16
@@ -21,8 +21,8 @@ from collections.abc import Callable, Sequence
 
 from bench.common import PROMPT, Benchmark, alternating, checkpoint, noise_images
 from qwen25vl_embed_server.core.defaults import FP32_MATMULS
-from qwen25vl_embed_server.core.extractor import Extractor, Prepared
-from qwen25vl_embed_server.core.loading import LoadOptions, load_model
+from qwen25vl_embed_server.core.model.extractor import Extractor, Prepared
+from qwen25vl_embed_server.core.model.loading import LoadOptions, load_model
 
 BENCH = Benchmark(__spec__.name, __doc__)
 OUTPUTS = {"with the LM": "lm_last_token", "vision only": "vision_pooled_mean"}

@@ -22,10 +22,10 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import Benchmark, latency_ms, noise_image
-from qwen25vl_embed_server.core.batcher import Batcher, BatchingConfig
-from qwen25vl_embed_server.core.extractor import Extractor, Prepared
-from qwen25vl_embed_server.core.loading import LoadOptions, load_model
-from qwen25vl_embed_server.core.tiny_model import build_tiny_model
+from qwen25vl_embed_server.core.fixtures.tiny_model import build_tiny_model
+from qwen25vl_embed_server.core.model.extractor import Extractor, Prepared
+from qwen25vl_embed_server.core.model.loading import LoadOptions, load_model
+from qwen25vl_embed_server.core.scheduling.batcher import Batcher, BatchingConfig
 
 BENCH = Benchmark(__spec__.name, __doc__)
 

@@ -3,7 +3,7 @@
     python -m bench.service.model_thread                  # fp32 and bf16, one noise image 448x448 per run
     python -m bench.service.model_thread --dtypes bfloat16 --rounds 5
 
-libgomp's throttling (see ``core/model_thread.py``) is a state of the whole process, so each
+libgomp's throttling (see ``core/scheduling/model_thread.py``) is a state of the whole process, so each
 measurement is a fresh process of this module (``--measure``), the variants in alternating order.
 Variants: ``one thread`` (the model loads on its thread; requests are prepared on a preprocessing
 thread that calls ``single_threaded_torch``: what ``serve`` does) and ``two teams`` (the same, with
@@ -26,9 +26,9 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
 from bench.common import PROMPT, ROOT, Benchmark, alternating, checkpoint, module_command, noise_images
-from qwen25vl_embed_server.core.extractor import Extractor
-from qwen25vl_embed_server.core.loading import LoadOptions, load_model
-from qwen25vl_embed_server.core.model_thread import single_threaded_torch
+from qwen25vl_embed_server.core.model.extractor import Extractor
+from qwen25vl_embed_server.core.model.loading import LoadOptions, load_model
+from qwen25vl_embed_server.core.scheduling.model_thread import single_threaded_torch
 
 BENCH = Benchmark(__spec__.name, __doc__)
 VARIANTS = {"one thread": True, "two teams": False}

@@ -7,7 +7,7 @@ The server decodes and preprocesses each request on a pool of threads (``--prepr
 beside the model thread. Decoding (Pillow, libpng / libjpeg) and the processor's torch ops
 (transformers' torchvision backend; each worker runs them on itself alone, as the server's do)
 release the GIL, the tokenizer and the Python around them do not. This measures the same chain
-the server runs (:func:`~qwen25vl_embed_server.core.request.prepare_request`: check, decode,
+the server runs (:func:`~qwen25vl_embed_server.core.admission.request.prepare_request`: check, decode,
 chat template, processor) on threads and, for comparison, on processes, in alternating rounds.
 First it compares transformers' two image processors for the checkpoint on the same decoded
 images, in alternating rounds: the torchvision backend (transformers 5's default, which the server
@@ -36,11 +36,11 @@ import numpy as np
 from PIL import Image
 
 from bench.common import PROMPT, Benchmark, alternating, checkpoint, noise_image, png
-from qwen25vl_embed_server.core.extractor import Extractor
-from qwen25vl_embed_server.core.limits import Limits
-from qwen25vl_embed_server.core.loading import LoadOptions, load_model
-from qwen25vl_embed_server.core.model_thread import single_threaded_torch
-from qwen25vl_embed_server.core.request import EncodedRequest, prepare_request
+from qwen25vl_embed_server.core.admission.limits import Limits
+from qwen25vl_embed_server.core.admission.request import EncodedRequest, prepare_request
+from qwen25vl_embed_server.core.model.extractor import Extractor
+from qwen25vl_embed_server.core.model.loading import LoadOptions, load_model
+from qwen25vl_embed_server.core.scheduling.model_thread import single_threaded_torch
 
 BENCH = Benchmark(__spec__.name, __doc__)
 _EXTRACTOR: list[Extractor] = []  # one per process, loaded by the first worker started in it

@@ -40,7 +40,7 @@ from PIL import Image
 from bench.common import Benchmark, latency_ms, noise_image, png, run_threads
 from qwen25vl_embed import EmbeddingClient, EmbeddingError
 from qwen25vl_embed.v1 import embed_pb2 as pb
-from qwen25vl_embed_server.core.tiny_model import build_tiny_model
+from qwen25vl_embed_server.core.fixtures.tiny_model import build_tiny_model
 from qwen25vl_embed_server.rpc.harness import ServerProcess
 
 BENCH = Benchmark(__spec__.name, __doc__)

@@ -31,7 +31,7 @@ from bench.common import Benchmark, alternating
 from qwen25vl_embed.assembly import ResultBuilder
 from qwen25vl_embed.v1 import embed_pb2 as pb
 from qwen25vl_embed_server.core.defaults import DEFAULT_CHUNK_BYTES
-from qwen25vl_embed_server.core.extractor import Extraction
+from qwen25vl_embed_server.core.model.finishing import Extraction
 from qwen25vl_embed_server.rpc.encoded_responses import PassEncodedResponses, passing_encoded
 from qwen25vl_embed_server.rpc.messages import response_messages
 

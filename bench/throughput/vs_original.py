@@ -20,7 +20,7 @@ in-process, pooled outputs, image by image) and a tensor-transfer figure.
                                                                  # packed matmuls (the baseline stays
                                                                  # transformers')
 
-MKL's kernel choice (``core/mkl_dispatch.py``) is a state of the whole process. On the CPU the
+MKL's kernel choice (``core/cpu/mkl_dispatch.py``) is a state of the whole process. On the CPU the
 baseline runs in a child process of its own with MKL's own choice, as the original script did
 (``--baseline-mkl-dispatch features`` gives it ours: the comparison without that lever); this
 process and the server's take what the package ships (``QWEN25VL_EMBED_MKL_DISPATCH`` applies).
@@ -66,11 +66,11 @@ from bench.common import (
 )
 from bench.service.transfer import TransferResult, measure_transfer
 from qwen25vl_embed import EmbeddingClient
-from qwen25vl_embed_server.core import mkl_dispatch
+from qwen25vl_embed_server.core.cpu import mkl_dispatch
 from qwen25vl_embed_server.core.defaults import DEFAULT_FP32_MATMUL, FP32_MATMULS
-from qwen25vl_embed_server.core.extractor import Extractor
-from qwen25vl_embed_server.core.image_decoding import decode_image
-from qwen25vl_embed_server.core.loading import LoadedModel, LoadOptions, load_model, resolve_device
+from qwen25vl_embed_server.core.model.extractor import Extractor
+from qwen25vl_embed_server.core.model.image_decoding import decode_image
+from qwen25vl_embed_server.core.model.loading import LoadedModel, LoadOptions, load_model, resolve_device
 from qwen25vl_embed_server.rpc.harness import ServerProcess
 
 BENCH = Benchmark(__spec__.name, __doc__)

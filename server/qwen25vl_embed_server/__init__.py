@@ -15,7 +15,7 @@ checks it):
 
 The names below are the entry points for code that embeds the server; they load lazily, so
 importing this package costs nothing (the CLI imports torch only for commands that need it) but
-:func:`.core.mkl_dispatch.apply`, which must run before torch loads: import this package first.
+:func:`.core.cpu.mkl_dispatch.apply`, which must run before torch loads: import this package first.
 """
 
 from __future__ import annotations
@@ -23,31 +23,32 @@ from __future__ import annotations
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
-from qwen25vl_embed_server.core import mkl_dispatch
+from qwen25vl_embed_server.core.cpu import mkl_dispatch
 
 # Before anything here loads torch: MKL then chooses its kernels by the CPU's features.
 mkl_dispatch.apply()
 
 if TYPE_CHECKING:
-    from qwen25vl_embed_server.core.extractor import Extraction, Extractor
-    from qwen25vl_embed_server.core.limits import Limits
-    from qwen25vl_embed_server.core.loading import LoadedModel, LoadOptions, load_model
-    from qwen25vl_embed_server.core.pipeline import Pipeline, PipelineConfig
-    from qwen25vl_embed_server.core.request import EncodedRequest
+    from qwen25vl_embed_server.core.admission.limits import Limits
+    from qwen25vl_embed_server.core.admission.request import EncodedRequest
+    from qwen25vl_embed_server.core.model.extractor import Extractor
+    from qwen25vl_embed_server.core.model.finishing import Extraction
+    from qwen25vl_embed_server.core.model.loading import LoadedModel, LoadOptions, load_model
+    from qwen25vl_embed_server.core.scheduling.pipeline import Pipeline, PipelineConfig
     from qwen25vl_embed_server.rpc.calls import ServiceConfig
     from qwen25vl_embed_server.rpc.harness import BackgroundServer, ServerProcess
     from qwen25vl_embed_server.rpc.server import ServerConfig, create_server, serve
 
 _EXPORTS = {
-    "EncodedRequest": "core.request",
-    "Extraction": "core.extractor",
-    "Extractor": "core.extractor",
-    "Limits": "core.limits",
-    "LoadOptions": "core.loading",
-    "LoadedModel": "core.loading",
-    "load_model": "core.loading",
-    "Pipeline": "core.pipeline",
-    "PipelineConfig": "core.pipeline",
+    "EncodedRequest": "core.admission.request",
+    "Extraction": "core.model.finishing",
+    "Extractor": "core.model.extractor",
+    "Limits": "core.admission.limits",
+    "LoadOptions": "core.model.loading",
+    "LoadedModel": "core.model.loading",
+    "load_model": "core.model.loading",
+    "Pipeline": "core.scheduling.pipeline",
+    "PipelineConfig": "core.scheduling.pipeline",
     "ServiceConfig": "rpc.calls",
     "ServerConfig": "rpc.server",
     "create_server": "rpc.server",

@@ -100,7 +100,7 @@ def test_the_install_has_the_client_and_nothing_of_the_server_extra(client_only:
     probe = (
         "import importlib.util, json, sys\n"
         "import qwen25vl_embed\n"
-        "from qwen25vl_embed_server.core import mkl_dispatch\n"
+        "from qwen25vl_embed_server.core.cpu import mkl_dispatch\n"
         "names = json.loads(sys.argv[1])\n"
         "present = [n for n in names if importlib.util.find_spec(n) is not None]\n"
         "print(json.dumps({'present': present, 'mkl': mkl_dispatch.state().reason}))\n"

@@ -23,8 +23,8 @@ from qwen25vl_embed_server.cli.app import build_parser
 from qwen25vl_embed_server.cli.commands import load_options
 from qwen25vl_embed_server.cli.layout import output_folders
 from qwen25vl_embed_server.core import defaults
-from qwen25vl_embed_server.core.extractor import Extractor
-from qwen25vl_embed_server.core.loading import load_model
+from qwen25vl_embed_server.core.model.extractor import Extractor
+from qwen25vl_embed_server.core.model.loading import load_model
 from qwen25vl_embed_server.rpc.harness import BackgroundServer
 from qwen25vl_embed_server.rpc.server import ListenError, check_bindable
 
@@ -256,7 +256,7 @@ def test_a_relative_model_path_is_recorded_absolute(
 # seconds it took are the last line of its stdout.
 _TIMED_MAIN = """
 import sys, time
-import qwen25vl_embed_server.core.loading
+import qwen25vl_embed_server.core.model.loading
 from qwen25vl_embed_server.cli import main
 started = time.monotonic()
 code = main(sys.argv[1:])

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from qwen25vl_embed_server.cli import main
-from qwen25vl_embed_server.core.extractor import Extractor
+from qwen25vl_embed_server.core.model.extractor import Extractor
 from qwen25vl_embed_server.rpc.harness import BackgroundServer
 from qwen25vl_embed_server.rpc.server import ListenError, ServerConfig
 

@@ -18,9 +18,9 @@ from bench.common import PROMPT, ROOT, Benchmark, module_command, noise_png
 from bench.cpu import exact_forwards
 from bench.throughput import vs_original
 
-from qwen25vl_embed_server.core import patch_embedding
-from qwen25vl_embed_server.core.extractor import Extractor
-from qwen25vl_embed_server.core.image_decoding import decode_image
+from qwen25vl_embed_server.core.cpu import patch_embedding
+from qwen25vl_embed_server.core.model.extractor import Extractor
+from qwen25vl_embed_server.core.model.image_decoding import decode_image
 
 BENCHMARKS = sorted(
     ".".join(path.relative_to(ROOT).with_suffix("").parts)
@@ -82,7 +82,7 @@ def test_the_exact_forwards_bench_compares_the_forwards_alone(tiny_model_path: P
     extractors = exact_forwards.variants(dtype, list(exact_forwards.LEVERS), str(tiny_model_path))
     ours, theirs = (extractors[name].loaded.model.model.visual for name in ("ours", "transformers"))
     assert all("forward" in vars(block.attn) for block in ours.blocks)
-    # Installed wherever it applies (not in bf16 where oneDNN runs AMX: core/patch_embedding.py).
+    # Installed wherever it applies (not in bf16 where oneDNN runs AMX: core/cpu/patch_embedding.py).
     assert ("forward" in vars(ours.patch_embed)) == (patch_embedding.applies(ours.patch_embed) is None)
     assert not any("forward" in vars(module) for module in [*theirs.blocks.modules(), theirs.patch_embed])
     image = decode_image(noise_png(112, 112, seed=5))

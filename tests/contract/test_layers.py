@@ -1,6 +1,8 @@
 """The layering the project promises (docs/architecture.md): each room imports only the rooms
-below it; the core never imports gRPC or generated code; the SDK, and the command line's client
-path, import nothing but the standard library and the base dependencies when they load."""
+below it; the core never imports gRPC or generated code, and inside it the CPU levers never import
+scheduling, admission loads without torch and the offline fixtures serve only tests and the
+command line; the SDK, and the command line's client path, import nothing but the standard library
+and the base dependencies when they load; no module is over 400 lines."""
 
 from __future__ import annotations
 
@@ -48,6 +50,11 @@ ALLOWED = {
     "ray": {"core", "rpc", "ray", "sdk"},
     "cli": {"core", "rpc", "ray", "cli", "sdk"},
 }
+CORE = PACKAGE / "core"
+# The one module outside the command line that may import the fixtures, inside a function: the
+# loader builds the ``tiny-random`` checkpoint when it is asked for it by name.
+FIXTURE_LOADERS = {"core/model/loading.py"}
+MAX_LINES = 400
 
 
 @dataclass(frozen=True)
@@ -181,7 +188,8 @@ def _modules_after_import(*modules: str) -> set[str]:
 
 def _room_modules(room: str) -> list[str]:
     prefix = f"qwen25vl_embed_server.{room}."
-    return [info.name for info in pkgutil.walk_packages([str(PACKAGE / room)], prefix) if not info.ispkg]
+    folder = PACKAGE.joinpath(*room.split("."))
+    return [info.name for info in pkgutil.walk_packages([str(folder)], prefix) if not info.ispkg]
 
 
 def _imported_rooms(path: Path) -> set[str]:
@@ -216,7 +224,7 @@ def test_each_room_imports_only_the_rooms_below_it(room: str) -> None:
 
 def test_the_whole_core_loads_no_grpc_and_no_generated_code() -> None:
     core = _room_modules("core")
-    assert "qwen25vl_embed_server.core.pipeline" in core  # the walk finds the modules
+    assert "qwen25vl_embed_server.core.scheduling.pipeline" in core  # the walk finds the modules
     loaded = _modules_after_import(*core)
     assert "torch" in loaded  # the probe works: the core does load torch
     leaked = sorted(m for m in loaded if m.split(".")[0] == "grpc" or "embed_pb2" in m)
@@ -251,7 +259,7 @@ def test_the_clis_client_path_imports_only_the_base_dependencies() -> None:
 
 
 def test_the_base_import_check_finds_server_only_imports() -> None:
-    reached = _reached(["qwen25vl_embed_server.core.image_decoding", "qwen25vl_embed_server.rpc.server"])
+    reached = _reached(["qwen25vl_embed_server.core.model.image_decoding", "qwen25vl_embed_server.rpc.server"])
     found = {problem.partition(" imports ")[2].split()[0].partition(".")[0] for problem in _beyond_the_base(reached)}
     assert {"simplejpeg", "grpc_health", "grpc_reflection"} <= found
 
@@ -260,3 +268,73 @@ def test_no_module_is_over_500_lines() -> None:
     roots = [PACKAGE, PACKAGE.parents[1] / "client" / "qwen25vl_embed"]
     long = {str(p): n for root in roots for p in root.rglob("*.py") if (n := len(p.read_text().splitlines())) > 500}
     assert long == {}
+
+
+def test_no_server_module_is_over_400_lines() -> None:
+    long = {
+        str(p.relative_to(PACKAGE)): n
+        for p in PACKAGE.rglob("*.py")
+        if (n := len(p.read_text().splitlines())) > MAX_LINES
+    }
+    assert long == {}
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imported_modules(path: Path) -> set[str]:
+    """Every module of ours a module imports anywhere in its body (``from a import b``: ``a`` and
+    ``a.b``; relative imports resolved)."""
+    package = _module_name(path) if path.name == "__init__.py" else _module_name(path).rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            anchor = package.split(".")[: len(package.split(".")) - node.level + 1] if node.level else []
+            source = ".".join([*anchor, *([node.module] if node.module else [])])
+            found |= {source, *(f"{source}.{alias.name}" for alias in node.names)}
+    return {name for name in found if name.partition(".")[0] in OURS}
+
+
+def test_the_core_is_in_rooms_of_its_own() -> None:
+    """The core's modules live in its subpackages; only ``defaults`` and ``errors`` (leaves that
+    every one of them reads) sit beside them."""
+    assert sorted(p.name for p in CORE.glob("*.py")) == ["__init__.py", "defaults.py", "errors.py"]
+    rooms = sorted(p.name for p in CORE.iterdir() if (p / "__init__.py").is_file())
+    assert rooms == ["admission", "cpu", "fixtures", "model", "retrieval", "scheduling"]
+
+
+def test_the_cpu_levers_never_import_scheduling() -> None:
+    modules = sorted((CORE / "cpu").rglob("*.py"))
+    assert any(p.name == "levers.py" for p in modules)
+    for path in modules:
+        scheduling = sorted(m for m in _imported_modules(path) if m.startswith("qwen25vl_embed_server.core.scheduling"))
+        assert scheduling == [], f"{path.relative_to(PACKAGE)} imports {scheduling}"
+
+
+def test_admission_loads_without_torch() -> None:
+    """Admission checks a request before any model runs: none of its modules, nor anything they
+    import when they load, imports torch or transformers."""
+    admission = _room_modules("core.admission")
+    assert "qwen25vl_embed_server.core.admission.request" in admission
+    loaded = _modules_after_import(*admission)
+    assert "qwen25vl_embed_server.core.admission.cost" in loaded  # the probe imported them
+    assert sorted(m for m in loaded if m.partition(".")[0] in {"torch", "transformers"}) == []
+
+
+def test_the_fixtures_serve_only_tests_and_the_command_line() -> None:
+    """The offline checkpoints are imported by the command line (and by the fixtures themselves);
+    elsewhere only by the loader, inside the function that builds ``tiny-random``."""
+    for path in sorted(PACKAGE.rglob("*.py")):
+        where = str(path.relative_to(PACKAGE))
+        if where.startswith(("cli/", "core/fixtures/")):
+            continue
+        fixtures = sorted(m for m in _imported_modules(path) if m.startswith("qwen25vl_embed_server.core.fixtures"))
+        if where in FIXTURE_LOADERS:
+            at_load = [name for name, _ in _import_time_imports(_module_name(path), path) if ".fixtures" in name]
+            assert at_load == [], f"{where} imports the fixtures when it loads"
+        else:
+            assert fixtures == [], f"{where} imports {fixtures}"

@@ -18,7 +18,7 @@ import pytest
 from qwen25vl_embed import EmbeddingClient
 from qwen25vl_embed.requests import build_request
 from qwen25vl_embed.v1 import embed_pb2_grpc as pb_grpc
-from qwen25vl_embed_server.core.extractor import Extractor
+from qwen25vl_embed_server.core.model.extractor import Extractor
 from qwen25vl_embed_server.rpc.harness import BackgroundServer
 
 from ..helpers import noise_image, png_bytes, server_config

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from qwen25vl_embed_server.core.extractor import Extractor
+from qwen25vl_embed_server.core.model.extractor import Extractor
 from qwen25vl_embed_server.rpc.harness import BackgroundServer
 
 from ..helpers import server_config

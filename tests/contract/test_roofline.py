@@ -18,7 +18,7 @@ from bench.cpu import roofline
 from PIL import Image
 from torch import nn
 
-from qwen25vl_embed_server.core.extractor import Extractor, Prepared
+from qwen25vl_embed_server.core.model.extractor import Extractor, Prepared
 
 
 def _brute_force_pairs(queries: int, keys: int, heads: int, allowed: torch.Tensor | None, causal: bool) -> int:

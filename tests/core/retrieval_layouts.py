@@ -33,8 +33,8 @@ from colpali_engine.models import BiQwen2_5, BiQwen2_5_Processor, ColQwen2_5, Co
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file, save_file
 
-from qwen25vl_embed_server.core.tiny_model import TinyShape, build_config, build_processor
-from qwen25vl_embed_server.core.tiny_retrieval import TARGET_MODULES
+from qwen25vl_embed_server.core.fixtures.tiny_model import TinyShape, build_config, build_processor
+from qwen25vl_embed_server.core.fixtures.tiny_retrieval import TARGET_MODULES
 
 LAYOUTS = {
     "colqwen2.5": ("adapter", "merged", "older-names", "trainer"),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from qwen25vl_embed_server.core.extractor import MAX_PADDING, Extractor, Prepared, similar_lengths
+from qwen25vl_embed_server.core.model.extractor import MAX_PADDING, Extractor, Prepared, similar_lengths
 
 from ..helpers import assert_batched_close, noise_image
 
@@ -106,7 +106,7 @@ def test_on_the_cpu_a_batch_holds_at_most_the_cpu_bound_of_tokens(extractor: Ext
     import asyncio
     from dataclasses import replace
 
-    from qwen25vl_embed_server.core.batcher import CPU_BATCH_TOKENS, Batcher, BatchingConfig
+    from qwen25vl_embed_server.core.scheduling.batcher import CPU_BATCH_TOKENS, Batcher, BatchingConfig
 
     assert BatchingConfig().tokens_for("cpu") == CPU_BATCH_TOKENS == 6144
     assert BatchingConfig().tokens_for("cuda") == BatchingConfig().tokens_for("mps") == 32768

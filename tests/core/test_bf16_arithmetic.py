@@ -24,10 +24,10 @@ from torch import nn
 from torch.nn import functional
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionPatchEmbed
 
-from qwen25vl_embed_server.core import bf16_arithmetic
-from qwen25vl_embed_server.core.bf16_arithmetic import ATTENTION, Float32Linear, Float32PatchEmbed, applies, attend
-from qwen25vl_embed_server.core.extractor import Extractor
-from qwen25vl_embed_server.core.loading import LoadOptions, load_model
+from qwen25vl_embed_server.core.cpu import bf16_arithmetic
+from qwen25vl_embed_server.core.cpu.bf16_arithmetic import ATTENTION, Float32Linear, Float32PatchEmbed, applies, attend
+from qwen25vl_embed_server.core.model.extractor import Extractor
+from qwen25vl_embed_server.core.model.loading import LoadOptions, load_model
 
 from ..helpers import noise_image, png_bytes
 from .test_fidelity import PROMPT, Reference
@@ -146,7 +146,7 @@ def test_onednn_capped_to_avx2_counts_as_a_cpu_without_bf16_dot_products() -> No
     widens there, whatever the CPU has (a child process: the cap is read when oneDNN loads)."""
     probe = (
         "import qwen25vl_embed_server, torch\n"
-        "from qwen25vl_embed_server.core import bf16_arithmetic as b\n"
+        "from qwen25vl_embed_server.core.cpu import bf16_arithmetic as b\n"
         "print(b.cpu_has_bf16_dot_products(), b.applies('auto', torch.device('cpu'), torch.bfloat16))\n"
     )
     env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}

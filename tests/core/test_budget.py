@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from qwen25vl_embed_server.core.budget import Budget
+from qwen25vl_embed_server.core.admission.budget import Budget
 from qwen25vl_embed_server.core.errors import DeadlineExceededError
 
 # Capacity 80: large above 10, a reserve of 20 for small ones, at most 60 held by large ones.

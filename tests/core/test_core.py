@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from qwen25vl_embed_server.core.errors import InvalidInputError
-from qwen25vl_embed_server.core.extractor import Extractor, Prepared
-from qwen25vl_embed_server.core.outputs import DEFAULT_OUTPUTS
+from qwen25vl_embed_server.core.model.extractor import Extractor, Prepared
+from qwen25vl_embed_server.core.model.outputs import DEFAULT_OUTPUTS
 
 from ..helpers import noise_image
 

@@ -16,12 +16,12 @@ import pytest
 
 from qwen25vl_embed import EmbeddingClient, EmbeddingError
 from qwen25vl_embed_server.cli.flags import LIMIT_FLAGS
-from qwen25vl_embed_server.core.cost import image_patches
+from qwen25vl_embed_server.core.admission.cost import image_patches
+from qwen25vl_embed_server.core.admission.limits import Limits
+from qwen25vl_embed_server.core.admission.request import EncodedRequest, estimate_request, prepare_request
 from qwen25vl_embed_server.core.errors import LimitExceededError
-from qwen25vl_embed_server.core.extractor import Extractor
-from qwen25vl_embed_server.core.limits import Limits
-from qwen25vl_embed_server.core.pipeline import Pipeline, PipelineConfig
-from qwen25vl_embed_server.core.request import EncodedRequest, estimate_request, prepare_request
+from qwen25vl_embed_server.core.model.extractor import Extractor
+from qwen25vl_embed_server.core.scheduling.pipeline import Pipeline, PipelineConfig
 from qwen25vl_embed_server.rpc.harness import BackgroundServer
 
 from ..helpers import noise_image, png_bytes, server_config

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from qwen25vl_embed_server.core.admission.limits import DEFAULT_MAX_PIXELS
 from qwen25vl_embed_server.core.errors import InvalidInputError
-from qwen25vl_embed_server.core.image_decoding import decode_image
-from qwen25vl_embed_server.core.image_formats import ALLOWED_FORMATS
-from qwen25vl_embed_server.core.limits import DEFAULT_MAX_PIXELS
+from qwen25vl_embed_server.core.model.image_decoding import decode_image
+from qwen25vl_embed_server.core.model.image_formats import ALLOWED_FORMATS
 
 from ..helpers import noise_image, png_bytes
 

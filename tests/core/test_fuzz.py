@@ -23,11 +23,11 @@ from PIL import Image
 
 from qwen25vl_embed.v1 import embed_pb2 as pb
 from qwen25vl_embed.v1 import embed_pb2_grpc as pb_grpc
+from qwen25vl_embed_server.core.admission.limits import Limits
+from qwen25vl_embed_server.core.admission.request import check_request
 from qwen25vl_embed_server.core.errors import InvalidInputError
-from qwen25vl_embed_server.core.image_decoding import decode_image
-from qwen25vl_embed_server.core.image_formats import ALLOWED_FORMATS
-from qwen25vl_embed_server.core.limits import Limits
-from qwen25vl_embed_server.core.request import check_request
+from qwen25vl_embed_server.core.model.image_decoding import decode_image
+from qwen25vl_embed_server.core.model.image_formats import ALLOWED_FORMATS
 from qwen25vl_embed_server.rpc.harness import BackgroundServer
 from qwen25vl_embed_server.rpc.messages import to_encoded
 

@@ -3,7 +3,7 @@ as the same weights in transformers 5's own layout.
 
 The published folders carry transformers 4 weight names in sharded safetensors with an index, a
 flat ``config.json``, ``preprocessor_config.json``, ``chat_template.json`` and a ``Qwen2Tokenizer``
-configuration; :mod:`~qwen25vl_embed_server.core.tiny_hub_layout` rewrites the tiny checkpoint into
+configuration; :mod:`~qwen25vl_embed_server.core.fixtures.tiny_hub_layout` rewrites the tiny checkpoint into
 that layout. transformers' own loading is the reference; fp32 on the CPU, so equality is exact.
 """
 
@@ -20,10 +20,10 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from qwen25vl_embed_server.core.extractor import Extractor
-from qwen25vl_embed_server.core.loading import LoadedModel, LoadOptions, load_model
-from qwen25vl_embed_server.core.tiny_hub_layout import build_tiny_hub_model, hub_weight_name, write_hub_layout
-from qwen25vl_embed_server.core.tiny_model import CHAT_TEMPLATE, build_tiny_model
+from qwen25vl_embed_server.core.fixtures.tiny_hub_layout import build_tiny_hub_model, hub_weight_name, write_hub_layout
+from qwen25vl_embed_server.core.fixtures.tiny_model import CHAT_TEMPLATE, build_tiny_model
+from qwen25vl_embed_server.core.model.extractor import Extractor
+from qwen25vl_embed_server.core.model.loading import LoadedModel, LoadOptions, load_model
 
 from ..helpers import noise_image
 

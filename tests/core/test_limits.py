@@ -13,17 +13,17 @@ from qwen25vl_embed.v1 import embed_pb2 as pb
 from qwen25vl_embed.v1 import embed_pb2_grpc as pb_grpc
 from qwen25vl_embed_server.cli import app as cli
 from qwen25vl_embed_server.cli.commands import server_config
-from qwen25vl_embed_server.core.errors import InvalidInputError, LimitExceededError
-from qwen25vl_embed_server.core.extractor import Extractor
-from qwen25vl_embed_server.core.image_decoding import decode_image
-from qwen25vl_embed_server.core.limits import PROMPT_CHARS_PER_TOKEN, Limits
-from qwen25vl_embed_server.core.loading import LoadedModel
-from qwen25vl_embed_server.core.request import (
+from qwen25vl_embed_server.core.admission.limits import PROMPT_CHARS_PER_TOKEN, Limits
+from qwen25vl_embed_server.core.admission.request import (
     RESERVED_PROMPT_TOKENS,
     EncodedRequest,
     check_prompt_tokens,
     check_request,
 )
+from qwen25vl_embed_server.core.errors import InvalidInputError, LimitExceededError
+from qwen25vl_embed_server.core.model.extractor import Extractor
+from qwen25vl_embed_server.core.model.image_decoding import decode_image
+from qwen25vl_embed_server.core.model.loading import LoadedModel
 from qwen25vl_embed_server.ray.deployment import EmbedderSettings
 from qwen25vl_embed_server.rpc.harness import BackgroundServer
 

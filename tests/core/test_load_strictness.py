@@ -14,11 +14,11 @@ from safetensors.torch import load_file, save_file
 from transformers import Qwen2_5_VLForConditionalGeneration
 
 from qwen25vl_embed_server.core.errors import ModelLoadError
-from qwen25vl_embed_server.core.extractor import Extractor
-from qwen25vl_embed_server.core.loading import LoadedModel, LoadOptions, load_model
-from qwen25vl_embed_server.core.retrieval_layout import detect_recipe, find_layout
-from qwen25vl_embed_server.core.tiny_model import TinyShape, build_config, build_processor
-from qwen25vl_embed_server.core.tiny_retrieval import build_tiny_retrieval
+from qwen25vl_embed_server.core.fixtures.tiny_model import TinyShape, build_config, build_processor
+from qwen25vl_embed_server.core.fixtures.tiny_retrieval import build_tiny_retrieval
+from qwen25vl_embed_server.core.model.extractor import Extractor
+from qwen25vl_embed_server.core.model.loading import LoadedModel, LoadOptions, load_model
+from qwen25vl_embed_server.core.retrieval.layout import detect_recipe, find_layout
 
 REFUSAL = "refusing to serve a partly random model (--allow-partial-weights loads it anyway)"
 
@@ -66,7 +66,7 @@ def test_a_checkpoint_missing_a_weight_is_refused_in_one_line(missing_norm: Path
 
 
 def test_allowed_partial_weights_load_with_a_warning(missing_norm: Path, caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="qwen25vl_embed_server.core.load_report"):
+    with caplog.at_level(logging.WARNING, logger="qwen25vl_embed_server.core.model.load_report"):
         loaded = _load(missing_norm, allow_partial_weights=True)
     assert [record.getMessage() for record in caplog.records] == [
         f"checkpoint {missing_norm}: 1 missing (newly initialised): model.language_model.norm.weight; "

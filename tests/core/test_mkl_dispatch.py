@@ -1,4 +1,4 @@
-"""MKL's dispatch by CPU features (core/mkl_dispatch.py): applied before torch, in fresh processes.
+"""MKL's dispatch by CPU features (core/cpu/mkl_dispatch.py): applied before torch, in fresh processes.
 
 The dispatch is a state of the whole process, so every case runs a fresh interpreter. Whether it
 applies depends on the machine (not on an Intel CPU, on Linux x86-64): the expectation is computed
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from qwen25vl_embed_server.core import mkl_dispatch
+from qwen25vl_embed_server.core.cpu import mkl_dispatch
 
 from ..helpers import applies_here
 
@@ -26,7 +26,7 @@ import ctypes, json, sys
 {before}
 import qwen25vl_embed_server
 import torch
-from qwen25vl_embed_server.core import mkl_dispatch
+from qwen25vl_embed_server.core.cpu import mkl_dispatch
 state = mkl_dispatch.state()
 resolved = answer = None
 if state.library is not None:
@@ -125,7 +125,7 @@ def test_without_a_compiler_it_says_so_and_torch_still_runs(tmp_path: Path) -> N
 def test_concurrent_first_builds_all_apply(tmp_path: Path) -> None:
     env = {key: value for key, value in os.environ.items() if key != mkl_dispatch.ENV}
     env["QWEN25VL_EMBED_CACHE"] = str(tmp_path / "cache")
-    code = "import qwen25vl_embed_server.core.mkl_dispatch as m; print(m.state().applied)"
+    code = "import qwen25vl_embed_server.core.cpu.mkl_dispatch as m; print(m.state().applied)"
     runs = [
         subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env) for _ in range(4)
     ]

@@ -22,10 +22,11 @@ import numpy as np
 import pytest
 import torch
 
-from qwen25vl_embed_server.core.batcher import Batcher, BatchingConfig
-from qwen25vl_embed_server.core.extractor import Extraction, Extractor, Prepared
-from qwen25vl_embed_server.core.model_lanes import ModelLanes
-from qwen25vl_embed_server.core.model_thread import ModelThread, set_torch_threads
+from qwen25vl_embed_server.core.model.extractor import Extractor, Prepared
+from qwen25vl_embed_server.core.model.finishing import Extraction
+from qwen25vl_embed_server.core.scheduling.batcher import Batcher, BatchingConfig
+from qwen25vl_embed_server.core.scheduling.model_lanes import ModelLanes
+from qwen25vl_embed_server.core.scheduling.model_thread import ModelThread, set_torch_threads
 
 from ..helpers import assert_batched_close, noise_image
 from ..rpc.test_faults import CALL_TIMEOUT

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -10,12 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from qwen25vl_embed_server.core.batcher import BatchingConfig
-from qwen25vl_embed_server.core.extractor import Extractor
-from qwen25vl_embed_server.core.loading import LoadOptions, load_model
-from qwen25vl_embed_server.core.model_thread import ModelThread, single_threaded_torch
-from qwen25vl_embed_server.core.pipeline import Pipeline, PipelineConfig
-from qwen25vl_embed_server.core.request import EncodedRequest
+from qwen25vl_embed_server.core.admission.request import EncodedRequest
+from qwen25vl_embed_server.core.model.extractor import Extractor
+from qwen25vl_embed_server.core.model.loading import LoadOptions, load_model
+from qwen25vl_embed_server.core.scheduling.batcher import BatchingConfig
+from qwen25vl_embed_server.core.scheduling.model_thread import ModelThread, single_threaded_torch
+from qwen25vl_embed_server.core.scheduling.pipeline import Pipeline, PipelineConfig
 
 from ..helpers import noise_image, png_bytes
 
@@ -35,6 +37,29 @@ def test_single_threaded_torch_caps_the_calling_thread_only() -> None:
     assert torch.get_num_threads() == before  # this thread (and the model's) keep theirs
     with ThreadPoolExecutor(1) as pool:  # a fresh thread starts with torch's count, not the cap
         assert pool.submit(torch.get_num_threads).result() == before
+
+
+def test_the_cap_holds_where_the_process_set_torchs_thread_count() -> None:
+    """Once ``torch.set_num_threads`` has run (a Ray actor sets its CPUs so), torch's lazy set-up of
+    a new thread's count would overwrite a cap made before it: the cap runs that set-up first. In a
+    child process, so that this process's threads keep torch's own default."""
+    probe = (
+        "import qwen25vl_embed_server, threading, torch\n"
+        "from qwen25vl_embed_server.core.scheduling.model_thread import single_threaded_torch\n"
+        "torch.set_num_threads(2)\n"
+        "seen = []\n"
+        "def capped():\n"
+        "    single_threaded_torch()\n"
+        "    torch.ones(100_000).sum()\n"
+        "    seen.append(torch.get_num_threads())\n"
+        "thread = threading.Thread(target=capped)\n"
+        "thread.start()\n"
+        "thread.join()\n"
+        "print(seen[0], torch.get_num_threads())\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["1", "2"]
 
 
 def test_preprocessing_workers_stay_single_threaded_after_real_requests(extractor: Extractor) -> None:

@@ -18,9 +18,9 @@ import torch
 from PIL import Image
 from torch import nn
 
-from qwen25vl_embed_server.core.extractor import Extractor
-from qwen25vl_embed_server.core.loading import LoadOptions, load_model
-from qwen25vl_embed_server.core.packed_linear import PackedLinear, PackedPatchEmbed, pack_linears, packing_applies
+from qwen25vl_embed_server.core.cpu.packed_linear import PackedLinear, PackedPatchEmbed, pack_linears, packing_applies
+from qwen25vl_embed_server.core.model.extractor import Extractor
+from qwen25vl_embed_server.core.model.loading import LoadOptions, load_model
 
 from ..helpers import assert_batched_close, noise_image, png_bytes
 from .test_fidelity import ALL_OUTPUTS, PROMPT, Reference

@@ -17,8 +17,8 @@ from torch import nn
 from transformers import AutoModelForImageTextToText, AutoProcessor
 from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl
 
-from qwen25vl_embed_server.core import patch_embedding
-from qwen25vl_embed_server.core.extractor import Extractor
+from qwen25vl_embed_server.core.cpu import patch_embedding
+from qwen25vl_embed_server.core.model.extractor import Extractor
 
 from ..helpers import noise_image
 

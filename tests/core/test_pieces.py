@@ -20,12 +20,13 @@ import pytest
 from PIL import Image
 
 from qwen25vl_embed import EmbeddingClient
-from qwen25vl_embed_server.core.batcher import Batcher, BatchingConfig
 from qwen25vl_embed_server.core.errors import DeadlineExceededError
-from qwen25vl_embed_server.core.extractor import Extraction, Extractor, Prepared
-from qwen25vl_embed_server.core.loading import LoadOptions, load_model
-from qwen25vl_embed_server.core.pieces import image_groups
-from qwen25vl_embed_server.core.tiny_retrieval import build_tiny_retrieval
+from qwen25vl_embed_server.core.fixtures.tiny_retrieval import build_tiny_retrieval
+from qwen25vl_embed_server.core.model.extractor import Extractor, Prepared
+from qwen25vl_embed_server.core.model.finishing import Extraction
+from qwen25vl_embed_server.core.model.loading import LoadOptions, load_model
+from qwen25vl_embed_server.core.scheduling.batcher import Batcher, BatchingConfig
+from qwen25vl_embed_server.core.scheduling.pieces import image_groups
 from qwen25vl_embed_server.rpc.harness import BackgroundServer
 
 from ..helpers import assert_batched_close, noise_image, png_bytes

@@ -8,11 +8,11 @@ import threading
 import pytest
 import torch
 
+from qwen25vl_embed_server.core.admission.limits import Limits
+from qwen25vl_embed_server.core.admission.request import EncodedRequest, prepare_request
 from qwen25vl_embed_server.core.errors import LimitExceededError
-from qwen25vl_embed_server.core.extractor import Extractor
-from qwen25vl_embed_server.core.limits import Limits
-from qwen25vl_embed_server.core.pipeline import Pipeline, PipelineConfig
-from qwen25vl_embed_server.core.request import EncodedRequest, prepare_request
+from qwen25vl_embed_server.core.model.extractor import Extractor
+from qwen25vl_embed_server.core.scheduling.pipeline import Pipeline, PipelineConfig
 
 from ..helpers import assert_batched_close, noise_image, png_bytes
 

@@ -18,9 +18,10 @@ from colpali_engine.models import BiQwen2_5, BiQwen2_5_Processor, ColQwen2_5, Co
 from PIL import Image
 
 from qwen25vl_embed_server.core.errors import InvalidInputError
-from qwen25vl_embed_server.core.extractor import Extraction, Extractor
-from qwen25vl_embed_server.core.loading import LoadOptions, load_model
-from qwen25vl_embed_server.core.tiny_retrieval import build_tiny_retrieval
+from qwen25vl_embed_server.core.fixtures.tiny_retrieval import build_tiny_retrieval
+from qwen25vl_embed_server.core.model.extractor import Extractor
+from qwen25vl_embed_server.core.model.finishing import Extraction
+from qwen25vl_embed_server.core.model.loading import LoadOptions, load_model
 
 from ..helpers import assert_batched_close, noise_image
 

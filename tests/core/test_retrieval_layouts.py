@@ -18,9 +18,10 @@ import torch
 from colpali_engine.models import BiQwen2_5, BiQwen2_5_Processor, ColQwen2_5, ColQwen2_5_Processor
 
 from qwen25vl_embed import maxsim
-from qwen25vl_embed_server.core.extractor import Extraction, Extractor
-from qwen25vl_embed_server.core.loading import LoadedModel, LoadOptions, load_model
-from qwen25vl_embed_server.core.retrieval_model import COLPALI_KEY_MAPPING
+from qwen25vl_embed_server.core.model.extractor import Extractor
+from qwen25vl_embed_server.core.model.finishing import Extraction
+from qwen25vl_embed_server.core.model.loading import LoadedModel, LoadOptions, load_model
+from qwen25vl_embed_server.core.retrieval.model import COLPALI_KEY_MAPPING
 
 from ..helpers import assert_batched_close, noise_image
 from .retrieval_layouts import LAYOUTS, TRAINER_MAX_PIXELS, Built, build_layout

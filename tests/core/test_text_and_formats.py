@@ -16,7 +16,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from qwen25vl_embed import EmbeddingClient, EmbeddingError
 from qwen25vl_embed_server.core.errors import InvalidInputError
-from qwen25vl_embed_server.core.extractor import Extractor
+from qwen25vl_embed_server.core.model.extractor import Extractor
 
 from ..helpers import assert_batched_close, noise_image, png_bytes
 

@@ -15,8 +15,8 @@ import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl
 
-from qwen25vl_embed_server.core import vision_attention
-from qwen25vl_embed_server.core.extractor import Extractor
+from qwen25vl_embed_server.core.cpu import vision_attention
+from qwen25vl_embed_server.core.model.extractor import Extractor
 
 from ..helpers import noise_image
 

@@ -15,8 +15,8 @@ import pytest
 
 from qwen25vl_embed import EmbeddingClient
 from qwen25vl_embed_server.cli import main
-from qwen25vl_embed_server.core.limits import Limits
-from qwen25vl_embed_server.core.loading import LoadOptions
+from qwen25vl_embed_server.core.admission.limits import Limits
+from qwen25vl_embed_server.core.model.loading import LoadOptions
 from qwen25vl_embed_server.ray.bulk_job import BulkJob, run_bulk
 from qwen25vl_embed_server.ray.bulk_listing import list_images
 from qwen25vl_embed_server.ray.parquet_format import finished_paths, iter_rows
@@ -194,7 +194,7 @@ def test_bulk_asking_for_gpus_the_cluster_lacks_fails_in_one_line(
 
 def test_rays_workers_start_without_torch_so_mkl_dispatch_applies_there(ray_cluster: None) -> None:
     """The replica's and the bulk actors' processes are Ray workers: they load torch only through
-    our package, which sets MKL's dispatch first (core/mkl_dispatch.py), as in ``serve``."""
+    our package, which sets MKL's dispatch first (core/cpu/mkl_dispatch.py), as in ``serve``."""
     import ray
 
     # A runtime env of its own: a fresh worker process, never one an earlier task left with torch.
@@ -203,7 +203,7 @@ def test_rays_workers_start_without_torch_so_mkl_dispatch_applies_there(ray_clus
         import sys
 
         loaded_before = "torch" in sys.modules
-        from qwen25vl_embed_server.core import mkl_dispatch
+        from qwen25vl_embed_server.core.cpu import mkl_dispatch
 
         state = mkl_dispatch.state()
         return loaded_before, state.applied, state.reason

@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from qwen25vl_embed_server.core.loading import LoadOptions
+from qwen25vl_embed_server.core.model.loading import LoadOptions
 from qwen25vl_embed_server.ray.bulk_job import BulkJob, run_bulk
 from qwen25vl_embed_server.ray.parquet_format import iter_rows
 

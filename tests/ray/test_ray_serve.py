@@ -24,7 +24,7 @@ from qwen25vl_embed.requests import build_request
 from qwen25vl_embed.v1 import embed_pb2_grpc as pb_grpc
 from qwen25vl_embed_server.cli import main
 from qwen25vl_embed_server.core.defaults import DEFAULT_CHUNK_BYTES
-from qwen25vl_embed_server.core.pipeline import PipelineConfig
+from qwen25vl_embed_server.core.scheduling.pipeline import PipelineConfig
 from qwen25vl_embed_server.ray.deploy import deploy, load_config
 from qwen25vl_embed_server.ray.deployment import APP_NAME, SERVICER_FUNCTION, EmbedderSettings
 from qwen25vl_embed_server.rpc.calls import ServiceConfig

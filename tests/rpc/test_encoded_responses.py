@@ -9,7 +9,7 @@ import pytest
 from qwen25vl_embed import codec
 from qwen25vl_embed.assembly import from_response_stream
 from qwen25vl_embed.v1 import embed_pb2 as pb
-from qwen25vl_embed_server.core.extractor import Extraction
+from qwen25vl_embed_server.core.model.finishing import Extraction
 from qwen25vl_embed_server.rpc.encoded_responses import passing_encoded, serialized
 from qwen25vl_embed_server.rpc.messages import response_messages
 

@@ -26,12 +26,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from qwen25vl_embed import EmbeddingClient, EmbeddingError, Embeddings
 from qwen25vl_embed.requests import build_request
 from qwen25vl_embed.v1 import embed_pb2_grpc as pb_grpc
-from qwen25vl_embed_server.core import batcher as batcher_module
-from qwen25vl_embed_server.core import extractor as extractor_module
-from qwen25vl_embed_server.core import image_decoding
-from qwen25vl_embed_server.core.batcher import Batcher, BatchingConfig
 from qwen25vl_embed_server.core.errors import DeadlineExceededError
-from qwen25vl_embed_server.core.extractor import Extractor
+from qwen25vl_embed_server.core.model import extractor as extractor_module
+from qwen25vl_embed_server.core.model import image_decoding
+from qwen25vl_embed_server.core.model.extractor import Extractor
+from qwen25vl_embed_server.core.scheduling import batcher as batcher_module
+from qwen25vl_embed_server.core.scheduling.batcher import Batcher, BatchingConfig
 from qwen25vl_embed_server.rpc.harness import BackgroundServer
 
 from ..helpers import assert_batched_close, noise_image, png_bytes, server_config

@@ -15,7 +15,7 @@ import grpc
 import pytest
 from bench.service.load_test import LoadConfig, run_load
 
-from qwen25vl_embed_server.core.batcher import BatchingConfig
+from qwen25vl_embed_server.core.scheduling.batcher import BatchingConfig
 from qwen25vl_embed_server.rpc.harness import BackgroundServer
 
 log = logging.getLogger(__name__)

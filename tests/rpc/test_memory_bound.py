@@ -28,7 +28,7 @@ from PIL import Image
 
 from qwen25vl_embed import EmbeddingClient, EmbeddingError
 from qwen25vl_embed.v1 import embed_pb2 as pb
-from qwen25vl_embed_server.core.batcher import CPU_LANES
+from qwen25vl_embed_server.core.scheduling.batcher import CPU_LANES
 from qwen25vl_embed_server.rpc.harness import ServerProcess
 
 KIB, MIB = 1 << 10, 1 << 20

@@ -14,8 +14,8 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from qwen25vl_embed import EmbeddingClient, EmbeddingError
 from qwen25vl_embed.v1 import embed_pb2 as pb
 from qwen25vl_embed.v1 import embed_pb2_grpc as pb_grpc
-from qwen25vl_embed_server.core.extractor import Extractor
-from qwen25vl_embed_server.core.image_decoding import decode_image
+from qwen25vl_embed_server.core.model.extractor import Extractor
+from qwen25vl_embed_server.core.model.image_decoding import decode_image
 from qwen25vl_embed_server.rpc.harness import BackgroundServer
 from qwen25vl_embed_server.rpc.server import ServerConfig
 

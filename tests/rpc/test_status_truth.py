@@ -15,9 +15,9 @@ import pytest
 
 from qwen25vl_embed import EmbeddingClient, EmbeddingError
 from qwen25vl_embed.v1 import embed_pb2 as pb
-from qwen25vl_embed_server.core.batcher import BatchingConfig
 from qwen25vl_embed_server.core.errors import SlowConsumerError
-from qwen25vl_embed_server.core.extractor import Extractor
+from qwen25vl_embed_server.core.model.extractor import Extractor
+from qwen25vl_embed_server.core.scheduling.batcher import BatchingConfig
 from qwen25vl_embed_server.rpc.calls import EmbeddingCalls, ServiceConfig
 from qwen25vl_embed_server.rpc.error_mapping import status_for
 from qwen25vl_embed_server.rpc.harness import BackgroundServer

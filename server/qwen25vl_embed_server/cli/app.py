@@ -30,8 +30,8 @@ from qwen25vl_embed_server.cli.flags import (
 from qwen25vl_embed_server.cli.logging_setup import LOG_FORMATS, configure_logging
 from qwen25vl_embed_server.core import defaults
 from qwen25vl_embed_server.core.errors import InvalidInputError
-from qwen25vl_embed_server.core.outputs import TOKEN_OUTPUTS
-from qwen25vl_embed_server.core.recipes import RECIPES
+from qwen25vl_embed_server.core.model.outputs import TOKEN_OUTPUTS
+from qwen25vl_embed_server.core.retrieval.recipes import RECIPES
 
 # The modules each extra brings (import names): a command that misses one says which extra to install.
 _EXTRAS = {

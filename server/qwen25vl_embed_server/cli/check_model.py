@@ -17,7 +17,8 @@ import numpy as np
 from qwen25vl_embed_server.cli.commands import load_options
 
 if TYPE_CHECKING:
-    from qwen25vl_embed_server.core.extractor import Extraction, Extractor
+    from qwen25vl_embed_server.core.model.extractor import Extractor
+    from qwen25vl_embed_server.core.model.finishing import Extraction
 
 SAMPLE_TEXT = "a red bicycle leaning on a wall"
 """The text request the check runs."""
@@ -27,8 +28,8 @@ def check_model(args: argparse.Namespace) -> int:
     from PIL import Image
 
     from qwen25vl_embed_server.core.errors import InvalidInputError, ModelLoadError
-    from qwen25vl_embed_server.core.extractor import Extractor
-    from qwen25vl_embed_server.core.loading import load_model
+    from qwen25vl_embed_server.core.model.extractor import Extractor
+    from qwen25vl_embed_server.core.model.loading import load_model
 
     options = load_options(args)
     try:

@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING
 from qwen25vl_embed import EmbeddingClient
 from qwen25vl_embed_server.cli.flags import LIMIT_FLAGS, batching_of, check_serve_flags, limits_of
 from qwen25vl_embed_server.core import defaults
-from qwen25vl_embed_server.core.limits import Limits
+from qwen25vl_embed_server.core.admission.limits import Limits
 
 if TYPE_CHECKING:
     from qwen25vl_embed import ServerInfo
-    from qwen25vl_embed_server.core.loading import LoadOptions
+    from qwen25vl_embed_server.core.model.loading import LoadOptions
     from qwen25vl_embed_server.rpc.server import ServerConfig
 
 # Failed images listed at the end of a bulk run (the output's error column has every one).
@@ -30,7 +30,7 @@ _FAILURES_SHOWN = 20
 
 def server_config(args: argparse.Namespace) -> ServerConfig:
     """The ServerConfig of the serve flags. Raises ValueError or OSError for bad flags or files."""
-    from qwen25vl_embed_server.core.pipeline import PipelineConfig
+    from qwen25vl_embed_server.core.scheduling.pipeline import PipelineConfig
     from qwen25vl_embed_server.rpc.auth import AuthConfig
     from qwen25vl_embed_server.rpc.calls import ServiceConfig
     from qwen25vl_embed_server.rpc.connections import ConnectionConfig
@@ -115,7 +115,7 @@ def client_of(args: argparse.Namespace) -> EmbeddingClient:
 
 
 def load_options(args: argparse.Namespace) -> LoadOptions:
-    from qwen25vl_embed_server.core.loading import LoadOptions
+    from qwen25vl_embed_server.core.model.loading import LoadOptions
 
     model = args.model or defaults.DEFAULT_MODEL
     # A local checkpoint by its absolute path: what Info reports and manifests record stays
@@ -223,11 +223,11 @@ def bulk(args: argparse.Namespace) -> int:
 def make_tiny_model(args: argparse.Namespace) -> int:
     """Prints the folder to pass as ``--model``: OUTDIR, or OUTDIR/adapter with ``--recipe``."""
     if args.recipe is None:
-        from qwen25vl_embed_server.core.tiny_model import build_tiny_model
+        from qwen25vl_embed_server.core.fixtures.tiny_model import build_tiny_model
 
         print(build_tiny_model(args.outdir, seed=args.seed))
     else:
-        from qwen25vl_embed_server.core.tiny_retrieval import build_tiny_retrieval
+        from qwen25vl_embed_server.core.fixtures.tiny_retrieval import build_tiny_retrieval
 
         print(build_tiny_retrieval(args.outdir, args.recipe, seed=args.seed))
     return 0

@@ -23,8 +23,8 @@ from qwen25vl_embed_server.cli.inputs import expand_inputs
 from qwen25vl_embed_server.cli.layout import is_complete, output_folders
 from qwen25vl_embed_server.core import defaults
 from qwen25vl_embed_server.core.errors import InvalidInputError, ModelLoadError
-from qwen25vl_embed_server.core.image_formats import IMAGE_SUFFIXES
-from qwen25vl_embed_server.core.outputs import (
+from qwen25vl_embed_server.core.model.image_formats import IMAGE_SUFFIXES
+from qwen25vl_embed_server.core.model.outputs import (
     DEFAULT_OUTPUTS,
     IMAGE_GRID_THW,
     TOKEN_OUTPUTS,
@@ -33,7 +33,7 @@ from qwen25vl_embed_server.core.outputs import (
 )
 
 if TYPE_CHECKING:
-    from qwen25vl_embed_server.core.loading import LoadOptions
+    from qwen25vl_embed_server.core.model.loading import LoadOptions
 # Up to this many images, one line per image; beyond, a progress bar and a summary.
 _VERBOSE_UP_TO = 10
 
@@ -163,10 +163,10 @@ def _extract_here(
 ) -> Iterator[Embeddings | Exception]:
     """In-process, one image at a time: the original script's way, through the same request checks
     and preparation as the server (at the default limits). Tells ``saver`` the model's arithmetic."""
-    from qwen25vl_embed_server.core.extractor import Extractor
-    from qwen25vl_embed_server.core.limits import Limits
-    from qwen25vl_embed_server.core.loading import load_model
-    from qwen25vl_embed_server.core.request import EncodedRequest, prepare_request
+    from qwen25vl_embed_server.core.admission.limits import Limits
+    from qwen25vl_embed_server.core.admission.request import EncodedRequest, prepare_request
+    from qwen25vl_embed_server.core.model.extractor import Extractor
+    from qwen25vl_embed_server.core.model.loading import load_model
 
     extractor = Extractor(load_model(options))
     saver.arithmetic = extractor.loaded.arithmetic

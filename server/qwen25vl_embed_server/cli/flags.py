@@ -11,15 +11,15 @@ from pathlib import Path
 from typing import Any
 
 from qwen25vl_embed_server.core import defaults
-from qwen25vl_embed_server.core.batcher import (
+from qwen25vl_embed_server.core.admission.limits import Limits
+from qwen25vl_embed_server.core.retrieval.recipes import RECIPE_CHOICES
+from qwen25vl_embed_server.core.scheduling.batcher import (
     ACCELERATOR_BATCH_TOKENS,
     ACCELERATOR_LANES,
     CPU_BATCH_TOKENS,
     CPU_LANES,
     BatchingConfig,
 )
-from qwen25vl_embed_server.core.limits import Limits
-from qwen25vl_embed_server.core.recipes import RECIPE_CHOICES
 
 LIMIT_FLAGS: dict[str, str] = {
     "max_request_bytes": "--max-request-bytes",

@@ -5,12 +5,12 @@ from __future__ import annotations
 import glob
 from pathlib import Path
 
-from qwen25vl_embed_server.core.image_formats import IMAGE_SUFFIXES
+from qwen25vl_embed_server.core.model.image_formats import IMAGE_SUFFIXES
 
 
 def expand_inputs(inputs: list[str]) -> list[Path]:
     """Files as given; folders -> their image files (recursively, sorted, by
-    :data:`~qwen25vl_embed_server.core.image_formats.IMAGE_SUFFIXES`); globs -> their matches.
+    :data:`~qwen25vl_embed_server.core.model.image_formats.IMAGE_SUFFIXES`); globs -> their matches.
 
     Raises :class:`FileNotFoundError` naming every input that matched nothing.
     """

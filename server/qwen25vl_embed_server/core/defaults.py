@@ -1,8 +1,8 @@
 """Every default of the service in one place: the CLI flags, Ray settings and configs read them.
 
 Torch-free, so the command line can show them without loading the model's libraries. Limits have
-their own home (:class:`~qwen25vl_embed_server.core.limits.Limits`), and so do the batcher's
-bounds (:class:`~qwen25vl_embed_server.core.batcher.BatchingConfig`).
+their own home (:class:`~qwen25vl_embed_server.core.admission.limits.Limits`), and so do the batcher's
+bounds (:class:`~qwen25vl_embed_server.core.scheduling.batcher.BatchingConfig`).
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from pathlib import Path
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-VL-7B-Instruct"
 """The checkpoint loaded when none is named (a hub id; ``tiny-random`` builds one offline)."""
+TINY_MODEL_NAME = "tiny-random"
+"""The model name that resolves to a tiny checkpoint built (once, cached) on this machine."""
 
 DEFAULT_PROMPT = "Describe the image."
 """The text after the image(s) in the user turn when a request sets no prompt."""
@@ -33,7 +35,7 @@ DEFAULT_DTYPE = "auto"
 
 FP32_MATMULS = ("exact", "onednn")
 """fp32 matmuls on the CPU: ``exact``, torch's own (bit-exact against transformers); ``onednn``,
-prepacked oneDNN weights (faster, not bit-exact; see ``core/packed_linear.py``)."""
+prepacked oneDNN weights (faster, not bit-exact; see ``core/cpu/packed_linear.py``)."""
 
 DEFAULT_FP32_MATMUL = "exact"
 
@@ -50,7 +52,7 @@ fp32 through prepacked oneDNN weights (``--fp32-matmul onednn``); bf16 in float3
 
 DEFAULT_BF16_ARITHMETIC = "auto"
 """bf16 on the CPU: float32 arithmetic where the CPU has no bf16 dot products (2.1-2.3x faster in the model
-there, within bf16 rounding), torch's bf16 kernels elsewhere (see ``core/bf16_arithmetic.py``)."""
+there, within bf16 rounding), torch's bf16 kernels elsewhere (see ``core/cpu/bf16_arithmetic.py``)."""
 
 DEFAULT_WIRE_DTYPE = "float32"
 """The dtype floating outputs travel in when a request names none."""

@@ -25,7 +25,7 @@ class InvalidInputError(ValueError):
 
 
 class LimitExceededError(InvalidInputError):
-    """The request is over one of the :class:`~qwen25vl_embed_server.core.limits.Limits`.
+    """The request is over one of the :class:`~qwen25vl_embed_server.core.admission.limits.Limits`.
 
     ``limit`` is the field name (``max_images``, ...); the message names it and its value. An edge
     that lets an operator set the limit adds how (:meth:`with_hint`: a flag, a settings key).

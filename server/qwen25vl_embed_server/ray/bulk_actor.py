@@ -1,11 +1,11 @@
 """The Ray Data actor of a bulk job: the model loaded once, batches of paths turned into rows.
 
-Each image goes through :func:`~qwen25vl_embed_server.core.request.prepare_request`, the chain
+Each image goes through :func:`~qwen25vl_embed_server.core.admission.request.prepare_request`, the chain
 the server uses, so a bulk job applies the same checks (the job's
 :attr:`~qwen25vl_embed_server.ray.bulk_job.BulkJob.limits`, the prompt's tokens included).
 
 Ray Data constructs the actor on one thread and calls it on another, so, as in the server
-(:mod:`~qwen25vl_embed_server.core.model_thread`), the model loads and runs on a model thread of
+(:mod:`~qwen25vl_embed_server.core.scheduling.model_thread`), the model loads and runs on a model thread of
 the actor's own, and the thread Ray calls on preprocesses with torch on itself alone.
 """
 
@@ -19,11 +19,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pyarrow as pa
 
-from qwen25vl_embed_server.core.batcher import BatchingConfig
+from qwen25vl_embed_server.core.admission.request import EncodedRequest, prepare_request
 from qwen25vl_embed_server.core.errors import DeviceOutOfMemoryError, InvalidInputError
-from qwen25vl_embed_server.core.extractor import Extraction, Extractor, Prepared
-from qwen25vl_embed_server.core.model_thread import ModelThread, single_threaded_torch
-from qwen25vl_embed_server.core.request import EncodedRequest, prepare_request
+from qwen25vl_embed_server.core.model.extractor import Extractor, Prepared
+from qwen25vl_embed_server.core.model.finishing import Extraction
+from qwen25vl_embed_server.core.scheduling.batcher import BatchingConfig
+from qwen25vl_embed_server.core.scheduling.model_thread import ModelThread, single_threaded_torch
 from qwen25vl_embed_server.ray.parquet_format import _table, output_schema
 
 if TYPE_CHECKING:
@@ -36,7 +37,7 @@ class BulkExtractionActor:
     def __init__(self, job: BulkJob) -> None:
         import torch
 
-        from qwen25vl_embed_server.core.loading import load_model
+        from qwen25vl_embed_server.core.model.loading import load_model
 
         if job.gpus_per_actor == 0:
             torch.set_num_threads(max(1, int(job.cpus_per_actor)))

@@ -30,10 +30,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from qwen25vl_embed_server.core.admission.limits import Limits
 from qwen25vl_embed_server.core.defaults import DEFAULT_PROMPT
-from qwen25vl_embed_server.core.limits import Limits
-from qwen25vl_embed_server.core.loading import LoadOptions
-from qwen25vl_embed_server.core.outputs import plan_outputs
+from qwen25vl_embed_server.core.model.loading import LoadOptions
+from qwen25vl_embed_server.core.model.outputs import plan_outputs
 from qwen25vl_embed_server.ray.bulk_actor import BulkExtractionActor
 from qwen25vl_embed_server.ray.bulk_listing import list_images
 from qwen25vl_embed_server.ray.bulk_lock import locked_output
@@ -66,7 +66,7 @@ class BulkJob:
         path_column: the column of a Parquet/CSV listing that holds the paths.
         max_batch_tokens: a model call's bound in tokens (vision patches, plus the sequence when
             the language model runs); a batch above it is split. None: the server's default for
-            the actor's device (:meth:`~qwen25vl_embed_server.core.batcher.BatchingConfig.tokens_for`).
+            the actor's device (:meth:`~qwen25vl_embed_server.core.scheduling.batcher.BatchingConfig.tokens_for`).
         limits: the per-image limits, as in the server (one image per request): image bytes,
             ``max_pixels`` (checked before decoding), prompt tokens; an image over one fails.
         address: the Ray cluster to join when Ray is not initialised yet (None: ``RAY_ADDRESS``,

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
-from qwen25vl_embed_server.core.image_formats import IMAGE_SUFFIXES
+from qwen25vl_embed_server.core.model.image_formats import IMAGE_SUFFIXES
 
 _LISTING_SUFFIXES = frozenset({".parquet", ".csv"})
 
@@ -18,7 +18,7 @@ def list_images(source: str, path_column: str = "path") -> list[str]:
     """The absolute paths of the images to process, in a stable order, each once.
 
     ``source`` is a folder (image files below it, by suffix, see
-    :data:`~qwen25vl_embed_server.core.image_formats.IMAGE_SUFFIXES`), a Parquet or CSV file with
+    :data:`~qwen25vl_embed_server.core.model.image_formats.IMAGE_SUFFIXES`), a Parquet or CSV file with
     a ``path_column`` (relative paths are relative to its folder), an image file, or a glob
     pattern (``**`` recurses; quote it in a shell).
 

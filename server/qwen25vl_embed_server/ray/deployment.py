@@ -34,14 +34,14 @@ from ray.serve.grpc_util import RayServegRPCContext
 
 from qwen25vl_embed.v1 import embed_pb2 as pb
 from qwen25vl_embed_server.core import defaults
-from qwen25vl_embed_server.core.batcher import BatchingConfig
-from qwen25vl_embed_server.core.limits import Limits
+from qwen25vl_embed_server.core.admission.limits import Limits
+from qwen25vl_embed_server.core.scheduling.batcher import BatchingConfig
 from qwen25vl_embed_server.rpc.error_mapping import log_failure, status_for
 
 # torch and transformers are imported by the replicas only: Serve imports this module in its
 # controller's build task too, where they would add seconds to every deployment.
 if TYPE_CHECKING:
-    from qwen25vl_embed_server.core.loading import LoadOptions
+    from qwen25vl_embed_server.core.model.loading import LoadOptions
     from qwen25vl_embed_server.rpc.calls import EmbeddingCalls, ServiceConfig
     from qwen25vl_embed_server.rpc.messages import Response  # messages here: these calls are not encoded
 
@@ -63,8 +63,8 @@ class EmbedderSettings(BaseModel):
     """The application's ``args``: the model and the service, as ``qwen25vl-embed serve`` flags.
 
     Unknown keys are refused. ``batching`` and ``limits`` take the fields of
-    :class:`~qwen25vl_embed_server.core.batcher.BatchingConfig` and
-    :class:`~qwen25vl_embed_server.core.limits.Limits`. ``limits.max_request_bytes`` does not
+    :class:`~qwen25vl_embed_server.core.scheduling.batcher.BatchingConfig` and
+    :class:`~qwen25vl_embed_server.core.admission.limits.Limits`. ``limits.max_request_bytes`` does not
     apply: the proxy's receive limit is Ray's (``RAY_SERVE_GRPC_MAX_MESSAGE_SIZE``, 2 GiB by default).
     """
 
@@ -89,7 +89,7 @@ class EmbedderSettings(BaseModel):
     send_timeout_seconds: float = defaults.DEFAULT_SEND_TIMEOUT_SECONDS
 
     def load_options(self) -> LoadOptions:
-        from qwen25vl_embed_server.core.loading import LoadOptions
+        from qwen25vl_embed_server.core.model.loading import LoadOptions
 
         return LoadOptions(
             model=self.model,
@@ -102,7 +102,7 @@ class EmbedderSettings(BaseModel):
         )
 
     def service_config(self) -> ServiceConfig:
-        from qwen25vl_embed_server.core.pipeline import PipelineConfig
+        from qwen25vl_embed_server.core.scheduling.pipeline import PipelineConfig
         from qwen25vl_embed_server.rpc.calls import ServiceConfig
 
         return ServiceConfig(
@@ -134,12 +134,12 @@ class EmbedderReplica:
 
     # Ray Serve awaits an async constructor; the model loads off the replica's event loop.
     async def __init__(self, settings: EmbedderSettings) -> None:  # type: ignore[misc]
-        from qwen25vl_embed_server.core.extractor import Extractor
-        from qwen25vl_embed_server.core.loading import load_model
-        from qwen25vl_embed_server.core.model_thread import ModelThread
+        from qwen25vl_embed_server.core.model.extractor import Extractor
+        from qwen25vl_embed_server.core.model.loading import load_model
+        from qwen25vl_embed_server.core.scheduling.model_thread import ModelThread
         from qwen25vl_embed_server.rpc.calls import EmbeddingCalls
 
-        # The thread that loads the model runs it too (see core/model_thread.py).
+        # The thread that loads the model runs it too (see core/scheduling/model_thread.py).
         model_thread = ModelThread()
         extractor = await model_thread.call(lambda: Extractor(load_model(settings.load_options())))
         self._calls: EmbeddingCalls = EmbeddingCalls(settings.service_config())

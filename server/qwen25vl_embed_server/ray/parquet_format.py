@@ -36,10 +36,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from qwen25vl_embed_server.core.outputs import IMAGE_GRID_THW, POOLED, VISUAL_TOKEN_LENS
+from qwen25vl_embed_server.core.model.outputs import IMAGE_GRID_THW, POOLED, VISUAL_TOKEN_LENS
 
 if TYPE_CHECKING:  # reading the output needs no torch
-    from qwen25vl_embed_server.core.extractor import Extraction
+    from qwen25vl_embed_server.core.model.finishing import Extraction
 
 log = logging.getLogger(__name__)
 

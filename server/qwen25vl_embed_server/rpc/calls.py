@@ -1,7 +1,7 @@
 """The RPCs' behaviour on protobuf messages, free of any transport's call context.
 
 :class:`EmbeddingCalls` turns ImageRequests into the core's requests, runs them through the
-:class:`~qwen25vl_embed_server.core.pipeline.Pipeline`, observes each one, and yields the
+:class:`~qwen25vl_embed_server.core.scheduling.pipeline.Pipeline`, observes each one, and yields the
 response messages. The gRPC servicer (:mod:`.servicer`) and the Ray Serve replica
 (:mod:`qwen25vl_embed_server.ray.deployment`) are thin adapters over it: each supplies the
 caller's deadline and, for ExtractBatch, where to write.
@@ -16,13 +16,13 @@ from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 
 from qwen25vl_embed.v1 import embed_pb2 as pb
+from qwen25vl_embed_server.core.admission.limits import MAX_REQUEST_ID_CHARS
 from qwen25vl_embed_server.core.defaults import DEFAULT_CHUNK_BYTES, DEFAULT_SEND_TIMEOUT_SECONDS, DEFAULT_STREAM_WINDOW
 from qwen25vl_embed_server.core.errors import InvalidInputError, ModelNotReadyError, SlowConsumerError, quoted
-from qwen25vl_embed_server.core.extractor import Extractor
-from qwen25vl_embed_server.core.limits import MAX_REQUEST_ID_CHARS
-from qwen25vl_embed_server.core.model_thread import ModelThread
-from qwen25vl_embed_server.core.outputs import DEFAULT_OUTPUTS
-from qwen25vl_embed_server.core.pipeline import Pipeline, PipelineConfig
+from qwen25vl_embed_server.core.model.extractor import Extractor
+from qwen25vl_embed_server.core.model.outputs import DEFAULT_OUTPUTS
+from qwen25vl_embed_server.core.scheduling.model_thread import ModelThread
+from qwen25vl_embed_server.core.scheduling.pipeline import Pipeline, PipelineConfig
 from qwen25vl_embed_server.rpc.error_mapping import MODEL_LOADING, log_failure, status_for
 from qwen25vl_embed_server.rpc.messages import (
     Response,

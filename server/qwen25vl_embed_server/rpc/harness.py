@@ -20,8 +20,8 @@ from typing import IO, Protocol
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from qwen25vl_embed_server.core.extractor import Extractor
-from qwen25vl_embed_server.core.pipeline import Pipeline
+from qwen25vl_embed_server.core.model.extractor import Extractor
+from qwen25vl_embed_server.core.scheduling.pipeline import Pipeline
 from qwen25vl_embed_server.rpc.server import RunningServer, ServerConfig, create_server
 from qwen25vl_embed_server.rpc.servicer import EmbeddingService
 

@@ -10,11 +10,11 @@ from google.protobuf.message import DecodeError
 
 from qwen25vl_embed import codec
 from qwen25vl_embed.v1 import embed_pb2 as pb
+from qwen25vl_embed_server.core.admission.request import EncodedRequest
 from qwen25vl_embed_server.core.defaults import DEFAULT_WIRE_DTYPE
 from qwen25vl_embed_server.core.errors import InvalidInputError, quoted
-from qwen25vl_embed_server.core.extractor import Extraction
-from qwen25vl_embed_server.core.model_info import ModelInfo
-from qwen25vl_embed_server.core.request import EncodedRequest
+from qwen25vl_embed_server.core.model.finishing import Extraction
+from qwen25vl_embed_server.core.model.model_info import ModelInfo
 from qwen25vl_embed_server.rpc.encoded_responses import serialized
 
 

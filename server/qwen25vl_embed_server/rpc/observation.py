@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from qwen25vl_embed.v1 import embed_pb2 as pb
-from qwen25vl_embed_server.core.batcher import BatchTiming
 from qwen25vl_embed_server.core.errors import CLIENT_TEXT_CHARS, quoted
+from qwen25vl_embed_server.core.scheduling.batcher import BatchTiming
 from qwen25vl_embed_server.rpc.error_mapping import status_for
 from qwen25vl_embed_server.rpc.metrics import Metrics
 

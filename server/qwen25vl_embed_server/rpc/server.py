@@ -18,9 +18,9 @@ from grpc_reflection.v1alpha import reflection
 
 from qwen25vl_embed.v1 import embed_pb2 as pb
 from qwen25vl_embed.v1 import embed_pb2_grpc as pb_grpc
-from qwen25vl_embed_server.core.extractor import Extractor
-from qwen25vl_embed_server.core.loading import LoadOptions, check_options, load_model
-from qwen25vl_embed_server.core.model_thread import ModelThread, single_threaded_torch
+from qwen25vl_embed_server.core.model.extractor import Extractor
+from qwen25vl_embed_server.core.model.loading import LoadOptions, check_options, load_model
+from qwen25vl_embed_server.core.scheduling.model_thread import ModelThread, single_threaded_torch
 from qwen25vl_embed_server.rpc.auth import AuthConfig, BearerTokenInterceptor
 from qwen25vl_embed_server.rpc.calls import ServiceConfig
 from qwen25vl_embed_server.rpc.connections import ConnectionConfig
@@ -209,7 +209,7 @@ async def serve(config: ServerConfig, load: LoadOptions) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     single_threaded_torch()  # this thread only serves: torch's threads are the model lanes'
-    model_thread = ModelThread()  # loads the model, then runs it as the first lane (core/model_lanes.py)
+    model_thread = ModelThread()  # loads the model, then runs it as the first lane (core/scheduling/model_lanes.py)
     loader = asyncio.ensure_future(model_thread.call(lambda: Extractor(load_model(load))))
     waiter = asyncio.ensure_future(stop.wait())
     await asyncio.wait({loader, waiter}, return_when=asyncio.FIRST_COMPLETED)

@@ -15,8 +15,8 @@ import grpc
 
 from qwen25vl_embed.v1 import embed_pb2 as pb
 from qwen25vl_embed.v1 import embed_pb2_grpc as pb_grpc
-from qwen25vl_embed_server.core.extractor import Extractor
-from qwen25vl_embed_server.core.model_thread import ModelThread
+from qwen25vl_embed_server.core.model.extractor import Extractor
+from qwen25vl_embed_server.core.scheduling.model_thread import ModelThread
 from qwen25vl_embed_server.rpc.calls import EmbeddingCalls, ServiceConfig
 from qwen25vl_embed_server.rpc.messages import Response
 from qwen25vl_embed_server.rpc.metrics import Metrics

@@ -13,12 +13,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
-
-from qwen25vl_embed_server.core import outputs as names
-from qwen25vl_embed_server.core.dtypes import TORCH_DTYPES
-from qwen25vl_embed_server.core.outputs import OutputPlan
-from qwen25vl_embed_server.core.recipes import MULTI_VECTOR, SINGLE_VECTOR
+from qwen25vl_embed_server.core.model import outputs as names
+from qwen25vl_embed_server.core.model.outputs import OutputPlan
+from qwen25vl_embed_server.core.retrieval.recipes import MULTI_VECTOR, SINGLE_VECTOR
 
 
 def image_patches(width: int, height: int, image_processor: Any, pixels: tuple[int, int] | None = None) -> int:
@@ -27,6 +24,9 @@ def image_patches(width: int, height: int, image_processor: Any, pixels: tuple[i
 
     Raises ValueError for sizes the processor refuses (e.g. an aspect ratio over 200).
     """
+    # Imported here: admission loads without torch, which transformers' image processing brings.
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
     patch = int(image_processor.patch_size)
     factor = patch * int(image_processor.merge_size)
     size = image_processor.size
@@ -55,6 +55,8 @@ def result_bytes(
 ) -> int:
     """Bytes of the request's outputs (what its response holds), from their shapes in the proto;
     the retrieval vectors (``retrieval_dim`` wide) are counted as float32, their largest form."""
+    from qwen25vl_embed_server.core.model.dtypes import TORCH_DTYPES  # torch: see image_patches
+
     item = TORCH_DTYPES[dtype].itemsize
     image_tokens = num_patches // merge_unit
     rows = {

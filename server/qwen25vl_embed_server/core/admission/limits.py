@@ -1,5 +1,5 @@
 """Per-request limits: how much one request may ask of the server. Values only: the checks are in
-:mod:`~qwen25vl_embed_server.core.request`, the flags that set them in the CLI.
+:mod:`~qwen25vl_embed_server.core.admission.request`, the flags that set them in the CLI.
 
 Order of the checks in a request's life:
 1. the transport: the whole message <= ``max_request_bytes`` (gRPC refuses it on receive, with

@@ -3,8 +3,8 @@
 An :class:`EncodedRequest` is transport-neutral: the gRPC servicer, the Ray Serve replica, the
 in-process CLI and the bulk job all build one. :func:`prepare_request` is the one chain
 ``checked -> decoded -> prompt-checked -> processed`` that turns it into a
-:class:`~qwen25vl_embed_server.core.extractor.Prepared` for the model; the asynchronous
-:class:`~qwen25vl_embed_server.core.pipeline.Pipeline` runs that chain on worker threads and
+:class:`~qwen25vl_embed_server.core.model.extractor.Prepared` for the model; the asynchronous
+:class:`~qwen25vl_embed_server.core.scheduling.pipeline.Pipeline` runs that chain on worker threads and
 the result in batches.
 """
 
@@ -14,13 +14,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from qwen25vl_embed_server.core.admission.limits import MAX_REQUEST_ID_CHARS, PROMPT_CHARS_PER_TOKEN, Limits
 from qwen25vl_embed_server.core.defaults import DEFAULT_PROMPT, DEFAULT_WIRE_DTYPE
 from qwen25vl_embed_server.core.errors import InvalidInputError, LimitExceededError
-from qwen25vl_embed_server.core.limits import MAX_REQUEST_ID_CHARS, PROMPT_CHARS_PER_TOKEN, Limits
 
 if TYPE_CHECKING:  # torch is loaded by the extractor, not by the checks
-    from qwen25vl_embed_server.core.extractor import Extractor, Prepared
-    from qwen25vl_embed_server.core.outputs import OutputPlan
+    from qwen25vl_embed_server.core.model.extractor import Extractor, Prepared
+    from qwen25vl_embed_server.core.model.outputs import OutputPlan
 
 # Placeholder tokens that the processor expands or counts: in a user prompt they would be taken for
 # images or videos that the request does not have.
@@ -48,7 +48,7 @@ class EncodedRequest:
         dimensions: keep the first this many components of the retrieval vectors, renormalised
             (Matryoshka); 0: all.
         vector_encoding: the retrieval vectors' wire form: "float", "int8" or "binary"
-            (:func:`~.retrieval_heads.encode_vectors`).
+            (:func:`~.heads.encode_vectors`).
         min_pixels / max_pixels: this request's resize range (None: the model's), within the
             model's range (:func:`pixel_range`).
     """
@@ -173,8 +173,8 @@ def estimate_request(extractor: Extractor, request: EncodedRequest, limits: Limi
             resize range outside the model's (LimitExceededError: over ``max_pixels`` or
             ``max_request_tokens``).
     """
-    from qwen25vl_embed_server.core.cost import image_patches, tokens_before_decoding
-    from qwen25vl_embed_server.core.image_decoding import declared_size
+    from qwen25vl_embed_server.core.admission.cost import image_patches, tokens_before_decoding
+    from qwen25vl_embed_server.core.model.image_decoding import declared_size
 
     sizes = [declared_size(data, index, limits.max_pixels) for index, data in enumerate(request.images)]
     image_processor = extractor.loaded.processor.image_processor
@@ -228,7 +228,7 @@ def prepare_request(
         InvalidInputError: anything wrong with the request (LimitExceededError for a limit,
             ``max_request_tokens`` included: checked on the headers, then exactly).
     """
-    from qwen25vl_embed_server.core.image_decoding import decode_image
+    from qwen25vl_embed_server.core.model.image_decoding import decode_image
 
     check_request(request, limits)
     if plan is None:

@@ -39,8 +39,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from qwen25vl_embed_server.core.cpu.patch_embedding import as_linear, is_patchwise
 from qwen25vl_embed_server.core.defaults import BF16_ARITHMETICS
-from qwen25vl_embed_server.core.patch_embedding import as_linear, is_patchwise
 
 log = logging.getLogger(__name__)
 

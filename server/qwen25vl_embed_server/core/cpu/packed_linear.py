@@ -24,7 +24,7 @@ import logging
 import torch
 from torch import nn
 
-from qwen25vl_embed_server.core.patch_embedding import as_linear
+from qwen25vl_embed_server.core.cpu.patch_embedding import as_linear
 
 log = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from qwen25vl_embed_server.core.outputs import OutputPlan
-from qwen25vl_embed_server.core.window_order import to_image_order, window_index
+from qwen25vl_embed_server.core.model.outputs import OutputPlan
+from qwen25vl_embed_server.core.model.window_order import to_image_order, window_index
 
 
 @dataclass

@@ -13,30 +13,30 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-import ml_dtypes
-import numpy as np
 import torch
 from PIL import Image
 from torch.nn import functional
 
-from qwen25vl_embed_server.core import outputs as names
-from qwen25vl_embed_server.core.capture import capturing
 from qwen25vl_embed_server.core.defaults import DEFAULT_PROMPT, DEFAULT_WIRE_DTYPE
-from qwen25vl_embed_server.core.dtypes import TORCH_DTYPES, dtype_name
 from qwen25vl_embed_server.core.errors import DeviceOutOfMemoryError, InvalidInputError
-from qwen25vl_embed_server.core.loading import LoadedModel
-from qwen25vl_embed_server.core.model_info import ModelInfo, RecipeInfo
-from qwen25vl_embed_server.core.outputs import DEFAULT_OUTPUTS, OutputPlan, available_outputs, merge_plans, plan_outputs
-from qwen25vl_embed_server.core.pieces import PiecewiseRun, piece_count
-from qwen25vl_embed_server.core.prompt import prepare_inputs, render_text
-from qwen25vl_embed_server.core.recipes import MULTI_VECTOR, SINGLE_VECTOR
-from qwen25vl_embed_server.core.retrieval_heads import (
-    VECTOR_ENCODINGS,
-    encode_vectors,
-    multi_vector,
-    single_vector,
-    truncate,
+from qwen25vl_embed_server.core.model import outputs as names
+from qwen25vl_embed_server.core.model.capture import capturing
+from qwen25vl_embed_server.core.model.dtypes import TORCH_DTYPES, dtype_name
+from qwen25vl_embed_server.core.model.finishing import Extraction, Finisher
+from qwen25vl_embed_server.core.model.loading import LoadedModel
+from qwen25vl_embed_server.core.model.model_info import ModelInfo, RecipeInfo
+from qwen25vl_embed_server.core.model.outputs import (
+    DEFAULT_OUTPUTS,
+    OutputPlan,
+    available_outputs,
+    merge_plans,
+    plan_outputs,
 )
+from qwen25vl_embed_server.core.model.prompt import prepare_inputs, render_text
+from qwen25vl_embed_server.core.retrieval.heads import (
+    VECTOR_ENCODINGS,
+)
+from qwen25vl_embed_server.core.scheduling.pieces import PiecewiseRun, piece_count
 
 
 @dataclass(frozen=True)
@@ -77,22 +77,6 @@ class Prepared:
         return self.num_patches + (self.sequence_length if self.plan.needs_lm else 0)
 
 
-@dataclass(frozen=True)
-class Extraction:
-    """The outputs of one request.
-
-    ``tensors`` maps each requested output name to its array (see the proto for shapes), floating
-    outputs in the requested wire dtype, integer ones int64. ``image_token_positions`` are the
-    0-based positions of the Nv image tokens in the LM sequence of length ``sequence_length``.
-    """
-
-    tensors: dict[str, np.ndarray]
-    visual_token_lens: np.ndarray
-    image_grid_thw: np.ndarray
-    image_token_positions: np.ndarray
-    sequence_length: int
-
-
 class Extractor:
     """Runs requests on a loaded model. Not thread-safe: give :meth:`run` one owner thread."""
 
@@ -101,13 +85,13 @@ class Extractor:
         self._visual = loaded.visual
         self._lm = loaded.language_model
         self._merge_unit = int(self._visual.spatial_merge_size) ** 2
-        self._image_token_id = int(loaded.model.config.image_token_id)
         pad = loaded.processor.tokenizer.pad_token_id
         self._pad_token_id = int(pad if pad is not None else 0)
         self.num_lm_layers = len(self._lm.layers)
         self.num_vision_layers = len(self._visual.blocks)
         self.recipe = loaded.recipe
         self._retrieval = loaded.recipe.output if loaded.recipe is not None else None
+        self._finisher = Finisher(loaded)
 
     @property
     def merge_unit(self) -> int:
@@ -116,7 +100,7 @@ class Extractor:
 
     def result_bytes(self, prepared: Prepared) -> int:
         """Bytes of ``prepared``'s outputs once run (see :func:`~.cost.result_bytes`)."""
-        from qwen25vl_embed_server.core.cost import result_bytes
+        from qwen25vl_embed_server.core.admission.cost import result_bytes
 
         config = self.loaded.model.config
         return result_bytes(
@@ -193,10 +177,10 @@ class Extractor:
         """Preprocess one request (CPU only); no images: a text request. Raises :class:`InvalidInputError`.
 
         ``processor``: one private to the calling thread (None: the model's own, which one thread
-        at a time may use; see :func:`~qwen25vl_embed_server.core.request.check_prompt_tokens`).
+        at a time may use; see :func:`~qwen25vl_embed_server.core.admission.request.check_prompt_tokens`).
         ``prompt_format``: see :mod:`~.prompt`. ``dimensions``: Matryoshka size of the retrieval
         vectors (0: all). ``pixels``: this request's (min, max) resize range, already checked by
-        :func:`~qwen25vl_embed_server.core.request.pixel_range`; None: the processor's.
+        :func:`~qwen25vl_embed_server.core.admission.request.pixel_range`; None: the processor's.
         """
         if dtype not in TORCH_DTYPES:
             raise InvalidInputError(f"unknown dtype {dtype!r}; expected one of {', '.join(TORCH_DTYPES)}")
@@ -269,6 +253,11 @@ class Extractor:
         the language model), for :meth:`pieces` > 1; its result equals :meth:`run`'s."""
         return PiecewiseRun(self, item, max_piece_tokens)
 
+    def finish(self, item: Prepared, out: dict[str, torch.Tensor]) -> Extraction:
+        """Derived outputs (image rows, pools), then one device -> host copy per tensor
+        (:meth:`.finishing.Finisher.finish`)."""
+        return self._finisher.finish(item, out)
+
     @contextmanager
     def translating_memory_errors(self, batch: Sequence[Prepared]) -> Iterator[None]:
         """Turn running out of memory on ``batch`` into :class:`DeviceOutOfMemoryError`, cache released."""
@@ -329,48 +318,6 @@ class Extractor:
             results.append(self.finish(item, out))
         return results
 
-    def finish(self, item: Prepared, out: dict[str, torch.Tensor]) -> Extraction:
-        """Derived outputs (image rows, pools), then one device -> host copy per tensor."""
-        inputs = item.inputs
-        grid = item.image_grid_thw
-        lens = grid.prod(-1) // self._merge_unit
-        positions = (inputs["input_ids"][0] == self._image_token_id).nonzero().flatten()
-        out[names.VISUAL_TOKEN_LENS] = lens
-        out[names.IMAGE_GRID_THW] = grid
-        if names.LM_LAST_HIDDEN in out:
-            out[names.LM_IMAGE_TOKENS] = out[names.LM_LAST_HIDDEN][0, positions.to(self.loaded.device)]
-        if self.recipe is not None and self._retrieval in item.plan.names:
-            out[self._retrieval] = self._retrieval_output(item, out[names.LM_LAST_HIDDEN])
-        wire = TORCH_DTYPES[item.dtype]
-        arrays = {}
-        for name in item.plan.names:
-            tensor = _pool(name, out) if name in names.POOLED else out[name]
-            if item.normalize and name in names.POOLED:
-                tensor = functional.normalize(tensor, p=2.0, dim=-1)
-            if name == self._retrieval and item.vector_encoding != "float":
-                arrays[name] = encode_vectors(_to_numpy(tensor, torch.float32), item.vector_encoding)
-            else:
-                arrays[name] = _to_numpy(tensor, wire)
-        return Extraction(
-            tensors=arrays,
-            visual_token_lens=lens.numpy(),
-            image_grid_thw=grid.numpy(),
-            image_token_positions=positions.numpy(),
-            sequence_length=item.sequence_length,
-        )
-
-    def _retrieval_output(self, item: Prepared, last_hidden: torch.Tensor) -> torch.Tensor:
-        """The recipe's multi-vector [T, dim] or single vector [1, dim], truncated to ``dimensions``."""
-        assert self.recipe is not None
-        if self._retrieval == MULTI_VECTOR:
-            assert self.loaded.head is not None, "a multi-vector recipe loads its head"
-            input_ids = item.inputs["input_ids"].to(self.loaded.device)
-            vectors = multi_vector(last_hidden, self.loaded.head, input_ids, self._image_token_id, self.recipe)
-        else:
-            assert self._retrieval == SINGLE_VECTOR
-            vectors = single_vector(last_hidden, self.recipe)
-        return truncate(vectors, item.dimensions)
-
 
 MAX_PADDING = 0.125
 """Largest share of padding in one LM forward: beyond it the padded tokens cost more than the batch saves."""
@@ -410,30 +357,6 @@ def _pad_right(inputs: list[dict[str, torch.Tensor]], pad_token_id: int) -> dict
         key: torch.cat([functional.pad(item[key], (0, longest - item[key].shape[1]), value=fill) for item in inputs])
         for key, fill in fills.items()
     }
-
-
-def _pool(name: str, out: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Pooled vector ``name`` [1, C] in float32, from the token tensors in ``out``."""
-    if name == names.LM_LAST_TOKEN:
-        return out[names.LM_LAST_HIDDEN][0, -1:].float()
-    if name == names.LM_POOLED_MEAN:
-        return out[names.LM_LAST_HIDDEN][0].float().mean(0, keepdim=True)
-    source = {
-        names.VISION_POOLED_MEAN: names.VISION_TOKENS,
-        names.PROJECTED_POOLED_MEAN: names.PROJECTED_TOKENS,
-        names.LM_IMAGE_POOLED_MEAN: names.LM_IMAGE_TOKENS,
-    }[name]
-    return out[source].float().mean(0, keepdim=True)
-
-
-def _to_numpy(tensor: torch.Tensor, wire: torch.dtype) -> np.ndarray:
-    """One device -> host copy, already in the wire dtype (integers stay int64)."""
-    if not tensor.is_floating_point():
-        return tensor.to(torch.int64).cpu().numpy()
-    tensor = tensor.to(wire).contiguous()
-    if wire == torch.bfloat16:  # numpy has no bfloat16: move the bits, view them as ml_dtypes'
-        return tensor.view(torch.int16).cpu().numpy().view(ml_dtypes.bfloat16)
-    return tensor.cpu().numpy()
 
 
 def _release_device_memory(device: torch.device) -> None:

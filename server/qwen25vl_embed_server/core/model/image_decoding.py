@@ -42,9 +42,9 @@ import numpy as np
 import simplejpeg
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from qwen25vl_embed_server.core.admission.limits import DEFAULT_MAX_PIXELS
 from qwen25vl_embed_server.core.errors import InvalidInputError, LimitExceededError
-from qwen25vl_embed_server.core.image_formats import ALLOWED_FORMATS
-from qwen25vl_embed_server.core.limits import DEFAULT_MAX_PIXELS
+from qwen25vl_embed_server.core.model.image_formats import ALLOWED_FORMATS
 
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
 _ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa"})

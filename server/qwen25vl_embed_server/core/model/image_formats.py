@@ -2,7 +2,7 @@
 
 Pillow only: the command line's client path (``extract --server``), which runs without the
 server extra, finds a folder's images by these suffixes; the decoding itself is in
-:mod:`~qwen25vl_embed_server.core.image_decoding`.
+:mod:`~qwen25vl_embed_server.core.model.image_decoding`.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ _WANTED_FORMATS = (
 )
 Image.init()
 ALLOWED_FORMATS: tuple[str, ...] = tuple(name for name in _WANTED_FORMATS if name in Image.OPEN)
-"""Pillow format names that :func:`~qwen25vl_embed_server.core.image_decoding.decode_image` opens
+"""Pillow format names that :func:`~qwen25vl_embed_server.core.model.image_decoding.decode_image` opens
 (those of the list this Pillow has)."""
 
 # MPO (multi-picture JPEG) opens through the JPEG plugin, which does not register its suffix.

@@ -13,7 +13,7 @@ from typing import Any, cast
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from qwen25vl_embed_server.core import bf16_arithmetic, mkl_dispatch, patch_embedding, vision_attention
+from qwen25vl_embed_server.core.cpu import levers
 from qwen25vl_embed_server.core.defaults import (
     BF16_ARITHMETICS,
     DEFAULT_BF16_ARITHMETIC,
@@ -21,17 +21,16 @@ from qwen25vl_embed_server.core.defaults import (
     DEFAULT_DTYPE,
     DEFAULT_FP32_MATMUL,
     FP32_MATMULS,
+    TINY_MODEL_NAME,
     cache_root,
 )
-from qwen25vl_embed_server.core.dtypes import TORCH_DTYPES, dtype_name
 from qwen25vl_embed_server.core.errors import ModelLoadError
-from qwen25vl_embed_server.core.hub import reachable_source
-from qwen25vl_embed_server.core.load_report import LoadReport, WeightCheck, one_line_reports, require_complete
-from qwen25vl_embed_server.core.packed_linear import PackedLinear, pack_linears, packing_applies
-from qwen25vl_embed_server.core.recipes import Recipe, get_recipe
-from qwen25vl_embed_server.core.retrieval_layout import RetrievalLayout, detect_recipe, find_layout
-from qwen25vl_embed_server.core.retrieval_model import load_retrieval
-from qwen25vl_embed_server.core.tiny_model import TINY_MODEL_NAME, build_tiny_model
+from qwen25vl_embed_server.core.model.dtypes import TORCH_DTYPES, dtype_name
+from qwen25vl_embed_server.core.model.hub import reachable_source
+from qwen25vl_embed_server.core.model.load_report import LoadReport, WeightCheck, one_line_reports, require_complete
+from qwen25vl_embed_server.core.retrieval.layout import RetrievalLayout, detect_recipe, find_layout
+from qwen25vl_embed_server.core.retrieval.model import load_retrieval
+from qwen25vl_embed_server.core.retrieval.recipes import Recipe, get_recipe
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +40,7 @@ class LoadOptions:
     """How to load a model. ``device``/``dtype`` "auto": cuda > mps > cpu; bf16 on cuda else fp32.
 
     ``recipe``: "auto" (what a ColQwen2.5 / BiQwen2.5 checkpoint or adapter folder says, see
-    :func:`~.retrieval_layout.detect_recipe`), "none" (raw states) or a name of
+    :func:`~.layout.detect_recipe`), "none" (raw states) or a name of
     :data:`~.recipes.RECIPES`. ``pooling`` / ``image_tokens_only`` override the recipe's (see
     :func:`~.recipes.get_recipe`). ``fp32_matmul``: on the CPU, "exact"
     (torch's own fp32 matmul, bit-exact against transformers) or "onednn" (prepacked oneDNN weights,
@@ -160,6 +159,8 @@ def resolve_model_path(model: str) -> str:
     """``tiny-random`` -> a locally built random-weight checkpoint; anything else unchanged."""
     if model != TINY_MODEL_NAME:
         return model
+    from qwen25vl_embed_server.core.fixtures.tiny_model import build_tiny_model  # only for tiny-random
+
     path = tiny_model_dir()
     if not (path / "config.json").exists():
         # Build beside, then rename: concurrent processes never see a half-written checkpoint.
@@ -186,18 +187,14 @@ def load_model(options: LoadOptions) -> LoadedModel:
     started = time.perf_counter()
     device = check_device(options.device)
     dtype = resolve_dtype(options.dtype, device)
-    widen = bf16_arithmetic.applies(options.bf16_arithmetic, device, dtype)
-    pack = not widen and packing_applies(device, dtype, options.fp32_matmul)
     try:
-        return _load(options, device, dtype, started, pack, widen)
+        return _load(options, device, dtype, started)
     except (OSError, ValueError, KeyError, RuntimeError) as err:  # what transformers raises for a bad checkpoint
         cause = " ".join(str(err).split()) or type(err).__name__
         raise ModelLoadError(f"cannot load model {options.model!r}: {cause}") from err
 
 
-def _load(
-    options: LoadOptions, device: torch.device, dtype: torch.dtype, started: float, pack: bool, widen: bool
-) -> LoadedModel:
+def _load(options: LoadOptions, device: torch.device, dtype: torch.dtype, started: float) -> LoadedModel:
     # Asked before transformers' first request, which would retry each file for minutes without the hub.
     path = reachable_source(resolve_model_path(options.model))
     layout = find_layout(path)
@@ -236,30 +233,19 @@ def _load(
         require_complete(check, options.allow_partial_weights)
         checks = (check,)
         model = model.to(device).eval()
-    packed_patch_embed = pack and dtype == torch.float32  # fp32 "onednn": the patch embedding as one matmul
-    if pack:  # last: the weights have their final device and dtype (and any adapter is merged)
-        pack_linears(model, patch_embed=packed_patch_embed)
-        head = PackedLinear(head) if isinstance(head, torch.nn.Linear) else head
-    if widen:  # likewise last: bf16 weights read per call in float32
-        bf16_arithmetic.install(model)
-        head = bf16_arithmetic.Float32Linear(head) if isinstance(head, torch.nn.Linear) else head
-    if device.type == "cpu":  # after packing: the checks run the layers as they will run
-        vision_attention.install(model.model.visual, attend=bf16_arithmetic.attend if widen else None)
-        if not packed_patch_embed and not widen:
-            patch_embedding.install(model.model.visual)
+    # The weights have their final device and dtype (and any adapter is merged): the CPU levers now.
+    applied = levers.apply(model, head, device, dtype, options.fp32_matmul, options.bf16_arithmetic)
     seconds = time.perf_counter() - started
     log.info(
         "loaded %s on %s (%s%s) in %.1f s, recipe %s (%s)",
         options.model,
         device,
         dtype_name(dtype),
-        ", oneDNN-packed linears" if pack else ", float32 arithmetic" if widen else "",
+        f", {applied.summary}" if applied.summary else "",
         seconds,
         recipe.name if recipe else "none",
         reason,
     )
-    if device.type == "cpu":
-        log.info("MKL dispatch: %s", mkl_dispatch.state().reason)
     return LoadedModel(
         name=options.model,
         model=model,
@@ -268,8 +254,8 @@ def _load(
         dtype=dtype,
         load_seconds=seconds,
         recipe=recipe,
-        head=head,
-        arithmetic="bf16-float32" if widen else "fp32-onednn" if pack and dtype == torch.float32 else "exact",
+        head=applied.head,
+        arithmetic=applied.arithmetic,
         report=LoadReport(
             recipe=recipe.name if recipe else None,
             recipe_reason=reason,
@@ -282,7 +268,7 @@ def _load(
 
 def choose_recipe(options: LoadOptions, layout: RetrievalLayout | None) -> tuple[Recipe | None, str]:
     """The recipe ``options`` ask for and why; "auto": the one the checkpoint says it has
-    (:func:`~.retrieval_layout.detect_recipe`; ValueError when the checkpoint contradicts itself)."""
+    (:func:`~.layout.detect_recipe`; ValueError when the checkpoint contradicts itself)."""
     name: str | None = options.recipe
     reason = f"recipe {options.recipe!r} asked for"
     if name == "auto":

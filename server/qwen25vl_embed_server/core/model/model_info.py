@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from qwen25vl_embed_server.core.recipes import Recipe
+from qwen25vl_embed_server.core.retrieval.recipes import Recipe
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass
 
 from qwen25vl_embed_server.core.errors import InvalidInputError, quoted
-from qwen25vl_embed_server.core.recipes import MULTI_VECTOR, SINGLE_VECTOR
+from qwen25vl_embed_server.core.retrieval.recipes import MULTI_VECTOR, SINGLE_VECTOR
 
 VISION_TOKENS = "vision_tokens"
 PROJECTED_TOKENS = "projected_tokens"

@@ -18,7 +18,7 @@ from typing import Any
 from PIL import Image
 
 from qwen25vl_embed_server.core.errors import InvalidInputError
-from qwen25vl_embed_server.core.recipes import IMAGE_PLACEHOLDER, VISION_SPAN, Recipe
+from qwen25vl_embed_server.core.retrieval.recipes import IMAGE_PLACEHOLDER, VISION_SPAN, Recipe
 
 PROMPT_FORMATS = ("chat", "raw", "query", "document")
 

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch.nn import functional
 
-from qwen25vl_embed_server.core.recipes import Recipe
+from qwen25vl_embed_server.core.retrieval.recipes import Recipe
 
 
 def multi_vector(

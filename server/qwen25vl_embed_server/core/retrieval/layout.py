@@ -34,7 +34,7 @@ from typing import Any
 
 from safetensors import safe_open
 
-from qwen25vl_embed_server.core.recipes import recipe_of_class
+from qwen25vl_embed_server.core.retrieval.recipes import recipe_of_class
 
 PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
 """A folder with one of these carries its own processor (``tokenizer_config.json`` comes with it)."""

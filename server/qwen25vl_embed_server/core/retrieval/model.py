@@ -1,6 +1,6 @@
 """Load a Qwen2.5-VL retrieval model as published: base + PEFT LoRA adapter (merged at load) + head.
 
-Where the parts are and which recipe they have: :mod:`.retrieval_layout`. The module names are
+Where the parts are and which recipe they have: :mod:`.layout`. The module names are
 those of colpali-engine's ``ColQwen2_5`` / ``BiQwen2_5`` (a ``Qwen2_5_VLModel``, with a
 ``custom_text_proj`` beside ``visual`` and ``language_model`` for ColQwen2.5). Weights and
 adapter keys stored under Qwen2.5-VL's older names (``model.layers...``, as vidore's checkpoints
@@ -17,9 +17,9 @@ from typing import Any, cast
 import torch
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLModel, Qwen2_5_VLProcessor
 
-from qwen25vl_embed_server.core.load_report import WeightCheck, one_line_reports, require_complete
-from qwen25vl_embed_server.core.recipes import Recipe
-from qwen25vl_embed_server.core.retrieval_layout import HEAD_MODULE, RetrievalLayout
+from qwen25vl_embed_server.core.model.load_report import WeightCheck, one_line_reports, require_complete
+from qwen25vl_embed_server.core.retrieval.layout import HEAD_MODULE, RetrievalLayout
+from qwen25vl_embed_server.core.retrieval.recipes import Recipe
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ class _RetrievalBody(Qwen2_5_VLModel):
 
 class HeadedQwen2_5_VLModel(_RetrievalBody):  # noqa: N801 - the transformers class name it extends
     """ColQwen2.5's parameters: the body plus ``custom_text_proj`` (Linear(hidden, 128), with bias),
-    without its forward (the extractor applies the head; see :mod:`.retrieval_heads`)."""
+    without its forward (the extractor applies the head; see :mod:`.heads`)."""
 
     def __init__(self, config: Qwen2_5_VLConfig) -> None:
         super().__init__(config)

@@ -29,11 +29,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from qwen25vl_embed_server.core.errors import DeadlineExceededError, ModelNotReadyError, OverloadedError
-from qwen25vl_embed_server.core.model_lanes import ModelLanes
-from qwen25vl_embed_server.core.model_thread import ModelThread
+from qwen25vl_embed_server.core.scheduling.model_lanes import ModelLanes
+from qwen25vl_embed_server.core.scheduling.model_thread import ModelThread
 
 if TYPE_CHECKING:  # only types: keeps this module (and BatchingConfig for the CLI) free of torch
-    from qwen25vl_embed_server.core.extractor import Extraction, Extractor, Prepared
+    from qwen25vl_embed_server.core.model.extractor import Extractor, Prepared
+    from qwen25vl_embed_server.core.model.finishing import Extraction
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -45,7 +46,7 @@ _T = TypeVar("_T")
 # in 16; bf16 82 / 89 / 97. 6,144 takes four such images with the language model, six without.
 CPU_BATCH_TOKENS = 6144
 ACCELERATOR_BATCH_TOKENS = 32768
-# Lanes by device when none is given (see core/model_lanes.py): on an accelerator one (its kernels
+# Lanes by device when none is given (see core/scheduling/model_lanes.py): on an accelerator one (its kernels
 # queue on one stream anyway).
 CPU_LANES = 2
 ACCELERATOR_LANES = 1

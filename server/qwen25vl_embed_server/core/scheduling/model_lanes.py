@@ -32,7 +32,7 @@ import threading
 from collections.abc import Callable
 from typing import TypeVar
 
-from qwen25vl_embed_server.core.model_thread import ModelThread, set_torch_threads
+from qwen25vl_embed_server.core.scheduling.model_thread import ModelThread, set_torch_threads
 
 _T = TypeVar("_T")
 log = logging.getLogger(__name__)

@@ -69,13 +69,16 @@ def set_torch_threads(count: int) -> None:
     """Set the calling thread's OpenMP thread count (torch's kernels and MKL's follow it), for this
     thread alone; cheap enough to call before every model run.
 
-    torch sets a thread's OpenMP count on its first parallel op, so that runs first, once per
-    thread; then threadpoolctl sets OpenMP's count, which is a setting of each thread.
-    ``torch.set_num_threads`` is not used: it also changes what new threads start with.
+    torch sets a thread's OpenMP count lazily, the first time the thread asks for it or runs a
+    parallel op: once ``torch.set_num_threads`` has run in the process, that set-up overwrites
+    whatever count the thread had. So it is made to run first, once per thread (asking for the
+    count does it; a small op does not), then threadpoolctl sets OpenMP's count, which is a
+    setting of each thread. ``torch.set_num_threads`` is not used: it also changes what new
+    threads start with.
     """
     if not getattr(_thread_state, "torch_ready", False):
         import torch
 
-        torch.zeros(2).add_(1)  # torch's per-thread set-up of the OpenMP count, before ours
+        torch.get_num_threads()  # torch's per-thread set-up of the OpenMP count, before ours
         _thread_state.torch_ready = True
     _openmp().limit(limits=count)

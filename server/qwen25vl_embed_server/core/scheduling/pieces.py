@@ -20,11 +20,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from qwen25vl_embed_server.core import outputs as names
-from qwen25vl_embed_server.core.capture import capturing
+from qwen25vl_embed_server.core.model import outputs as names
+from qwen25vl_embed_server.core.model.capture import capturing
 
 if TYPE_CHECKING:
-    from qwen25vl_embed_server.core.extractor import Extraction, Extractor, Prepared
+    from qwen25vl_embed_server.core.model.extractor import Extractor, Prepared
+    from qwen25vl_embed_server.core.model.finishing import Extraction
 
 
 def image_groups(patches: list[int], max_piece_tokens: int) -> list[tuple[int, int]]:

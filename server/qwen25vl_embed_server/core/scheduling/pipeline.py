@@ -3,7 +3,7 @@ processed (on worker threads) -> batched on the model's lanes -> :class:`Extract
 
 The gRPC servicer and the Ray Serve replica both run requests through a :class:`Pipeline`; the
 in-process CLI and the bulk job, which own their model thread, call the same
-:func:`~qwen25vl_embed_server.core.request.prepare_request` and then the extractor themselves.
+:func:`~qwen25vl_embed_server.core.admission.request.prepare_request` and then the extractor themselves.
 """
 
 from __future__ import annotations
@@ -18,8 +18,15 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from qwen25vl_embed_server.core.batcher import Batcher, BatchingConfig, BatchObserver, BatchTiming
-from qwen25vl_embed_server.core.budget import Budget
+from qwen25vl_embed_server.core.admission.budget import Budget
+from qwen25vl_embed_server.core.admission.limits import Limits
+from qwen25vl_embed_server.core.admission.request import (
+    EncodedRequest,
+    Estimate,
+    check_request,
+    estimate_request,
+    prepare_request,
+)
 from qwen25vl_embed_server.core.defaults import (
     DEFAULT_MAX_PIXELS_IN_FLIGHT,
     DEFAULT_MAX_RESULT_BYTES,
@@ -27,20 +34,14 @@ from qwen25vl_embed_server.core.defaults import (
     DEFAULT_PREPROCESS_WORKERS,
 )
 from qwen25vl_embed_server.core.errors import LimitExceededError, OutOfMemoryError, OverloadedError
-from qwen25vl_embed_server.core.limits import Limits
-from qwen25vl_embed_server.core.model_thread import ModelThread, single_threaded_torch
-from qwen25vl_embed_server.core.request import (
-    EncodedRequest,
-    Estimate,
-    check_request,
-    estimate_request,
-    prepare_request,
-)
+from qwen25vl_embed_server.core.scheduling.batcher import Batcher, BatchingConfig, BatchObserver, BatchTiming
+from qwen25vl_embed_server.core.scheduling.model_thread import ModelThread, single_threaded_torch
 
 if TYPE_CHECKING:
-    from qwen25vl_embed_server.core.extractor import Extraction, Extractor, Prepared
-    from qwen25vl_embed_server.core.model_info import ModelInfo
-    from qwen25vl_embed_server.core.outputs import OutputPlan
+    from qwen25vl_embed_server.core.model.extractor import Extractor, Prepared
+    from qwen25vl_embed_server.core.model.finishing import Extraction
+    from qwen25vl_embed_server.core.model.model_info import ModelInfo
+    from qwen25vl_embed_server.core.model.outputs import OutputPlan
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,115 @@
+"""One request's outputs finished: image rows, pooling, normalisation, the retrieval heads, and
+one device -> host copy per tensor in the wire dtype (or the retrieval vectors' encoding)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import ml_dtypes
+import numpy as np
+import torch
+from torch.nn import functional
+
+from qwen25vl_embed_server.core.model import outputs as names
+from qwen25vl_embed_server.core.model.dtypes import TORCH_DTYPES
+from qwen25vl_embed_server.core.model.loading import LoadedModel
+from qwen25vl_embed_server.core.retrieval.heads import encode_vectors, multi_vector, single_vector, truncate
+from qwen25vl_embed_server.core.retrieval.recipes import MULTI_VECTOR, SINGLE_VECTOR
+
+if TYPE_CHECKING:
+    from qwen25vl_embed_server.core.model.extractor import Prepared
+
+
+@dataclass(frozen=True)
+class Extraction:
+    """The outputs of one request.
+
+    ``tensors`` maps each requested output name to its array (see the proto for shapes), floating
+    outputs in the requested wire dtype, integer ones int64. ``image_token_positions`` are the
+    0-based positions of the Nv image tokens in the LM sequence of length ``sequence_length``.
+    """
+
+    tensors: dict[str, np.ndarray]
+    visual_token_lens: np.ndarray
+    image_grid_thw: np.ndarray
+    image_token_positions: np.ndarray
+    sequence_length: int
+
+
+class Finisher:
+    """Finishes the outputs of requests run on ``loaded``: what :meth:`finish` adds to the forward's
+    tensors is the same whether a request ran in a batch or in pieces."""
+
+    def __init__(self, loaded: LoadedModel) -> None:
+        self.loaded = loaded
+        self._merge_unit = int(loaded.visual.spatial_merge_size) ** 2
+        self._image_token_id = int(loaded.model.config.image_token_id)
+        self.recipe = loaded.recipe
+        self._retrieval = loaded.recipe.output if loaded.recipe is not None else None
+
+    def finish(self, item: Prepared, out: dict[str, torch.Tensor]) -> Extraction:
+        """Derived outputs (image rows, pools), then one device -> host copy per tensor."""
+        inputs = item.inputs
+        grid = item.image_grid_thw
+        lens = grid.prod(-1) // self._merge_unit
+        positions = (inputs["input_ids"][0] == self._image_token_id).nonzero().flatten()
+        out[names.VISUAL_TOKEN_LENS] = lens
+        out[names.IMAGE_GRID_THW] = grid
+        if names.LM_LAST_HIDDEN in out:
+            out[names.LM_IMAGE_TOKENS] = out[names.LM_LAST_HIDDEN][0, positions.to(self.loaded.device)]
+        if self.recipe is not None and self._retrieval in item.plan.names:
+            out[self._retrieval] = self._retrieval_output(item, out[names.LM_LAST_HIDDEN])
+        wire = TORCH_DTYPES[item.dtype]
+        arrays = {}
+        for name in item.plan.names:
+            tensor = pool(name, out) if name in names.POOLED else out[name]
+            if item.normalize and name in names.POOLED:
+                tensor = functional.normalize(tensor, p=2.0, dim=-1)
+            if name == self._retrieval and item.vector_encoding != "float":
+                arrays[name] = encode_vectors(to_numpy(tensor, torch.float32), item.vector_encoding)
+            else:
+                arrays[name] = to_numpy(tensor, wire)
+        return Extraction(
+            tensors=arrays,
+            visual_token_lens=lens.numpy(),
+            image_grid_thw=grid.numpy(),
+            image_token_positions=positions.numpy(),
+            sequence_length=item.sequence_length,
+        )
+
+    def _retrieval_output(self, item: Prepared, last_hidden: torch.Tensor) -> torch.Tensor:
+        """The recipe's multi-vector [T, dim] or single vector [1, dim], truncated to ``dimensions``."""
+        assert self.recipe is not None
+        if self._retrieval == MULTI_VECTOR:
+            assert self.loaded.head is not None, "a multi-vector recipe loads its head"
+            input_ids = item.inputs["input_ids"].to(self.loaded.device)
+            vectors = multi_vector(last_hidden, self.loaded.head, input_ids, self._image_token_id, self.recipe)
+        else:
+            assert self._retrieval == SINGLE_VECTOR
+            vectors = single_vector(last_hidden, self.recipe)
+        return truncate(vectors, item.dimensions)
+
+
+def pool(name: str, out: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Pooled vector ``name`` [1, C] in float32, from the token tensors in ``out``."""
+    if name == names.LM_LAST_TOKEN:
+        return out[names.LM_LAST_HIDDEN][0, -1:].float()
+    if name == names.LM_POOLED_MEAN:
+        return out[names.LM_LAST_HIDDEN][0].float().mean(0, keepdim=True)
+    source = {
+        names.VISION_POOLED_MEAN: names.VISION_TOKENS,
+        names.PROJECTED_POOLED_MEAN: names.PROJECTED_TOKENS,
+        names.LM_IMAGE_POOLED_MEAN: names.LM_IMAGE_TOKENS,
+    }[name]
+    return out[source].float().mean(0, keepdim=True)
+
+
+def to_numpy(tensor: torch.Tensor, wire: torch.dtype) -> np.ndarray:
+    """One device -> host copy, already in the wire dtype (integers stay int64)."""
+    if not tensor.is_floating_point():
+        return tensor.to(torch.int64).cpu().numpy()
+    tensor = tensor.to(wire).contiguous()
+    if wire == torch.bfloat16:  # numpy has no bfloat16: move the bits, view them as ml_dtypes'
+        return tensor.view(torch.int16).cpu().numpy().view(ml_dtypes.bfloat16)
+    return tensor.cpu().numpy()
