@@ -26,6 +26,7 @@ from qwen25vl_embed_server.core.model.extractor import Extractor
 from qwen25vl_embed_server.core.model.loading import LoadedModel, LoadOptions, load_model
 
 from ..helpers import noise_image
+from .test_fidelity import ALL_OUTPUTS
 
 # Names of the published checkpoints' weights (transformers 4): no language_model / visual prefix.
 PUBLISHED_NAME = re.compile(
@@ -33,23 +34,7 @@ PUBLISHED_NAME = re.compile(
 )
 SHARD_NAME = re.compile(r"^model-(\d{5})-of-(\d{5})\.safetensors$")
 MIN_PIXELS, MAX_PIXELS = 56 * 56, 28 * 28 * 16384  # the tiny processor's pixel range
-OUTPUTS = [
-    "vision_tokens",
-    "projected_tokens",
-    "lm_last_hidden",
-    "lm_image_tokens",
-    "vision_pooled_mean",
-    "projected_pooled_mean",
-    "lm_pooled_mean",
-    "lm_image_pooled_mean",
-    "lm_last_token",
-    "visual_token_lens",
-    "image_grid_thw",
-    "lm_layer_0",
-    "vision_layer_0",
-    "vision_layer_2",
-    "vision_layer_-1",
-]
+OUTPUTS = ALL_OUTPUTS
 
 
 @pytest.fixture(scope="module")
