@@ -52,3 +52,18 @@ def test_an_unknown_choice_is_refused_before_sending() -> None:
         request_from_options(None, ExtractOptions(prompt="x", prompt_format="chatty"))
     with pytest.raises(ValueError, match="vector_encoding must be one of"):
         request_from_options(None, ExtractOptions(prompt="x", vector_encoding="int4"))
+
+
+def test_the_servers_choices_are_the_sdks() -> None:
+    """The extraction core names its choices in plain tuples (it imports no generated code); they
+    are the SDK's Enums' values, in the same order, and the gRPC edge maps the proto through them."""
+    from qwen25vl_embed_server.core.defaults import ARITHMETICS
+    from qwen25vl_embed_server.core.model.prompt import PROMPT_FORMATS
+    from qwen25vl_embed_server.core.retrieval.heads import VECTOR_ENCODINGS
+    from qwen25vl_embed_server.rpc.messages import prompt_format
+
+    assert tuple(member.value for member in PromptFormat) == PROMPT_FORMATS
+    assert tuple(member.value for member in VectorEncoding) == VECTOR_ENCODINGS
+    assert tuple(member.value for member in Arithmetic) == ARITHMETICS
+    assert [prompt_format(member.proto) for member in PromptFormat] == list(PROMPT_FORMATS)
+    assert prompt_format(pb.PROMPT_FORMAT_UNSPECIFIED) == PromptFormat.CHAT

@@ -9,6 +9,7 @@ from typing import Any
 from google.protobuf.message import DecodeError
 
 from qwen25vl_embed import codec
+from qwen25vl_embed.choices import PromptFormat, VectorEncoding
 from qwen25vl_embed.v1 import embed_pb2 as pb
 from qwen25vl_embed_server.core.admission.request import EncodedRequest
 from qwen25vl_embed_server.core.defaults import DEFAULT_WIRE_DTYPE
@@ -70,20 +71,14 @@ def to_encoded(request: pb.ImageRequest, request_id: str | None = None) -> Encod
     )
 
 
-_VECTOR_ENCODINGS = {
-    pb.VECTOR_ENCODING_UNSPECIFIED: "float",
-    pb.VECTOR_ENCODING_FLOAT: "float",
-    pb.VECTOR_ENCODING_INT8: "int8",
-    pb.VECTOR_ENCODING_BINARY: "binary",
+# The proto's numbers -> the core's names, from the SDK's Enums (UNSPECIFIED: the default).
+_VECTOR_ENCODINGS = {pb.VECTOR_ENCODING_UNSPECIFIED: VectorEncoding.FLOAT.value} | {
+    member.proto: member.value for member in VectorEncoding
 }
 
 
-_PROMPT_FORMATS = {
-    pb.PROMPT_FORMAT_UNSPECIFIED: "chat",
-    pb.PROMPT_FORMAT_CHAT: "chat",
-    pb.PROMPT_FORMAT_RAW: "raw",
-    pb.PROMPT_FORMAT_QUERY: "query",
-    pb.PROMPT_FORMAT_DOCUMENT: "document",
+_PROMPT_FORMATS = {pb.PROMPT_FORMAT_UNSPECIFIED: PromptFormat.CHAT.value} | {
+    member.proto: member.value for member in PromptFormat
 }
 
 
