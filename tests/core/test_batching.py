@@ -6,6 +6,7 @@ import numpy as np
 import torch
 
 from qwen25vl_embed_server.core.model.extractor import MAX_PADDING, Extractor, Prepared, similar_lengths
+from qwen25vl_embed_server.core.model.output_settings import OutputSettings
 
 from ..helpers import assert_batched_close, noise_image
 
@@ -35,9 +36,9 @@ def _requests(extractor: Extractor) -> list[Prepared]:
             [noise_image(28, 28, 3), noise_image(448, 112, 4)],
             "A much longer prompt that makes this sequence the longest of the batch by a margin.",
             extractor.plan(["lm_last_token", "lm_layer_-1", "projected_tokens"]),
-            normalize=True,
+            OutputSettings(normalize=True),
         ),
-        extractor.prepare([noise_image(1000, 60, 5)], "Short.", extractor.plan([]), dtype="bfloat16"),
+        extractor.prepare([noise_image(1000, 60, 5)], "Short.", extractor.plan([]), OutputSettings(dtype="bfloat16")),
         extractor.prepare([noise_image(140, 140, 6)], "x", extractor.plan(["vision_layer_-1", "vision_pooled_mean"])),
     ]
 

@@ -13,6 +13,7 @@ import torch
 
 from qwen25vl_embed_server.core.errors import InvalidInputError
 from qwen25vl_embed_server.core.model.extractor import Extractor, Prepared
+from qwen25vl_embed_server.core.model.output_settings import OutputSettings
 from qwen25vl_embed_server.core.model.outputs import DEFAULT_OUTPUTS
 
 from ..helpers import noise_image
@@ -98,7 +99,7 @@ def test_half_wire_dtypes_are_the_rounded_float32_values(extractor: Extractor, d
     plan = extractor.plan(["projected_tokens", "lm_pooled_mean", "visual_token_lens"])
     image = [noise_image(140, 112)]
     full = extractor.extract(image, plan=plan).tensors
-    half = extractor.extract(image, plan=plan, dtype=dtype).tensors
+    half = extractor.extract(image, plan=plan, settings=OutputSettings(dtype=dtype)).tensors
     for name in ("projected_tokens", "lm_pooled_mean"):
         assert half[name].dtype == np.dtype(numpy_dtype)
         np.testing.assert_array_equal(half[name], full[name].astype(numpy_dtype))
@@ -107,7 +108,7 @@ def test_half_wire_dtypes_are_the_rounded_float32_values(extractor: Extractor, d
 
 def test_unknown_dtype_and_image_outputs_of_text_are_invalid_input(extractor: Extractor) -> None:
     with pytest.raises(InvalidInputError, match="unknown dtype 'int8'"):
-        extractor.extract([noise_image(56, 56)], dtype="int8")
+        extractor.extract([noise_image(56, 56)], settings=OutputSettings(dtype="int8"))
     with pytest.raises(InvalidInputError, match="no image, so it has no projected_tokens, visual_token_lens;"):
         extractor.plan(["lm_last_token", "projected_tokens", "visual_token_lens"], has_images=False)
 

@@ -21,6 +21,7 @@ from qwen25vl_embed_server.core.admission.limits import Limits
 from qwen25vl_embed_server.core.admission.request import EncodedRequest, estimate_request, prepare_request
 from qwen25vl_embed_server.core.errors import LimitExceededError
 from qwen25vl_embed_server.core.model.extractor import Extractor
+from qwen25vl_embed_server.core.model.output_settings import OutputSettings
 from qwen25vl_embed_server.core.scheduling.pipeline import Pipeline, PipelineConfig
 from qwen25vl_embed_server.rpc.harness import BackgroundServer
 
@@ -62,7 +63,9 @@ def test_the_patch_count_from_the_header_is_the_processors(extractor: Extractor,
 def test_result_bytes_are_exactly_what_the_result_holds(extractor: Extractor) -> None:
     for dtype in ("float32", "bfloat16"):
         prepared = extractor.prepare(
-            [noise_image(84, 56), noise_image(56, 56)], plan=extractor.plan(OUTPUTS), dtype=dtype
+            [noise_image(84, 56), noise_image(56, 56)],
+            plan=extractor.plan(OUTPUTS),
+            settings=OutputSettings(dtype=dtype),
         )
         (result,) = extractor.run([prepared])
         assert extractor.result_bytes(prepared) == sum(array.nbytes for array in result.tensors.values())

@@ -25,6 +25,7 @@ from qwen25vl_embed_server.core.fixtures.tiny_retrieval import build_tiny_retrie
 from qwen25vl_embed_server.core.model.extractor import Extractor, Prepared
 from qwen25vl_embed_server.core.model.finishing import Extraction
 from qwen25vl_embed_server.core.model.loading import LoadOptions, load_model
+from qwen25vl_embed_server.core.model.output_settings import OutputSettings
 from qwen25vl_embed_server.core.scheduling.batcher import Batcher, BatchingConfig
 from qwen25vl_embed_server.core.scheduling.pieces import image_groups
 from qwen25vl_embed_server.rpc.harness import BackgroundServer
@@ -154,7 +155,7 @@ def test_retrieval_vectors_of_a_split_request_equal_it_run_whole(
 ) -> None:
     extractor = colqwen if recipe == "colqwen" else biqwen
     plan = extractor.plan([*extractor.info().default_outputs, "lm_last_token"])
-    item = extractor.prepare([_image(C)], "", plan, prompt_format="document", dimensions=64)
+    item = extractor.prepare([_image(C)], "", plan, OutputSettings(dimensions=64), prompt_format="document")
     assert extractor.pieces(item, 1) == 2  # the vision tower, then the LM and the recipe's head
     _assert_same(_in_pieces(extractor, item, 1), extractor.run([item])[0])
 

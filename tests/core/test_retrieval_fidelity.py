@@ -22,6 +22,7 @@ from qwen25vl_embed_server.core.fixtures.tiny_retrieval import build_tiny_retrie
 from qwen25vl_embed_server.core.model.extractor import Extractor
 from qwen25vl_embed_server.core.model.finishing import Extraction
 from qwen25vl_embed_server.core.model.loading import LoadOptions, load_model
+from qwen25vl_embed_server.core.model.output_settings import OutputSettings
 
 from ..helpers import assert_batched_close, noise_image
 
@@ -120,11 +121,11 @@ def test_the_adapter_is_merged(col: Extractor, col_adapter: Path) -> None:
 
 def test_matryoshka_dimensions_truncate_and_renormalise(col: Extractor) -> None:
     full = _queries(col, QUERIES[:1])[0].tensors["multi_vector"]
-    short = _queries(col, QUERIES[:1], dimensions=32)[0].tensors["multi_vector"]
+    short = _queries(col, QUERIES[:1], settings=OutputSettings(dimensions=32))[0].tensors["multi_vector"]
     expected = full[:, :32] / np.linalg.norm(full[:, :32], axis=-1, keepdims=True)
     np.testing.assert_allclose(short, expected, rtol=1e-6, atol=1e-7)
     with pytest.raises(InvalidInputError, match=r"dimensions=129 is out of range \(at most 128\)"):
-        _queries(col, QUERIES[:1], dimensions=129)
+        _queries(col, QUERIES[:1], settings=OutputSettings(dimensions=129))
 
 
 def test_image_tokens_only_matches_the_reference_mask(col_adapter: Path) -> None:

@@ -167,6 +167,7 @@ def _extract_here(
     from qwen25vl_embed_server.core.admission.request import EncodedRequest, prepare_request
     from qwen25vl_embed_server.core.model.extractor import Extractor
     from qwen25vl_embed_server.core.model.loading import load_model
+    from qwen25vl_embed_server.core.model.output_settings import OutputSettings
 
     extractor = Extractor(load_model(options))
     saver.arithmetic = extractor.loaded.arithmetic
@@ -178,8 +179,7 @@ def _extract_here(
             images=[path.read_bytes()],
             prompt=args.prompt,
             outputs=outputs,
-            dtype=args.wire_dtype,
-            normalize=args.normalize,
+            settings=OutputSettings(dtype=args.wire_dtype, normalize=args.normalize),
         )
         try:
             extraction = extractor.run([prepare_request(extractor, request, limits, plan)])[0]

@@ -23,6 +23,7 @@ from qwen25vl_embed_server.core.admission.request import EncodedRequest, prepare
 from qwen25vl_embed_server.core.errors import DeviceOutOfMemoryError, InvalidInputError
 from qwen25vl_embed_server.core.model.extractor import Extractor, Prepared
 from qwen25vl_embed_server.core.model.finishing import Extraction
+from qwen25vl_embed_server.core.model.output_settings import OutputSettings
 from qwen25vl_embed_server.core.scheduling.batcher import BatchingConfig
 from qwen25vl_embed_server.core.scheduling.model_thread import ModelThread, single_threaded_torch
 from qwen25vl_embed_server.ray.parquet_format import _table, output_schema
@@ -65,7 +66,7 @@ class BulkExtractionActor:
                     images=[Path(path).read_bytes()],
                     prompt=self._job.prompt,
                     outputs=self._job.outputs,
-                    normalize=self._job.normalize,
+                    settings=OutputSettings(normalize=self._job.normalize),
                 )
                 item = prepare_request(self._extractor, request, self._limits, self._plan)
             except (InvalidInputError, OSError) as error:

@@ -16,6 +16,7 @@ from qwen25vl_embed_server.core.defaults import DEFAULT_WIRE_DTYPE
 from qwen25vl_embed_server.core.errors import InvalidInputError, quoted
 from qwen25vl_embed_server.core.model.finishing import Extraction
 from qwen25vl_embed_server.core.model.model_info import ModelInfo
+from qwen25vl_embed_server.core.model.output_settings import OutputSettings
 from qwen25vl_embed_server.rpc.encoded_responses import serialized
 
 
@@ -60,12 +61,14 @@ def to_encoded(request: pb.ImageRequest, request_id: str | None = None) -> Encod
         images=[image.data for image in request.images],
         prompt=request.prompt if request.HasField("prompt") else None,
         outputs=tuple(request.outputs),
-        dtype=wire_dtype(request.dtype),
-        normalize=request.normalize,
+        settings=OutputSettings(
+            dtype=wire_dtype(request.dtype),
+            normalize=request.normalize,
+            dimensions=request.dimensions,
+            vector_encoding=_VECTOR_ENCODINGS.get(request.vector_encoding, str(request.vector_encoding)),
+        ),
         request_id=request.request_id if request_id is None else request_id,
         prompt_format=prompt_format(request.prompt_format),
-        dimensions=request.dimensions,
-        vector_encoding=_VECTOR_ENCODINGS.get(request.vector_encoding, str(request.vector_encoding)),
         min_pixels=request.min_pixels if request.HasField("min_pixels") else None,
         max_pixels=request.max_pixels if request.HasField("max_pixels") else None,
     )

@@ -11,12 +11,13 @@ the result in batches.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from qwen25vl_embed_server.core.admission.limits import MAX_REQUEST_ID_CHARS, PROMPT_CHARS_PER_TOKEN, Limits
-from qwen25vl_embed_server.core.defaults import DEFAULT_PROMPT, DEFAULT_WIRE_DTYPE
+from qwen25vl_embed_server.core.defaults import DEFAULT_PROMPT
 from qwen25vl_embed_server.core.errors import InvalidInputError, LimitExceededError
+from qwen25vl_embed_server.core.model.output_settings import OutputSettings
 
 if TYPE_CHECKING:  # torch is loaded by the extractor, not by the checks
     from qwen25vl_embed_server.core.model.extractor import Extractor, Prepared
@@ -41,14 +42,10 @@ class EncodedRequest:
         images: the encoded image files, in prompt order.
         prompt: the user text after the images; None: :data:`~.defaults.DEFAULT_PROMPT`.
         outputs: output names; empty: the defaults.
-        dtype: the floating outputs' dtype ("float32", "float16" or "bfloat16").
-        normalize: L2-normalise the pooled vectors.
+        settings: how the outputs are finished: wire dtype, normalisation, the retrieval vectors'
+            size and encoding (:class:`~.output_settings.OutputSettings`).
         request_id: the caller's tag, echoed back.
         prompt_format: "chat", "raw", "query" or "document" (:mod:`~.prompt`).
-        dimensions: keep the first this many components of the retrieval vectors, renormalised
-            (Matryoshka); 0: all.
-        vector_encoding: the retrieval vectors' wire form: "float", "int8" or "binary"
-            (:func:`~.heads.encode_vectors`).
         min_pixels / max_pixels: this request's resize range (None: the model's), within the
             model's range (:func:`pixel_range`).
     """
@@ -56,12 +53,9 @@ class EncodedRequest:
     images: Sequence[bytes]
     prompt: str | None = None
     outputs: Sequence[str] = ()
-    dtype: str = DEFAULT_WIRE_DTYPE
-    normalize: bool = False
+    settings: OutputSettings = field(default_factory=OutputSettings)
     request_id: str = ""
     prompt_format: str = "chat"
-    dimensions: int = 0
-    vector_encoding: str = "float"
     min_pixels: int | None = None
     max_pixels: int | None = None
 
@@ -94,8 +88,8 @@ def check_request(request: EncodedRequest, limits: Limits) -> None:
         raise InvalidInputError(f"the {request.prompt_format} format needs a prompt")
     if request.prompt_format == "document" and request.prompt is not None:
         raise InvalidInputError("the document format takes no prompt: the recipe's template is the text")
-    if request.dimensions < 0:
-        raise InvalidInputError(f"dimensions must be 0 (all) or positive, got {request.dimensions}")
+    if request.settings.dimensions < 0:
+        raise InvalidInputError(f"dimensions must be 0 (all) or positive, got {request.settings.dimensions}")
     if count > limits.max_images:
         raise LimitExceededError(
             "max_images", f"request has {count} images; the limit is max_images={limits.max_images}"
@@ -243,12 +237,9 @@ def prepare_request(
         images,
         request.text,
         plan,
-        request.dtype,
-        request.normalize,
+        request.settings,
         processor=processor,
         prompt_format=request.prompt_format,
-        dimensions=request.dimensions,
-        vector_encoding=request.vector_encoding,
         pixels=pixels,
     )
     check_cost(prepared, limits)

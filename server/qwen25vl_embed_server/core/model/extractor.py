@@ -10,21 +10,22 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from PIL import Image
 from torch.nn import functional
 
-from qwen25vl_embed_server.core.defaults import DEFAULT_PROMPT, DEFAULT_WIRE_DTYPE
-from qwen25vl_embed_server.core.errors import DeviceOutOfMemoryError, InvalidInputError
+from qwen25vl_embed_server.core.defaults import DEFAULT_PROMPT
+from qwen25vl_embed_server.core.errors import DeviceOutOfMemoryError
 from qwen25vl_embed_server.core.model import outputs as names
 from qwen25vl_embed_server.core.model.capture import capturing
-from qwen25vl_embed_server.core.model.dtypes import TORCH_DTYPES, dtype_name
+from qwen25vl_embed_server.core.model.dtypes import dtype_name
 from qwen25vl_embed_server.core.model.finishing import Extraction, Finisher
 from qwen25vl_embed_server.core.model.loading import LoadedModel
 from qwen25vl_embed_server.core.model.model_info import ModelInfo, RecipeInfo
+from qwen25vl_embed_server.core.model.output_settings import OutputSettings
 from qwen25vl_embed_server.core.model.outputs import (
     DEFAULT_OUTPUTS,
     OutputPlan,
@@ -33,26 +34,22 @@ from qwen25vl_embed_server.core.model.outputs import (
     plan_outputs,
 )
 from qwen25vl_embed_server.core.model.prompt import prepare_inputs, render_text
-from qwen25vl_embed_server.core.retrieval.heads import (
-    VECTOR_ENCODINGS,
-)
 from qwen25vl_embed_server.core.scheduling.pieces import PiecewiseRun, piece_count
 
 
 @dataclass(frozen=True)
 class Prepared:
-    """One request, ready for the model: the processor's CPU tensors and what to return.
+    """One request, ready for the model: the processor's CPU tensors, what to return and how.
 
     ``inputs`` holds input_ids / attention_mask / mm_token_type_ids [1, T] and, unless the request
-    is text only, pixel_values [Np, C*t*p*p] and image_grid_thw [num_images, 3].
+    is text only, pixel_values [Np, C*t*p*p] and image_grid_thw [num_images, 3]. ``plan`` names
+    the outputs; ``settings`` says how the finishing shapes them (wire dtype, normalisation,
+    retrieval size and encoding).
     """
 
     inputs: dict[str, torch.Tensor]
     plan: OutputPlan
-    dtype: str = DEFAULT_WIRE_DTYPE
-    normalize: bool = False
-    dimensions: int = 0
-    vector_encoding: str = "float"
+    settings: OutputSettings = field(default_factory=OutputSettings)
 
     @property
     def has_images(self) -> bool:
@@ -111,7 +108,7 @@ class Extractor:
             self._merge_unit,
             int(config.vision_config.hidden_size),
             int(config.text_config.hidden_size),
-            prepared.dtype,
+            prepared.settings.dtype,
             self.retrieval_dim,
         )
 
@@ -166,62 +163,44 @@ class Extractor:
         images: Sequence[Image.Image],
         prompt: str = DEFAULT_PROMPT,
         plan: OutputPlan | None = None,
-        dtype: str = DEFAULT_WIRE_DTYPE,
-        normalize: bool = False,
+        settings: OutputSettings | None = None,
+        *,
         processor: Any = None,
         prompt_format: str = "chat",
-        dimensions: int = 0,
-        vector_encoding: str = "float",
         pixels: tuple[int, int] | None = None,
     ) -> Prepared:
         """Preprocess one request (CPU only); no images: a text request. Raises :class:`InvalidInputError`.
 
-        ``processor``: one private to the calling thread (None: the model's own, which one thread
-        at a time may use; see :func:`~qwen25vl_embed_server.core.admission.request.check_prompt_tokens`).
-        ``prompt_format``: see :mod:`~.prompt`. ``dimensions``: Matryoshka size of the retrieval
-        vectors (0: all). ``pixels``: this request's (min, max) resize range, already checked by
+        ``settings``: how the outputs are finished (None: the defaults), checked against this model
+        (:meth:`.OutputSettings.check`). ``processor``: one private to the calling thread (None: the
+        model's own, which one thread at a time may use; see
+        :func:`~qwen25vl_embed_server.core.admission.request.check_prompt_tokens`). ``prompt_format``:
+        see :mod:`~.prompt`. ``pixels``: this request's (min, max) resize range, already checked by
         :func:`~qwen25vl_embed_server.core.admission.request.pixel_range`; None: the processor's.
         """
-        if dtype not in TORCH_DTYPES:
-            raise InvalidInputError(f"unknown dtype {dtype!r}; expected one of {', '.join(TORCH_DTYPES)}")
-        if dimensions and not 0 < dimensions <= self.retrieval_dim:
-            limit = f"at most {self.retrieval_dim}" if self.retrieval_dim else "0: the model has no retrieval recipe"
-            raise InvalidInputError(f"dimensions={dimensions} is out of range ({limit})")
-        if vector_encoding not in VECTOR_ENCODINGS:
-            raise InvalidInputError(
-                f"unknown vector encoding {vector_encoding!r}; expected one of {', '.join(VECTOR_ENCODINGS)}"
-            )
+        settings = settings if settings is not None else OutputSettings()
+        settings.check(self.retrieval_dim)
         processor = processor if processor is not None else self.loaded.processor
         text = render_text(processor, len(images), prompt, prompt_format, self.recipe)
         inputs = prepare_inputs(processor, images, text, pixels)
         plan = plan or self.plan((), has_images=bool(images))
-        return Prepared(
-            inputs=dict(inputs),
-            plan=plan,
-            dtype=dtype,
-            normalize=normalize,
-            dimensions=dimensions,
-            vector_encoding=vector_encoding,
-        )
+        return Prepared(inputs=dict(inputs), plan=plan, settings=settings)
 
     def extract(
         self,
         images: Sequence[Image.Image],
         prompt: str = DEFAULT_PROMPT,
         plan: OutputPlan | None = None,
-        dtype: str = DEFAULT_WIRE_DTYPE,
-        normalize: bool = False,
+        settings: OutputSettings | None = None,
+        *,
         prompt_format: str = "chat",
-        dimensions: int = 0,
     ) -> Extraction:
         """Run the model on ``images`` (one multi-image prompt; none: a text request) and ``prompt``.
 
         Only what ``plan`` needs runs: without LM outputs the language model is skipped. Pooled
-        vectors are means computed in float32; ``normalize`` L2-normalises them.
+        vectors are means computed in float32; ``settings.normalize`` L2-normalises them.
         """
-        prepared = self.prepare(
-            images, prompt, plan, dtype, normalize, prompt_format=prompt_format, dimensions=dimensions
-        )
+        prepared = self.prepare(images, prompt, plan, settings, prompt_format=prompt_format)
         return self.run([prepared])[0]
 
     def run(self, batch: Sequence[Prepared]) -> list[Extraction]:

@@ -14,6 +14,7 @@ from torch.nn import functional
 from qwen25vl_embed_server.core.model import outputs as names
 from qwen25vl_embed_server.core.model.dtypes import TORCH_DTYPES
 from qwen25vl_embed_server.core.model.loading import LoadedModel
+from qwen25vl_embed_server.core.model.pooling import pool
 from qwen25vl_embed_server.core.retrieval.heads import encode_vectors, multi_vector, single_vector, truncate
 from qwen25vl_embed_server.core.retrieval.recipes import MULTI_VECTOR, SINGLE_VECTOR
 
@@ -60,14 +61,15 @@ class Finisher:
             out[names.LM_IMAGE_TOKENS] = out[names.LM_LAST_HIDDEN][0, positions.to(self.loaded.device)]
         if self.recipe is not None and self._retrieval in item.plan.names:
             out[self._retrieval] = self._retrieval_output(item, out[names.LM_LAST_HIDDEN])
-        wire = TORCH_DTYPES[item.dtype]
+        settings = item.settings
+        wire = TORCH_DTYPES[settings.dtype]
         arrays = {}
         for name in item.plan.names:
             tensor = pool(name, out) if name in names.POOLED else out[name]
-            if item.normalize and name in names.POOLED:
+            if settings.normalize and name in names.POOLED:
                 tensor = functional.normalize(tensor, p=2.0, dim=-1)
-            if name == self._retrieval and item.vector_encoding != "float":
-                arrays[name] = encode_vectors(to_numpy(tensor, torch.float32), item.vector_encoding)
+            if name == self._retrieval and settings.vector_encoding != "float":
+                arrays[name] = encode_vectors(to_numpy(tensor, torch.float32), settings.vector_encoding)
             else:
                 arrays[name] = to_numpy(tensor, wire)
         return Extraction(
@@ -88,21 +90,7 @@ class Finisher:
         else:
             assert self._retrieval == SINGLE_VECTOR
             vectors = single_vector(last_hidden, self.recipe)
-        return truncate(vectors, item.dimensions)
-
-
-def pool(name: str, out: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Pooled vector ``name`` [1, C] in float32, from the token tensors in ``out``."""
-    if name == names.LM_LAST_TOKEN:
-        return out[names.LM_LAST_HIDDEN][0, -1:].float()
-    if name == names.LM_POOLED_MEAN:
-        return out[names.LM_LAST_HIDDEN][0].float().mean(0, keepdim=True)
-    source = {
-        names.VISION_POOLED_MEAN: names.VISION_TOKENS,
-        names.PROJECTED_POOLED_MEAN: names.PROJECTED_TOKENS,
-        names.LM_IMAGE_POOLED_MEAN: names.LM_IMAGE_TOKENS,
-    }[name]
-    return out[source].float().mean(0, keepdim=True)
+        return truncate(vectors, item.settings.dimensions)
 
 
 def to_numpy(tensor: torch.Tensor, wire: torch.dtype) -> np.ndarray:

@@ -12,7 +12,10 @@ import numpy as np
 import torch
 from torch.nn import functional
 
+from qwen25vl_embed_server.core.model.output_settings import VECTOR_ENCODINGS
 from qwen25vl_embed_server.core.retrieval.recipes import Recipe
+
+__all__ = ["VECTOR_ENCODINGS", "encode_vectors", "multi_vector", "single_vector", "truncate"]
 
 
 def multi_vector(
@@ -51,9 +54,6 @@ def truncate(vectors: torch.Tensor, dimensions: int) -> torch.Tensor:
     if dimensions in (0, vectors.shape[-1]):
         return vectors
     return functional.normalize(vectors[..., :dimensions], p=2.0, dim=-1)
-
-
-VECTOR_ENCODINGS = ("float", "int8", "binary")
 
 
 def encode_vectors(vectors: np.ndarray, encoding: str) -> np.ndarray:
