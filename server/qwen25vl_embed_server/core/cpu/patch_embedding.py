@@ -22,8 +22,8 @@ fails, transformers' forward stays, and the log says why.
 
 Not in bf16 where oneDNN runs AMX (:func:`onednn_runs_amx_bf16`): there transformers' own
 convolution sums a patch in an order that depends on how many patches it is given (on a Sapphire
-Rapids core, 70 of the sizes from 1 to 200 patches give other bits than the grid at a width of 32;
-a random check can pass beside them), so no one grid can equal it at every size.
+Rapids core, dozens of the patch counts from 1 to 200 give other bits than the grid, while a
+random check can pass beside them), so no one grid can equal it at every size.
 """
 
 from __future__ import annotations
