@@ -10,10 +10,11 @@ from __future__ import annotations
 import importlib.util
 import sys
 from collections.abc import Iterator
+from itertools import pairwise
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
-import numpy as np
 import pytest
 from qdrant_client import QdrantClient
 
@@ -51,6 +52,24 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return images
 
 
+def assert_same_ranking(reranked: list[Any], database: list[Any], rtol: float = 1e-4) -> None:
+    """The two MaxSims score each image alike, and each ranks by its scores.
+
+    Random-weight documents can score within a float rounding step of each other; the SDK (numpy)
+    and the database sum in different orders, so two such images may swap places. The ranking
+    holds where the scores differ by more than the tolerance.
+    """
+    ours = {hit.path: hit.score for hit in reranked}
+    theirs = {hit.path: hit.score for hit in database}
+    assert ours.keys() == theirs.keys()
+    for path, score in ours.items():
+        assert theirs[path] == pytest.approx(score, rel=rtol), path
+    for ranking in (reranked, database):
+        for above, below in pairwise(ranking):
+            tolerance = rtol * max(abs(ours[above.path]), abs(ours[below.path]))
+            assert ours[above.path] >= ours[below.path] - tolerance, (above, below)
+
+
 @pytest.mark.parametrize("pool_factor", [1, 2])
 def test_index_then_search_by_image_and_text(
     example: ModuleType, search_client: EmbeddingClient, folder: Path, tmp_path: Path, pool_factor: int
@@ -70,7 +89,6 @@ def test_index_then_search_by_image_and_text(
         by_text = search_client.embed_queries(["a photo of noise"])[0]
         for query in (by_image, by_text):
             reranked, database = example.search(db, query, candidates=4, limit=4)
-            assert [hit.path for hit in reranked] == [hit.path for hit in database]
-            np.testing.assert_allclose([h.score for h in reranked], [h.score for h in database], rtol=1e-4)
+            assert_same_ranking(reranked, database)
     finally:
         db.close()
