@@ -50,7 +50,21 @@ class ModelNotReadyError(RuntimeError):
 
 
 class OverloadedError(RuntimeError):
-    """The request queue is full (or the server is stopping): retry later."""
+    """The server refuses new work now: retry later, here or elsewhere.
+
+    Attributes:
+        reason: why, as the refusal metrics name it: ``"queue"`` (the queue or the requests in
+            flight are at their bound, or the server is stopping), ``"deadline"`` (the work ahead
+            would not let this request finish within its deadline), ``"memory"`` (the memory
+            budgets cannot hold it soon enough).
+        retry_after: seconds after which a retry is expected to be admitted, when the server can
+            tell (each edge sends it: gRPC's ``grpc-retry-pushback-ms``, HTTP's ``Retry-After``).
+    """
+
+    def __init__(self, message: str, *, reason: str = "queue", retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.retry_after = retry_after
 
 
 class DeadlineExceededError(RuntimeError):
