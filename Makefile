@@ -35,15 +35,18 @@ demo: setup-server
 
 ## The test suite (real server on 127.0.0.1, real SDK, tiny random-weight Qwen2.5-VL).
 # The Ray tests read every socket of Ray's processes with ss (iproute2), absent from slim images.
+# The HTTP API's tests call it with curl (tests/http/test_clients.py), absent from slim images too.
 test: setup
 	@command -v ss >/dev/null || { apt-get update -qq && apt-get install -y -qq iproute2; }
+	@command -v curl >/dev/null || { apt-get update -qq && apt-get install -y -qq curl; }
 	$(BIN)/pytest -q
 
 ## The tests that run the model, again as an AVX2-only CPU runs them (torch, oneDNN and MKL each
 ## capped to AVX2, after a check that each cap takes effect: tests/cpu_caps.py). CI runs it after
 ## `make test`, so an AVX-512 machine proves the AVX2 path too.
-CPU_SENSITIVE := tests/core tests/rpc tests/cli tests/client --ignore=tests/cli/test_client_only.py
+CPU_SENSITIVE := tests/core tests/rpc tests/http tests/cli tests/client --ignore=tests/cli/test_client_only.py
 test-avx2: setup
+	@command -v curl >/dev/null || { apt-get update -qq && apt-get install -y -qq curl; }
 	$(BIN)/python -m tests.cpu_caps -q $(CPU_SENSITIVE)
 
 lint: setup

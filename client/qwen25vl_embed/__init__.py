@@ -30,6 +30,7 @@ each:
 - :mod:`~qwen25vl_embed.codec`: numpy array <-> ``Tensor`` message (shared with the server).
 - :mod:`~qwen25vl_embed.channels`, :mod:`~qwen25vl_embed.errors`, :mod:`~qwen25vl_embed.info`:
   channels (TLS, tokens), :class:`EmbeddingError`, :class:`ServerInfo`.
+- :mod:`~qwen25vl_embed.retries`: :class:`RetryPolicy`, gRPC's retries of refused calls (on by default).
 
 ``qwen25vl_embed.v1`` is the code generated from ``protos/`` (messages and service stub).
 """
@@ -44,8 +45,9 @@ from qwen25vl_embed.client import EmbeddingClient
 from qwen25vl_embed.embeddings import Embeddings, Timings
 from qwen25vl_embed.errors import EmbeddingError, LocalRequestError
 from qwen25vl_embed.images import ImageInput
-from qwen25vl_embed.info import RetrievalRecipe, ServerInfo
+from qwen25vl_embed.info import RetrievalRecipe, ServedAdapter, ServerInfo
 from qwen25vl_embed.options import ExtractOptions
+from qwen25vl_embed.retries import RetryPolicy
 from qwen25vl_embed.search import maxsim, pool_tokens, storage_bytes
 
 try:
@@ -64,6 +66,8 @@ __all__ = [
     "LocalRequestError",
     "PromptFormat",
     "RetrievalRecipe",
+    "RetryPolicy",
+    "ServedAdapter",
     "ServerInfo",
     "Timings",
     "VectorEncoding",

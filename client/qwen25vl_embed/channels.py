@@ -6,7 +6,8 @@ refuses call credentials on a plain channel, so there a client interceptor adds 
 text, which is only acceptable on loopback or a network you trust. Use TLS anywhere else.
 
 :func:`create_channel` makes a blocking channel, :func:`create_aio_channel` an asyncio one, from
-the same arguments and with the same rules.
+the same arguments and with the same rules. Both carry the service's retry policy
+(:class:`~qwen25vl_embed.retries.RetryPolicy`, gRPC's own retries) unless told otherwise.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from pathlib import Path
 from typing import Any, NamedTuple, TypeAlias
 
 import grpc
+
+from qwen25vl_embed.retries import DEFAULT_RETRY, RetryPolicy, retry_options
 
 __all__ = ["PEMSource", "TLSConfig", "create_aio_channel", "create_channel"]
 
@@ -65,6 +68,7 @@ def create_channel(
     tls: TLSConfig | None = None,
     token: str | None = None,
     options: Sequence[tuple[str, Any]] = (),
+    retry: RetryPolicy | None = DEFAULT_RETRY,
 ) -> grpc.Channel:
     """A channel to ``target`` ("host:port"): TLS when ``tls`` is given, plain otherwise.
 
@@ -74,13 +78,17 @@ def create_channel(
         token: bearer token sent as ``authorization: Bearer <token>`` on every call. Without
             ``tls`` it is sent in clear text: loopback or trusted networks only.
         options: gRPC channel options.
+        retry: how gRPC retries the service's refused calls; None: never (see
+            :func:`~qwen25vl_embed.retries.retry_options` for how it meets ``options``).
 
     Raises:
-        ValueError: an empty token, or one with whitespace or non-ASCII characters.
+        ValueError: an empty token, or one with whitespace or non-ASCII characters; a
+            ``grpc.service_config`` option that is not a JSON object.
         OSError: a PEM file cannot be read.
     """
     if token is not None:
         _validate_token(token)
+    options = retry_options(options, retry)
     if tls is not None:
         credentials = tls.credentials()
         if token is not None:
@@ -98,6 +106,7 @@ def create_aio_channel(
     tls: TLSConfig | None = None,
     token: str | None = None,
     options: Sequence[tuple[str, Any]] = (),
+    retry: RetryPolicy | None = DEFAULT_RETRY,
 ) -> grpc.aio.Channel:
     """An asyncio channel (``grpc.aio``) to ``target``; arguments and errors as :func:`create_channel`.
 
@@ -106,6 +115,7 @@ def create_aio_channel(
     """
     if token is not None:
         _validate_token(token)
+    options = retry_options(options, retry)
     if tls is not None:
         credentials = tls.credentials()
         if token is not None:

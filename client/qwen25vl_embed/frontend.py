@@ -21,6 +21,7 @@ from qwen25vl_embed.extract_many import ErrorPolicy
 from qwen25vl_embed.images import ImageInput
 from qwen25vl_embed.options import ExtractOptions, merge
 from qwen25vl_embed.requests import request_from_options
+from qwen25vl_embed.retries import DEFAULT_RETRY, RetryPolicy, retry_options
 from qwen25vl_embed.v1 import embed_pb2 as pb
 
 __all__ = ["Build", "ClientFrontend", "StreamSettings"]
@@ -59,6 +60,9 @@ class ClientFrontend(Generic[_Channel, _Inputs, _One, _Many, _Vectors]):
             unset, and ``close()`` leaves the channel open for its owner to close.
         metadata: gRPC metadata sent with every call, e.g. ``[("application", "qwen25vl_embed")]``
             to pick the application behind a Ray Serve gRPC proxy that serves several.
+        retry: how gRPC retries a refused call (:class:`~qwen25vl_embed.RetryPolicy`; by default
+            UNAVAILABLE and RESOURCE_EXHAUSTED, 4 attempts, exponential backoff, the server's
+            pushback honoured); None: never. Not with ``channel=`` (its own options decide).
     """
 
     def __init__(
@@ -71,15 +75,17 @@ class ClientFrontend(Generic[_Channel, _Inputs, _One, _Many, _Vectors]):
         token: str | None = None,
         channel: _Channel | None = None,
         metadata: Sequence[tuple[str, str]] = (),
+        retry: RetryPolicy | None = DEFAULT_RETRY,
     ) -> None:
-        if channel is not None and (tls is not None or token is not None):
-            raise ValueError("tls and token configure the channel created here; not with channel=")
+        if channel is not None and (tls is not None or token is not None or retry is not DEFAULT_RETRY):
+            raise ValueError("tls, token and retry configure the channel created here; not with channel=")
         self._target = target
         self._timeout = timeout
         self._metadata = tuple(metadata) or None
         self._owns_channel = channel is None
         if channel is None:
-            channel = self._create_channel(target, tls, token, options)
+            # The client's policy goes into the options; create_channel's default then finds it there.
+            channel = self._create_channel(target, tls, token, retry_options(options, retry))
         self._channel = channel
         self._connect(channel)
 
@@ -99,6 +105,8 @@ class ClientFrontend(Generic[_Channel, _Inputs, _One, _Many, _Vectors]):
         vector_encoding: VectorEncoding | str | None = None,
         min_pixels: int | None = None,
         max_pixels: int | None = None,
+        adapter: str | None = None,
+        task: str | None = None,
     ) -> _One:
         """Run the model on one request and return its outputs (awaitable on the asyncio client).
 
@@ -108,7 +116,8 @@ class ClientFrontend(Generic[_Channel, _Inputs, _One, _Many, _Vectors]):
             request_id: echoed in the result.
             options: the request's settings (:class:`~qwen25vl_embed.ExtractOptions`: prompt,
                 outputs, dtype, normalize, prompt_format, dimensions, vector_encoding, min_pixels,
-                max_pixels, timeout); each other argument given (not None) overrides its field.
+                max_pixels, timeout, adapter, task); each other argument given (not None) overrides its
+                field.
                 Without ``options``: the fields' defaults ("float32", the chat format, the pooled
                 vectors and visual_token_lens, the client's timeout, ...).
 
@@ -135,6 +144,8 @@ class ClientFrontend(Generic[_Channel, _Inputs, _One, _Many, _Vectors]):
             vector_encoding=vector_encoding,
             min_pixels=min_pixels,
             max_pixels=max_pixels,
+            adapter=adapter,
+            task=task,
         )
         build = functools.partial(request_from_options, image, chosen, request_id)
         return self._extract(build, self._deadline(chosen.timeout))
@@ -157,6 +168,8 @@ class ClientFrontend(Generic[_Channel, _Inputs, _One, _Many, _Vectors]):
         vector_encoding: VectorEncoding | str | None = None,
         min_pixels: int | None = None,
         max_pixels: int | None = None,
+        adapter: str | None = None,
+        task: str | None = None,
     ) -> _Many:
         """Extract many requests over one ExtractBatch stream; yield results in input order.
 
@@ -190,6 +203,8 @@ class ClientFrontend(Generic[_Channel, _Inputs, _One, _Many, _Vectors]):
             vector_encoding=vector_encoding,
             min_pixels=min_pixels,
             max_pixels=max_pixels,
+            adapter=adapter,
+            task=task,
         )
         stream = StreamSettings(concurrency, progress, errors, self._deadline(chosen.timeout))
         return self._extract_many(images, chosen, stream)
@@ -203,6 +218,8 @@ class ClientFrontend(Generic[_Channel, _Inputs, _One, _Many, _Vectors]):
         options: ExtractOptions | None = None,
         concurrency: int = 16,
         timeout: float | None = None,
+        adapter: str | None = None,
+        task: str | None = None,
     ) -> _Vectors:
         """The server's retrieval vectors for text queries, in order (the recipe's query format).
 
@@ -210,12 +227,16 @@ class ClientFrontend(Generic[_Channel, _Inputs, _One, _Many, _Vectors]):
         L2-normalised rows; ``dimensions`` truncates (Matryoshka, renormalised); ``encoding`` (the
         vector encoding) "int8" / "binary" returns them in those wire forms (see the proto's
         VectorEncoding). Sent over one ExtractBatch stream, so the server batches them. ``options``
-        as for :meth:`extract`, but for its prompt and prompt format: the query's.
+        as for :meth:`extract`, but for its prompt and prompt format: the query's. ``adapter``:
+        the retrieval adapter whose vectors these are (``ServerInfo.adapters``; None: ``options``').
+        ``task``: the recipe's task (``ServerInfo.recipe.tasks``; None: ``options``', "" its default).
 
         Raises:
             EmbeddingError: a query failed (e.g. INVALID_ARGUMENT: the server has no recipe).
         """
-        chosen = merge(options, dimensions=dimensions, vector_encoding=encoding, timeout=timeout)
+        chosen = merge(
+            options, dimensions=dimensions, vector_encoding=encoding, timeout=timeout, adapter=adapter, task=task
+        )
         return self._retrieval(((None, text) for text in texts), PromptFormat.QUERY, chosen, concurrency)
 
     def embed_images(
@@ -227,6 +248,8 @@ class ClientFrontend(Generic[_Channel, _Inputs, _One, _Many, _Vectors]):
         options: ExtractOptions | None = None,
         concurrency: int = 16,
         timeout: float | None = None,
+        adapter: str | None = None,
+        task: str | None = None,
     ) -> _Vectors:
         """The server's retrieval vectors for documents (one image each, the recipe's document
         template), in order; shapes and settings as :meth:`embed_queries`.
@@ -234,8 +257,31 @@ class ClientFrontend(Generic[_Channel, _Inputs, _One, _Many, _Vectors]):
         Raises:
             EmbeddingError: an image failed.
         """
-        chosen = merge(options, dimensions=dimensions, vector_encoding=encoding, timeout=timeout)
+        chosen = merge(
+            options, dimensions=dimensions, vector_encoding=encoding, timeout=timeout, adapter=adapter, task=task
+        )
         return self._retrieval(((image, None) for image in images), PromptFormat.DOCUMENT, chosen, concurrency)
+
+    def embed_passages(
+        self,
+        texts: Iterable[str],
+        dimensions: int | None = None,
+        *,
+        encoding: VectorEncoding | str | None = None,
+        options: ExtractOptions | None = None,
+        concurrency: int = 16,
+        timeout: float | None = None,
+        task: str | None = None,
+    ) -> _Vectors:
+        """The server's retrieval vectors for text documents (passages), in order: the recipe's
+        document format with a text (jina-v4: "Passage: " + text; its text-matching task: "Query: "
+        + text); shapes and settings as :meth:`embed_queries`.
+
+        Raises:
+            EmbeddingError: a text failed (INVALID_ARGUMENT: the recipe has no text documents).
+        """
+        chosen = merge(options, dimensions=dimensions, vector_encoding=encoding, timeout=timeout, task=task)
+        return self._retrieval(((None, text) for text in texts), PromptFormat.DOCUMENT, chosen, concurrency)
 
     def _retrieval(
         self,

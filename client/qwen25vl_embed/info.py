@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from qwen25vl_embed.v1 import embed_pb2 as pb
 
-__all__ = ["RetrievalRecipe", "ServerInfo"]
+__all__ = ["RetrievalRecipe", "ServedAdapter", "ServerInfo"]
 
 
 @dataclass(frozen=True)
@@ -20,6 +20,8 @@ class RetrievalRecipe:
         document_template: the document text, "<image>" where the image goes.
         query_prefix, query_suffix: around a query's text.
         padding_side, pooling, head, normalize, image_tokens_only: as the reference computes.
+        tasks: the tasks a request may name (``task=``), the default first; empty: none.
+        matryoshka_dims: the single vector's sizes ``dimensions`` may take; empty: any.
     """
 
     name: str
@@ -33,6 +35,8 @@ class RetrievalRecipe:
     head: bool
     normalize: bool
     image_tokens_only: bool
+    tasks: tuple[str, ...] = ()
+    matryoshka_dims: tuple[int, ...] = ()
 
     @classmethod
     def from_proto(cls, message: pb.Recipe) -> RetrievalRecipe:
@@ -48,7 +52,22 @@ class RetrievalRecipe:
             head=message.head,
             normalize=message.normalize,
             image_tokens_only=message.image_tokens_only,
+            tasks=tuple(message.tasks),
+            matryoshka_dims=tuple(message.matryoshka_dims),
         )
+
+
+@dataclass(frozen=True)
+class ServedAdapter:
+    """A retrieval adapter the server runs on its base: ``name`` (what ``adapter=`` takes) and its
+    ``recipe`` (its output, dimension and prompt formats)."""
+
+    name: str
+    recipe: RetrievalRecipe
+
+    @classmethod
+    def from_proto(cls, message: pb.Adapter) -> ServedAdapter:
+        return cls(name=message.name, recipe=RetrievalRecipe.from_proto(message.recipe))
 
 
 @dataclass(frozen=True)
@@ -76,6 +95,7 @@ class ServerInfo:
         arithmetic: how the model's dot products run: "exact" (transformers' own kernels: its
             bits), "fp32-onednn" (within float rounding) or "bf16-float32" (bf16 in float32
             arithmetic: within bf16 rounding of the fp32 result); "" from an older server.
+        adapters: the retrieval adapters served on the base, in the server's order (empty: none).
     """
 
     model: str
@@ -96,6 +116,7 @@ class ServerInfo:
     server_version: str
     recipe: RetrievalRecipe | None = None
     arithmetic: str = ""
+    adapters: tuple[ServedAdapter, ...] = ()
 
     @classmethod
     def from_proto(cls, message: pb.InfoResponse) -> ServerInfo:
@@ -119,4 +140,5 @@ class ServerInfo:
             server_version=message.server_version,
             recipe=RetrievalRecipe.from_proto(message.recipe) if message.HasField("recipe") else None,
             arithmetic=message.arithmetic,
+            adapters=tuple(ServedAdapter.from_proto(adapter) for adapter in message.adapters),
         )

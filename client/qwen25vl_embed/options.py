@@ -41,6 +41,10 @@ class ExtractOptions:
             server's (``ServerInfo.min_pixels`` / ``max_pixels``); None: the server's.
         timeout: deadline of the call (of the whole stream for the streaming methods), in
             seconds; None: the client's default.
+        adapter: the retrieval adapter to run with, by name (``ServerInfo.adapters``); "": the
+            server's own model (its recipe, or the base's raw outputs on a server of adapters).
+        task: the recipe's task, for a recipe with tasks (``ServerInfo.recipe.tasks``; jina-v4:
+            "retrieval", "text-matching", "code"); "": its default task.
     """
 
     prompt: str | None = None
@@ -53,6 +57,8 @@ class ExtractOptions:
     min_pixels: int | None = None
     max_pixels: int | None = None
     timeout: float | None = None
+    adapter: str = ""
+    task: str = ""
 
     def replace(self, **changes: Any) -> ExtractOptions:
         """A copy with the ``changes`` that are not None (a keyword argument left unset is None)."""

@@ -31,6 +31,8 @@ def build_request(
     vector_encoding: VectorEncoding | str = VectorEncoding.FLOAT,
     min_pixels: int | None = None,
     max_pixels: int | None = None,
+    adapter: str = "",
+    task: str = "",
 ) -> pb.ImageRequest:
     """The ``ImageRequest`` of these settings (as :class:`~qwen25vl_embed.ExtractOptions`'s), validated.
 
@@ -47,6 +49,8 @@ def build_request(
         vector_encoding=vector_encoding,
         min_pixels=min_pixels,
         max_pixels=max_pixels,
+        adapter=adapter,
+        task=task,
     )
     return request_from_options(image, options, request_id)
 
@@ -89,6 +93,8 @@ def request_from_options(
         prompt_format=prompt_format.proto,
         dimensions=dimensions,
         vector_encoding=vector_encoding.proto,
+        adapter=options.adapter,
+        task=options.task,
     )
     if prompt is not None:
         request.prompt = prompt

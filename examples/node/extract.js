@@ -17,6 +17,18 @@ const protoLoader = require('@grpc/proto-loader');
 const { TensorAssembler } = require('./tensors');
 
 const PROTO_ROOT = path.join(__dirname, '..', '..', 'protos');
+// The Python SDK's default retry policy (qwen25vl_embed.RetryPolicy), as a gRPC service config:
+// every call of the service is idempotent, so grpc-js retries UNAVAILABLE and RESOURCE_EXHAUSTED
+// (4 attempts, exponential backoff from 0.2 s up to 5 s) and waits the pause a refusal's
+// `grpc-retry-pushback-ms` asks for (a negative one: no retry). A call is not retried once a
+// response has arrived, nor when its request is over the per-call retry buffer (8 MiB, below the
+// server's 64 MiB receive limit, so a request refused for its size is not sent twice).
+const SERVICE_CONFIG = fs.readFileSync(path.join(__dirname, 'service_config.json'), 'utf8');
+const CHANNEL_OPTIONS = {
+  'grpc.service_config': SERVICE_CONFIG,
+  'grpc.enable_retries': 1,
+  'grpc.per_rpc_retry_buffer_size': 8 * 1024 * 1024,
+};
 const DTYPES = { float32: 'DTYPE_FLOAT32', float16: 'DTYPE_FLOAT16', bfloat16: 'DTYPE_BFLOAT16' };
 const USAGE =
   'usage: node extract.js [IMAGE...] [--server host:port] [--outputs a,b,c] ' +
@@ -168,10 +180,10 @@ async function main() {
   // `prompt` is `optional` in the proto: leaving it out means the server's default prompt.
   if (args.prompt !== undefined) request.prompt = args.prompt;
 
-  // Default channel options on purpose: the 4 MiB receive limit suffices because the server
-  // sends no message over its chunk size (1 MiB by default).
+  // The retry policy only; the default 4 MiB receive limit suffices because the server sends no
+  // message over its chunk size (1 MiB by default).
   const EmbeddingService = loadService();
-  const client = new EmbeddingService(args.server, grpc.credentials.createInsecure());
+  const client = new EmbeddingService(args.server, grpc.credentials.createInsecure(), CHANNEL_OPTIONS);
   try {
     const result = await extract(client, request, args.timeout);
     console.log(args.json ? toJson(result) : toText(result));

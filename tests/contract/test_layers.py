@@ -41,16 +41,22 @@ BASE_IMPORTS = {
     "pillow": "PIL",
     "tqdm": "tqdm",
 }
-ROOMS = ("core", "rpc", "ray", "cli")
+ROOMS = ("core", "rpc", "http", "ray", "cli")
 # Which of our packages each room may import (the SDK is ``qwen25vl_embed``, with the generated
 # code in ``qwen25vl_embed.v1``).
 ALLOWED = {
     "core": {"core"},
     "rpc": {"core", "rpc", "sdk"},
+    # The HTTP edge: the core, and of the gRPC edge only its transport-neutral modules (HTTP_FROM_RPC);
+    # never the SDK's generated messages.
+    "http": {"core", "rpc", "http"},
     "ray": {"core", "rpc", "ray", "sdk"},
-    "cli": {"core", "rpc", "ray", "cli", "sdk"},
+    "cli": {"core", "rpc", "http", "ray", "cli", "sdk"},
 }
 CORE = PACKAGE / "core"
+# What the HTTP edge shares with the gRPC edge: the bearer tokens, the TLS files, the one metrics
+# registry and request log; and the server's config, for typing only.
+HTTP_FROM_RPC = {"auth", "tls", "metrics", "observation", "server"}
 # The one module outside the command line that may import the fixtures, inside a function: the
 # loader builds the ``tiny-random`` checkpoint when it is asked for it by name.
 FIXTURE_LOADERS = {"core/model/loading.py"}
@@ -206,6 +212,16 @@ def _imported_rooms(path: Path) -> set[str]:
             elif parts[0] == "qwen25vl_embed":
                 rooms.add("sdk")
     return rooms
+
+
+def test_the_http_edge_takes_only_the_grpc_edges_transport_neutral_modules() -> None:
+    modules = sorted((PACKAGE / "http").rglob("*.py"))
+    assert any(p.name == "app.py" for p in modules)
+    for path in modules:
+        rpc = {m.split(".")[2] for m in _imported_modules(path) if m.startswith("qwen25vl_embed_server.rpc.")}
+        assert rpc <= HTTP_FROM_RPC, f"{path.relative_to(PACKAGE)} imports rpc.{sorted(rpc - HTTP_FROM_RPC)}"
+        at_load = [name for name, _ in _import_time_imports(_module_name(path), path) if name.endswith(".rpc.server")]
+        assert at_load == [], f"{path.relative_to(PACKAGE)} imports rpc.server when it loads"
 
 
 def test_every_module_lives_in_a_room() -> None:

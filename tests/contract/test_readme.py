@@ -2,8 +2,10 @@
 against live tiny servers, so the docs cannot drift from the SDK.
 
 The blocks name ``localhost:50051`` (and ``127.0.0.1:50051`` / ``:50052`` for two servers, and
-``localhost:50061`` for a retrieval model); the test starts servers on free ports (the last one on
-the tiny ColQwen2.5) and points those addresses at them, and runs each block in a
+``localhost:50061`` for a retrieval model, ``localhost:50071`` for jina-embeddings-v4,
+``http://localhost:8000`` for the HTTP API beside a server); the test
+starts servers on free ports (those two on the tiny ColQwen2.5 and the tiny jina-embeddings-v4) and
+points those addresses at them, and runs each block in a
 folder holding the bundled ``examples/images/``, as in a clone of the repository: the blocks name
 no other image.
 """
@@ -62,6 +64,29 @@ def retrieval_server(colqwen: Extractor) -> Iterator[BackgroundServer]:
         yield running
 
 
+@pytest.fixture(scope="module")
+def jina_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BackgroundServer]:
+    from qwen25vl_embed_server.core.fixtures.tiny_jina import build_tiny_jina
+    from qwen25vl_embed_server.core.model.loading import LoadOptions, load_model
+
+    path = build_tiny_jina(tmp_path_factory.mktemp("jina"))
+    extractor = Extractor(load_model(LoadOptions(model=str(path), device="cpu", dtype="float32")))
+    with BackgroundServer(extractor, server_config()) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def http_server(extractor: Extractor) -> Iterator[str]:
+    """The HTTP API beside a tiny server (``serve --http-port``): its base URL."""
+    from qwen25vl_embed_server.http.config import HTTPConfig
+    from qwen25vl_embed_server.http.serving import HTTPServer
+
+    config = server_config()
+    http = HTTPServer.beside(config, HTTPConfig())
+    with BackgroundServer(extractor, config, companions=[http]):
+        yield http.url
+
+
 @pytest.mark.parametrize(("name", "block"), BLOCKS, ids=[name for name, _ in BLOCKS])
 def test_python_block_runs_as_written(
     name: str,
@@ -77,6 +102,11 @@ def test_python_block_runs_as_written(
     if "localhost:50061" in block:  # started only for the blocks that need it
         retrieval: BackgroundServer = request.getfixturevalue("retrieval_server")
         block = block.replace("localhost:50061", retrieval.address)
+    if "http://localhost:8000" in block:  # the HTTP API (docs/http.md)
+        block = block.replace("http://localhost:8000", request.getfixturevalue("http_server"))
+    if "localhost:50071" in block:
+        jina: BackgroundServer = request.getfixturevalue("jina_server")
+        block = block.replace("localhost:50071", jina.address)
     source = (
         block.replace("localhost:50051", server.address)
         .replace("127.0.0.1:50051", f"127.0.0.1:{port}")

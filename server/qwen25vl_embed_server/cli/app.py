@@ -16,6 +16,7 @@ from pathlib import Path
 
 from qwen25vl_embed import EmbeddingError
 from qwen25vl_embed_server.cli import commands
+from qwen25vl_embed_server.cli.adapter_flags import adapter_flag
 from qwen25vl_embed_server.cli.check_model import check_model
 from qwen25vl_embed_server.cli.extract import extract
 from qwen25vl_embed_server.cli.flags import (
@@ -27,6 +28,7 @@ from qwen25vl_embed_server.cli.flags import (
     server_security_flags,
     wait_flag,
 )
+from qwen25vl_embed_server.cli.http_flags import http_flags
 from qwen25vl_embed_server.cli.logging_setup import LOG_FORMATS, configure_logging
 from qwen25vl_embed_server.core import defaults
 from qwen25vl_embed_server.core.errors import InvalidInputError
@@ -88,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = subcommands.add_parser("serve", help=f"run the gRPC server ({_SERVER})")
     model_flags(serve)
+    adapter_flag(serve)
     serve.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     serve.add_argument("--port", type=int, default=50051, help="0 picks a free port (default: 50051)")
     serve.add_argument(
@@ -116,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--metrics-host", default=None, help="bind address of the metrics endpoint (default: --host)")
     limit_flags(serve)
     server_security_flags(serve)
+    http_flags(serve)
     serve.set_defaults(run=commands.serve)
 
     extract_ = subcommands.add_parser(
@@ -125,7 +129,13 @@ def build_parser() -> argparse.ArgumentParser:
     where = extract_.add_mutually_exclusive_group()
     where.add_argument("--server", help=f"host:port of a running server (default: run the model here, which {_SERVER})")
     model_flags(extract_, group=where)
+    adapter_flag(
+        extract_,
+        "with --server: the server's retrieval adapter to run with, by NAME; in-process: NAME=PATH, an adapter "
+        "loaded on the --model base and run with",
+    )
     prompt_flag(extract_)
+    task_flag(extract_)
     extract_.add_argument(
         "--outdir", type=Path, default=Path("out"), help="output folder; mirrors the input tree (default: out)"
     )
@@ -171,9 +181,13 @@ def build_parser() -> argparse.ArgumentParser:
     bulk.add_argument("input", metavar="INPUT", help="folder, quoted glob, or Parquet/CSV file with a path column")
     bulk.add_argument("output", metavar="OUTPUT", type=Path, help="Parquet folder; rerun to resume")
     model_flags(bulk)
+    adapter_flag(
+        bulk, "a retrieval adapter (PEFT LoRA folder) loaded on the --model base as NAME; every image runs with it"
+    )
     bulk.add_argument("--outputs", nargs="+", default=None, help="output names (default: the pooled vectors)")
     prompt_flag(bulk)
     bulk.add_argument("--normalize", action="store_true", help="L2-normalise the pooled vectors")
+    task_flag(bulk)
     bulk.add_argument("--batch-size", type=int, default=16, help="images per model call (16)")
     bulk.add_argument("--num-gpus", type=int, default=0, help="GPUs to use, one actor (model copy) each (0)")
     bulk.add_argument("--actors", type=int, default=None, help="model copies (default: --num-gpus, or 1)")
@@ -197,7 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=tuple(RECIPES),
         default=None,
         help="a retrieval model instead, as published: OUTDIR/base and the LoRA adapter OUTDIR/adapter, "
-        "the folder to serve (default: a plain Qwen2.5-VL)",
+        "the folder to serve; jina-v4: OUTDIR in its layout, the task LoRAs in OUTDIR/adapters "
+        "(default: a plain Qwen2.5-VL)",
     )
     tiny.set_defaults(run=commands.make_tiny_model)
 
@@ -209,6 +224,16 @@ def build_parser() -> argparse.ArgumentParser:
     model_flags(check, model=False)
     check.set_defaults(run=check_model)
     return parser
+
+
+def task_flag(parser: argparse.ArgumentParser) -> None:
+    """``--task``: the recipe's task every request runs with."""
+    parser.add_argument(
+        "--task",
+        default="",
+        help="the recipe's task, for a model with tasks (jina-embeddings-v4: retrieval, text-matching, code); "
+        "default: its first (retrieval)",
+    )
 
 
 if __name__ == "__main__":

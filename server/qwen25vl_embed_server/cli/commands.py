@@ -15,13 +15,22 @@ from dataclasses import asdict
 from typing import TYPE_CHECKING
 
 from qwen25vl_embed import EmbeddingClient
-from qwen25vl_embed_server.cli.flags import LIMIT_FLAGS, batching_of, check_serve_flags, limits_of
+from qwen25vl_embed_server.cli.adapter_flags import adapters_of
+from qwen25vl_embed_server.cli.flags import (
+    LIMIT_FLAGS,
+    batching_of,
+    check_serve_flags,
+    limits_of,
+    memory_limit_of,
+)
 from qwen25vl_embed_server.core import defaults
 from qwen25vl_embed_server.core.admission.limits import Limits
 
 if TYPE_CHECKING:
     from qwen25vl_embed import ServerInfo
+    from qwen25vl_embed_server.core.admission.allocator import MallocSettings
     from qwen25vl_embed_server.core.model.loading import LoadOptions
+    from qwen25vl_embed_server.http.serving import HTTPServer
     from qwen25vl_embed_server.rpc.server import ServerConfig
 
 # Failed images listed at the end of a bulk run (the output's error column has every one).
@@ -70,12 +79,22 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
                 max_tokens_in_flight=args.max_tokens_in_flight,
                 max_pixels_in_flight=args.max_pixels_in_flight,
                 max_result_bytes=args.max_result_bytes,
+                max_request_bytes_in_flight=args.max_request_bytes_in_flight,
+                memory_limit=(limit := memory_limit_of(args)),
+                trim_after_bytes=malloc_settings(args, limit).trim_after_bytes,
             ),
         ),
         grace_seconds=args.grace,
         metrics_port=args.metrics_port or None,
         metrics_host=args.metrics_host,
     )
+
+
+def malloc_settings(args: argparse.Namespace, memory_limit: int | None) -> MallocSettings:
+    """The malloc settings ``serve`` applies: tuned under a memory limit, unless ``--malloc system``."""
+    from qwen25vl_embed_server.core.admission import allocator
+
+    return allocator.TUNED if memory_limit is not None and args.malloc == "tuned" else allocator.SYSTEM
 
 
 def _limits(args: argparse.Namespace) -> Limits:
@@ -87,6 +106,22 @@ def _limits(args: argparse.Namespace) -> Limits:
             if message.startswith(f"{name} "):
                 raise ValueError(f"{flag}{message.removeprefix(name)}") from None
         raise
+
+
+def http_companions(args: argparse.Namespace, config: ServerConfig) -> list[HTTPServer]:
+    """The HTTP API of ``--http-port`` (none without it), on the gRPC port's host, TLS and tokens."""
+    from qwen25vl_embed_server.http.config import HTTPConfig
+    from qwen25vl_embed_server.http.serving import HTTPServer
+
+    if args.http_port is None:
+        return []
+    http = HTTPConfig(
+        port=args.http_port,
+        vector=args.http_vector,
+        served_model_name=args.served_model_name,
+        max_inputs=args.http_max_inputs,
+    )
+    return [HTTPServer.beside(config, http)]
 
 
 def target_error(target: str) -> str | None:
@@ -132,11 +167,14 @@ def load_options(args: argparse.Namespace) -> LoadOptions:
         fp32_matmul=args.fp32_matmul,
         bf16_arithmetic=args.bf16_arithmetic,
         allow_partial_weights=args.allow_partial_weights,
+        adapters=adapters_of(args),
     )
 
 
 def serve(args: argparse.Namespace) -> int:
+    from qwen25vl_embed_server.core.admission import allocator
     from qwen25vl_embed_server.core.errors import ModelLoadError
+    from qwen25vl_embed_server.http.serving import HTTPListenError
     from qwen25vl_embed_server.rpc.server import ListenError
     from qwen25vl_embed_server.rpc.server import serve as run_server
 
@@ -145,10 +183,19 @@ def serve(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    allocator.apply(malloc_settings(args, config.service.pipeline.memory_limit))  # before any thread starts
     try:
-        asyncio.run(run_server(config, load_options(args)))
+        companions = http_companions(args, config)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    try:
+        asyncio.run(run_server(config, load_options(args), companions))
     except ListenError as err:
         print(f"error: {err} (--host, --port, --metrics-host, --metrics-port)", file=sys.stderr)
+        return 2
+    except HTTPListenError as err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
     except (ValueError, ModelLoadError) as err:  # a bad --device / --dtype / --model: one line
         print(f"error: {err}", file=sys.stderr)
@@ -191,6 +238,13 @@ def bulk(args: argparse.Namespace) -> int:
     from qwen25vl_embed_server.ray.bulk_job import BulkJob, run_bulk
 
     actors = args.actors or max(1, args.num_gpus)
+    try:
+        adapters = adapters_of(args)
+        if len(adapters) > 1:
+            raise ValueError("bulk runs with one --adapter")
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     job = BulkJob(
         source=args.input,
         output=args.output,
@@ -205,6 +259,8 @@ def bulk(args: argparse.Namespace) -> int:
         path_column=args.path_column,
         address=args.address,
         retry_failed=not args.skip_failed,
+        adapter=adapters[0].name if adapters else "",
+        task=args.task,
     )
     try:
         report = run_bulk(job)
@@ -221,11 +277,16 @@ def bulk(args: argparse.Namespace) -> int:
 
 
 def make_tiny_model(args: argparse.Namespace) -> int:
-    """Prints the folder to pass as ``--model``: OUTDIR, or OUTDIR/adapter with ``--recipe``."""
+    """Prints the folder to pass as ``--model``: OUTDIR, or OUTDIR/adapter with ``--recipe`` (OUTDIR
+    itself for jina-v4, whose task adapters sit in OUTDIR/adapters)."""
     if args.recipe is None:
         from qwen25vl_embed_server.core.fixtures.tiny_model import build_tiny_model
 
         print(build_tiny_model(args.outdir, seed=args.seed))
+    elif args.recipe == "jina-v4":
+        from qwen25vl_embed_server.core.fixtures.tiny_jina import build_tiny_jina
+
+        print(build_tiny_jina(args.outdir, seed=args.seed))
     else:
         from qwen25vl_embed_server.core.fixtures.tiny_retrieval import build_tiny_retrieval
 

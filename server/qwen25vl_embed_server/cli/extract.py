@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from qwen25vl_embed import EmbeddingClient, Embeddings
 from qwen25vl_embed.extract_many import progress_bar
+from qwen25vl_embed_server.cli.adapter_flags import adapter_name_of
 from qwen25vl_embed_server.cli.commands import client_of, load_options, server_info, target_error
 from qwen25vl_embed_server.cli.flags import uses_client_security
 from qwen25vl_embed_server.cli.inputs import expand_inputs
@@ -60,6 +61,13 @@ def extract(args: argparse.Namespace) -> int:
 
 def _flag_problem(args: argparse.Namespace) -> str | None:
     """What is wrong with the flags taken together, or None."""
+    adapters = args.adapter or []
+    if len(adapters) > 1:
+        return "extract runs with one --adapter"
+    if adapters and args.server and "=" in adapters[0]:
+        return f"--adapter {adapters[0]}: with --server, name one of the server's adapters (NAME, not NAME=PATH)"
+    if adapters and not args.server and "=" not in adapters[0]:
+        return f"--adapter {adapters[0]}: in-process, give the adapter as NAME=PATH (or name a server's with --server)"
     if not args.server:
         if uses_client_security(args) or args.wait:
             return "--wait and the TLS and token flags need --server"
@@ -118,8 +126,12 @@ def run_extract(
         elif args.server:
             with make_client() as client:
                 info = server_info(client, args.wait)
+                adapter = adapter_name_of(args.adapter[0] if args.adapter else None)
+                recipe = next((a.recipe for a in info.adapters if a.name == adapter), info.recipe)
                 try:  # the server's own check, on its model's depth: once, rather than once per image
-                    plan_outputs(outputs, info.num_lm_layers, info.num_vision_layers)
+                    served = (recipe.output, "multi_vector") if recipe and recipe.tasks and recipe.head else None
+                    retrieval = served or (recipe.output if recipe else None)
+                    plan_outputs(outputs, info.num_lm_layers, info.num_vision_layers, retrieval=retrieval)
                 except InvalidInputError as err:
                     print(f"error: {err} (server {args.server})", file=sys.stderr)
                     return 2
@@ -135,6 +147,8 @@ def run_extract(
                     errors="return",
                     min_pixels=args.min_pixels,
                     max_pixels=args.max_pixels,
+                    adapter=adapter,
+                    task=args.task,
                 )
                 for (path, folder), result in zip(todo, results, strict=True):
                     saver.save(path, folder, result)
@@ -172,7 +186,7 @@ def _extract_here(
     extractor = Extractor(load_model(options))
     saver.arithmetic = extractor.loaded.arithmetic
     # The in-process model has the flags' pixel range already: no per-request range here.
-    plan = extractor.plan(outputs)
+    plan = extractor.plan(outputs, adapter=options.adapters[0].name if options.adapters else None)
     limits = Limits()
     for index, path in enumerate(paths):
         request = EncodedRequest(
@@ -180,6 +194,8 @@ def _extract_here(
             prompt=args.prompt,
             outputs=outputs,
             settings=OutputSettings(dtype=args.wire_dtype, normalize=args.normalize),
+            adapter=options.adapters[0].name if options.adapters else "",
+            task=args.task,
         )
         try:
             extraction = extractor.run([prepare_request(extractor, request, limits, plan)])[0]

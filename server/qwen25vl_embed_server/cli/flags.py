@@ -10,8 +10,10 @@ import math
 from pathlib import Path
 from typing import Any
 
+from qwen25vl_embed_server.cli.adapter_flags import adapters_of
 from qwen25vl_embed_server.core import defaults
 from qwen25vl_embed_server.core.admission.limits import Limits
+from qwen25vl_embed_server.core.admission.memory import DEFAULT_MEMORY_SHARE, default_memory_limit, parse_size
 from qwen25vl_embed_server.core.retrieval.recipes import RECIPE_CHOICES
 from qwen25vl_embed_server.core.scheduling.batcher import (
     ACCELERATOR_BATCH_TOKENS,
@@ -199,22 +201,51 @@ def batching_flags(parser: argparse.ArgumentParser) -> None:
         help=f"threads decoding and preprocessing ({defaults.DEFAULT_PREPROCESS_WORKERS})",
     )
     group.add_argument(
+        "--memory-limit",
+        type=memory_limit,
+        default=None,
+        metavar="SIZE",
+        help=(
+            "bytes the whole process may hold (12G, 800MiB, or bytes): the model's weights and runtime come off, "
+            "the server-wide budgets below share the rest, and the server sets glibc's malloc so that RSS "
+            f"follows them; 'none': fixed budgets (default: {DEFAULT_MEMORY_SHARE:.0%} of the cgroup's memory limit, "
+            "else of the machine's memory)"
+        ),
+    )
+    group.add_argument(
+        "--malloc",
+        choices=("tuned", "system"),
+        default="tuned",
+        help="with a memory limit: tuned (glibc's malloc set so that RSS follows the budgets: at most 2 arenas, "
+        "freed memory given back after a large request) or system (glibc's defaults) (tuned)",
+    )
+    group.add_argument(
         "--max-tokens-in-flight",
         type=int,
-        default=defaults.DEFAULT_MAX_TOKENS_IN_FLIGHT,
-        help=f"server-wide tokens decoded, not yet run; new work waits ({defaults.DEFAULT_MAX_TOKENS_IN_FLIGHT})",
+        default=None,
+        help="server-wide tokens decoded, not yet run; new work waits (from --memory-limit; "
+        f"{defaults.DEFAULT_MAX_TOKENS_IN_FLIGHT} with none)",
     )
     group.add_argument(
         "--max-pixels-in-flight",
         type=int,
-        default=defaults.DEFAULT_MAX_PIXELS_IN_FLIGHT,
-        help=f"server-wide decoded pixels being preprocessed ({defaults.DEFAULT_MAX_PIXELS_IN_FLIGHT})",
+        default=None,
+        help="server-wide decoded pixels being preprocessed (from --memory-limit; "
+        f"{defaults.DEFAULT_MAX_PIXELS_IN_FLIGHT} with none)",
     )
     group.add_argument(
         "--max-result-bytes",
         type=int,
-        default=defaults.DEFAULT_MAX_RESULT_BYTES,
-        help=f"server-wide bytes of results not yet sent ({defaults.DEFAULT_MAX_RESULT_BYTES >> 20} MiB)",
+        default=None,
+        help="server-wide bytes of results not yet sent (from --memory-limit; "
+        f"{defaults.DEFAULT_MAX_RESULT_BYTES >> 20} MiB with none)",
+    )
+    group.add_argument(
+        "--max-request-bytes-in-flight",
+        type=int,
+        default=None,
+        help="server-wide bytes of requests admitted and not finished; beyond, RESOURCE_EXHAUSTED at once "
+        "(from --memory-limit; unbounded with none)",
     )
     group.add_argument(
         "--send-timeout",
@@ -228,6 +259,30 @@ def batching_flags(parser: argparse.ArgumentParser) -> None:
         default=defaults.DEFAULT_STREAM_WINDOW,
         help=f"requests in flight per ExtractBatch stream ({defaults.DEFAULT_STREAM_WINDOW})",
     )
+
+
+NO_MEMORY_LIMIT = 0
+"""``--memory-limit none``: no limit (fixed budgets)."""
+
+
+def memory_limit(text: str) -> int:
+    """``--memory-limit``'s value: bytes, or :data:`NO_MEMORY_LIMIT` for 'none'."""
+    if text.strip().lower() == "none":
+        return NO_MEMORY_LIMIT
+    try:
+        value = parse_size(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 byte, got {text!r}")
+    return value
+
+
+def memory_limit_of(args: argparse.Namespace) -> int | None:
+    """The memory limit in bytes (None: none): the flag's, else the default share of the machine's."""
+    if args.memory_limit is None:
+        return default_memory_limit()
+    return args.memory_limit or None
 
 
 def batching_of(args: argparse.Namespace) -> BatchingConfig:
@@ -280,6 +335,8 @@ def uses_client_security(args: argparse.Namespace) -> bool:
 _INT32_MAX = 2**31 - 1  # gRPC's message size options are C ints
 SERVE_FLAG_RANGES: tuple[tuple[str, str, float, float | None], ...] = (
     ("--port", "port", 0, 65535),
+    ("--http-port", "http_port", 0, 65535),
+    ("--http-max-inputs", "http_max_inputs", 1, None),
     ("--metrics-port", "metrics_port", 0, 65535),
     ("--chunk-bytes", "chunk_bytes", 1024, _INT32_MAX),
     ("--stream-window", "stream_window", 1, None),
@@ -303,6 +360,7 @@ SERVE_FLAG_RANGES: tuple[tuple[str, str, float, float | None], ...] = (
     ("--max-tokens-in-flight", "max_tokens_in_flight", 1, None),
     ("--max-pixels-in-flight", "max_pixels_in_flight", 1, None),
     ("--max-result-bytes", "max_result_bytes", 1, None),
+    ("--max-request-bytes-in-flight", "max_request_bytes_in_flight", 1, None),
     # gRPC's time options are C ints of milliseconds: at most about 24 days.
     ("--keepalive", "keepalive", 0.001, _INT32_MAX // 1000),
     ("--keepalive-timeout", "keepalive_timeout", 0.001, _INT32_MAX // 1000),
@@ -322,3 +380,5 @@ def check_serve_flags(args: argparse.Namespace) -> None:
             raise ValueError(f"{flag} must be {bound}, got {value!r}")
     if args.min_pixels is not None and args.max_pixels is not None and args.min_pixels > args.max_pixels:
         raise ValueError(f"--min-pixels ({args.min_pixels}) must not exceed --max-pixels ({args.max_pixels})")
+    if adapters_of(args) and args.recipe not in ("auto", "none"):
+        raise ValueError(f"--recipe {args.recipe} serves a model alone; with --adapter each adapter has its own recipe")

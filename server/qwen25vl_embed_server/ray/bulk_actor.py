@@ -47,7 +47,7 @@ class BulkExtractionActor:
         self._model_thread = ModelThread()
         self._extractor = self._model_thread.run(lambda: Extractor(load_model(job.load)))
         self._preprocessing = threading.local()  # the threads Ray calls on, each capped once
-        self._plan = self._extractor.plan(job.outputs)
+        self._plan = self._extractor.plan(job.outputs, adapter=job.adapter)
         self._max_tokens = BatchingConfig(max_tokens=job.max_batch_tokens).tokens_for(
             self._extractor.loaded.device.type
         )
@@ -67,6 +67,8 @@ class BulkExtractionActor:
                     prompt=self._job.prompt,
                     outputs=self._job.outputs,
                     settings=OutputSettings(normalize=self._job.normalize),
+                    adapter=self._job.adapter,
+                    task=self._job.task,
                 )
                 item = prepare_request(self._extractor, request, self._limits, self._plan)
             except (InvalidInputError, OSError) as error:

@@ -73,6 +73,9 @@ class BulkJob:
             else a local cluster).
         retry_failed: run again the images whose row in the output is an error (a file fixed
             since is picked up); off: keep those rows and skip the images.
+        adapter: the retrieval adapter every image runs with, by name (one of ``load.adapters``;
+            "": the model's own).
+        task: the recipe's task every image runs with (jina-embeddings-v4; "": its default).
     """
 
     source: str
@@ -90,6 +93,8 @@ class BulkJob:
     limits: Limits = field(default_factory=Limits)
     address: str | None = None
     retry_failed: bool = True
+    adapter: str = ""
+    task: str = ""
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ from ray.serve.grpc_util import RayServegRPCContext
 from qwen25vl_embed.v1 import embed_pb2 as pb
 from qwen25vl_embed_server.core import defaults
 from qwen25vl_embed_server.core.admission.limits import Limits
+from qwen25vl_embed_server.core.retrieval.adapter_spec import AdapterSpec, check_adapter_name
 from qwen25vl_embed_server.core.scheduling.batcher import BatchingConfig
 from qwen25vl_embed_server.rpc.error_mapping import log_failure, status_for
 
@@ -87,6 +88,8 @@ class EmbedderSettings(BaseModel):
     max_pixels_in_flight: int = defaults.DEFAULT_MAX_PIXELS_IN_FLIGHT
     max_result_bytes: int = defaults.DEFAULT_MAX_RESULT_BYTES
     send_timeout_seconds: float = defaults.DEFAULT_SEND_TIMEOUT_SECONDS
+    adapters: dict[str, str] = {}
+    """Retrieval adapters served on the ``model`` base, name -> folder (``serve --adapter NAME=PATH``)."""
 
     def load_options(self) -> LoadOptions:
         from qwen25vl_embed_server.core.model.loading import LoadOptions
@@ -99,6 +102,7 @@ class EmbedderSettings(BaseModel):
             max_pixels=self.max_pixels,
             fp32_matmul=self.fp32_matmul,
             bf16_arithmetic=self.bf16_arithmetic,
+            adapters=tuple(AdapterSpec(check_adapter_name(name), path) for name, path in self.adapters.items()),
         )
 
     def service_config(self) -> ServiceConfig:

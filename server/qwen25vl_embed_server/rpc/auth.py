@@ -20,7 +20,7 @@ import hmac
 import logging
 import os
 import stat
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -106,9 +106,7 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-a
     """
 
     def __init__(self, tokens: Iterable[str], open_prefixes: Iterable[str] = OPEN_METHOD_PREFIXES) -> None:
-        self._digests = tuple(_digest(token) for token in tokens)
-        if not self._digests:
-            raise ValueError("authentication needs at least one token")
+        self._tokens = BearerTokens(tokens)
         self._open_prefixes = tuple(open_prefixes)
 
     async def intercept_service(
@@ -128,17 +126,32 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-a
 
     def _problem(self, metadata: Any) -> str | None:
         """None if the metadata carries a valid token, else what is wrong (safe to tell the caller)."""
-        values = [value for key, value in (metadata or ()) if key == "authorization"]
+        return self._tokens.problem([value for key, value in (metadata or ()) if key == "authorization"])
+
+
+class BearerTokens:
+    """The accepted tokens (kept as SHA-256 digests) and the check of a call's credentials, for
+    every edge: the gRPC interceptor checks metadata with it, the HTTP API its headers."""
+
+    def __init__(self, tokens: Iterable[str]) -> None:
+        self._digests = tuple(_digest(token) for token in tokens)
+        if not self._digests:
+            raise ValueError("authentication needs at least one token")
+
+    def problem(self, values: Sequence[str | bytes], where: str = "metadata") -> str | None:
+        """None if ``values`` (every ``authorization`` entry of the call, in its ``where``:
+        metadata or header) hold exactly one valid ``Bearer <token>``, else what is wrong (safe to
+        tell the caller)."""
         if not values:
-            return "missing credentials: send the metadata 'authorization: Bearer <token>'"
+            return f"missing credentials: send the {where} 'authorization: Bearer <token>'"
         if len(values) > 1:
-            return "several authorization metadata entries; send exactly one"
+            return f"several authorization {where} entries; send exactly one"
         value = values[0]
         if isinstance(value, bytes):
             value = value.decode("latin-1")
         scheme, _, token = value.strip().partition(" ")
         if scheme.lower() != _SCHEME or not token.strip():
-            return "malformed authorization metadata: expected 'Bearer <token>'"
+            return f"malformed authorization {where}: expected 'Bearer <token>'"
         given = _digest(token.strip())
         matched = False
         for digest in self._digests:  # no early exit: the time does not depend on which token matched

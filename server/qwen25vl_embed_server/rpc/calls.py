@@ -109,6 +109,7 @@ class EmbeddingCalls:
         pipeline = Pipeline(extractor, self.config.pipeline, batch_observer=self.metrics, model_thread=model_thread)
         self._pipeline = pipeline
         self.metrics.watch_queue(lambda: pipeline.queue_depth)
+        self.metrics.watch_admission(pipeline.admission)
         self.metrics.model_loaded(extractor.loaded.load_seconds)
 
     async def close(self, wait: bool = True) -> None:

@@ -3,6 +3,9 @@
 InvalidInputError -> INVALID_ARGUMENT with its message; OverloadedError and
 OutOfMemoryError (device or host, model run or preprocessing) and SlowConsumerError -> RESOURCE_EXHAUSTED;
 DeadlineExceededError -> DEADLINE_EXCEEDED;
+an OverloadedError that says when to retry sends it as trailing metadata ``grpc-retry-pushback-ms``
+(milliseconds, as gRPC's retry policy reads it), and one refused by deadline or memory that does
+not (the request as sent will never fit) sends ``-1``: do not retry;
 ModelNotReadyError -> UNAVAILABLE; anything else -> INTERNAL with a generic message, the traceback logged on the server.
 """
 
@@ -48,6 +51,23 @@ def status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, "internal server error; the server log has the details"
 
 
+PUSHBACK_KEY = "grpc-retry-pushback-ms"
+"""The trailing metadata key of the retry hint (gRPC's retry policy waits that long before retrying)."""
+
+
+def trailing_metadata(error: BaseException) -> tuple[tuple[str, str], ...]:
+    """The trailing metadata sent with ``error``'s status: an OverloadedError's retry hint, or
+    ``-1`` (do not retry) for a deadline or memory refusal without one (it alone is past its
+    deadline, or more than the memory limit lets one request hold)."""
+    if not isinstance(error, OverloadedError):
+        return ()
+    if error.retry_after is not None:
+        return ((PUSHBACK_KEY, str(max(0, round(error.retry_after * 1000)))),)
+    if error.reason in ("deadline", "memory"):
+        return ((PUSHBACK_KEY, "-1"),)
+    return ()
+
+
 def log_failure(method: str, request_id: str, error: BaseException) -> None:
     """Log a failed call: the traceback for INTERNAL at ERROR; the caller's mistakes at DEBUG only,
     as the request log (``qwen25vl_embed_server.requests``) already has one INFO line per request."""
@@ -60,7 +80,7 @@ def log_failure(method: str, request_id: str, error: BaseException) -> None:
 
 async def _abort(context: grpc.aio.ServicerContext[Any, Any], method: str, error: Exception) -> None:
     log_failure(method, "", error)
-    await context.abort(*status_for(error))
+    await context.abort(*status_for(error), trailing_metadata=trailing_metadata(error))
 
 
 class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]

@@ -22,20 +22,24 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from qwen25vl_embed_server.core.model.extractor import Extractor
 from qwen25vl_embed_server.core.scheduling.pipeline import Pipeline
-from qwen25vl_embed_server.rpc.server import RunningServer, ServerConfig, create_server
+from qwen25vl_embed_server.rpc.server import Companion, RunningServer, ServerConfig, create_server
 from qwen25vl_embed_server.rpc.servicer import EmbeddingService
 
 
 class BackgroundServer:
-    """A real gRPC server on its own event loop thread, already SERVING ``extractor``.
+    """A real gRPC server on its own event loop thread, already SERVING ``extractor``;
+    ``companions`` (the HTTP API) served beside it on that loop.
 
     >>> with BackgroundServer(extractor, ServerConfig(port=0)) as server:
     ...     client = EmbeddingClient(server.address)
     """
 
-    def __init__(self, extractor: Extractor, config: ServerConfig | None = None) -> None:
+    def __init__(
+        self, extractor: Extractor, config: ServerConfig | None = None, companions: Sequence[Companion] = ()
+    ) -> None:
         self._extractor = extractor
         self._config = config or ServerConfig(port=0)
+        self._companions = tuple(companions)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="grpc-server", daemon=True)
         self._running: RunningServer | None = None
@@ -64,7 +68,7 @@ class BackgroundServer:
         return self
 
     async def _start(self) -> RunningServer:
-        running = await create_server(self._config)
+        running = await create_server(self._config, self._companions)
         await running.mark_serving(self._extractor)
         return running
 

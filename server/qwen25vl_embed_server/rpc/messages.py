@@ -15,7 +15,7 @@ from qwen25vl_embed_server.core.admission.request import EncodedRequest
 from qwen25vl_embed_server.core.defaults import DEFAULT_WIRE_DTYPE
 from qwen25vl_embed_server.core.errors import InvalidInputError, quoted
 from qwen25vl_embed_server.core.model.finishing import Extraction
-from qwen25vl_embed_server.core.model.model_info import ModelInfo
+from qwen25vl_embed_server.core.model.model_info import ModelInfo, RecipeInfo
 from qwen25vl_embed_server.core.model.output_settings import OutputSettings
 from qwen25vl_embed_server.rpc.encoded_responses import serialized
 
@@ -71,6 +71,8 @@ def to_encoded(request: pb.ImageRequest, request_id: str | None = None) -> Encod
         prompt_format=prompt_format(request.prompt_format),
         min_pixels=request.min_pixels if request.HasField("min_pixels") else None,
         max_pixels=request.max_pixels if request.HasField("max_pixels") else None,
+        adapter=request.adapter,
+        task=request.task,
     )
 
 
@@ -150,8 +152,17 @@ def info_response(info: ModelInfo, chunk_bytes: int, server_version: str) -> pb.
     """The InfoResponse: the model's facts (field for field), the chunk size and the version."""
     facts = asdict(info)
     del facts["load_seconds"]  # a metric, not a fact callers plan with
-    recipe = facts.pop("recipe")
+    del facts["recipe"]
+    del facts["adapters"]
     response = pb.InfoResponse(**facts, chunk_bytes=chunk_bytes, server_version=server_version)
     if info.recipe is not None:  # its output name is derived (a property), not a field
-        response.recipe.CopyFrom(pb.Recipe(**recipe, output=info.recipe.output))
+        response.recipe.CopyFrom(recipe_message(info.recipe))
+    for adapter in info.adapters:
+        response.adapters.add(name=adapter.name, recipe=recipe_message(adapter.recipe))
     return response
+
+
+def recipe_message(recipe: RecipeInfo) -> pb.Recipe:
+    """A recipe's message: its fields, and its output name (a property, not a field)."""
+    fields = {field.name for field in pb.Recipe.DESCRIPTOR.fields}
+    return pb.Recipe(**{key: value for key, value in asdict(recipe).items() if key in fields}, output=recipe.output)

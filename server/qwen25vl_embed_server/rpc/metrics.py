@@ -11,7 +11,7 @@ Durations are in seconds (Prometheus convention); names start with ``qwen25vl_em
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from prometheus_client import (
     CollectorRegistry,
@@ -22,7 +22,10 @@ from prometheus_client import (
     PlatformCollector,
     ProcessCollector,
 )
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
+from qwen25vl_embed_server.core.admission.overload import REASONS, Admission
 from qwen25vl_embed_server.rpc.metrics_http import MetricsHTTPServer
 
 log = logging.getLogger(__name__)
@@ -59,6 +62,13 @@ class Metrics:
         requests waiting for the model now.
     ``model_load_seconds``
         how long loading the model took (0 until it is loaded).
+    ``refusals_total{reason}``
+        requests refused at once for overload, by reason: ``deadline`` (the work ahead would keep
+        it past its deadline), ``queue`` (requests in flight or queued at their bound), ``memory``
+        (the memory limit's budgets cannot hold it).
+    ``estimated_wait_seconds``
+        how long a small request arriving now would wait for the work ahead of it, from what the
+        server measured per request size (requests of sizes not measured yet count 0).
     """
 
     def __init__(self, registry: CollectorRegistry | None = None, *, process_metrics: bool = True) -> None:
@@ -112,6 +122,8 @@ class Metrics:
         self.model_load_seconds = Gauge(
             f"{PREFIX}_model_load_seconds", "Time taken to load the model (0 until loaded).", registry=r
         )
+        self.admission = _AdmissionCollector()
+        r.register(self.admission)
         for method in METHODS:  # series that dashboards expect exist before the first request
             self.requests.labels(method, "OK")
             self.in_progress.labels(method)
@@ -145,6 +157,10 @@ class Metrics:
         """Report ``depth()`` as the queue depth at every scrape."""
         self.queue_depth.set_function(lambda: float(depth()))
 
+    def watch_admission(self, admission: Admission) -> None:
+        """Report ``admission``'s refusals and estimated wait at every scrape."""
+        self.admission.source = admission
+
     def model_loaded(self, seconds: float) -> None:
         self.model_load_seconds.set(seconds)
 
@@ -172,3 +188,25 @@ class Metrics:
         if self._http is not None:
             self._http.close()
             self._http = None
+
+
+class _AdmissionCollector(Collector):
+    """The pipeline's refusals by reason and its estimated wait, read at each scrape
+    (zeros until a pipeline is watched)."""
+
+    def __init__(self) -> None:
+        self.source: Admission | None = None
+
+    def collect(self) -> Iterator[Metric]:
+        source = self.source
+        refusals = CounterMetricFamily(
+            f"{PREFIX}_refusals", "Requests refused at once for overload, by reason.", labels=["reason"]
+        )
+        for reason in REASONS:
+            refusals.add_metric([reason], source.refusals[reason] if source else 0)
+        yield refusals
+        yield GaugeMetricFamily(
+            f"{PREFIX}_estimated_wait_seconds",
+            "Estimated wait of a small request arriving now for the work ahead of it.",
+            value=source.estimated_wait() if source else 0.0,
+        )

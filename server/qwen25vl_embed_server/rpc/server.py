@@ -9,7 +9,9 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -21,6 +23,7 @@ from qwen25vl_embed.v1 import embed_pb2_grpc as pb_grpc
 from qwen25vl_embed_server.core.model.extractor import Extractor
 from qwen25vl_embed_server.core.model.loading import LoadOptions, check_options, load_model
 from qwen25vl_embed_server.core.scheduling.model_thread import ModelThread, single_threaded_torch
+from qwen25vl_embed_server.core.scheduling.pipeline import Pipeline
 from qwen25vl_embed_server.rpc.auth import AuthConfig, BearerTokenInterceptor
 from qwen25vl_embed_server.rpc.calls import ServiceConfig
 from qwen25vl_embed_server.rpc.connections import ConnectionConfig
@@ -63,12 +66,24 @@ class ServerConfig:
     connections: ConnectionConfig = field(default_factory=ConnectionConfig)
 
 
+class Companion(Protocol):
+    """Another edge served by the same process, on the same loop, over the same pipeline and
+    metrics (the HTTP API, :mod:`qwen25vl_embed_server.http.serving`)."""
+
+    async def start(self, pipeline: Callable[[], Pipeline], metrics: Metrics) -> None:
+        """Start serving; ``pipeline()`` raises ModelNotReadyError until the model is loaded."""
+
+    async def stop(self, grace: float | None) -> None:
+        """Stop, giving requests in progress ``grace`` seconds."""
+
+
 @dataclass
 class RunningServer:
     server: grpc.aio.Server
     port: int
     service: EmbeddingService
     health: health_aio.HealthServicer
+    companions: Sequence[Companion] = ()
 
     @property
     def metrics(self) -> Metrics:
@@ -90,16 +105,18 @@ class RunningServer:
         """NOT_SERVING, refuse new calls, let in-flight ones finish within ``grace`` seconds."""
         await self.health.enter_graceful_shutdown()
         self.service.calls.stopping(grace)
-        await self.server.stop(grace)
+        await asyncio.gather(self.server.stop(grace), *(companion.stop(grace) for companion in self.companions))
         # Every call has ended by now: a model run still in progress has nobody to answer.
         await self.service.close(wait=False)
         self.metrics.stop_http()
 
 
-async def create_server(config: ServerConfig) -> RunningServer:
-    """Start a server (health NOT_SERVING, no model yet) and return it with its bound port.
+async def create_server(config: ServerConfig, companions: Sequence[Companion] = ()) -> RunningServer:
+    """Start a server (health NOT_SERVING, no model yet) and return it with its bound port;
+    ``companions`` (the HTTP API) start after it, over its pipeline and metrics.
 
-    Raises :class:`ListenError` when it cannot listen at ``config.host``/``config.port``.
+    Raises :class:`ListenError` when it cannot listen at ``config.host``/``config.port``, or an
+    OSError of a companion that cannot listen (the server stopped again).
     """
     check_bindable(config.host, config.port)
     # Authentication first: a refused call never reaches error mapping or the servicer.
@@ -151,7 +168,15 @@ async def create_server(config: ServerConfig) -> RunningServer:
         log.info("metrics on http://%s/metrics", _address(host, metrics_port))
         if not is_loopback(host):
             log.warning("the metrics endpoint on %s is plain HTTP without authentication", host)
-    return RunningServer(server=server, port=port, service=service, health=health_servicer)
+    running = RunningServer(server=server, port=port, service=service, health=health_servicer)
+    for companion in companions:
+        try:
+            await companion.start(lambda: service.calls.pipeline, service.metrics)
+        except BaseException:
+            await running.stop(None)
+            raise
+        running.companions = (*running.companions, companion)
+    return running
 
 
 def _address(host: str, port: int) -> str:
@@ -195,14 +220,14 @@ def check_bindable(host: str, port: int) -> None:
         raise ListenError(f"cannot listen on {address}: {problem}") from first
 
 
-async def serve(config: ServerConfig, load: LoadOptions) -> None:
-    """Run until SIGTERM/SIGINT: listen at once, load the model, then report SERVING.
+async def serve(config: ServerConfig, load: LoadOptions, companions: Sequence[Companion] = ()) -> None:
+    """Run until SIGTERM/SIGINT: listen at once (``companions`` too), load the model, then report SERVING.
 
     Raises ValueError (a device or dtype that cannot work: before listening) or ModelLoadError
     (after the server stopped again, so that no gRPC object outlives the event loop).
     """
     check_options(load)
-    running = await create_server(config)
+    running = await create_server(config, companions)
     log.info("listening on %s:%d (health NOT_SERVING until the model is loaded)", config.host, running.port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -218,7 +243,12 @@ async def serve(config: ServerConfig, load: LoadOptions) -> None:
             waiter.cancel()
             await running.stop(0)
             loader.result()  # raises the load error
-        await running.mark_serving(loader.result(), model_thread)
+        try:
+            await running.mark_serving(loader.result(), model_thread)
+        except ValueError:  # a memory limit that leaves no room beside the model
+            waiter.cancel()
+            await running.stop(0)
+            raise
         log.info("serving %s on %s:%d", load.model, config.host, running.port)
         await waiter
     log.info("shutting down (grace %.0f s)", config.grace_seconds)

@@ -48,6 +48,10 @@ class EncodedRequest:
         prompt_format: "chat", "raw", "query" or "document" (:mod:`~.prompt`).
         min_pixels / max_pixels: this request's resize range (None: the model's), within the
             model's range (:func:`pixel_range`).
+        adapter: the retrieval adapter to run with, by name ("": the model's own recipe, or its raw
+            states when it serves adapters).
+        task: the recipe's task (jina-embeddings-v4: "retrieval", "text-matching", "code"); "":
+            the recipe's default.
     """
 
     images: Sequence[bytes]
@@ -58,6 +62,8 @@ class EncodedRequest:
     prompt_format: str = "chat"
     min_pixels: int | None = None
     max_pixels: int | None = None
+    adapter: str = ""
+    task: str = ""
 
     @property
     def text(self) -> str:
@@ -86,8 +92,10 @@ def check_request(request: EncodedRequest, limits: Limits) -> None:
         raise InvalidInputError("the request has neither an image nor a prompt; send at least one")
     if request.prompt_format in ("raw", "query") and request.prompt is None:
         raise InvalidInputError(f"the {request.prompt_format} format needs a prompt")
-    if request.prompt_format == "document" and request.prompt is not None:
-        raise InvalidInputError("the document format takes no prompt: the recipe's template is the text")
+    if request.prompt_format == "document" and request.prompt is not None and count:
+        raise InvalidInputError(
+            "the document format takes no prompt beside an image: the recipe's template is the text"
+        )
     if request.settings.dimensions < 0:
         raise InvalidInputError(f"dimensions must be 0 (all) or positive, got {request.settings.dimensions}")
     if count > limits.max_images:
@@ -241,6 +249,8 @@ def prepare_request(
         processor=processor,
         prompt_format=request.prompt_format,
         pixels=pixels,
+        adapter=request.adapter,
+        task=request.task,
     )
     check_cost(prepared, limits)
     return prepared

@@ -18,22 +18,25 @@ from PIL import Image
 from torch.nn import functional
 
 from qwen25vl_embed_server.core.defaults import DEFAULT_PROMPT
-from qwen25vl_embed_server.core.errors import DeviceOutOfMemoryError
+from qwen25vl_embed_server.core.errors import DeviceOutOfMemoryError, InvalidInputError
 from qwen25vl_embed_server.core.model import outputs as names
 from qwen25vl_embed_server.core.model.capture import capturing
 from qwen25vl_embed_server.core.model.dtypes import dtype_name
-from qwen25vl_embed_server.core.model.finishing import Extraction, Finisher
+from qwen25vl_embed_server.core.model.finishing import Extraction, Finisher, serving
 from qwen25vl_embed_server.core.model.loading import LoadedModel
-from qwen25vl_embed_server.core.model.model_info import ModelInfo, RecipeInfo
+from qwen25vl_embed_server.core.model.model_info import AdapterInfo, ModelInfo, RecipeInfo
 from qwen25vl_embed_server.core.model.output_settings import OutputSettings
 from qwen25vl_embed_server.core.model.outputs import (
     DEFAULT_OUTPUTS,
+    RETRIEVAL_OUTPUTS,
     OutputPlan,
     available_outputs,
     merge_plans,
     plan_outputs,
 )
 from qwen25vl_embed_server.core.model.prompt import prepare_inputs, render_text
+from qwen25vl_embed_server.core.retrieval.lora import adapter_rows
+from qwen25vl_embed_server.core.retrieval.tasks import check_dimensions, resolve_task
 from qwen25vl_embed_server.core.scheduling.pieces import PiecewiseRun, piece_count
 
 
@@ -44,12 +47,18 @@ class Prepared:
     ``inputs`` holds input_ids / attention_mask / mm_token_type_ids [1, T] and, unless the request
     is text only, pixel_values [Np, C*t*p*p] and image_grid_thw [num_images, 3]. ``plan`` names
     the outputs; ``settings`` says how the finishing shapes them (wire dtype, normalisation,
-    retrieval size and encoding).
-    """
+    retrieval size and encoding); ``adapter``: the retrieval adapter it runs with (None: the base);
+    ``task``: the recipe's task ("": a recipe without tasks)."""
 
     inputs: dict[str, torch.Tensor]
     plan: OutputPlan
     settings: OutputSettings = field(default_factory=OutputSettings)
+    adapter: str | None = None
+    task: str = ""
+
+    @property
+    def lora(self) -> str | None:  # the LoRA its rows compute with: its adapter's or its task's; None: the base
+        return self.adapter or self.task or None
 
     @property
     def has_images(self) -> bool:
@@ -75,7 +84,11 @@ class Prepared:
 
 
 class Extractor:
-    """Runs requests on a loaded model. Not thread-safe: give :meth:`run` one owner thread."""
+    """Runs requests on a loaded model. Not thread-safe: give :meth:`run` one owner thread.
+
+    ``adapter_batching``: how requests of different adapters share a forward: "mixed" (one
+    forward, each row its adapter's LoRA) or "grouped" (one forward per adapter).
+    """
 
     def __init__(self, loaded: LoadedModel) -> None:
         self.loaded = loaded
@@ -87,8 +100,9 @@ class Extractor:
         self.num_lm_layers = len(self._lm.layers)
         self.num_vision_layers = len(self._visual.blocks)
         self.recipe = loaded.recipe
-        self._retrieval = loaded.recipe.output if loaded.recipe is not None else None
+        self._retrieval = loaded.recipe.outputs if loaded.recipe is not None else None
         self._finisher = Finisher(loaded)
+        self.adapter_batching = "mixed"
 
     @property
     def merge_unit(self) -> int:
@@ -109,21 +123,32 @@ class Extractor:
             int(config.vision_config.hidden_size),
             int(config.text_config.hidden_size),
             prepared.settings.dtype,
-            self.retrieval_dim,
+            self.dimension(prepared.adapter),
         )
 
     @property
     def outputs(self) -> tuple[str, ...]:
-        return available_outputs(self.num_lm_layers, self.num_vision_layers, self._retrieval)
+        """Every output name: the base's, and the adapters' retrieval outputs."""
+        own = available_outputs(self.num_lm_layers, self.num_vision_layers, self._retrieval)
+        extra = dict.fromkeys(a.recipe.output for a in self.loaded.adapters.values() if a.recipe.output not in own)
+        cut = len(own) - self.num_lm_layers - self.num_vision_layers
+        return (*own[:cut], *extra, *own[cut:])
 
     @property
     def retrieval_dim(self) -> int:
         """Size of the retrieval vectors (the head's output, else the hidden size); 0 without a recipe."""
         if self.recipe is None:
             return 0
-        if self.loaded.head is not None:
+        if self.loaded.head is not None and self.recipe.pooling == "tokens":  # else the head is a second output's
             return int(self.loaded.head.out_features)
         return int(self.loaded.model.config.text_config.hidden_size)
+
+    def dimension(self, adapter: str | None) -> int:
+        """:attr:`retrieval_dim` of the model (None or "") or of ``adapter`` (InvalidInputError if unknown)."""
+        if not adapter:
+            return self.retrieval_dim
+        serving(self.loaded, adapter)
+        return self.loaded.adapters[adapter].dimension
 
     def info(self) -> ModelInfo:
         """What callers may know of the model: sizes, resize range, outputs."""
@@ -142,21 +167,30 @@ class Extractor:
             min_pixels=int(size["shortest_edge"]),
             max_pixels=int(size["longest_edge"]),
             outputs=self.outputs,
-            default_outputs=(self._retrieval,) if self._retrieval else DEFAULT_OUTPUTS,
+            default_outputs=self._retrieval[:1] if self._retrieval else DEFAULT_OUTPUTS,
             num_lm_layers=self.num_lm_layers,
             num_vision_layers=self.num_vision_layers,
             load_seconds=loaded.load_seconds,
             recipe=RecipeInfo.of(self.recipe, self.retrieval_dim) if self.recipe is not None else None,
             arithmetic=loaded.arithmetic,
+            adapters=tuple(AdapterInfo(a.name, RecipeInfo.of(a.recipe, a.dimension)) for a in loaded.adapters.values()),
         )
 
-    def plan(self, requested: Sequence[str], has_images: bool = True) -> OutputPlan:
-        """Validate output names for this model (raises :class:`InvalidInputError`)."""
-        return plan_outputs(tuple(requested), self.num_lm_layers, self.num_vision_layers, has_images, self._retrieval)
+    def plan(self, requested: Sequence[str], has_images: bool = True, adapter: str | None = None) -> OutputPlan:
+        """Validate output names for this model, or for it with ``adapter`` (raises :class:`InvalidInputError`)."""
+        recipe, _ = serving(self.loaded, adapter)
+        retrieval = recipe.outputs if recipe is not None else None
+        asked = [name for name in requested if name in RETRIEVAL_OUTPUTS]
+        if asked and recipe is None and self.loaded.adapters:
+            raise InvalidInputError(
+                f"output {asked[0]!r} needs an adapter: the base serves raw states; "
+                f"name one of this server's adapters: {', '.join(self.loaded.adapters)}"
+            )
+        return plan_outputs(tuple(requested), self.num_lm_layers, self.num_vision_layers, has_images, retrieval)
 
     def plan_request(self, request: Any) -> OutputPlan:
-        """:meth:`plan` for an :class:`~.request.EncodedRequest` (its outputs; text-only or not)."""
-        return self.plan(request.outputs, has_images=bool(request.images))
+        """:meth:`plan` for an :class:`~.request.EncodedRequest` (its outputs and adapter; text-only or not)."""
+        return self.plan(request.outputs, has_images=bool(request.images), adapter=request.adapter)
 
     def prepare(
         self,
@@ -168,6 +202,8 @@ class Extractor:
         processor: Any = None,
         prompt_format: str = "chat",
         pixels: tuple[int, int] | None = None,
+        adapter: str | None = None,
+        task: str = "",
     ) -> Prepared:
         """Preprocess one request (CPU only); no images: a text request. Raises :class:`InvalidInputError`.
 
@@ -177,14 +213,19 @@ class Extractor:
         :func:`~qwen25vl_embed_server.core.admission.request.check_prompt_tokens`). ``prompt_format``:
         see :mod:`~.prompt`. ``pixels``: this request's (min, max) resize range, already checked by
         :func:`~qwen25vl_embed_server.core.admission.request.pixel_range`; None: the processor's.
+        ``adapter``: the retrieval adapter to run with (None or "": the model's own recipe, if any);
+        ``task``: the recipe's task (""; its default).
         """
         settings = settings if settings is not None else OutputSettings()
-        settings.check(self.retrieval_dim)
+        recipe, _ = serving(self.loaded, adapter)
+        settings.check(self.dimension(adapter))
+        task = resolve_task(recipe, task)
         processor = processor if processor is not None else self.loaded.processor
-        text = render_text(processor, len(images), prompt, prompt_format, self.recipe)
+        text = render_text(processor, len(images), prompt, prompt_format, recipe, task)
         inputs = prepare_inputs(processor, images, text, pixels)
-        plan = plan or self.plan((), has_images=bool(images))
-        return Prepared(inputs=dict(inputs), plan=plan, settings=settings)
+        plan = plan or self.plan((), has_images=bool(images), adapter=adapter)
+        check_dimensions(recipe, settings.dimensions, plan.names)
+        return Prepared(inputs=dict(inputs), plan=plan, settings=settings, adapter=adapter or None, task=task)
 
     def extract(
         self,
@@ -194,13 +235,14 @@ class Extractor:
         settings: OutputSettings | None = None,
         *,
         prompt_format: str = "chat",
+        adapter: str | None = None,
     ) -> Extraction:
         """Run the model on ``images`` (one multi-image prompt; none: a text request) and ``prompt``.
 
         Only what ``plan`` needs runs: without LM outputs the language model is skipped. Pooled
         vectors are means computed in float32; ``settings.normalize`` L2-normalises them.
         """
-        prepared = self.prepare(images, prompt, plan, settings, prompt_format=prompt_format)
+        prepared = self.prepare(images, prompt, plan, settings, prompt_format=prompt_format, adapter=adapter)
         return self.run([prepared])[0]
 
     def run(self, batch: Sequence[Prepared]) -> list[Extraction]:
@@ -213,8 +255,10 @@ class Extractor:
         """
         results: dict[int, Extraction] = {}
         with torch.inference_mode(), self.translating_memory_errors(batch):
-            for needs_lm in (False, True):
-                group = [i for i, item in enumerate(batch) if item.plan.needs_lm == needs_lm]
+            for needs_lm, adapter in self._groups(batch):
+                group = [
+                    i for i, item in enumerate(batch) if (item.plan.needs_lm, self._key(item)) == (needs_lm, adapter)
+                ]
                 # The LM runs right-padded sequences: only similar lengths share a forward.
                 parts = similar_lengths(group, [item.sequence_length for item in batch]) if needs_lm else [group]
                 for part in parts:
@@ -222,6 +266,15 @@ class Extractor:
                         extractions = self._run_group([batch[i] for i in part], needs_lm)
                         results.update(zip(part, extractions, strict=True))
         return [results[i] for i in range(len(batch))]
+
+    def _key(self, item: Prepared) -> str | None:
+        """What keeps requests apart beside ``needs_lm``: the adapter, when batches are grouped by
+        it (the vision tower has no adapter: vision-only requests always share)."""
+        return item.lora if self.adapter_batching == "grouped" and item.plan.needs_lm else None
+
+    def _groups(self, batch: Sequence[Prepared]) -> list[tuple[bool, str | None]]:
+        keys = {(item.plan.needs_lm, self._key(item)): None for item in batch}
+        return sorted(keys, key=lambda key: (key[0], key[1] or ""))
 
     def pieces(self, item: Prepared, max_piece_tokens: int) -> int:
         """How many pieces :meth:`run_in_pieces` splits ``item`` into (1: it runs whole; 0: never split)."""
@@ -263,12 +316,13 @@ class Extractor:
         with capturing(self._visual, self._lm, plan) as captured:
             if needs_lm:
                 padded = _pad_right([item.inputs for item in batch], self._pad_token_id)
-                last_hidden = self.loaded.model.model(
-                    **{key: value.to(device) for key, value in padded.items()},
-                    pixel_values=pixel_values,
-                    image_grid_thw=grid_arg,
-                    use_cache=False,
-                ).last_hidden_state
+                with adapter_rows([item.lora for item in batch]):
+                    last_hidden = self.loaded.model.model(
+                        **{key: value.to(device) for key, value in padded.items()},
+                        pixel_values=pixel_values,
+                        image_grid_thw=grid_arg,
+                        use_cache=False,
+                    ).last_hidden_state
             else:
                 self.loaded.model.model.get_image_features(pixel_values, grid_arg)
         assert captured.projected is not None or not with_images, "the vision tower's output hook did not fire"

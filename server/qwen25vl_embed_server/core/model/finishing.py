@@ -1,22 +1,24 @@
-"""One request's outputs finished: image rows, pooling, normalisation, the retrieval heads, and
-one device -> host copy per tensor in the wire dtype (or the retrieval vectors' encoding)."""
+"""One request's outputs finished: image rows, pooling, normalisation, the retrieval heads (the
+recipe's composed steps, :mod:`~qwen25vl_embed_server.core.retrieval.heads`), and one device ->
+host copy per tensor in the wire dtype (or the retrieval vectors' encoding)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import ml_dtypes
 import numpy as np
 import torch
 from torch.nn import functional
 
+from qwen25vl_embed_server.core.errors import InvalidInputError, quoted
 from qwen25vl_embed_server.core.model import outputs as names
 from qwen25vl_embed_server.core.model.dtypes import TORCH_DTYPES
 from qwen25vl_embed_server.core.model.loading import LoadedModel
 from qwen25vl_embed_server.core.model.pooling import pool
-from qwen25vl_embed_server.core.retrieval.heads import encode_vectors, multi_vector, single_vector, truncate
-from qwen25vl_embed_server.core.retrieval.recipes import MULTI_VECTOR, SINGLE_VECTOR
+from qwen25vl_embed_server.core.retrieval.heads import Head, RequestRows, encode_vectors, recipe_heads
+from qwen25vl_embed_server.core.retrieval.recipes import Recipe
 
 if TYPE_CHECKING:
     from qwen25vl_embed_server.core.model.extractor import Prepared
@@ -46,8 +48,12 @@ class Finisher:
         self.loaded = loaded
         self._merge_unit = int(loaded.visual.spatial_merge_size) ** 2
         self._image_token_id = int(loaded.model.config.image_token_id)
-        self.recipe = loaded.recipe
-        self._retrieval = loaded.recipe.output if loaded.recipe is not None else None
+        config = loaded.model.config
+        # Each output's head, for the model's own recipe ("") and each adapter's.
+        self._heads: dict[str, dict[str, Head]] = {
+            "": recipe_heads(loaded.recipe, loaded.head, config) if loaded.recipe is not None else {},
+            **{name: recipe_heads(a.recipe, a.head, config) for name, a in loaded.adapters.items()},
+        }
 
     def finish(self, item: Prepared, out: dict[str, torch.Tensor]) -> Extraction:
         """Derived outputs (image rows, pools), then one device -> host copy per tensor."""
@@ -59,8 +65,12 @@ class Finisher:
         out[names.IMAGE_GRID_THW] = grid
         if names.LM_LAST_HIDDEN in out:
             out[names.LM_IMAGE_TOKENS] = out[names.LM_LAST_HIDDEN][0, positions.to(self.loaded.device)]
-        if self.recipe is not None and self._retrieval in item.plan.names:
-            out[self._retrieval] = self._retrieval_output(item, out[names.LM_LAST_HIDDEN])
+        heads = self._heads[item.adapter or ""]
+        if asked := [name for name in heads if name in item.plan.names]:
+            input_ids = inputs["input_ids"].to(self.loaded.device)
+            rows = RequestRows(input_ids=input_ids, task=item.task, dimensions=item.settings.dimensions)
+            for name in asked:
+                out[name] = heads[name](out[names.LM_LAST_HIDDEN], rows)
         settings = item.settings
         wire = TORCH_DTYPES[settings.dtype]
         arrays = {}
@@ -68,7 +78,7 @@ class Finisher:
             tensor = pool(name, out) if name in names.POOLED else out[name]
             if settings.normalize and name in names.POOLED:
                 tensor = functional.normalize(tensor, p=2.0, dim=-1)
-            if name == self._retrieval and settings.vector_encoding != "float":
+            if name in heads and settings.vector_encoding != "float":
                 arrays[name] = encode_vectors(to_numpy(tensor, torch.float32), settings.vector_encoding)
             else:
                 arrays[name] = to_numpy(tensor, wire)
@@ -80,17 +90,20 @@ class Finisher:
             sequence_length=item.sequence_length,
         )
 
-    def _retrieval_output(self, item: Prepared, last_hidden: torch.Tensor) -> torch.Tensor:
-        """The recipe's multi-vector [T, dim] or single vector [1, dim], truncated to ``dimensions``."""
-        assert self.recipe is not None
-        if self._retrieval == MULTI_VECTOR:
-            assert self.loaded.head is not None, "a multi-vector recipe loads its head"
-            input_ids = item.inputs["input_ids"].to(self.loaded.device)
-            vectors = multi_vector(last_hidden, self.loaded.head, input_ids, self._image_token_id, self.recipe)
-        else:
-            assert self._retrieval == SINGLE_VECTOR
-            vectors = single_vector(last_hidden, self.recipe)
-        return truncate(vectors, item.settings.dimensions)
+
+def serving(loaded: LoadedModel, adapter: str | None) -> tuple[Recipe | None, Any]:
+    """``(recipe, head)`` of the adapter a request names (None or "": the model's own).
+
+    Raises:
+        InvalidInputError: an adapter the model does not serve (naming those it serves).
+    """
+    if not adapter:
+        return loaded.recipe, loaded.head
+    served = loaded.adapters.get(adapter)
+    if served is None:
+        known = ", ".join(loaded.adapters) if loaded.adapters else "none (serve --adapter NAME=PATH)"
+        raise InvalidInputError(f"unknown adapter {quoted(adapter)}; this server's adapters: {known}")
+    return served.recipe, served.head
 
 
 def to_numpy(tensor: torch.Tensor, wire: torch.dtype) -> np.ndarray:

@@ -6,7 +6,8 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass, replace
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -28,6 +29,9 @@ from qwen25vl_embed_server.core.errors import ModelLoadError
 from qwen25vl_embed_server.core.model.dtypes import TORCH_DTYPES, dtype_name
 from qwen25vl_embed_server.core.model.hub import reachable_source
 from qwen25vl_embed_server.core.model.load_report import LoadReport, WeightCheck, one_line_reports, require_complete
+from qwen25vl_embed_server.core.retrieval.adapter_spec import AdapterSpec
+from qwen25vl_embed_server.core.retrieval.adapters import ServedAdapter, attach_adapters, with_final_heads
+from qwen25vl_embed_server.core.retrieval.jina_model import task_recipes
 from qwen25vl_embed_server.core.retrieval.layout import RetrievalLayout, detect_recipe, find_layout
 from qwen25vl_embed_server.core.retrieval.model import load_retrieval
 from qwen25vl_embed_server.core.retrieval.recipes import Recipe, get_recipe
@@ -50,7 +54,8 @@ class LoadOptions:
     :mod:`~.bf16_arithmetic`) or "auto" (float32 where the CPU has no bf16 dot products).
     ``allow_partial_weights``: load a checkpoint or adapter whose weights do not all fit the model
     (missing, unexpected, of another shape), with a warning; by default such a load is refused
-    (:mod:`~.load_report`).
+    (:mod:`~.load_report`). ``adapters``: retrieval adapters served beside the base
+    (:mod:`~.retrieval.adapters`); with any, the base itself serves raw states.
     """
 
     model: str
@@ -65,6 +70,7 @@ class LoadOptions:
     fp32_matmul: str = DEFAULT_FP32_MATMUL
     bf16_arithmetic: str = DEFAULT_BF16_ARITHMETIC
     allow_partial_weights: bool = False
+    adapters: tuple[AdapterSpec, ...] = ()
 
     def __post_init__(self) -> None:
         if self.fp32_matmul not in FP32_MATMULS:
@@ -81,7 +87,8 @@ class LoadedModel:
     ``model.model`` is the Qwen2.5-VL body (``visual``, ``language_model``); ``recipe`` and ``head``
     (ColQwen2.5's ``custom_text_proj``) are set for a retrieval model. ``arithmetic``: how its dot
     products run (:data:`~.defaults.ARITHMETICS`: "exact", "fp32-onednn" or "bf16-float32").
-    ``report``: what loading found (the recipe's grounds, each file set's weights).
+    ``report``: what loading found (the recipe's grounds, each file set's weights). ``adapters``:
+    the retrieval adapters served beside the base, by name (empty: none).
     """
 
     name: str
@@ -94,6 +101,7 @@ class LoadedModel:
     head: Any = None
     arithmetic: str = "exact"
     report: LoadReport | None = None
+    adapters: Mapping[str, ServedAdapter] = field(default_factory=dict)
 
     @property
     def visual(self) -> Any:
@@ -202,11 +210,12 @@ def _load(options: LoadOptions, device: torch.device, dtype: torch.dtype, starte
         # A local adapter on a hub id's base, without the hub: the base's snapshot in the hub cache.
         processor_path = base if layout.processor == layout.base else layout.processor
         layout = replace(layout, base=base, processor=processor_path)
-    recipe, reason = choose_recipe(options, layout)
+    recipe, reason = choose_recipe(options, layout) if not options.adapters else _adapters_base(options, layout)
     head = None
     checks: tuple[WeightCheck, ...] = ()
     if layout is not None:
         body = recipe or _body_recipe(layout)
+        recipe, body = task_recipes(layout, recipe, body)  # jina-embeddings-v4: its checkpoint's tasks
         model, processor, head, checks = load_retrieval(layout, body, dtype, device, options.allow_partial_weights)
         head = head if recipe is not None else None
     else:
@@ -233,8 +242,11 @@ def _load(options: LoadOptions, device: torch.device, dtype: torch.dtype, starte
         require_complete(check, options.allow_partial_weights)
         checks = (check,)
         model = model.to(device).eval()
+    base = layout.base if layout is not None else path
+    adapters = attach_adapters(model, base, options.adapters, aliases=(options.model,)) if options.adapters else {}
     # The weights have their final device and dtype (and any adapter is merged): the CPU levers now.
     applied = levers.apply(model, head, device, dtype, options.fp32_matmul, options.bf16_arithmetic)
+    adapters = with_final_heads(model, adapters) if adapters else {}
     seconds = time.perf_counter() - started
     log.info(
         "loaded %s on %s (%s%s) in %.1f s, recipe %s (%s)",
@@ -259,10 +271,11 @@ def _load(options: LoadOptions, device: torch.device, dtype: torch.dtype, starte
         report=LoadReport(
             recipe=recipe.name if recipe else None,
             recipe_reason=reason,
-            base=layout.base if layout is not None else path,
+            base=base,
             adapter=layout.adapter if layout is not None else None,
             weights=checks,
         ),
+        adapters=adapters,
     )
 
 
@@ -277,6 +290,18 @@ def choose_recipe(options: LoadOptions, layout: RetrievalLayout | None) -> tuple
         return None, reason
     assert name is not None
     return get_recipe(name, options.pooling, options.image_tokens_only), reason
+
+
+def _adapters_base(options: LoadOptions, layout: RetrievalLayout | None) -> tuple[None, str]:
+    """With adapters, the base serves raw states: refuse an adapter folder as the base, or a recipe."""
+    if layout is not None and layout.adapter is not None:
+        raise ValueError(
+            f"{options.model} is an adapter folder; with --adapter, --model is the base ({layout.base}) "
+            f"and each adapter is given as --adapter NAME=PATH"
+        )
+    if options.recipe not in ("auto", "none"):
+        raise ValueError(f"--recipe {options.recipe} serves a model alone; with --adapter each adapter has its recipe")
+    return None, f"the base of {len(options.adapters)} adapter(s), as raw states"
 
 
 def _body_recipe(layout: RetrievalLayout) -> Recipe:

@@ -19,6 +19,14 @@ class RecipeInfo(Recipe):
 
 
 @dataclass(frozen=True)
+class AdapterInfo:
+    """One retrieval adapter served beside the base: the ``name`` requests use and its ``recipe``."""
+
+    name: str
+    recipe: RecipeInfo
+
+
+@dataclass(frozen=True)
 class ModelInfo:
     """The model's facts (the proto's InfoResponse carries them; see its field comments).
 
@@ -26,7 +34,7 @@ class ModelInfo:
     ``outputs``: every output name this model serves; ``default_outputs``: those of a request
     that names none. ``load_seconds``: how long loading took. ``recipe``: the retrieval recipe,
     None for a model served as raw states. ``arithmetic``: how the dot products run (one of
-    :data:`~.defaults.ARITHMETICS`).
+    :data:`~.defaults.ARITHMETICS`). ``adapters``: the retrieval adapters served beside the base.
     """
 
     model: str
@@ -46,3 +54,4 @@ class ModelInfo:
     load_seconds: float
     recipe: RecipeInfo | None = None
     arithmetic: str = "exact"
+    adapters: tuple[AdapterInfo, ...] = ()

@@ -60,11 +60,18 @@ class OutputPlan:
         return VISION_TOKENS in self.names or VISION_POOLED_MEAN in self.names
 
 
-def available_outputs(num_lm_layers: int, num_vision_layers: int, retrieval: str | None = None) -> tuple[str, ...]:
-    """Every output name a model of this depth can produce (``retrieval``: its recipe's output)."""
+def available_outputs(
+    num_lm_layers: int, num_vision_layers: int, retrieval: str | tuple[str, ...] | None = None
+) -> tuple[str, ...]:
+    """Every output name a model of this depth can produce (``retrieval``: its recipe's output or
+    outputs)."""
     layers = [f"lm_layer_{k}" for k in range(num_lm_layers)]
     layers += [f"vision_layer_{k}" for k in range(num_vision_layers)]
-    return (*FIXED_OUTPUTS, *((retrieval,) if retrieval else ()), *layers)
+    return (*FIXED_OUTPUTS, *_served(retrieval), *layers)
+
+
+def _served(retrieval: str | tuple[str, ...] | None) -> tuple[str, ...]:
+    return (retrieval,) if isinstance(retrieval, str) else tuple(retrieval or ())
 
 
 def plan_outputs(
@@ -72,18 +79,20 @@ def plan_outputs(
     num_lm_layers: int,
     num_vision_layers: int,
     has_images: bool = True,
-    retrieval: str | None = None,
+    retrieval: str | tuple[str, ...] | None = None,
 ) -> OutputPlan:
     """Validate ``requested`` into an :class:`OutputPlan`. Empty: :data:`DEFAULT_OUTPUTS`, or
-    :data:`TEXT_DEFAULT_OUTPUTS` without images, or the recipe's ``retrieval`` output when set.
+    :data:`TEXT_DEFAULT_OUTPUTS` without images, or the recipe's ``retrieval`` output when set
+    (the first, when the recipe serves several).
 
     Raises :class:`InvalidInputError` naming any unknown output, out-of-range layer, a retrieval
     output the model does not serve, or (``has_images`` false) every output that needs an image.
     """
+    served = _served(retrieval)
     if requested:
         names = tuple(dict.fromkeys(requested))
-    elif retrieval:
-        names = (retrieval,)
+    elif served:
+        names = served[:1]
     else:
         names = DEFAULT_OUTPUTS if has_images else TEXT_DEFAULT_OUTPUTS
     if not has_images:
@@ -96,11 +105,12 @@ def plan_outputs(
     lm_layers: dict[int, list[str]] = {}
     vision_layers: dict[int, list[str]] = {}
     for name in names:
-        if name in FIXED_OUTPUTS or name == retrieval:
+        if name in FIXED_OUTPUTS or name in served:
             continue
         if name in RETRIEVAL_OUTPUTS:
-            served = f"this model serves {retrieval}" if retrieval else "this model has no retrieval recipe (--recipe)"
-            raise InvalidInputError(f"output {name!r} is not available: {served}")
+            says = f"this model serves {', '.join(served)}" if served else "this model has no retrieval recipe"
+            says += "" if served else " (--recipe)"
+            raise InvalidInputError(f"output {name!r} is not available: {says}")
         match = _LAYER.match(name)
         if match is None:
             raise InvalidInputError(
@@ -122,9 +132,10 @@ def plan_outputs(
 
 def check_output_names(requested: list[str] | tuple[str, ...]) -> None:
     """Refuse names that no model has (before one is loaded); layer indices are checked only
-    against a model's depth, by :func:`plan_outputs`. Raises :class:`InvalidInputError`."""
+    against a model's depth, and the retrieval outputs against its recipe, by :func:`plan_outputs`.
+    Raises :class:`InvalidInputError`."""
     for name in requested:
-        if name not in FIXED_OUTPUTS and _LAYER.match(name) is None:
+        if name not in (*FIXED_OUTPUTS, *RETRIEVAL_OUTPUTS) and _LAYER.match(name) is None:
             plan_outputs([name], 0, 0)  # raises the same message as a model would
 
 

@@ -7,7 +7,9 @@ Prompt formats (:data:`PROMPT_FORMATS`):
 - ``raw``: the caller writes the whole text; each :data:`~.recipes.IMAGE_PLACEHOLDER` becomes the
   model's vision span, one per image, in order (counts must match).
 - ``query``: the retrieval recipe's query format around the prompt (no image).
-- ``document``: the retrieval recipe's document template around the image(s) (no prompt).
+- ``document``: the retrieval recipe's document template around the image(s) (no prompt); or,
+  for a recipe with text documents (jina-embeddings-v4's passages), its passage format around
+  the prompt (no image).
 """
 
 from __future__ import annotations
@@ -36,9 +38,12 @@ def render_prompt(processor: Any, num_images: int, prompt: str) -> str:
     return text
 
 
-def render_text(processor: Any, num_images: int, prompt: str, prompt_format: str, recipe: Recipe | None) -> str:
-    """The model's whole input text for a request in ``prompt_format``. Raises InvalidInputError
-    for a format the model cannot serve or placeholders that do not match the images."""
+def render_text(
+    processor: Any, num_images: int, prompt: str, prompt_format: str, recipe: Recipe | None, task: str = ""
+) -> str:
+    """The model's whole input text for a request in ``prompt_format`` (``task``: the recipe's task,
+    for recipes whose text formats depend on it). Raises InvalidInputError for a format the model
+    cannot serve or placeholders that do not match the images."""
     if prompt_format == "chat":
         return render_prompt(processor, num_images, prompt)
     if prompt_format == "raw":
@@ -51,6 +56,10 @@ def render_text(processor: Any, num_images: int, prompt: str, prompt_format: str
         if num_images:
             raise InvalidInputError(f"a query has no image; this one has {num_images}")
         return recipe.query_text(prompt)
+    if not num_images and prompt:
+        if not recipe.passage_prefix:
+            raise InvalidInputError(f"the {recipe.name} document format takes an image, not a text")
+        return recipe.passage_text(prompt, task)
     return expand_placeholders(recipe.document_template, num_images, what=f"the {recipe.name} document template")
 
 

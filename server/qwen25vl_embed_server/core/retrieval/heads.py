@@ -1,59 +1,173 @@
-"""Retrieval outputs from the last hidden states, computed as colpali-engine 0.3.18 computes them.
+"""Retrieval heads as composable steps: pooling, projection, masking, normalisation, Matryoshka truncation.
 
-Operations follow ``ColQwen2_5.forward`` / ``BiQwen2_5.forward`` step for step (head in the
-model's dtype, ``x / x.norm()``, multiplication by the masks), on one request's unpadded rows
-``[1, T, D]``: a request alone is then bit-identical to the reference in fp32, and in a batch
-(the reference's left padding, our right padding) within floating-point reordering.
+A recipe's head is an ordered :class:`Head` of small steps, each a frozen value that maps one
+request's vectors to the next (:func:`recipe_heads` composes them per output):
+
+- ColQwen2.5 multi-vector: ``Project(custom_text_proj) -> Normalize -> MaskNonImage? -> Rows -> Truncate``;
+- BiQwen2.5 single vector: ``Pool("last" | "mean") -> Normalize -> Truncate``;
+- jina-embeddings-v4 single vector: ``Pool("span_mean") -> Normalize -> Truncate`` (Matryoshka);
+  multi-vector: ``Project(multi_vector_projector, the task's LoRA) -> Normalize -> Rows``.
+
+The ColQwen2.5 / BiQwen2.5 steps follow ``ColQwen2_5.forward`` / ``BiQwen2_5.forward`` of
+colpali-engine 0.3.18 operation for operation (head in the model's dtype, ``x / x.norm()``,
+multiplication by the masks), on one request's unpadded rows ``[1, T, D]``: a request alone is then
+bit-identical to the reference in fp32, and in a batch within floating-point reordering.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from torch.nn import functional
 
 from qwen25vl_embed_server.core.model.output_settings import VECTOR_ENCODINGS
-from qwen25vl_embed_server.core.retrieval.recipes import Recipe
+from qwen25vl_embed_server.core.retrieval import lora
+from qwen25vl_embed_server.core.retrieval.recipes import MULTI_VECTOR, SINGLE_VECTOR, Recipe
 
-__all__ = ["VECTOR_ENCODINGS", "encode_vectors", "multi_vector", "single_vector", "truncate"]
-
-
-def multi_vector(
-    last_hidden: torch.Tensor, head: torch.nn.Module, input_ids: torch.Tensor, image_token_id: int, recipe: Recipe
-) -> torch.Tensor:
-    """One L2-normalised vector per token, ``[T, dim]``.
-
-    ``last_hidden``: ``[1, T, D]``; ``input_ids``: ``[1, T]``. With ``recipe.image_tokens_only``
-    and images in the request, rows of non-image tokens are zero (the reference's masking).
-    """
-    projected: torch.Tensor = head(last_hidden)
-    projected = projected / projected.norm(dim=-1, keepdim=True)
-    # The reference multiplies by the attention mask: all ones on a request's own rows.
-    image_rows = input_ids == image_token_id
-    if recipe.image_tokens_only and bool(image_rows.any()):
-        projected = projected * image_rows.unsqueeze(-1).to(projected.device)
-    return projected[0]
+__all__ = [
+    "VECTOR_ENCODINGS",
+    "Head",
+    "MaskNonImage",
+    "Normalize",
+    "Pool",
+    "Project",
+    "RequestRows",
+    "Rows",
+    "Step",
+    "Truncate",
+    "encode_vectors",
+    "recipe_heads",
+]
 
 
-def single_vector(last_hidden: torch.Tensor, recipe: Recipe) -> torch.Tensor:
-    """One L2-normalised vector ``[1, D]``: the final token or the mean over tokens (``recipe.pooling``)."""
-    if recipe.pooling == "last":
-        pooled = last_hidden[:, -1]
-    elif recipe.pooling == "mean":
-        mask = torch.ones(last_hidden.shape[:2], dtype=torch.int64, device=last_hidden.device).unsqueeze(-1)
-        pooled = (last_hidden * mask).sum(dim=1) / mask.sum(dim=1)
-    else:
-        raise ValueError(f"recipe {recipe.name}: pooling {recipe.pooling!r} gives no single vector")
-    normalized: torch.Tensor = pooled / pooled.norm(dim=-1, keepdim=True)
-    return normalized
+@dataclass(frozen=True)
+class RequestRows:
+    """What a step may read besides the vectors: one request's ``input_ids`` ``[1, T]`` (on the
+    vectors' device), its task ("" for a recipe without tasks), its Matryoshka size (0: all)."""
+
+    input_ids: torch.Tensor
+    task: str = ""
+    dimensions: int = 0
 
 
-def truncate(vectors: torch.Tensor, dimensions: int) -> torch.Tensor:
-    """Matryoshka truncation: the first ``dimensions`` components, L2-renormalised (zero rows stay
-    zero). ``dimensions`` 0 or the full size: unchanged."""
-    if dimensions in (0, vectors.shape[-1]):
+class Step(Protocol):
+    def __call__(self, vectors: torch.Tensor, rows: RequestRows) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class Pool:
+    """``[1, T, D]`` -> ``[1, D]``: "last" (the final token), "mean" (over the tokens) or
+    "span_mean" (over the first image's vision span, from its vision-start to its vision-end
+    token inclusive; over the tokens for a text)."""
+
+    method: str
+    vision_start_id: int = -1
+    vision_end_id: int = -1
+
+    def __call__(self, vectors: torch.Tensor, rows: RequestRows) -> torch.Tensor:
+        if self.method == "last":
+            return vectors[:, -1]
+        mask = torch.ones(vectors.shape[:2], dtype=torch.int64, device=vectors.device)
+        if self.method == "span_mean":
+            ids = rows.input_ids[0]
+            starts = (ids == self.vision_start_id).nonzero().flatten()
+            ends = (ids == self.vision_end_id).nonzero().flatten()
+            if len(starts) and len(ends):
+                positions = torch.arange(ids.shape[0], device=vectors.device)
+                mask = ((positions >= starts[0]) & (positions <= ends[-1])).to(torch.int64).unsqueeze(0)
+        elif self.method != "mean":
+            raise ValueError(f"unknown pooling {self.method!r}; expected last, mean or span_mean")
+        mask = mask.unsqueeze(-1)
+        pooled: torch.Tensor = (vectors * mask).sum(dim=1) / mask.sum(dim=1)
+        return pooled
+
+
+@dataclass(frozen=True)
+class Project:
+    """A projection head on every vector; with a task, that task's LoRA beside it (the projector of
+    a model with task LoRAs is a :class:`~.lora.MultiLoraLinear`)."""
+
+    module: Any
+
+    def __call__(self, vectors: torch.Tensor, rows: RequestRows) -> torch.Tensor:
+        if not rows.task:
+            projected: torch.Tensor = self.module(vectors)
+            return projected
+        with lora.adapter_rows([rows.task]):
+            projected = self.module(vectors)
+        return projected
+
+
+@dataclass(frozen=True)
+class Normalize:
+    """Each vector L2-normalised, as the references write it: ``x / x.norm(dim=-1, keepdim=True)``."""
+
+    def __call__(self, vectors: torch.Tensor, rows: RequestRows) -> torch.Tensor:
+        normalized: torch.Tensor = vectors / vectors.norm(dim=-1, keepdim=True)
+        return normalized
+
+
+@dataclass(frozen=True)
+class MaskNonImage:
+    """Rows of non-image tokens zeroed when the request has images (ColQwen2.5's ``mask_non_image_embeddings``)."""
+
+    image_token_id: int
+
+    def __call__(self, vectors: torch.Tensor, rows: RequestRows) -> torch.Tensor:
+        image_rows = rows.input_ids == self.image_token_id
+        if not bool(image_rows.any()):
+            return vectors
+        masked: torch.Tensor = vectors * image_rows.unsqueeze(-1).to(vectors.device)
+        return masked
+
+
+@dataclass(frozen=True)
+class Rows:
+    """``[1, T, E]`` -> ``[T, E]``: one vector per token of the request."""
+
+    def __call__(self, vectors: torch.Tensor, rows: RequestRows) -> torch.Tensor:
+        return vectors[0]
+
+
+@dataclass(frozen=True)
+class Truncate:
+    """Matryoshka truncation to the request's ``dimensions``: the first components, L2-renormalised
+    (zero rows stay zero). 0 or the full size: unchanged."""
+
+    def __call__(self, vectors: torch.Tensor, rows: RequestRows) -> torch.Tensor:
+        if rows.dimensions in (0, vectors.shape[-1]):
+            return vectors
+        return functional.normalize(vectors[..., : rows.dimensions], p=2.0, dim=-1)
+
+
+@dataclass(frozen=True)
+class Head:
+    """An ordered composition of steps: ``last_hidden`` ``[1, T, D]`` -> the output's vectors."""
+
+    steps: tuple[Step, ...]
+
+    def __call__(self, last_hidden: torch.Tensor, rows: RequestRows) -> torch.Tensor:
+        vectors = last_hidden
+        for step in self.steps:
+            vectors = step(vectors, rows)
         return vectors
-    return functional.normalize(vectors[..., :dimensions], p=2.0, dim=-1)
+
+
+def recipe_heads(recipe: Recipe, projection: Any, config: Any) -> dict[str, Head]:
+    """The head of each output ``recipe`` serves (:attr:`~.recipes.Recipe.outputs`), given its
+    projection module (None without one) and the model's config (its special token ids)."""
+    heads: dict[str, Head] = {}
+    if MULTI_VECTOR in recipe.outputs:
+        assert projection is not None, "a multi-vector recipe loads its projection head"
+        masking: tuple[Step, ...] = (MaskNonImage(int(config.image_token_id)),) if recipe.image_tokens_only else ()
+        heads[MULTI_VECTOR] = Head((Project(projection), Normalize(), *masking, Rows(), Truncate()))
+    if SINGLE_VECTOR in recipe.outputs:
+        pool = Pool(recipe.pooling, int(config.vision_start_token_id), int(config.vision_end_token_id))
+        heads[SINGLE_VECTOR] = Head((pool, Normalize(), Truncate()))
+    return heads
 
 
 def encode_vectors(vectors: np.ndarray, encoding: str) -> np.ndarray:

@@ -87,6 +87,10 @@ def load_retrieval(
         ValueError: weights missing, unexpected or of another shape (one line), unless
             ``allow_partial``; an adapter that targets no module of the base (peft's message).
     """
+    if recipe.tasks:  # jina-embeddings-v4: task LoRAs beside the base, nothing merged
+        from qwen25vl_embed_server.core.retrieval.jina_model import load_jina
+
+        return load_jina(layout.base, recipe, dtype, device, allow_partial)
     cls = HeadedQwen2_5_VLModel if recipe.head else PooledQwen2_5_VLModel
     with one_line_reports():
         loaded = cls.from_pretrained(

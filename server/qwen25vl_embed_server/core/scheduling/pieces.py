@@ -22,6 +22,7 @@ import torch
 
 from qwen25vl_embed_server.core.model import outputs as names
 from qwen25vl_embed_server.core.model.capture import capturing
+from qwen25vl_embed_server.core.retrieval.lora import adapter_rows
 
 if TYPE_CHECKING:
     from qwen25vl_embed_server.core.model.extractor import Extractor, Prepared
@@ -119,7 +120,7 @@ class PiecewiseRun:
         image_rows = (input_ids == int(loaded.model.config.image_token_id)).unsqueeze(-1)
         # What transformers' forward does with pixel_values, given the features it would compute.
         embeds = embeds.masked_scatter(image_rows.expand_as(embeds), features)
-        with capturing(loaded.visual, loaded.language_model, item.plan) as captured:
+        with capturing(loaded.visual, loaded.language_model, item.plan) as captured, adapter_rows([item.lora]):
             last_hidden = inner(
                 **inputs, inputs_embeds=embeds, image_grid_thw=item.image_grid_thw.to(device), use_cache=False
             ).last_hidden_state

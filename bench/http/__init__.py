@@ -1,0 +1,1 @@
+"""The HTTP/JSON API against gRPC."""

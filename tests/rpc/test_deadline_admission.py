@@ -1,0 +1,122 @@
+"""Deadline-aware admission over real gRPC with the tiny model: with slow work queued, a slow
+request whose deadline the work ahead cannot meet is refused at once (RESOURCE_EXHAUSTED, a
+``grpc-retry-pushback-ms`` hint, the ``deadline`` refusal counted), while a fast request and a slow
+one with room in their deadlines, and one without a deadline, are answered with their results.
+
+Slow requests are 4 images of 896 x 896 asking for vision outputs only (16,384 patches, above the
+4,096-token pieces: they run in pieces, one image each); fast ones one 56 x 56 image. The deadlines
+are far from the estimates on either side (the refused ones get a third of the way from their own
+cost to their estimated wait, or a third of their own cost; the answered ones minutes), so the
+outcome does not depend on this machine's speed; the one timing asserted is that a refusal comes
+within 5 s of the call.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import grpc
+import numpy as np
+import pytest
+
+from qwen25vl_embed import EmbeddingClient
+from qwen25vl_embed.v1 import embed_pb2 as pb
+from qwen25vl_embed_server.core.scheduling.batcher import BatchingConfig
+from qwen25vl_embed_server.rpc.error_mapping import PUSHBACK_KEY
+from qwen25vl_embed_server.rpc.harness import BackgroundServer
+
+from ..helpers import assert_batched_close, noise_image, png_bytes
+
+SLOW = [png_bytes(noise_image(896, 896, seed)) for seed in range(4)]
+SLOW_OUTPUTS = ["vision_pooled_mean"]
+FAST = png_bytes(noise_image(56, 56, 7))
+FAST_OUTPUTS = ["lm_last_token"]
+LOAD = 4  # slow requests without a deadline, in flight while the others arrive
+METHOD = "/qwen25vl_embed.v1.EmbeddingService/Extract"
+
+
+@pytest.fixture(scope="module")
+def piecewise(tiny_server: Callable[..., BackgroundServer]) -> Iterator[BackgroundServer]:
+    with tiny_server(batching=BatchingConfig(max_piece_tokens=4096, max_wait_ms=1)) as running:
+        yield running
+
+
+def _slow_tokens(server: BackgroundServer) -> int:
+    return max(server.pipeline.admission.waits._in_flight, default=0)
+
+
+def _refused(address: str, timeout: float) -> tuple[grpc.RpcError, float]:
+    """The error of a slow request sent over plain gRPC (no SDK retries) with ``timeout``, and how
+    long it took to come."""
+    with grpc.insecure_channel(address) as channel:
+        call = channel.unary_stream(METHOD, pb.ImageRequest.SerializeToString, pb.EmbeddingResponse.FromString)
+        request = pb.ImageRequest(images=[pb.Image(data=data) for data in SLOW], outputs=SLOW_OUTPUTS)
+        sent = time.monotonic()
+        with pytest.raises(grpc.RpcError) as refused:
+            list(call(request, timeout=timeout))
+        return refused.value, time.monotonic() - sent
+
+
+def _trailing(error: grpc.RpcError) -> dict[str, str]:
+    return {str(item.key): str(item.value) for item in error.trailing_metadata() or ()}
+
+
+def test_a_slow_request_that_cannot_finish_in_time_is_refused_at_once_the_others_answered(
+    piecewise: BackgroundServer,
+) -> None:
+    admission = piecewise.pipeline.admission
+    with EmbeddingClient(piecewise.address, timeout=600) as client:
+        slow_reference = client.extract(SLOW, outputs=SLOW_OUTPUTS)["vision_pooled_mean"]
+        fast_reference = client.extract(FAST, outputs=FAST_OUTPUTS)["lm_last_token"]
+        assert len(admission.waits._per_token) >= 2  # both sizes measured
+
+        loaded: list[np.ndarray] = []
+
+        def slow() -> None:
+            loaded.append(client.extract(SLOW, outputs=SLOW_OUTPUTS)["vision_pooled_mean"])
+
+        load = [threading.Thread(target=slow) for _ in range(LOAD)]
+        for thread in load:
+            thread.start()
+        until = time.monotonic() + 60
+        while admission.waits.requests < LOAD and time.monotonic() < until:
+            time.sleep(0.01)
+        assert admission.waits.requests >= LOAD
+        slow_tokens = _slow_tokens(piecewise)
+        wait, alone = admission.waits.wait(slow_tokens), admission.waits.cost(slow_tokens)
+        assert wait is not None
+        assert alone is not None
+        refused_before = admission.refusals["deadline"]
+
+        # Between its own cost and the wait: it could run alone in time, not behind the work ahead
+        # (a third of the way: still refused if up to three of the load finish meanwhile).
+        error, took = _refused(piecewise.address, alone + (wait - alone) / 3)
+        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error.details()
+        assert "past its deadline" in str(error.details())
+        assert took < 5.0
+        pushback = _trailing(error)
+        assert int(pushback[PUSHBACK_KEY]) > 0
+        # Under its own cost: no retry can help.
+        error, took = _refused(piecewise.address, alone / 3)
+        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error.details()
+        assert "longer deadline" in str(error.details())
+        assert took < 5.0
+        assert _trailing(error)[PUSHBACK_KEY] == "-1"  # do not retry
+        assert admission.refusals["deadline"] == refused_before + 2
+
+        # Fast work with room in its deadline passes the slow work (between its pieces).
+        fast = client.extract(FAST, outputs=FAST_OUTPUTS, timeout=300)["lm_last_token"]
+        assert_batched_close(fast, fast_reference, "fast")
+        # Slow work with room in its deadline, and slow work without one, wait and are answered.
+        patient = client.extract(SLOW, outputs=SLOW_OUTPUTS, timeout=600)["vision_pooled_mean"]
+        assert_batched_close(patient, slow_reference, "slow, with a deadline")
+        for thread in load:
+            thread.join()
+        assert len(loaded) == LOAD
+        for result in loaded:
+            assert_batched_close(result, slow_reference, "slow, without a deadline")
+    assert admission.refusals["deadline"] == refused_before + 2
+    sample = piecewise.service.metrics.registry.get_sample_value
+    assert sample("qwen25vl_embed_refusals_total", {"reason": "deadline"}) == admission.refusals["deadline"]
