@@ -31,15 +31,19 @@ class EmbeddingError(Exception):
     """A call to the embedding service failed.
 
     ``code`` is the gRPC status code (``INVALID_ARGUMENT`` for a bad request, ``UNAVAILABLE``
-    while the model loads or the server is unreachable, ``DEADLINE_EXCEEDED`` after a timeout,
-    ``INTERNAL`` for a server fault) and ``details`` the server's message.
+    while the model loads or the server is unreachable, ``RESOURCE_EXHAUSTED`` when the server
+    refuses work it cannot take now, ``DEADLINE_EXCEEDED`` after a timeout, ``INTERNAL`` for a
+    server fault) and ``details`` the server's message. ``retry_after``: seconds after which the
+    server expects a new call to be admitted, where it said so (a refusal by deadline or load);
+    None otherwise.
     """
 
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
-        # Both go to Exception.args so that the error pickles and re-raises across processes.
-        super().__init__(code, details)
+    def __init__(self, code: grpc.StatusCode, details: str, retry_after: float | None = None) -> None:
+        # All go to Exception.args so that the error pickles and re-raises across processes.
+        super().__init__(code, details, retry_after)
         self.code = code
         self.details = details
+        self.retry_after = retry_after
 
     sent = True
     """False for a :class:`LocalRequestError`: the request never reached the server."""
@@ -76,7 +80,24 @@ def from_rpc_error(err: grpc.RpcError) -> EmbeddingError:
     return EmbeddingError(
         code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN,
         details if isinstance(details, str) else str(err),
+        _retry_after(err),
     )
+
+
+def _retry_after(err: grpc.RpcError) -> float | None:
+    """The server's hint of when to call again, in seconds: ``retry-after-ms`` (a new call), else a
+    non-negative ``grpc-retry-pushback-ms`` (the retry policy's hint) in the trailing metadata."""
+    trailing_of = getattr(err, "trailing_metadata", None)
+    trailing = trailing_of() if callable(trailing_of) else None
+    hints = {str(key): str(value) for key, value in (trailing or ())}
+    for key in ("retry-after-ms", "grpc-retry-pushback-ms"):
+        try:
+            milliseconds = int(hints[key])
+        except (KeyError, ValueError):
+            continue
+        if milliseconds >= 0:
+            return milliseconds / 1000
+    return None
 
 
 # While a server loads its model it answers UNAVAILABLE; a call that found no server in time

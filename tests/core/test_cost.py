@@ -155,7 +155,9 @@ def test_concurrent_requests_never_exceed_the_budgets(extractor: Extractor) -> N
         (pipeline.pixels, config.max_pixels_in_flight),
         (pipeline.result_bytes, config.max_result_bytes),
     ]:
+        assert capacity is not None, budget.what
         assert 0 < budget.peak <= capacity, budget.what
         assert budget.used == 0, budget.what
     # It was the budgets that held work back: together the requests need far more.
+    assert config.max_pixels_in_flight is not None
     assert sum(w * h for w, h in sizes) > 2 * config.max_pixels_in_flight

@@ -22,9 +22,10 @@ import numpy as np
 import pytest
 
 from qwen25vl_embed import EmbeddingClient
+from qwen25vl_embed.errors import from_rpc_error
 from qwen25vl_embed.v1 import embed_pb2 as pb
 from qwen25vl_embed_server.core.scheduling.batcher import BatchingConfig
-from qwen25vl_embed_server.rpc.error_mapping import PUSHBACK_KEY
+from qwen25vl_embed_server.rpc.error_mapping import PUSHBACK_KEY, RETRY_AFTER_KEY
 from qwen25vl_embed_server.rpc.harness import BackgroundServer
 
 from ..helpers import assert_batched_close, noise_image, png_bytes
@@ -96,8 +97,10 @@ def test_a_slow_request_that_cannot_finish_in_time_is_refused_at_once_the_others
         assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error.details()
         assert "past its deadline" in str(error.details())
         assert took < 5.0
-        pushback = _trailing(error)
-        assert int(pushback[PUSHBACK_KEY]) > 0
+        trailing = _trailing(error)
+        assert trailing[PUSHBACK_KEY] == "-1"  # a retry within this call would be refused too
+        assert int(trailing[RETRY_AFTER_KEY]) > 0  # a new call, later, would pass
+        assert from_rpc_error(error).retry_after == int(trailing[RETRY_AFTER_KEY]) / 1000
         # Under its own cost: no retry can help.
         error, took = _refused(piecewise.address, alone / 3)
         assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error.details()

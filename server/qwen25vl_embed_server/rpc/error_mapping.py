@@ -3,9 +3,8 @@
 InvalidInputError -> INVALID_ARGUMENT with its message; OverloadedError and
 OutOfMemoryError (device or host, model run or preprocessing) and SlowConsumerError -> RESOURCE_EXHAUSTED;
 DeadlineExceededError -> DEADLINE_EXCEEDED;
-an OverloadedError that says when to retry sends it as trailing metadata ``grpc-retry-pushback-ms``
-(milliseconds, as gRPC's retry policy reads it), and one refused by deadline or memory that does
-not (the request as sent will never fit) sends ``-1``: do not retry;
+an OverloadedError says when to retry in trailing metadata (:func:`trailing_metadata`:
+``grpc-retry-pushback-ms`` as gRPC's retry policy reads it, ``retry-after-ms`` for a new call);
 ModelNotReadyError -> UNAVAILABLE; anything else -> INTERNAL with a generic message, the traceback logged on the server.
 """
 
@@ -54,18 +53,30 @@ def status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
 PUSHBACK_KEY = "grpc-retry-pushback-ms"
 """The trailing metadata key of the retry hint (gRPC's retry policy waits that long before retrying)."""
 
+RETRY_AFTER_KEY = "retry-after-ms"
+"""The trailing metadata key of when a new call is expected to be admitted, where retrying within
+the refused call cannot help (the SDK's ``EmbeddingError.retry_after``)."""
+
 
 def trailing_metadata(error: BaseException) -> tuple[tuple[str, str], ...]:
-    """The trailing metadata sent with ``error``'s status: an OverloadedError's retry hint, or
-    ``-1`` (do not retry) for a deadline or memory refusal without one (it alone is past its
-    deadline, or more than the memory limit lets one request hold)."""
+    """The trailing metadata sent with ``error``'s status.
+
+    - a queue or memory refusal that will pass later: its retry hint as ``grpc-retry-pushback-ms``,
+      which gRPC's retry policy honours within the same call;
+    - a deadline refusal: ``grpc-retry-pushback-ms: -1`` (a retry within the same call has its
+      deadline that much closer and the same work ahead, so it cannot be admitted either), and the
+      hint as ``retry-after-ms``: when a new call with as long a deadline is expected to pass;
+    - a refusal that never passes as sent (the request alone is past its deadline, or more than the
+      memory limit lets one request hold): ``-1``, do not retry.
+    """
     if not isinstance(error, OverloadedError):
         return ()
-    if error.retry_after is not None:
-        return ((PUSHBACK_KEY, str(max(0, round(error.retry_after * 1000)))),)
-    if error.reason in ("deadline", "memory"):
-        return ((PUSHBACK_KEY, "-1"),)
-    return ()
+    if error.retry_after is None:
+        return ((PUSHBACK_KEY, "-1"),) if error.reason in ("deadline", "memory") else ()
+    milliseconds = str(max(0, round(error.retry_after * 1000)))
+    if error.reason == "deadline":
+        return ((PUSHBACK_KEY, "-1"), (RETRY_AFTER_KEY, milliseconds))
+    return ((PUSHBACK_KEY, milliseconds),)
 
 
 def log_failure(method: str, request_id: str, error: BaseException) -> None:
