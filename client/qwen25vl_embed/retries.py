@@ -1,8 +1,9 @@
 """Retries of the service's calls, done by gRPC itself: a service config with a retry policy.
 
 Every call of ``EmbeddingService`` is idempotent (the model computes the same vectors again), so
-both clients ask gRPC to retry them, by default, when the server answers UNAVAILABLE (loading,
-shutting down, not reachable) or RESOURCE_EXHAUSTED (at capacity): up to ``max_attempts`` attempts
+both clients ask gRPC to retry the extraction calls (``Extract``, ``ExtractBatch``), by default,
+when the server answers UNAVAILABLE (loading, shutting down, not reachable) or RESOURCE_EXHAUSTED
+(at capacity): up to ``max_attempts`` attempts
 in all, a random pause between attempts of at most ``initial_backoff`` seconds, then growing by
 ``backoff_multiplier`` up to ``max_backoff`` (gRPC's exponential backoff with full jitter).
 
@@ -37,6 +38,7 @@ import grpc
 __all__ = ["DEFAULT_RETRY", "RetryPolicy", "retry_options"]
 
 SERVICE = "qwen25vl_embed.v1.EmbeddingService"
+RETRIED_METHODS = ("Extract", "ExtractBatch")
 GRPC_MAX_ATTEMPTS = 5  # gRPC caps maxAttempts at 5 (larger values are treated as 5)
 _SERVICE_CONFIG = "grpc.service_config"
 _ENABLE_RETRIES = "grpc.enable_retries"
@@ -83,12 +85,14 @@ class RetryPolicy:
             raise ValueError(f"buffer_bytes must be 0 or more, got {self.buffer_bytes}")
 
     def service_config(self) -> dict[str, Any]:
-        """The gRPC service config (as a JSON object) that applies this policy to every method of
-        ``qwen25vl_embed.v1.EmbeddingService``."""
+        """The gRPC service config (as a JSON object) that applies this policy to the extraction
+        methods of ``qwen25vl_embed.v1.EmbeddingService`` (:data:`RETRIED_METHODS`). ``Info`` is
+        answered from memory, and ``wait_ready`` polls it itself: a retry there would only hide
+        the server's "still loading" until the call's deadline."""
         return {
             "methodConfig": [
                 {
-                    "name": [{"service": SERVICE}],
+                    "name": [{"service": SERVICE, "method": method} for method in RETRIED_METHODS],
                     "retryPolicy": {
                         "maxAttempts": self.max_attempts,
                         "initialBackoff": _duration(self.initial_backoff),

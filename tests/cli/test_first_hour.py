@@ -419,7 +419,7 @@ def test_the_search_example_runs_as_the_readme_says_on_the_tiny_colqwen(tmp_path
         done = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.splitlines()
-    assert lines[0].startswith("indexed 3 images: token vectors ")
+    assert lines[0].startswith("indexed 3 images in ")
     # Each query lists the three images, best first (random weights: the order says nothing).
     assert [line for line in lines if not line.startswith("  ")] == [
         lines[0],

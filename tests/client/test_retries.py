@@ -284,7 +284,10 @@ def test_the_service_config_names_the_service_and_the_policy() -> None:
     assert config == {
         "methodConfig": [
             {
-                "name": [{"service": "qwen25vl_embed.v1.EmbeddingService"}],
+                "name": [
+                    {"service": "qwen25vl_embed.v1.EmbeddingService", "method": "Extract"},
+                    {"service": "qwen25vl_embed.v1.EmbeddingService", "method": "ExtractBatch"},
+                ],
                 "retryPolicy": {
                     "maxAttempts": 4,
                     "initialBackoff": "0.2s",
@@ -295,7 +298,9 @@ def test_the_service_config_names_the_service_and_the_policy() -> None:
             }
         ]
     }
-    assert pb.DESCRIPTOR.services_by_name["EmbeddingService"].full_name == "qwen25vl_embed.v1.EmbeddingService"
+    service = pb.DESCRIPTOR.services_by_name["EmbeddingService"]
+    assert service.full_name == "qwen25vl_embed.v1.EmbeddingService"
+    assert {"Extract", "ExtractBatch"} <= set(service.methods_by_name)
     # A service config of the caller's gets the policy unless it has method configs of its own.
     balancing: dict[str, Any] = {"loadBalancingConfig": [{"round_robin": {}}]}
     merged = dict(retry_options([("grpc.service_config", json.dumps(balancing))], DEFAULT_RETRY))

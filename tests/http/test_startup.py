@@ -10,8 +10,8 @@ import httpx
 import pytest
 
 from qwen25vl_embed_server.cli import app as cli
-from qwen25vl_embed_server.http.config import HTTPConfig
-from qwen25vl_embed_server.http.serving import HTTPListenError, HTTPServer
+from qwen25vl_embed_server.http.config import HTTPConfig, HTTPListenError
+from qwen25vl_embed_server.http.serving import HTTPServer
 from qwen25vl_embed_server.rpc.server import create_server
 
 from ..helpers import server_config

@@ -30,6 +30,7 @@ from qwen25vl_embed_server.cli.flags import (
 )
 from qwen25vl_embed_server.cli.http_flags import http_flags
 from qwen25vl_embed_server.cli.logging_setup import LOG_FORMATS, configure_logging
+from qwen25vl_embed_server.cli.prompt_format_flags import prompt_format_flag
 from qwen25vl_embed_server.core import defaults
 from qwen25vl_embed_server.core.errors import InvalidInputError
 from qwen25vl_embed_server.core.model.outputs import TOKEN_OUTPUTS
@@ -135,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
         "loaded on the --model base and run with",
     )
     prompt_flag(extract_)
+    prompt_format_flag(extract_)
     task_flag(extract_)
     extract_.add_argument(
         "--outdir", type=Path, default=Path("out"), help="output folder; mirrors the input tree (default: out)"
@@ -186,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bulk.add_argument("--outputs", nargs="+", default=None, help="output names (default: the pooled vectors)")
     prompt_flag(bulk)
+    prompt_format_flag(bulk)
     bulk.add_argument("--normalize", action="store_true", help="L2-normalise the pooled vectors")
     task_flag(bulk)
     bulk.add_argument("--batch-size", type=int, default=16, help="images per model call (16)")

@@ -15,6 +15,7 @@ from dataclasses import asdict
 from typing import TYPE_CHECKING
 
 from qwen25vl_embed import EmbeddingClient
+from qwen25vl_embed_server.cli import prompt_format_flags
 from qwen25vl_embed_server.cli.adapter_flags import adapters_of
 from qwen25vl_embed_server.cli.flags import (
     LIMIT_FLAGS,
@@ -174,7 +175,7 @@ def load_options(args: argparse.Namespace) -> LoadOptions:
 def serve(args: argparse.Namespace) -> int:
     from qwen25vl_embed_server.core.admission import allocator
     from qwen25vl_embed_server.core.errors import ModelLoadError
-    from qwen25vl_embed_server.http.serving import HTTPListenError
+    from qwen25vl_embed_server.http.config import HTTPListenError
     from qwen25vl_embed_server.rpc.server import ListenError
     from qwen25vl_embed_server.rpc.server import serve as run_server
 
@@ -242,6 +243,8 @@ def bulk(args: argparse.Namespace) -> int:
         adapters = adapters_of(args)
         if len(adapters) > 1:
             raise ValueError("bulk runs with one --adapter")
+        if (problem := prompt_format_flags.flag_problem(args)) is not None:
+            raise ValueError(problem)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -251,6 +254,7 @@ def bulk(args: argparse.Namespace) -> int:
         load=load_options(args),
         outputs=tuple(args.outputs or ()),
         prompt=args.prompt,
+        prompt_format=args.prompt_format,
         normalize=args.normalize,
         batch_size=args.batch_size,
         actors=actors,

@@ -3,8 +3,10 @@
 The output mirrors the input tree under ``--outdir`` (:mod:`~qwen25vl_embed_server.cli.layout`).
 Through a server, many images go over one ExtractBatch stream (``--concurrency`` in flight); in-process,
 the model runs here one image at a time, like the original script. Beyond a few images a progress
-bar shows either way. A bad image is reported and skipped; the exit code is then 1. Ctrl-C says
-what was saved; ``--skip-existing`` goes on from there.
+bar shows either way. ``--prompt-format`` (:mod:`~qwen25vl_embed_server.cli.prompt_format_flags`): on a
+retrieval model, by default, the recipe's document vectors, as ``embed_images``. A bad image is
+reported and skipped; the exit code is then 1. Ctrl-C says what was saved; ``--skip-existing``
+goes on from there.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from qwen25vl_embed import EmbeddingClient, Embeddings
 from qwen25vl_embed.extract_many import progress_bar
+from qwen25vl_embed_server.cli import prompt_format_flags
 from qwen25vl_embed_server.cli.adapter_flags import adapter_name_of
 from qwen25vl_embed_server.cli.commands import client_of, load_options, server_info, target_error
 from qwen25vl_embed_server.cli.flags import uses_client_security
@@ -62,6 +65,8 @@ def extract(args: argparse.Namespace) -> int:
 def _flag_problem(args: argparse.Namespace) -> str | None:
     """What is wrong with the flags taken together, or None."""
     adapters = args.adapter or []
+    if (problem := prompt_format_flags.flag_problem(args)) is not None:
+        return problem
     if len(adapters) > 1:
         return "extract runs with one --adapter"
     if adapters and args.server and "=" in adapters[0]:
@@ -136,9 +141,16 @@ def run_extract(
                     print(f"error: {err} (server {args.server})", file=sys.stderr)
                     return 2
                 saver.model, saver.arithmetic = info.model, info.arithmetic
+                try:
+                    prompt_format = prompt_format_flags.resolve(args, has_recipe=recipe is not None)
+                except ValueError as err:
+                    print(f"error: {err} (server {args.server})", file=sys.stderr)
+                    return 2
+                saver.prompt_format = prompt_format
                 results = client.extract_many(
                     todo_paths,
-                    prompt=args.prompt,
+                    prompt=prompt_format_flags.prompt_for(args, prompt_format),
+                    prompt_format=prompt_format,
                     outputs=outputs,
                     dtype=args.wire_dtype,
                     normalize=args.normalize,
@@ -180,21 +192,26 @@ def _extract_here(
     from qwen25vl_embed_server.core.admission.limits import Limits
     from qwen25vl_embed_server.core.admission.request import EncodedRequest, prepare_request
     from qwen25vl_embed_server.core.model.extractor import Extractor
+    from qwen25vl_embed_server.core.model.finishing import serving
     from qwen25vl_embed_server.core.model.loading import load_model
     from qwen25vl_embed_server.core.model.output_settings import OutputSettings
 
     extractor = Extractor(load_model(options))
     saver.arithmetic = extractor.loaded.arithmetic
     # The in-process model has the flags' pixel range already: no per-request range here.
-    plan = extractor.plan(outputs, adapter=options.adapters[0].name if options.adapters else None)
+    adapter = options.adapters[0].name if options.adapters else ""
+    plan = extractor.plan(outputs, adapter=adapter or None)
+    prompt_format = prompt_format_flags.resolve(args, has_recipe=serving(extractor.loaded, adapter)[0] is not None)
+    saver.prompt_format = prompt_format
     limits = Limits()
     for index, path in enumerate(paths):
         request = EncodedRequest(
             images=[path.read_bytes()],
-            prompt=args.prompt,
+            prompt=prompt_format_flags.prompt_for(args, prompt_format),
             outputs=outputs,
             settings=OutputSettings(dtype=args.wire_dtype, normalize=args.normalize),
-            adapter=options.adapters[0].name if options.adapters else "",
+            prompt_format=prompt_format,
+            adapter=adapter,
             task=args.task,
         )
         try:
@@ -222,6 +239,7 @@ class _Saver:
         self.verbose = total - skipped <= _VERBOSE_UP_TO
         self.model = ""
         self.arithmetic = ""  # Info's: how close the values are to transformers' (unknown: not recorded)
+        self.prompt_format = "chat"  # the format the requests carry, once resolved
         self.saved = 0
         self.failed = 0
 
@@ -233,7 +251,11 @@ class _Saver:
         manifest: dict[str, Any] = {"normalize": self.args.normalize}
         if self.arithmetic:
             manifest["arithmetic"] = self.arithmetic
-        result.save(folder, manifest, image=path, prompt=self.args.prompt, model=self.model)
+        manifest["prompt_format"] = self.prompt_format
+        prompt = self.args.prompt
+        if prompt is None and self.prompt_format == "chat":
+            prompt = defaults.DEFAULT_PROMPT
+        result.save(folder, manifest, image=path, prompt=prompt, model=self.model)
         self.saved += 1
         if self.verbose:
             shapes = ", ".join(f"{name} {list(result[name].shape)}" for name in result.names)

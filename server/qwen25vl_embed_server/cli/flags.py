@@ -102,7 +102,9 @@ def model_flags(parser: argparse.ArgumentParser, group: Any = None, model: bool 
 
 def prompt_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--prompt", default=defaults.DEFAULT_PROMPT, help=f"text after the image ({defaults.DEFAULT_PROMPT!r})"
+        "--prompt",
+        default=None,
+        help=f"text after the image in the chat format (default {defaults.DEFAULT_PROMPT!r}); the whole text in raw",
     )
 
 

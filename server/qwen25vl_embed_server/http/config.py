@@ -37,3 +37,8 @@ class HTTPConfig:
             raise ValueError(f"max_inputs must be at least 1, got {self.max_inputs}")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"the HTTP port must be between 0 and 65535, got {self.port}")
+
+
+class HTTPListenError(OSError):
+    """The HTTP API cannot listen where it was told to (defined here, away from uvicorn, so that the
+    command line can name it without the server extra installed)."""

@@ -20,7 +20,7 @@ import uvicorn
 
 from qwen25vl_embed_server.core.scheduling.pipeline import Pipeline
 from qwen25vl_embed_server.http.app import create_app
-from qwen25vl_embed_server.http.config import HTTPConfig
+from qwen25vl_embed_server.http.config import HTTPConfig, HTTPListenError
 from qwen25vl_embed_server.http.running import Embedder
 from qwen25vl_embed_server.rpc.auth import BearerTokens
 from qwen25vl_embed_server.rpc.metrics import Metrics
@@ -30,10 +30,6 @@ if TYPE_CHECKING:
     from qwen25vl_embed_server.rpc.server import ServerConfig
 
 log = logging.getLogger(__name__)
-
-
-class HTTPListenError(OSError):
-    """The HTTP API cannot listen where it was told to."""
 
 
 class _Embedded(uvicorn.Server):

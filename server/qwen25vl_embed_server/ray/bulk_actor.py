@@ -22,7 +22,7 @@ import pyarrow as pa
 from qwen25vl_embed_server.core.admission.request import EncodedRequest, prepare_request
 from qwen25vl_embed_server.core.errors import DeviceOutOfMemoryError, InvalidInputError
 from qwen25vl_embed_server.core.model.extractor import Extractor, Prepared
-from qwen25vl_embed_server.core.model.finishing import Extraction
+from qwen25vl_embed_server.core.model.finishing import Extraction, serving
 from qwen25vl_embed_server.core.model.output_settings import OutputSettings
 from qwen25vl_embed_server.core.scheduling.batcher import BatchingConfig
 from qwen25vl_embed_server.core.scheduling.model_thread import ModelThread, single_threaded_torch
@@ -48,6 +48,9 @@ class BulkExtractionActor:
         self._extractor = self._model_thread.run(lambda: Extractor(load_model(job.load)))
         self._preprocessing = threading.local()  # the threads Ray calls on, each capped once
         self._plan = self._extractor.plan(job.outputs, adapter=job.adapter)
+        self._prompt_format = request_format(
+            job, has_recipe=serving(self._extractor.loaded, job.adapter)[0] is not None
+        )
         self._max_tokens = BatchingConfig(max_tokens=job.max_batch_tokens).tokens_for(
             self._extractor.loaded.device.type
         )
@@ -67,6 +70,7 @@ class BulkExtractionActor:
                     prompt=self._job.prompt,
                     outputs=self._job.outputs,
                     settings=OutputSettings(normalize=self._job.normalize),
+                    prompt_format=self._prompt_format,
                     adapter=self._job.adapter,
                     task=self._job.task,
                 )
@@ -88,6 +92,24 @@ class BulkExtractionActor:
             if len(items) == 1:
                 return [str(error)]
         return [outcome for item in items for outcome in self._run([item])]
+
+
+def request_format(job: BulkJob, has_recipe: bool) -> str:
+    """The prompt format every image's request carries: ``job.prompt_format``, "auto" resolved
+    ("document" for a model, or ``job.adapter``, with a retrieval recipe; else "chat").
+
+    Raises:
+        ValueError: the document format with a prompt (its template has none).
+    """
+    chosen = job.prompt_format
+    if chosen == "auto":
+        chosen = "document" if has_recipe else "chat"
+    if chosen == "document" and job.prompt is not None:
+        raise ValueError(
+            f"a prompt with the document format (prompt format {job.prompt_format}): the recipe's document "
+            "template has no prompt; drop --prompt, or give --prompt-format chat"
+        )
+    return chosen
 
 
 def _chunks(items: list[tuple[int, Prepared]], max_tokens: int) -> Iterator[list[tuple[int, Prepared]]]:

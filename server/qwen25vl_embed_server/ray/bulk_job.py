@@ -31,7 +31,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qwen25vl_embed_server.core.admission.limits import Limits
-from qwen25vl_embed_server.core.defaults import DEFAULT_PROMPT
 from qwen25vl_embed_server.core.model.loading import LoadOptions
 from qwen25vl_embed_server.core.model.outputs import plan_outputs
 from qwen25vl_embed_server.ray.bulk_actor import BulkExtractionActor
@@ -58,7 +57,11 @@ class BulkJob:
         load: the model, as for ``qwen25vl-embed serve``.
         outputs: output names (empty: the pooled vectors); visual_token_lens and image_grid_thw
             are always written.
-        prompt / normalize: as in ``ImageRequest``.
+        prompt / normalize: as in ``ImageRequest`` (prompt None: the chat format's default; the
+            document format takes none).
+        prompt_format: "chat", "raw", "document" (the retrieval recipe's document template, the
+            vectors ``embed_images`` returns), or "auto": "document" when the model, or ``adapter``,
+            has a retrieval recipe, else "chat".
         batch_size: images per model call in an actor.
         actors: model copies (Ray actors).
         gpus_per_actor / cpus_per_actor: Ray resources of each actor. On the CPU, torch in each
@@ -82,7 +85,8 @@ class BulkJob:
     output: Path
     load: LoadOptions
     outputs: tuple[str, ...] = ()
-    prompt: str = DEFAULT_PROMPT
+    prompt: str | None = None
+    prompt_format: str = "auto"
     normalize: bool = False
     batch_size: int = 16
     actors: int = 1

@@ -84,9 +84,14 @@ class EmbedderSettings(BaseModel):
     batching: BatchingConfig = BatchingConfig()
     limits: Limits = Limits()
     max_in_flight: int | None = None
-    max_tokens_in_flight: int = defaults.DEFAULT_MAX_TOKENS_IN_FLIGHT
-    max_pixels_in_flight: int = defaults.DEFAULT_MAX_PIXELS_IN_FLIGHT
-    max_result_bytes: int = defaults.DEFAULT_MAX_RESULT_BYTES
+    memory_limit: int | None = None
+    """Bytes the replica's process may hold; the budgets left unset derive from it (None: each
+    budget's default)."""
+    max_tokens_in_flight: int | None = None
+    max_pixels_in_flight: int | None = None
+    max_result_bytes: int | None = None
+    max_request_bytes_in_flight: int | None = None
+    trim_after_bytes: int | None = None
     send_timeout_seconds: float = defaults.DEFAULT_SEND_TIMEOUT_SECONDS
     adapters: dict[str, str] = {}
     """Retrieval adapters served on the ``model`` base, name -> folder (``serve --adapter NAME=PATH``)."""
@@ -122,6 +127,9 @@ class EmbedderSettings(BaseModel):
                 max_tokens_in_flight=self.max_tokens_in_flight,
                 max_pixels_in_flight=self.max_pixels_in_flight,
                 max_result_bytes=self.max_result_bytes,
+                memory_limit=self.memory_limit,
+                max_request_bytes_in_flight=self.max_request_bytes_in_flight,
+                trim_after_bytes=self.trim_after_bytes,
             ),
         )
 

@@ -67,8 +67,11 @@ def trailing_metadata(error: BaseException) -> tuple[tuple[str, str], ...]:
       deadline that much closer and the same work ahead, so it cannot be admitted either), and the
       hint as ``retry-after-ms``: when a new call with as long a deadline is expected to pass;
     - a refusal that never passes as sent (the request alone is past its deadline, or more than the
-      memory limit lets one request hold): ``-1``, do not retry.
+      memory limit lets one request hold; it ran out of memory alone; its caller read too slowly):
+      ``-1``, do not retry.
     """
+    if isinstance(error, (OutOfMemoryError, SlowConsumerError)):
+        return ((PUSHBACK_KEY, "-1"),)  # the same request, sent again, meets the same fate
     if not isinstance(error, OverloadedError):
         return ()
     if error.retry_after is None:
