@@ -131,3 +131,15 @@ def biqwen(tmp_path_factory: pytest.TempPathFactory) -> Extractor:
 def biqwen_pair(serving_pair: Any, biqwen: Extractor) -> Iterator[Pair]:
     with serving_pair(biqwen) as running:
         yield running
+
+
+@pytest.fixture(scope="session")
+def jina_pair(serving_pair: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
+    """The tiny jina-embeddings-v4 (one vector by default, multi-vectors beside it), gRPC and HTTP."""
+    from qwen25vl_embed_server.core.fixtures.tiny_jina import build_tiny_jina
+    from qwen25vl_embed_server.core.model.loading import LoadOptions, load_model
+
+    path = build_tiny_jina(tmp_path_factory.mktemp("jina"))
+    extractor = Extractor(load_model(LoadOptions(model=str(path), device="cpu", dtype="float32")))
+    with serving_pair(extractor) as running:
+        yield running

@@ -58,3 +58,20 @@ def test_a_raw_checkpoint_pools_its_last_hidden_states(pair: Pair) -> None:
     np.testing.assert_array_equal(
         np.asarray(reply.json()["data"][0]["data"], np.float32), expected["lm_last_hidden"][0]
     )
+
+
+def test_jina_v4_serves_its_single_vector_and_its_multi_vectors_on_pooling(jina_pair: Pair) -> None:
+    with httpx.Client(base_url=jina_pair.url, timeout=TIMEOUT) as http:
+        single = http.post("/v1/embeddings", json={"input": "where is the noise"})
+        multi = http.post("/pooling", json={"input": "where is the noise"})
+    for reply in (single, multi):
+        assert reply.status_code == 200, reply.text
+    expected = jina_pair.sdk.extract(
+        None, prompt="where is the noise", prompt_format="query", outputs=["single_vector", "multi_vector"]
+    )
+    np.testing.assert_array_equal(
+        np.asarray(single.json()["data"][0]["embedding"], np.float32), expected["single_vector"][0]
+    )
+    rows = np.asarray(multi.json()["data"][0]["data"], np.float32)
+    np.testing.assert_array_equal(rows, expected["multi_vector"])
+    assert rows.shape[1] == 128

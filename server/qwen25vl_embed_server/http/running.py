@@ -84,9 +84,10 @@ class Embedder:
 
     @staticmethod
     def token_vectors(info: ModelInfo, dimensions: int | None) -> tuple[str, OutputSettings]:
-        """The output and settings of /pooling: the recipe's multi-vector, else the LM's last
-        hidden states (not normalised)."""
-        if info.recipe is not None and info.recipe.output == MULTI_VECTOR:
+        """The output and settings of /pooling: the recipe's multi-vectors (ColQwen2.5's, or
+        jina-embeddings-v4's beside its single vector), else the LM's last hidden states (not
+        normalised)."""
+        if info.recipe is not None and MULTI_VECTOR in info.recipe.outputs:
             return MULTI_VECTOR, OutputSettings(dimensions=dimensions or 0)
         if dimensions is not None:
             raise InvalidInputError("dimensions applies to a multi-vector checkpoint's vectors only; leave it out")
