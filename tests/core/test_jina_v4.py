@@ -181,7 +181,6 @@ def test_the_command_line_builds_serves_and_extracts_with_a_task(
 ) -> None:
     from qwen25vl_embed_server.cli.app import build_parser, main
     from qwen25vl_embed_server.cli.commands import load_options
-    from qwen25vl_embed_server.core.defaults import DEFAULT_PROMPT
 
     assert main(["make-tiny-model", str(tmp_path / "jina"), "--recipe", "jina-v4"]) == 0
     folder = capsys.readouterr().out.strip()
@@ -196,7 +195,9 @@ def test_the_command_line_builds_serves_and_extracts_with_a_task(
     extract += ["--outputs", "single_vector"]
     assert main([*extract, "--task", "code", "--outdir", str(tmp_path / "out")]) == 0
     saved = np.load(tmp_path / "out" / "page" / "single_vector.npy")
-    expected = served.run([served.prepare([IMAGES[1]], DEFAULT_PROMPT, task="code")])[0]
+    # On a retrieval model extract's prompt format is the document's (--prompt-format auto).
+    plan = served.plan(["single_vector"], has_images=True)
+    expected = served.run([served.prepare([IMAGES[1]], "", plan, prompt_format="document", task="code")])[0]
     assert_batched_close(saved, expected.tensors["single_vector"], "extract --task code")
     assert main([*extract, "--task", "summarize", "--outdir", str(tmp_path / "bad")]) != 0
     assert "unknown task 'summarize'" in capsys.readouterr().err

@@ -172,8 +172,9 @@ def test_extract_command_sends_the_adapter(
     args = ["extract", str(image), "--server", address, "--outdir", str(tmp_path / "out"), "--flat"]
     assert main([*args, "--adapter", "biqwen", "--outputs", "single_vector"]) == 0
     saved = np.load(tmp_path / "out" / "page" / "single_vector.npy")
-    expected = clients["biqwen"].extract(IMAGES[0], outputs=["single_vector"])["single_vector"]
-    assert_batched_close(saved, expected, "extract --adapter")
+    # A retrieval adapter's images are documents (extract's --prompt-format auto).
+    expected = clients["biqwen"].extract(IMAGES[0], prompt_format="document", outputs=["single_vector"])
+    assert_batched_close(saved, expected["single_vector"], "extract --adapter")
     assert main([*args, "--adapter", f"biqwen={tiny.adapters['biqwen']}"]) == 2  # NAME=PATH is for in-process
 
 
@@ -212,6 +213,6 @@ def test_the_bulk_actor_runs_each_image_with_the_job_adapter(
         torch.set_num_threads(before)
     assert table.column("error").to_pylist() == [None, None]
     for row, data in enumerate(IMAGES):
-        expected = clients["biqwen"].extract(data, outputs=["single_vector"])["single_vector"]
+        expected = clients["biqwen"].extract(data, prompt_format="document", outputs=["single_vector"])["single_vector"]
         got = np.asarray(table.column("single_vector")[row].as_py(), np.float32).reshape(expected.shape)
         assert_batched_close(got, expected, f"bulk row {row}")
