@@ -47,6 +47,8 @@ _SERVER_MODULES = (
     "grpc_reflection",
 )
 _BLOCK = re.compile(r"^```python\n(.*?)^```", re.DOTALL | re.MULTILINE)
+# How ``make dist`` builds the wheel (then the folder and the source): the fixture builds it so.
+_MAKE_DIST = ("-m", "pip", "wheel", "--no-deps", "--wheel-dir")
 
 
 def _clean_env() -> dict[str, str]:
@@ -87,7 +89,7 @@ def client_only(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     assert made.returncode == 0, made.stderr
     bin_dir = venv / "bin"
     wheels = base / "dist"
-    built = _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--wheel-dir", wheels, source], timeout=600)
+    built = _run([sys.executable, *_MAKE_DIST, wheels, source], timeout=600)
     assert built.returncode == 0, built.stdout[-4000:] + built.stderr[-4000:]
     (wheel,) = wheels.glob("qwen25vl_embed-*.whl")
     installed = _run([bin_dir / "python", "-m", "pip", "install", "-c", ROOT / "constraints.txt", wheel], timeout=600)
@@ -175,3 +177,11 @@ def test_help_says_which_commands_need_the_server_extra(client_only: Path) -> No
     done = _run([client_only / "qwen25vl-embed", "--help"])
     assert done.returncode == 0, done.stderr
     assert " ".join(done.stdout.split()).count("needs the server extra") >= 3  # serve, extract, make-tiny-model
+
+
+def test_make_dist_builds_the_wheel_as_this_install_does() -> None:
+    if shutil.which("make") is None:
+        pytest.fail("make is needed: every target of the project runs through it")
+    done = _run(["make", "-n", "dist", "PYTHON=python-of-the-test"], cwd=ROOT, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [" ".join(["python-of-the-test", *_MAKE_DIST, "dist", "."])]

@@ -77,6 +77,25 @@ def test_allowed_partial_weights_load_with_a_warning(missing_norm: Path, caplog:
     assert loaded.report.weights[0].missing == ("model.language_model.norm.weight",)
 
 
+def test_an_unexpected_weight_is_refused_and_many_missing_are_counted(tiny_model_path: Path, tmp_path: Path) -> None:
+    """A base checkpoint holding a weight that fits no module is refused too; of more missing
+    weights than a line names, it names the first three (sorted, as the model names them) and the count."""
+    path = tmp_path / "tiny"
+    shutil.copytree(tiny_model_path, path)
+    norms = [
+        f"model.layers.{i}.{norm}.weight" for i in (0, 1) for norm in ("input_layernorm", "post_attention_layernorm")
+    ]
+    # The first norm stored under a name no module has; the other three dropped.
+    _edit_weights(path / "model.safetensors", {norms[0]: "model.layers.0.extra_norm.weight"} | dict.fromkeys(norms[1:]))
+    with pytest.raises(ModelLoadError) as refused:
+        _load(path)
+    named = [name.replace("model.", "model.language_model.", 1) for name in sorted(norms)[:3]]
+    assert str(refused.value) == (
+        f"cannot load model '{path}': checkpoint {path}: 4 missing (newly initialised): {', '.join(named)}, ...; "
+        f"1 unexpected (match no module): model.language_model.layers.0.extra_norm.weight; {REFUSAL}"
+    )
+
+
 def test_an_adapter_key_that_matches_no_module_is_refused(colqwen_adapter: Path, tmp_path: Path) -> None:
     adapter = _copy_adapter(colqwen_adapter, tmp_path / "adapter")
     key = "base_model.model.language_model.layers.0.self_attn.q_proj.lora_A.weight"
