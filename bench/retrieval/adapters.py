@@ -17,7 +17,8 @@ processes of a configuration. Throughput: in this process, ``--images`` noise do
 (as a shared server's batcher forms them from mixed traffic): the shared base running each batch as
 one forward with each row's LoRA ("mixed"), the shared base running one forward per adapter
 ("grouped"), and the three single-adapter models each running its own adapter's requests in
-batches of the same size. Alternating rounds; the median round's images/s.
+batches of the same size. Alternating rounds; the median round's images/s, and the machine's load
+average before and after (the machine may be shared).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import qwen25vl_embed_server  # noqa: F401  (first: it sets MKL's dispatch befor
 # isort: split
 import json
 import logging
+import os
 import statistics
 import subprocess
 import sys
@@ -124,6 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         child(args.child)
         return 0
     shape, count, rounds = ("tiny", 3, 1) if args.quick else ("bench", args.images, args.rounds)
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as folder:
         base, adapters = build(Path(folder), shape, args.rank)
         shared_rss = measured_rss(base, adapters)
@@ -194,7 +197,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "image side": SIDE,
         "images/s per round": measured,
         "single-adapter processes, resident MiB": {name: round(rss / 2**20) for name, rss in single_rss.items()},
+        "load average (1, 5, 15 min)": {
+            "before": [round(value, 2) for value in load_before],
+            "after": [round(value, 2) for value in os.getloadavg()],
+        },
     }
+    print(f"load average (1, 5, 15 min): {details['load average (1, 5, 15 min)']} on {os.cpu_count()} CPUs")
     BENCH.write(args, rows, summary=summary, details=details)
     return 0
 

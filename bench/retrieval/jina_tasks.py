@@ -6,10 +6,11 @@
 A random-weight jina-embeddings-v4 in its published layout (the 'bench' shape's sizes, three task
 LoRAs of rank 4) on the CPU, fp32. One batch of requests whose tasks cycle through retrieval,
 text-matching and code runs as ``mixed`` (one forward; the base matmuls once for all rows, each task's
-LoRA on its rows: the default) and as ``grouped`` (one forward per task: the batch split as a
-batcher grouping by task would); ``one task`` (every request retrieval, one forward) is the floor.
-Alternating rounds; prints ms per request (median) and the ratio to ``grouped``, and checks that
-both ways give the same vectors.
+LoRA on its rows' slice of the batch: the default) and as ``grouped`` (one forward per task: the
+batch split as a batcher grouping by task would); ``one task`` (every request retrieval, one
+forward) is the floor. One warm-up run of each, then alternating rounds; prints ms per request (the
+median round) and the ratio to ``grouped``, checks that both ways give the same vectors, and
+records the machine's load average before and after (the machine may be shared).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import qwen25vl_embed_server  # noqa: F401  (first: it sets MKL's dispatch befor
 # isort: split
 
 import dataclasses
+import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -66,6 +68,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     extractor = Extractor(load_model(LoadOptions(model=str(jina_checkpoint(args.shape)), device="cpu")))
     rows = []
+    summary = {}
+    per_round = {}
+    load_before = os.getloadavg()
     for kind in args.kinds:
         mixed = batch(extractor, kind, args.batch, JINA_TASKS)
         single = [dataclasses.replace(item, task=JINA_TASKS[0]) for item in mixed]
@@ -85,19 +90,23 @@ def main(argv: Sequence[str] | None = None) -> None:
             extractor.adapter_batching = batching
             vectors[name] = np.concatenate([r.tensors["single_vector"] for r in extractor.run(mixed)])
         difference = relative_difference(vectors["mixed"], vectors["grouped"])
+        for warm_up in sides.values():  # first calls allocate
+            warm_up()
         times = alternating(sides, args.rounds)
+        per_round[kind] = times
         grouped = statistics.median(times["grouped"])
+        summary[f"{kind}: mixed / grouped, speed"] = round(grouped / statistics.median(times["mixed"]), 2)
         for name, values in times.items():
             ms = statistics.median(values)
             print(f"{kind:5} {name:9} {ms:8.2f} ms/request  x{grouped / ms:4.2f} vs grouped", flush=True)
             rows.append({"requests": kind, "batching": name, "ms/request": ms, "vs grouped": grouped / ms})
         print(f"{kind:5} mixed vs grouped: rel diff {difference:.1e}", flush=True)
     extractor.adapter_batching = "mixed"
-    BENCH.write(
-        args,
-        rows,
-        details={"shape": args.shape, "batch": args.batch, "rounds": args.rounds, "tasks": list(JINA_TASKS)},
-    )
+    load = {"before": [round(value, 2) for value in load_before], "after": [round(v, 2) for v in os.getloadavg()]}
+    print(f"load average (1, 5, 15 min) before {load['before']}, after {load['after']} on {os.cpu_count()} CPUs")
+    details = {"shape": args.shape, "batch": args.batch, "rounds": args.rounds, "tasks": list(JINA_TASKS)}
+    details |= {"load average (1, 5, 15 min)": load, "ms/request per round": per_round}
+    BENCH.write(args, rows, summary=summary, details=details)
 
 
 if __name__ == "__main__":

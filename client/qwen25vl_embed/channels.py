@@ -20,7 +20,7 @@ from typing import Any, NamedTuple, TypeAlias
 
 import grpc
 
-from qwen25vl_embed.retries import DEFAULT_RETRY, RetryPolicy, retry_options
+from qwen25vl_embed.retries import DEFAULT_RETRY, RetryPolicy, StreamRelease, retry_options
 
 __all__ = ["PEMSource", "TLSConfig", "create_aio_channel", "create_channel"]
 
@@ -89,15 +89,17 @@ def create_channel(
     if token is not None:
         _validate_token(token)
     options = retry_options(options, retry)
+    interceptors: list[Any] = [] if retry is None else [StreamRelease()]
     if tls is not None:
         credentials = tls.credentials()
         if token is not None:
             credentials = grpc.composite_channel_credentials(credentials, grpc.access_token_call_credentials(token))
-        return grpc.secure_channel(target, credentials, options=list(options))
-    channel = grpc.insecure_channel(target, options=list(options))
-    if token is None:
-        return channel
-    return grpc.intercept_channel(channel, _BearerTokenInterceptor(token))
+        channel = grpc.secure_channel(target, credentials, options=list(options))
+    else:
+        channel = grpc.insecure_channel(target, options=list(options))
+        if token is not None:
+            interceptors.append(_BearerTokenInterceptor(token))
+    return grpc.intercept_channel(channel, *interceptors) if interceptors else channel
 
 
 def create_aio_channel(

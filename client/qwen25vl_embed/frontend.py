@@ -271,16 +271,19 @@ class ClientFrontend(Generic[_Channel, _Inputs, _One, _Many, _Vectors]):
         options: ExtractOptions | None = None,
         concurrency: int = 16,
         timeout: float | None = None,
+        adapter: str | None = None,
         task: str | None = None,
     ) -> _Vectors:
         """The server's retrieval vectors for text documents (passages), in order: the recipe's
         document format with a text (jina-v4: "Passage: " + text; its text-matching task: "Query: "
-        + text); shapes and settings as :meth:`embed_queries`.
+        + text); shapes and settings (``adapter``, ``task``) as :meth:`embed_queries`.
 
         Raises:
             EmbeddingError: a text failed (INVALID_ARGUMENT: the recipe has no text documents).
         """
-        chosen = merge(options, dimensions=dimensions, vector_encoding=encoding, timeout=timeout, task=task)
+        chosen = merge(
+            options, dimensions=dimensions, vector_encoding=encoding, timeout=timeout, adapter=adapter, task=task
+        )
         return self._retrieval(((None, text) for text in texts), PromptFormat.DOCUMENT, chosen, concurrency)
 
     def _retrieval(

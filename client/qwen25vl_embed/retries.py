@@ -24,18 +24,21 @@ A RESOURCE_EXHAUSTED without pushback under ``buffer_bytes`` is retried with bac
 UNAVAILABLE: gRPC's policy cannot tell refusals apart by their metadata. A server that refuses a
 request which will never fit (the device ran out of memory on it alone) should send pushback
 ``-1`` with it.
+
+A blocking channel that retries also carries :class:`StreamRelease`, so that a streaming call
+that fails always ends (see its docstring for the gRPC behaviour it works around).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
 
-__all__ = ["DEFAULT_RETRY", "RetryPolicy", "retry_options"]
+__all__ = ["DEFAULT_RETRY", "RetryPolicy", "StreamRelease", "retry_options"]
 
 SERVICE = "qwen25vl_embed.v1.EmbeddingService"
 RETRIED_METHODS = ("Extract", "ExtractBatch")
@@ -142,6 +145,51 @@ def retry_options(options: Sequence[tuple[str, Any]], retry: RetryPolicy | None)
                 value = json.dumps({**config, **retry.service_config()})
         merged.append((name, value))
     return [option for option in retry.channel_options() if option[0] not in names] + merged
+
+
+class StreamRelease(
+    grpc.UnaryStreamClientInterceptor,  # type: ignore[type-arg]
+    grpc.StreamStreamClientInterceptor,  # type: ignore[type-arg]
+):
+    """Ends a blocking channel's response stream when its call fails, whatever gRPC's retries did.
+
+    With retries on, gRPC's core (grpcio 1.85, its retry filter) can finish a call (its status
+    received, its deadline timer gone with it) yet never complete the receive of its next
+    message: an attempt answered without headers (a server that stops mid-call), then retries
+    that cannot connect. The blocking client's response iterator waits for that message and
+    never returns, past the call's deadline. The asyncio client is not affected.
+
+    This interceptor cancels, at the core, every streaming call that ends with a status other
+    than OK: cancelling a finished call changes nothing but completes the receive it still has
+    pending, so the iterator raises the call's own status. It reaches into grpcio's call object
+    (``_call``, the core call); where a grpcio version has none, it does nothing.
+    """
+
+    def intercept_unary_stream(
+        self, continuation: Callable[[grpc.ClientCallDetails, Any], Any], details: grpc.ClientCallDetails, request: Any
+    ) -> Any:
+        return _released(continuation(details, request))
+
+    def intercept_stream_stream(
+        self,
+        continuation: Callable[[grpc.ClientCallDetails, Iterator[Any]], Any],
+        details: grpc.ClientCallDetails,
+        request_iterator: Iterator[Any],
+    ) -> Any:
+        return _released(continuation(details, request_iterator))
+
+
+def _released(call: Any) -> Any:
+    cancel = getattr(getattr(call, "_call", None), "cancel", None)
+    if cancel is None or not isinstance(call, grpc.Future):
+        return call
+
+    def finished(done: Any) -> None:
+        if done.code() is not grpc.StatusCode.OK:
+            cancel(grpc.StatusCode.CANCELLED.value[0], "the call has ended")
+
+    call.add_done_callback(finished)
+    return call
 
 
 def _duration(seconds: float) -> str:

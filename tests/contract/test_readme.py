@@ -3,7 +3,7 @@ against live tiny servers, so the docs cannot drift from the SDK.
 
 The blocks name ``localhost:50051`` (and ``127.0.0.1:50051`` / ``:50052`` for two servers, and
 ``localhost:50061`` for a retrieval model, ``localhost:50071`` for jina-embeddings-v4,
-``localhost:50081`` for a base with two adapters,
+``localhost:50081`` for a base with ColQwen2.5, BiQwen2.5 and jina-embeddings-v4 adapters,
 ``http://localhost:8000`` for the HTTP API beside a server); the test
 starts servers on free ports (those two on the tiny ColQwen2.5 and the tiny jina-embeddings-v4) and
 points those addresses at them, and runs each block in a
@@ -78,12 +78,12 @@ def jina_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Background
 
 @pytest.fixture(scope="module")
 def adapters_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BackgroundServer]:
-    """The tiny base with a ColQwen2.5 and a BiQwen2.5 adapter (``serve --adapter NAME=PATH``)."""
+    """The tiny base with ColQwen2.5, BiQwen2.5 and jina-embeddings-v4 adapters (``serve --adapter NAME=PATH``)."""
     from qwen25vl_embed_server.core.fixtures.tiny_adapters import build_tiny_adapters
     from qwen25vl_embed_server.core.model.loading import LoadOptions, load_model
     from qwen25vl_embed_server.core.retrieval.adapter_spec import AdapterSpec
 
-    tiny = build_tiny_adapters(tmp_path_factory.mktemp("adapters"))
+    tiny = build_tiny_adapters(tmp_path_factory.mktemp("adapters"), jina=True)
     specs = tuple(map(AdapterSpec.parse, tiny.flags()))
     options = LoadOptions(str(tiny.base), device="cpu", dtype="float32", adapters=specs)
     with BackgroundServer(Extractor(load_model(options)), server_config()) as running:

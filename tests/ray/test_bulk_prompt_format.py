@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -77,3 +78,45 @@ def test_the_actor_writes_the_document_vectors_of_embed_images(
         got = row.tensors["multi_vector"]
         assert got.shape == want.shape
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+
+
+def test_a_prompt_auto_would_drop_is_refused_before_ray_starts(tmp_path: Path, colqwen_adapter: Path) -> None:
+    """Read from the checkpoint's files (no model loaded, no Ray): the job never starts."""
+    from qwen25vl_embed_server.ray.bulk_job import check_prompt_format, run_bulk
+
+    retrieval = LoadOptions(model=str(colqwen_adapter))
+    for job in (
+        _job(tmp_path, load=retrieval, prompt="A photo."),
+        _job(tmp_path, load=LoadOptions(model="unused", recipe="biqwen2.5"), prompt="A photo."),
+        _job(tmp_path, prompt="A photo.", adapter="colqwen"),
+    ):
+        with pytest.raises(ValueError, match="--prompt with --prompt-format auto, which is document for") as caught:
+            run_bulk(job)
+        assert "drop --prompt, or give --prompt-format chat" in str(caught.value)
+        assert "\n" not in str(caught.value)
+    assert not (tmp_path / "out").exists()
+    check_prompt_format(_job(tmp_path, load=retrieval, prompt="A photo.", prompt_format="chat"))
+    check_prompt_format(_job(tmp_path, load=retrieval))
+    check_prompt_format(_job(tmp_path, load=LoadOptions(model=str(colqwen_adapter), recipe="none"), prompt="A photo."))
+
+
+def test_a_plain_checkpoint_keeps_its_prompt(tmp_path: Path, tiny_model_path: Path) -> None:
+    from qwen25vl_embed_server.ray.bulk_job import check_prompt_format
+
+    check_prompt_format(_job(tmp_path, load=LoadOptions(model=str(tiny_model_path)), prompt="A photo."))
+    check_prompt_format(_job(tmp_path, load=LoadOptions(model="org/not-a-local-folder"), prompt="A photo."))
+
+
+def test_the_bulk_command_exits_2_with_one_line(
+    tmp_path: Path, colqwen_adapter: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from qwen25vl_embed_server.cli.app import main
+
+    noise_image(64, 64, seed=3).save(tmp_path / "a.png")
+    argv = ["bulk", str(tmp_path), str(tmp_path / "out"), "--model", str(colqwen_adapter), "--prompt", "A photo."]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    assert err[0].startswith("error: --prompt with --prompt-format auto, which is document for the colqwen2.5 ")
+    assert not (tmp_path / "out").exists()
+    assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()

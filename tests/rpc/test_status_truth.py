@@ -80,9 +80,8 @@ def test_a_call_cut_at_the_end_of_the_grace_period_is_recorded_as_the_client_saw
 ) -> None:
     server = BackgroundServer(extractor, server_config(batching=BatchingConfig(max_wait_ms=1))).start()
     with (
-        # Without retries: the call's own status is what this test records (a retrying client would
-        # send it again, to a server that no longer serves).
-        EmbeddingClient(server.address, timeout=CALL_TIMEOUT, retry=None) as sdk,
+        # The default retries: they find no server, and the call ends with the status it was cut with.
+        EmbeddingClient(server.address, timeout=CALL_TIMEOUT) as sdk,
         ThreadPoolExecutor(2) as pool,
         ModelProbe(extractor, hold=HOLD) as probe,
         caplog.at_level(logging.INFO, logger=REQUEST_LOG),
@@ -104,9 +103,8 @@ def test_stop_returns_after_the_grace_period_even_mid_forward(extractor: Extract
     exits at once: ``serve`` leaves without joining the model thread)."""
     server = BackgroundServer(extractor, server_config(batching=BatchingConfig(max_wait_ms=1))).start()
     with (
-        # Without retries: the call's own status is what this test records (a retrying client would
-        # send it again, to a server that no longer serves).
-        EmbeddingClient(server.address, timeout=CALL_TIMEOUT, retry=None) as sdk,
+        # The default retries: they find no server, and the call ends with the status it was cut with.
+        EmbeddingClient(server.address, timeout=CALL_TIMEOUT) as sdk,
         ThreadPoolExecutor(2) as pool,
         ModelProbe(extractor, hold=HOLD) as probe,
     ):

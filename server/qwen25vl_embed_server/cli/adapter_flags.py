@@ -10,7 +10,8 @@ from pathlib import Path
 from qwen25vl_embed_server.core.retrieval.adapter_spec import AdapterSpec, check_adapter_name
 
 ADAPTER_HELP = (
-    "a retrieval adapter (ColQwen2.5 / BiQwen2.5 PEFT LoRA folder) served on the --model base as NAME "
+    "a retrieval adapter served on the --model base as NAME: a ColQwen2.5 / BiQwen2.5 PEFT LoRA folder, or a "
+    "jina-embeddings-v4 folder (its task LoRAs; requests also name a task) whose base weights are the --model's "
     "(repeatable: the base is in memory once); requests name it, a request naming none gets the base's raw outputs"
 )
 

@@ -2,8 +2,9 @@
 and the prompt format each takes on the model in service.
 
 One input (a text, an image, one ``messages`` prompt) is one embedding and one request of the
-pipeline. On a checkpoint with a retrieval recipe a text is a query (the recipe's query format)
-and an image a document (its document format); on a raw checkpoint a text from ``input`` is sent
+pipeline. On a checkpoint with a retrieval recipe (or with a retrieval adapter named) a text is a
+query (the recipe's query format), or a passage when the request's task says so, and an image a
+document (its document format); on a raw checkpoint a text from ``input`` is sent
 as written (the raw format, as vLLM tokenizes ``input``), and a ``messages`` prompt or an image
 goes through the chat template (images first, then the text; "Describe the image." when none).
 """
@@ -17,9 +18,9 @@ from dataclasses import dataclass
 
 from qwen25vl_embed_server.core.admission.request import EncodedRequest
 from qwen25vl_embed_server.core.errors import InvalidInputError, quoted
-from qwen25vl_embed_server.core.model.model_info import ModelInfo
 from qwen25vl_embed_server.core.model.output_settings import OutputSettings
 from qwen25vl_embed_server.http.schemas import ImagePart, Message
+from qwen25vl_embed_server.http.selection import Selection
 
 
 @dataclass(frozen=True)
@@ -93,20 +94,26 @@ def message_item(messages: Sequence[Message]) -> Item:
 
 
 def encoded(
-    item: Item, info: ModelInfo, output: str, settings: OutputSettings, request_id: str, where: str
+    item: Item, selection: Selection, output: str, settings: OutputSettings, request_id: str, where: str
 ) -> EncodedRequest:
-    """The core's request for ``item`` on the model of ``info``, asking for ``output``.
+    """The core's request for ``item`` with ``selection`` (its recipe, adapter, task and text
+    role), asking for ``output``. A text is a query, or with the passage role a text document
+    (the recipe's passage format); an image is a document.
 
     Raises InvalidInputError: text beside images on a retrieval checkpoint (its document format
     is the recipe's own text).
     """
-    if info.recipe is not None:
+    recipe = selection.recipe
+    if recipe is not None:
         if item.images and item.text is not None:
             raise InvalidInputError(
-                f"{where}: a retrieval checkpoint ({info.recipe.name}) embeds images as documents with its "
+                f"{where}: a retrieval checkpoint ({recipe.name}) embeds images as documents with its "
                 "recipe's own text; send images without text, or text alone (a query)"
             )
-        prompt_format, prompt = ("document", None) if item.images else ("query", item.text)
+        if item.images:
+            prompt_format, prompt = "document", None
+        else:
+            prompt_format, prompt = ("document" if selection.passage else "query"), item.text
     elif item.chat:
         prompt_format, prompt = "chat", item.text
     else:
@@ -118,4 +125,6 @@ def encoded(
         settings=settings,
         request_id=request_id,
         prompt_format=prompt_format,
+        adapter=selection.adapter,
+        task=selection.task,
     )

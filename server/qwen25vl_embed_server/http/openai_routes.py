@@ -9,10 +9,12 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
+from qwen25vl_embed_server.core.model.model_info import ModelInfo
 from qwen25vl_embed_server.http.encodings import base64_floats, encode
 from qwen25vl_embed_server.http.inputs import Item, message_item, text_items
 from qwen25vl_embed_server.http.running import TIMEOUT_HEADER, Embedder, Result
 from qwen25vl_embed_server.http.schemas import EmbeddingsRequest
+from qwen25vl_embed_server.http.selection import Selection
 
 router = APIRouter()
 
@@ -28,6 +30,11 @@ def _items(body: EmbeddingsRequest) -> list[Item]:
     return text_items(body.texts) if body.messages is None else [message_item(body.messages)]
 
 
+def _model(embedder: Embedder, info: ModelInfo, selection: Selection) -> str:
+    """A response's ``model``: the adapter that ran, else the served model's name."""
+    return selection.adapter or embedder.served_name(info)
+
+
 def _usage(results: list[Result]) -> dict[str, int]:
     tokens = sum(result.tokens for result in results)
     return {"prompt_tokens": tokens, "total_tokens": tokens}
@@ -38,14 +45,15 @@ async def embeddings(body: EmbeddingsRequest, request: Request) -> dict[str, Any
     """One vector per input (see :meth:`Embedder.one_vector`), in input order."""
     embedder = embedder_of(request)
     info = embedder.info()
-    embedder.check_model(body.model, info)
-    output = embedder.one_vector(info, body.dimensions)
-    results = await embedder.run("/v1/embeddings", _items(body), info, output, request.headers.get(TIMEOUT_HEADER))
+    selection = embedder.select(info, body.model, body.adapter, body.task)
+    output = embedder.one_vector(selection.recipe, body.dimensions)
+    timeout = request.headers.get(TIMEOUT_HEADER)
+    results = await embedder.run("/v1/embeddings", _items(body), selection, output, timeout)
     data = [
         {"object": "embedding", "index": index, "embedding": encode(result.vectors, body.encoding_format)}
         for index, result in enumerate(results)
     ]
-    return {"object": "list", "data": data, "model": embedder.served_name(info), "usage": _usage(results)}
+    return {"object": "list", "data": data, "model": _model(embedder, info, selection), "usage": _usage(results)}
 
 
 @router.post("/pooling")
@@ -54,9 +62,9 @@ async def pooling(body: EmbeddingsRequest, request: Request) -> dict[str, Any]:
     LM's last hidden states. base64: float32 little-endian, row-major, T x E values."""
     embedder = embedder_of(request)
     info = embedder.info()
-    embedder.check_model(body.model, info)
-    output = embedder.token_vectors(info, body.dimensions)
-    results = await embedder.run("/pooling", _items(body), info, output, request.headers.get(TIMEOUT_HEADER))
+    selection = embedder.select(info, body.model, body.adapter, body.task)
+    output = embedder.token_vectors(selection.recipe, body.dimensions)
+    results = await embedder.run("/pooling", _items(body), selection, output, request.headers.get(TIMEOUT_HEADER))
     data = [
         {
             "index": index,
@@ -69,7 +77,7 @@ async def pooling(body: EmbeddingsRequest, request: Request) -> dict[str, Any]:
         "id": f"pool-{uuid.uuid4().hex}",
         "object": "list",
         "created": int(time.time()),
-        "model": embedder.served_name(info),
+        "model": _model(embedder, info, selection),
         "data": data,
         "usage": _usage(results),
     }
@@ -77,11 +85,14 @@ async def pooling(body: EmbeddingsRequest, request: Request) -> dict[str, Any]:
 
 @router.get("/v1/models")
 async def models(request: Request) -> dict[str, Any]:
-    """The names ``model`` may take: the served model (503 while it loads)."""
+    """The names ``model`` may take: the served model, then each retrieval adapter served beside
+    it (``parent``: the served model, as vLLM lists LoRA adapters); 503 while the model loads."""
     embedder = embedder_of(request)
     info = embedder.info()
-    card = {"id": embedder.served_name(info), "object": "model", "created": embedder.started, "owned_by": OWNER}
-    return {"object": "list", "data": [{**card, "root": info.model}]}
+    served = embedder.served_name(info)
+    card = {"object": "model", "created": embedder.started, "owned_by": OWNER}
+    adapters = [{**card, "id": adapter.name, "root": adapter.name, "parent": served} for adapter in info.adapters]
+    return {"object": "list", "data": [{**card, "id": served, "root": info.model}, *adapters]}
 
 
 @router.get("/health")

@@ -15,14 +15,14 @@ from qwen25vl_embed_server.core.admission.request import EncodedRequest
 from qwen25vl_embed_server.core.defaults import DEFAULT_STREAM_WINDOW
 from qwen25vl_embed_server.core.errors import InvalidInputError, LimitExceededError, quoted
 from qwen25vl_embed_server.core.model.finishing import Extraction
-from qwen25vl_embed_server.core.model.model_info import ModelInfo
+from qwen25vl_embed_server.core.model.model_info import ModelInfo, RecipeInfo
 from qwen25vl_embed_server.core.model.output_settings import OutputSettings
 from qwen25vl_embed_server.core.model.outputs import LM_LAST_HIDDEN
 from qwen25vl_embed_server.core.retrieval.recipes import MULTI_VECTOR
 from qwen25vl_embed_server.core.scheduling.pipeline import Pipeline
 from qwen25vl_embed_server.http.config import HTTPConfig
-from qwen25vl_embed_server.http.errors import HTTPError
 from qwen25vl_embed_server.http.inputs import Item, encoded
+from qwen25vl_embed_server.http.selection import Selection, select
 from qwen25vl_embed_server.rpc.metrics import Metrics
 from qwen25vl_embed_server.rpc.observation import RequestObservation
 
@@ -59,35 +59,34 @@ class Embedder:
     def served_name(self, info: ModelInfo) -> str:
         return self.config.served_model_name or info.model
 
-    def check_model(self, model: str | None, info: ModelInfo) -> None:
-        """Refuse a ``model`` this server does not serve (404). None or "": the one it serves."""
-        served = self.served_name(info)
-        if model and model not in (served, info.model):
-            raise HTTPError(404, f"model {quoted(model)} is not served here; GET /v1/models lists {served!r}")
+    def select(self, info: ModelInfo, model: str | None, adapter: str | None, task: str | None) -> Selection:
+        """The request's adapter, task and text role (:func:`~.selection.select`)."""
+        return select(info, self.served_name(info), model, adapter, task)
 
-    def one_vector(self, info: ModelInfo, dimensions: int | None) -> tuple[str, OutputSettings]:
+    def one_vector(self, recipe: RecipeInfo | None, dimensions: int | None) -> tuple[str, OutputSettings]:
         """The output and settings of the one vector per input that /v1/embeddings and /v2/embed
-        return: the recipe's single vector, or (raw checkpoint) the configured pooled vector,
-        L2-normalised. ``dimensions``: Matryoshka truncation, retrieval checkpoints only."""
-        if info.recipe is None:
+        return: the recipe's single vector (the adapter's, when one is named), or (raw
+        checkpoint) the configured pooled vector, L2-normalised. ``dimensions``: Matryoshka
+        truncation, retrieval recipes only."""
+        if recipe is None:
             if dimensions is not None:
                 raise InvalidInputError(
                     "dimensions: this checkpoint has no retrieval recipe, so no Matryoshka vectors; leave it out"
                 )
             return self.config.vector, OutputSettings(normalize=True)
-        if info.recipe.output == MULTI_VECTOR:
+        if recipe.output == MULTI_VECTOR:
             raise InvalidInputError(
-                f"this checkpoint ({info.recipe.name}) returns one vector per token, not one per input: "
+                f"this checkpoint ({recipe.name}) returns one vector per token, not one per input: "
                 "POST /pooling returns them"
             )
-        return info.recipe.output, OutputSettings(dimensions=dimensions or 0)
+        return recipe.output, OutputSettings(dimensions=dimensions or 0)
 
     @staticmethod
-    def token_vectors(info: ModelInfo, dimensions: int | None) -> tuple[str, OutputSettings]:
+    def token_vectors(recipe: RecipeInfo | None, dimensions: int | None) -> tuple[str, OutputSettings]:
         """The output and settings of /pooling: the recipe's multi-vectors (ColQwen2.5's, or
         jina-embeddings-v4's beside its single vector), else the LM's last hidden states (not
         normalised)."""
-        if info.recipe is not None and MULTI_VECTOR in info.recipe.outputs:
+        if recipe is not None and MULTI_VECTOR in recipe.outputs:
             return MULTI_VECTOR, OutputSettings(dimensions=dimensions or 0)
         if dimensions is not None:
             raise InvalidInputError("dimensions applies to a multi-vector checkpoint's vectors only; leave it out")
@@ -97,7 +96,7 @@ class Embedder:
         self,
         route: str,
         items: Sequence[Item],
-        info: ModelInfo,
+        selection: Selection,
         output: tuple[str, OutputSettings],
         timeout: str | None = None,
     ) -> list[Result]:
@@ -113,7 +112,8 @@ class Embedder:
         name, settings = output
         tag = uuid.uuid4().hex[:12]
         requests = [
-            encoded(item, info, name, settings, f"{tag}/{index}", f"input {index}") for index, item in enumerate(items)
+            encoded(item, selection, name, settings, f"{tag}/{index}", f"input {index}")
+            for index, item in enumerate(items)
         ]
         # Inputs in flight at once, as an ExtractBatch stream's window: a large request on an idle
         # server waits for its own earlier inputs instead of filling the admission bound itself.

@@ -1,7 +1,8 @@
 """The request bodies, as the peers define them (pydantic: FastAPI checks them before a route runs).
 
 Unknown fields are refused (400 naming the field), so a misspelt option never passes unnoticed;
-``user`` (OpenAI's end-user tag) is accepted and ignored.
+``user`` (OpenAI's end-user tag) is accepted and ignored. Beyond the peers' fields, each body
+takes ``task`` and ``adapter`` (:mod:`~.selection`): OpenAI's client sends them with ``extra_body``.
 """
 
 from __future__ import annotations
@@ -11,6 +12,12 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 NonEmpty = Annotated[str, StringConstraints(min_length=1)]
+
+TASK = (
+    "the recipe's task (jina-embeddings-v4), as jina's API names it: retrieval.query, retrieval.passage, "
+    "text-matching, code.query, code.passage (or retrieval, code: texts as queries); none: the default task"
+)
+ADAPTER = "a retrieval adapter served beside the base, by name (GET /v1/models lists them; model may name it too)"
 
 
 class _Strict(BaseModel):
@@ -50,6 +57,8 @@ class EmbeddingsRequest(_Strict):
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: Annotated[int, Field(gt=0)] | None = None
     user: str | None = None
+    task: NonEmpty | None = Field(default=None, description=TASK)
+    adapter: NonEmpty | None = Field(default=None, description=ADAPTER)
 
     @model_validator(mode="after")
     def _one_input(self) -> EmbeddingsRequest:
@@ -80,6 +89,8 @@ class CohereEmbedRequest(_Strict):
     embedding_types: list[EmbeddingType] = Field(default_factory=lambda: ["float"])  # type: ignore[arg-type]
     output_dimension: Annotated[int, Field(gt=0)] | None = None
     truncate: Literal["NONE", "START", "END"] | None = None
+    task: NonEmpty | None = Field(default=None, description=TASK)
+    adapter: NonEmpty | None = Field(default=None, description=ADAPTER)
 
     @model_validator(mode="after")
     def _one_input(self) -> CohereEmbedRequest:

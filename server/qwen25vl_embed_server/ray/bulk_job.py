@@ -33,6 +33,7 @@ from pathlib import Path
 from qwen25vl_embed_server.core.admission.limits import Limits
 from qwen25vl_embed_server.core.model.loading import LoadOptions
 from qwen25vl_embed_server.core.model.outputs import plan_outputs
+from qwen25vl_embed_server.core.retrieval.layout import detect_recipe, find_layout
 from qwen25vl_embed_server.ray.bulk_actor import BulkExtractionActor
 from qwen25vl_embed_server.ray.bulk_listing import list_images
 from qwen25vl_embed_server.ray.bulk_lock import locked_output
@@ -142,6 +143,39 @@ def check_gpus(job: BulkJob, resources: Mapping[str, float]) -> None:
         )
 
 
+def check_prompt_format(job: BulkJob) -> None:
+    """Refuse, before Ray starts, a prompt that prompt format ``auto`` would send in the document
+    format: the model is a retrieval checkpoint (its recipe read from the local folder's files, or
+    asked for with ``--recipe``) or the job names an adapter (every adapter has a recipe). A hub id
+    is not read here: its actors refuse the combination as they load it.
+
+    Raises:
+        ValueError: one line naming ``--prompt``, ``--prompt-format auto`` and the model.
+    """
+    if job.prompt is None or job.prompt_format != "auto":
+        return
+    which = f"--adapter {job.adapter}" if job.adapter else _retrieval_checkpoint(job.load)
+    if which:
+        raise ValueError(
+            f"--prompt with --prompt-format auto, which is document for {which}: the recipe's document template "
+            "has no prompt; drop --prompt, or give --prompt-format chat"
+        )
+
+
+def _retrieval_checkpoint(load: LoadOptions) -> str:
+    """What makes ``load`` a retrieval model, in a few words ("": not one, or not known before loading)."""
+    if load.recipe not in ("auto", "none"):
+        return f"--recipe {load.recipe}"
+    if load.recipe == "none" or load.adapters or not Path(load.model).is_dir():
+        return ""
+    layout = find_layout(load.model)
+    try:
+        recipe = detect_recipe(layout)[0] if layout is not None else None
+    except ValueError:  # a checkpoint that contradicts itself: loading says so, naming the statements
+        return ""
+    return f"the {recipe} checkpoint {load.model}" if recipe else ""
+
+
 def run_bulk(job: BulkJob) -> BulkReport:
     """Extract every image of ``job.source`` not yet in ``job.output``; return what was done.
 
@@ -153,6 +187,7 @@ def run_bulk(job: BulkJob) -> BulkReport:
     """
     if job.batch_size < 1 or job.actors < 1:
         raise ValueError("batch_size and actors must be at least 1")
+    check_prompt_format(job)
     plan_outputs(job.outputs, sys.maxsize, sys.maxsize)  # unknown names fail here; layer ranges in the actors
     listed = list_images(job.source, job.path_column)
     with locked_output(job.output) as lock:

@@ -35,7 +35,7 @@ from qwen25vl_embed_server.core.model.outputs import (
     plan_outputs,
 )
 from qwen25vl_embed_server.core.model.prompt import prepare_inputs, render_text
-from qwen25vl_embed_server.core.retrieval.lora import adapter_rows
+from qwen25vl_embed_server.core.retrieval.lora import adapter_rows, lora_key, lora_order
 from qwen25vl_embed_server.core.retrieval.tasks import check_dimensions, resolve_task
 from qwen25vl_embed_server.core.scheduling.pieces import PiecewiseRun, piece_count
 
@@ -57,8 +57,8 @@ class Prepared:
     task: str = ""
 
     @property
-    def lora(self) -> str | None:  # the LoRA its rows compute with: its adapter's or its task's; None: the base
-        return self.adapter or self.task or None
+    def lora(self) -> str | None:  # the key of the LoRA its rows compute with (lora_key); None: the base
+        return lora_key(self.adapter, self.task)
 
     @property
     def has_images(self) -> bool:
@@ -130,7 +130,7 @@ class Extractor:
     def outputs(self) -> tuple[str, ...]:
         """Every output name: the base's, and the adapters' retrieval outputs."""
         own = available_outputs(self.num_lm_layers, self.num_vision_layers, self._retrieval)
-        extra = dict.fromkeys(a.recipe.output for a in self.loaded.adapters.values() if a.recipe.output not in own)
+        extra = dict.fromkeys(n for a in self.loaded.adapters.values() for n in a.recipe.outputs if n not in own)
         cut = len(own) - self.num_lm_layers - self.num_vision_layers
         return (*own[:cut], *extra, *own[cut:])
 
@@ -261,10 +261,10 @@ class Extractor:
                 ]
                 # The LM runs right-padded sequences: only similar lengths share a forward.
                 parts = similar_lengths(group, [item.sequence_length for item in batch]) if needs_lm else [group]
-                for part in parts:
-                    if part:
-                        extractions = self._run_group([batch[i] for i in part], needs_lm)
-                        results.update(zip(part, extractions, strict=True))
+                for part in parts:  # each LoRA's rows side by side: one slice per LoRA in every layer
+                    in_order = [part[i] for i in lora_order([batch[j].lora for j in part])]
+                    extractions = self._run_group([batch[i] for i in in_order], needs_lm)
+                    results.update(zip(in_order, extractions, strict=True))
         return [results[i] for i in range(len(batch))]
 
     def _key(self, item: Prepared) -> str | None:

@@ -68,7 +68,7 @@ class Finisher:
         heads = self._heads[item.adapter or ""]
         if asked := [name for name in heads if name in item.plan.names]:
             input_ids = inputs["input_ids"].to(self.loaded.device)
-            rows = RequestRows(input_ids=input_ids, task=item.task, dimensions=item.settings.dimensions)
+            rows = RequestRows(input_ids, item.task, item.settings.dimensions, item.lora)
             for name in asked:
                 out[name] = heads[name](out[names.LM_LAST_HIDDEN], rows)
         settings = item.settings

@@ -2,7 +2,8 @@
 weights (:mod:`.lora`), its own head, its recipe, chosen per request by name.
 
 An adapter kind (:class:`AdapterKind`) says which folders it reads and how it turns one into a
-:class:`ServedAdapter`; :data:`ADAPTER_KINDS` lists them, first match wins. ``colpali``: a
+:class:`ServedAdapter`; :func:`adapter_kinds` lists them, first match wins. ``jina``: a folder in
+jina-embeddings-v4's layout, one LoRA per task (:mod:`.jina_adapter`). ``colpali``: a
 ColQwen2.5 / BiQwen2.5 PEFT LoRA folder (the recipe read as :func:`~.layout.detect_recipe` reads
 it; ColQwen2.5's head is the base's ``custom_text_proj`` with the adapter's LoRA merged into a copy
 of it, or the adapter's own ``custom_text_proj`` weights).
@@ -103,8 +104,11 @@ class ColpaliAdapters:
         return ServedAdapter(spec.name, spec.path, self.name, recipe, dimension, head)
 
 
-ADAPTER_KINDS: list[AdapterKind] = [ColpaliAdapters()]
-"""The adapter kinds, first claim wins (a kind added here serves with no other change)."""
+def adapter_kinds() -> list[AdapterKind]:
+    """The adapter kinds, first claim wins (a kind added here serves with no other change)."""
+    from qwen25vl_embed_server.core.retrieval.jina_adapter import JinaAdapters  # it builds on this module
+
+    return [JinaAdapters(), ColpaliAdapters()]
 
 
 def attach_adapters(
@@ -123,12 +127,12 @@ def attach_adapters(
     for spec in specs:
         if spec.name in served:
             raise ValueError(f"adapter name {spec.name!r} is given twice")
-        kind = next((kind for kind in ADAPTER_KINDS if kind.claims(spec.path)), None)
+        kind = next((kind for kind in adapter_kinds() if kind.claims(spec.path)), None)
         try:
             if kind is None:
                 raise ValueError(
-                    "not an adapter folder (no adapter_config.json); a merged checkpoint carries its "
-                    "own base: serve it alone with --model"
+                    "not an adapter folder (no adapter_config.json, nor jina-embeddings-v4's layout); a "
+                    "merged checkpoint carries its own base: serve it alone with --model"
                 )
             adapter = kind.attach(spec, model.model, base, aliases)
         except ValueError as err:

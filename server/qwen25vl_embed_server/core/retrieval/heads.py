@@ -46,11 +46,13 @@ __all__ = [
 @dataclass(frozen=True)
 class RequestRows:
     """What a step may read besides the vectors: one request's ``input_ids`` ``[1, T]`` (on the
-    vectors' device), its task ("" for a recipe without tasks), its Matryoshka size (0: all)."""
+    vectors' device), its task ("" for a recipe without tasks), its Matryoshka size (0: all), the
+    key of the LoRA it computes with (:func:`~.lora.lora_key`; None: the base)."""
 
     input_ids: torch.Tensor
     task: str = ""
     dimensions: int = 0
+    lora: str | None = None
 
 
 class Step(Protocol):
@@ -87,16 +89,16 @@ class Pool:
 
 @dataclass(frozen=True)
 class Project:
-    """A projection head on every vector; with a task, that task's LoRA beside it (the projector of
-    a model with task LoRAs is a :class:`~.lora.MultiLoraLinear`)."""
+    """A projection head on every vector; with the request's LoRA beside it when the projector
+    carries one (jina-embeddings-v4's is a :class:`~.lora.MultiLoraLinear` with each task's)."""
 
     module: Any
 
     def __call__(self, vectors: torch.Tensor, rows: RequestRows) -> torch.Tensor:
-        if not rows.task:
+        if not rows.lora:
             projected: torch.Tensor = self.module(vectors)
             return projected
-        with lora.adapter_rows([rows.task]):
+        with lora.adapter_rows([rows.lora]):
             projected = self.module(vectors)
         return projected
 

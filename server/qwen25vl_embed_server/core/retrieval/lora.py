@@ -1,10 +1,15 @@
 """LoRA adapters kept beside the base weights, several on one model, chosen per batch row.
 
 A targeted linear layer of the base becomes a :class:`MultiLoraLinear`: the base layer (shared,
-in memory once) plus each adapter's factors. Its output for a row of adapter ``a`` is
-``base(x) + B_a(A_a(x)) * scale_a``, as peft computes an unmerged LoRA layer; a row of no adapter
-gets ``base(x)``. Which adapter each row of the running forward has is set per thread
+in memory once) plus each LoRA's factors, by key. Its output for a row of LoRA ``k`` is
+``base(x) + B_k(A_k(x)) * scale_k``, as peft computes an unmerged LoRA layer; a row of no LoRA
+gets ``base(x)``. Which LoRA each row of the running forward has is set per thread
 (:func:`adapter_rows`): two model lanes run different batches through the same modules at once.
+
+One module serves every kind: a ColQwen2.5 / BiQwen2.5 adapter is one LoRA (key: its name); a
+multi-task adapter (jina-embeddings-v4) is one LoRA per task (key :func:`lora_key`, its name and
+the task). Rows of one LoRA that sit side by side share one pair of matmuls on a view of the batch
+(callers put a batch's rows in LoRA order: :func:`lora_order`); a batch of one LoRA runs it once.
 
 Files read: a PEFT LoRA folder (``adapter_config.json``, ``adapter_model.safetensors``), keys
 ``base_model.model.<module>.lora_A[.<task>].weight`` [r, in] and ``...lora_B...`` [out, r].
@@ -91,7 +96,7 @@ def _rename(name: str, key_mapping: dict[str, str]) -> str:
 
 
 class MultiLoraLinear(nn.Module):
-    """A base linear layer with several adapters' LoRA factors beside it (see the module docstring)."""
+    """A base linear layer with several LoRAs' factors beside it (see the module docstring)."""
 
     def __init__(self, base: nn.Linear) -> None:
         super().__init__()
@@ -103,7 +108,7 @@ class MultiLoraLinear(nn.Module):
         self.scale: dict[str, float] = {}
 
     def add(self, name: str, factors: LoraFactors) -> None:
-        """Attach adapter ``name``'s factors (on the base's device and dtype)."""
+        """Attach LoRA ``name``'s factors (on the base's device and dtype)."""
         weight = self.base.weight
         self.down[name] = factors.down.to(weight.device, weight.dtype)
         self.up[name] = factors.up.to(weight.device, weight.dtype)
@@ -111,17 +116,27 @@ class MultiLoraLinear(nn.Module):
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         result: torch.Tensor = self.base(inputs)
-        rows: tuple[str | None, ...] | None = getattr(_state, "rows", None)
-        if not rows:
+        runs: tuple[Run, ...] = getattr(_state, "runs", ())
+        if not runs:
             return result
-        if len(set(rows)) == 1:  # one adapter for the whole batch: no row gather
-            name = rows[0]
+        if len(runs) == 1:  # one LoRA (or none) for the whole batch: no slicing
+            name = runs[0].name
             return result if name not in self.down else result + self._delta(name, inputs)
-        for name in dict.fromkeys(rows):
-            if name in self.down:
-                index = torch.tensor([i for i, row in enumerate(rows) if row == name], device=inputs.device)
-                result = result.index_add(0, index, self._delta(name, inputs.index_select(0, index)))
+        if runs[-1].stop != inputs.shape[0]:
+            raise RuntimeError(f"LoRA rows for {runs[-1].stop} batch rows, but the batch has {inputs.shape[0]}")
+        if result.requires_grad:  # autograd records this forward: no in-place writes
+            return torch.cat([self._added(result, inputs, run) for run in runs])
+        for run in runs:  # each LoRA on its rows' slice, added to the base's output in place
+            if run.name in self.down:
+                delta = self._delta(run.name, inputs.narrow(0, run.start, run.size))
+                result.narrow(0, run.start, run.size).add_(delta)
         return result
+
+    def _added(self, result: torch.Tensor, inputs: torch.Tensor, run: Run) -> torch.Tensor:
+        part = result.narrow(0, run.start, run.size)
+        if run.name not in self.down:
+            return part
+        return part + self._delta(run.name, inputs.narrow(0, run.start, run.size))
 
     def _delta(self, name: str, inputs: torch.Tensor) -> torch.Tensor:
         # peft's unmerged LoRA: lora_B(lora_A(x)) * scaling (dropout is off at inference).
@@ -132,15 +147,58 @@ class MultiLoraLinear(nn.Module):
         return f"{self.in_features}, {self.out_features}, adapters={', '.join(self.down) or 'none'}"
 
 
+@dataclass(frozen=True)
+class Run:
+    """Consecutive batch rows ``[start, stop)`` of one LoRA (``name``; None: the base alone)."""
+
+    name: str | None
+    start: int
+    stop: int
+
+    @property
+    def size(self) -> int:
+        return self.stop - self.start
+
+
+def runs_of(rows: Sequence[str | None]) -> tuple[Run, ...]:
+    """``rows`` (each batch row's LoRA key) as runs of consecutive equal keys."""
+    runs: list[Run] = []
+    for index, name in enumerate(rows):
+        if runs and runs[-1].name == name:
+            runs[-1] = Run(name, runs[-1].start, index + 1)
+        else:
+            runs.append(Run(name, index, index + 1))
+    return tuple(runs)
+
+
+def lora_key(adapter: str | None, task: str = "") -> str | None:
+    """The key of the LoRA a request computes with: its adapter's name, with its task for a
+    multi-task adapter (``NAME:TASK``); a task alone for a multi-task model served by itself;
+    None: the base."""
+    if adapter and task:
+        return f"{adapter}:{task}"
+    return adapter or task or None
+
+
+def lora_order(keys: Sequence[str | None]) -> list[int]:
+    """Indices of ``keys`` with each LoRA's rows side by side (in order of first appearance,
+    stable): every LoRA then runs once per layer, on a contiguous slice of the batch."""
+    first: dict[str | None, int] = {}
+    for position, key in enumerate(keys):
+        first.setdefault(key, position)
+    return sorted(range(len(keys)), key=lambda index: (first[keys[index]], index))
+
+
 @contextmanager
 def adapter_rows(rows: Sequence[str | None]) -> Iterator[None]:
-    """On this thread, for the forwards inside: batch row ``i`` uses adapter ``rows[i]`` (None: the base)."""
-    previous = getattr(_state, "rows", None)
-    _state.rows = tuple(rows)
+    """On this thread, for the forwards inside: batch row ``i`` uses LoRA ``rows[i]`` (None: the
+    base). Rows of one LoRA side by side compute together (:func:`lora_order`)."""
+    previous = getattr(_state, "runs", ())
+    _state.runs = runs_of(rows)
     try:
         yield
     finally:
-        _state.rows = previous
+        _state.runs = previous
 
 
 def install(root: nn.Module, module_name: str) -> MultiLoraLinear:
