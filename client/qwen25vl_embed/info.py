@@ -22,6 +22,8 @@ class RetrievalRecipe:
         padding_side, pooling, head, normalize, image_tokens_only: as the reference computes.
         tasks: the tasks a request may name (``task=``), the default first; empty: none.
         matryoshka_dims: the single vector's sizes ``dimensions`` may take; empty: any.
+        outputs: every output it serves, ``output`` first (jina-v4: single and multi vectors).
+        multi_vector_dimension: each multi-vector row's size where it serves one; 0 where not.
     """
 
     name: str
@@ -37,6 +39,8 @@ class RetrievalRecipe:
     image_tokens_only: bool
     tasks: tuple[str, ...] = ()
     matryoshka_dims: tuple[int, ...] = ()
+    outputs: tuple[str, ...] = ()
+    multi_vector_dimension: int = 0
 
     @classmethod
     def from_proto(cls, message: pb.Recipe) -> RetrievalRecipe:
@@ -54,6 +58,8 @@ class RetrievalRecipe:
             image_tokens_only=message.image_tokens_only,
             tasks=tuple(message.tasks),
             matryoshka_dims=tuple(message.matryoshka_dims),
+            outputs=tuple(message.outputs),
+            multi_vector_dimension=message.multi_vector_dimension,
         )
 
 

@@ -81,6 +81,17 @@ def test_info_lists_three_adapters_with_recipes_tasks_and_sizes(clients: dict[st
     ]
     assert info.adapters[2].recipe.matryoshka_dims == (4, 8, 16, 32, 64)
     assert {"single_vector", "multi_vector"} <= set(info.outputs)
+    served = {a.name: (a.recipe.outputs, a.recipe.multi_vector_dimension) for a in info.adapters}
+    jina_rows = (
+        clients["shared"]
+        .extract(IMAGES[0], outputs=["multi_vector"], prompt_format="document", adapter="jina")
+        .tensors["multi_vector"]
+    )
+    assert served == {
+        "colqwen": (("multi_vector",), 128),
+        "biqwen": (("single_vector",), 0),
+        "jina": (("single_vector", "multi_vector"), jina_rows.shape[-1]),
+    }
 
 
 @pytest.mark.parametrize("task", TASKS)

@@ -55,6 +55,9 @@ def test_info_names_the_recipe_tasks_and_sizes(jina_client: EmbeddingClient) -> 
     assert info.recipe.matryoshka_dims == (4, 8, 16, 32, 64)
     assert info.default_outputs == ("single_vector",)
     assert "multi_vector" in info.outputs
+    assert info.recipe.outputs == ("single_vector", "multi_vector")
+    rows = jina_client.extract(IMAGES[0], outputs=["multi_vector"], prompt_format="document").tensors["multi_vector"]
+    assert info.recipe.multi_vector_dimension == rows.shape[-1] > 0
 
 
 @pytest.mark.parametrize("task", TASKS)

@@ -163,6 +163,7 @@ def info_response(info: ModelInfo, chunk_bytes: int, server_version: str) -> pb.
 
 
 def recipe_message(recipe: RecipeInfo) -> pb.Recipe:
-    """A recipe's message: its fields, and its output name (a property, not a field)."""
+    """A recipe's message: its fields, and its output names (properties, not fields)."""
     fields = {field.name for field in pb.Recipe.DESCRIPTOR.fields}
-    return pb.Recipe(**{key: value for key, value in asdict(recipe).items() if key in fields}, output=recipe.output)
+    values = {key: value for key, value in asdict(recipe).items() if key in fields}
+    return pb.Recipe(**values, output=recipe.output, outputs=recipe.outputs)

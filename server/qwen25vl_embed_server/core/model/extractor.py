@@ -171,9 +171,9 @@ class Extractor:
             num_lm_layers=self.num_lm_layers,
             num_vision_layers=self.num_vision_layers,
             load_seconds=loaded.load_seconds,
-            recipe=RecipeInfo.of(self.recipe, self.retrieval_dim) if self.recipe is not None else None,
+            recipe=RecipeInfo.of(self.recipe, self.retrieval_dim, loaded.head) if self.recipe is not None else None,
             arithmetic=loaded.arithmetic,
-            adapters=tuple(AdapterInfo(a.name, RecipeInfo.of(a.recipe, a.dimension)) for a in loaded.adapters.values()),
+            adapters=tuple(map(AdapterInfo.of, loaded.adapters.values())),
         )
 
     def plan(self, requested: Sequence[str], has_images: bool = True, adapter: str | None = None) -> OutputPlan:

@@ -3,19 +3,28 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Any
 
-from qwen25vl_embed_server.core.retrieval.recipes import Recipe
+from qwen25vl_embed_server.core.retrieval.recipes import MULTI_VECTOR, Recipe
 
 
 @dataclass(frozen=True)
 class RecipeInfo(Recipe):
-    """The retrieval recipe in force (see :class:`~.recipes.Recipe`), with its vectors' size."""
+    """The retrieval recipe in force (see :class:`~.recipes.Recipe`), with its vectors' sizes:
+    ``dimension``, its default output's; ``multi_vector_dimension``, each multi-vector row's where it
+    serves one (0 where not)."""
 
     dimension: int = 0
+    multi_vector_dimension: int = 0
 
     @classmethod
-    def of(cls, recipe: Recipe, dimension: int) -> RecipeInfo:
-        return cls(**asdict(recipe), dimension=dimension)
+    def of(cls, recipe: Recipe, dimension: int, head: Any = None) -> RecipeInfo:
+        """``head``: its projection head (a linear layer's ``out_features``), None without one."""
+        if MULTI_VECTOR not in recipe.outputs:
+            multi = 0
+        else:
+            multi = dimension if recipe.output == MULTI_VECTOR or head is None else int(head.out_features)
+        return cls(**asdict(recipe), dimension=dimension, multi_vector_dimension=multi)
 
 
 @dataclass(frozen=True)
@@ -24,6 +33,11 @@ class AdapterInfo:
 
     name: str
     recipe: RecipeInfo
+
+    @classmethod
+    def of(cls, adapter: Any) -> AdapterInfo:
+        """From a served adapter (:class:`~.retrieval.adapters.ServedAdapter`)."""
+        return cls(adapter.name, RecipeInfo.of(adapter.recipe, adapter.dimension, adapter.head))
 
 
 @dataclass(frozen=True)
