@@ -5,8 +5,9 @@ First the server's capacity is measured (closed loop: ``--callers`` callers of g
 rate (each with a ``--deadline``), while attackers send decompression bombs, images at the pixel
 limit, ExtractBatch streams of heavy outputs that never read, and calls they cancel mid-way. It
 reports the good requests' p50/p99 latency, how many were answered, refused (and how long a refusal
-took), or ran out of time; every wrong result; the server's refusals by reason (its metrics); and
-its RSS over time against ``--memory-limit``.
+took, at the caller and in the server's request log, by request id), or ran out of time; every wrong
+result; the server's refusals by reason (its metrics); its RSS over time against ``--memory-limit``;
+and the machine's load average (other processes share its cores).
 
     python -m bench.overload.soak                   # 10 minutes at 2x capacity, --memory-limit 2G
     python -m bench.overload.soak --seconds 60      # a short run
@@ -15,6 +16,7 @@ its RSS over time against ``--memory-limit``.
 from __future__ import annotations
 
 import io
+import os
 import re
 import socket
 import sys
@@ -65,7 +67,8 @@ class Mix:
         self.lock = threading.Lock()
         self.outcomes: Counter[tuple[str, str]] = Counter()
         self.latency: list[float] = []
-        self.refusal_seconds: list[float] = []
+        self.refusal_seconds: list[tuple[float, str]] = []  # at the caller, with the request id
+        self.sent = 0
         self.wrong = 0
         rng = np.random.default_rng(0)
         sides = [448, 448, 448, 896, 1344]
@@ -74,20 +77,24 @@ class Mix:
         with EmbeddingClient(address, timeout=600) as client:
             self.reference = [client.extract(image, outputs=OUTPUTS)["lm_last_token"] for image in self.good]
         self.rss: list[tuple[float, float]] = []
+        self.load: list[float] = []  # the 1-minute load average, each second
 
     def record(self, kind: str, status: str) -> None:
         with self.lock:
             self.outcomes[(kind, status)] += 1
 
     def good_request(self, client: EmbeddingClient, index: int, deadline: float) -> None:
+        with self.lock:
+            self.sent += 1
+            request_id = f"good-{self.sent}"
         sent = time.monotonic()
         try:
-            result = client.extract(self.good[index], outputs=OUTPUTS, timeout=deadline)
+            result = client.extract(self.good[index], outputs=OUTPUTS, timeout=deadline, request_id=request_id)
         except EmbeddingError as error:
             with self.lock:
                 self.outcomes[("good", error.code.name)] += 1
                 if error.code.name == "RESOURCE_EXHAUSTED":
-                    self.refusal_seconds.append(time.monotonic() - sent)
+                    self.refusal_seconds.append((time.monotonic() - sent, request_id))
             return
         ok = np.allclose(result["lm_last_token"], self.reference[index], rtol=1e-4, atol=1e-5)
         with self.lock:
@@ -142,7 +149,22 @@ class Mix:
     def sample_rss(self, started: float) -> None:
         while time.monotonic() < self.until:
             self.rss.append((time.monotonic() - started, status_kib(self.pid, "VmRSS") / 1024))
+            self.load.append(os.getloadavg()[0])
             time.sleep(1.0)
+
+
+class RequestLog:
+    """The server's request log, kept for the good requests it refused: milliseconds by request id."""
+
+    LINE = re.compile(r"id=(good-\d+) .*status=RESOURCE_EXHAUSTED ms=([0-9.]+)")
+
+    def __init__(self) -> None:
+        self.refused_ms: dict[str, float] = {}
+
+    def write(self, text: str) -> None:
+        found = self.LINE.search(text)
+        if found:
+            self.refused_ms[found.group(1)] = float(found.group(2))
 
 
 def refusals(metrics_port: int) -> dict[str, float]:
@@ -174,7 +196,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         serve = ["--model", str(model), "--memory-limit", args.memory_limit, "--send-timeout", "5"]
         metrics_port = free_port()
         serve += ["--metrics-port", str(metrics_port)]
-        with ServerProcess(serve, echo=None) as server:
+        log = RequestLog()
+        with ServerProcess(serve, echo=log) as server:
             assert server.process is not None
             pid = server.process.pid
             mix = Mix(server.address, pid, 0.0)  # references first: every good image once
@@ -196,10 +219,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     ordered = sorted(mix.latency)
     p50 = float(np.percentile(ordered, 50) * 1000) if ordered else float("nan")
     p99 = float(np.percentile(ordered, 99) * 1000) if ordered else float("nan")
-    slowest_refusal = max(mix.refusal_seconds, default=0.0)
+    slowest_refusal, slowest_id = max(mix.refusal_seconds, default=(0.0, ""))
+    in_server = max(log.refused_ms.values(), default=0.0) / 1000
+    load = max(mix.load, default=0.0), float(np.mean(mix.load)) if mix.load else 0.0
     print(f"capacity {capacity:.2f} good requests/s; offered {rate:.2f}/s for {args.seconds:.0f} s")
     print(f"good: {len(ordered)} answered, p50 {p50:.0f} ms, p99 {p99:.0f} ms; wrong {mix.wrong}")
-    print(f"refusals (server, by reason): {refused}; slowest refusal {slowest_refusal:.2f} s")
+    print(f"refusals (server, by reason): {refused}; slowest refusal {slowest_refusal:.2f} s at the caller")
+    print(
+        f"  in the server's request log: that one {log.refused_ms.get(slowest_id, float('nan')) / 1000:.2f} s, "
+        f"the slowest {in_server:.2f} s"
+    )
+    print(f"load average (1 min): mean {load[1]:.1f}, peak {load[0]:.1f}, on {os.cpu_count()} CPUs")
     print(f"RSS: baseline {baseline:.0f} MiB, peak {peak:.0f} MiB, limit {args.memory_limit}")
     rows = [{"kind": kind, "outcome": status, "count": n} for (kind, status), n in sorted(mix.outcomes.items())]
     for row in rows:
@@ -212,11 +242,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         "good p99 ms": p99,
         "wrong results": mix.wrong,
         "slowest refusal s": slowest_refusal,
+        "slowest refusal in the server s": log.refused_ms.get(slowest_id, float("nan")) / 1000,
+        "slowest refusal in the server, any s": in_server,
+        "load average mean": load[1],
+        "load average peak": load[0],
         "peak RSS MiB": peak,
         "baseline RSS MiB": baseline,
         **{f"refusals {reason}": count for reason, count in refused.items()},
     }
-    details = {"rss_over_time": mix.rss, "settings": vars(args) | {"output": str(args.output)}}
+    details = {
+        "rss_over_time": mix.rss,
+        "load_over_time": mix.load,
+        "settings": vars(args) | {"output": str(args.output)},
+    }
     BENCH.write(args, rows, summary=summary, details=details)
     return 0 if mix.wrong == 0 else 1
 

@@ -9,6 +9,10 @@ are far from the estimates on either side (the refused ones get a third of the w
 cost to their estimated wait, or a third of their own cost; the answered ones minutes), so the
 outcome does not depend on this machine's speed; the one timing asserted is that a refusal comes
 within 5 s of the call.
+
+A fresh server (its calibration on, no request of the load's size run before) refuses at once a
+request given a quarter of its estimated wait behind four others, and the work ahead of it was
+indeed still running at that deadline; one with ten times the wait is answered.
 """
 
 from __future__ import annotations
@@ -21,12 +25,16 @@ import grpc
 import numpy as np
 import pytest
 
-from qwen25vl_embed import EmbeddingClient
+from qwen25vl_embed import EmbeddingClient, EmbeddingError
 from qwen25vl_embed.errors import from_rpc_error
 from qwen25vl_embed.v1 import embed_pb2 as pb
+from qwen25vl_embed_server.core.model.extractor import Extractor
 from qwen25vl_embed_server.core.scheduling.batcher import BatchingConfig
+from qwen25vl_embed_server.core.scheduling.pipeline import PipelineConfig
+from qwen25vl_embed_server.rpc.calls import ServiceConfig
 from qwen25vl_embed_server.rpc.error_mapping import PUSHBACK_KEY, RETRY_AFTER_KEY
 from qwen25vl_embed_server.rpc.harness import BackgroundServer
+from qwen25vl_embed_server.rpc.server import ServerConfig
 
 from ..helpers import assert_batched_close, noise_image, png_bytes
 
@@ -123,3 +131,55 @@ def test_a_slow_request_that_cannot_finish_in_time_is_refused_at_once_the_others
     assert admission.refusals["deadline"] == refused_before + 2
     sample = piecewise.service.metrics.registry.get_sample_value
     assert sample("qwen25vl_embed_refusals_total", {"reason": "deadline"}) == admission.refusals["deadline"]
+
+
+# A fresh server: no request of the load's size ran before; the costs come from the calibration.
+UNSEEN = png_bytes(noise_image(1344, 1344, 11))  # 9,216 patches: about as large as the calibration goes
+UNSEEN_OUTPUTS = ["lm_last_token"]
+UNSEEN_LOAD = 4
+
+
+def test_a_fresh_server_refuses_at_once_what_the_work_ahead_cannot_let_finish(extractor: Extractor) -> None:
+    pipeline = PipelineConfig(calibration_seconds=10.0)
+    config = ServerConfig(port=0, service=ServiceConfig(pipeline=pipeline))
+    with BackgroundServer(extractor, config) as fresh:
+        admission = fresh.pipeline.admission
+        assert len(admission.waits.measured()) >= 2  # the calibration measured sizes before SERVING
+        assert admission.waits.correction.samples == 0
+        finished: list[float] = []
+        with EmbeddingClient(fresh.address, timeout=600) as client:
+
+            def load() -> None:
+                client.extract(UNSEEN, outputs=UNSEEN_OUTPUTS)
+                finished.append(time.monotonic())
+
+            threads = [threading.Thread(target=load) for _ in range(UNSEEN_LOAD)]
+            for thread in threads:
+                thread.start()
+            until = time.monotonic() + 60
+            while admission.waits.requests < UNSEEN_LOAD and time.monotonic() < until:
+                time.sleep(0.01)
+            assert admission.waits.requests == UNSEEN_LOAD
+            tokens = _slow_tokens(fresh)
+            wait = admission.waits.wait(tokens)
+            assert wait is not None  # known from the start
+            # A quarter of the estimated wait for four runs and its own: refused at once, and indeed
+            # the work ahead of it was still running at its deadline (it could not have finished).
+            deadline = wait / 4
+            sent = time.monotonic()
+            with EmbeddingClient(fresh.address, retry=None) as once, pytest.raises(EmbeddingError) as refused:
+                once.extract(UNSEEN, outputs=UNSEEN_OUTPUTS, timeout=deadline)
+            took = time.monotonic() - sent
+            assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED, refused.value
+            assert "past its deadline" in str(refused.value)
+            assert took < 5.0
+            assert admission.refusals["deadline"] == 1
+            # With room (ten times the wait): admitted, and answered.
+            patient = client.extract(UNSEEN, outputs=UNSEEN_OUTPUTS, timeout=10 * wait)["lm_last_token"]
+            for thread in threads:
+                thread.join()
+            assert len(finished) == UNSEEN_LOAD
+            assert max(finished) > sent + deadline
+            reference = client.extract(UNSEEN, outputs=UNSEEN_OUTPUTS)["lm_last_token"]
+        assert_batched_close(patient, reference, "admitted with room in its deadline")
+        assert admission.refusals["deadline"] == 1

@@ -83,6 +83,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
                 max_request_bytes_in_flight=args.max_request_bytes_in_flight,
                 memory_limit=(limit := memory_limit_of(args)),
                 trim_after_bytes=malloc_settings(args, limit).trim_after_bytes,
+                calibration_seconds=args.calibration_seconds,
             ),
         ),
         grace_seconds=args.grace,

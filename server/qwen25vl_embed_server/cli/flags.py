@@ -12,6 +12,7 @@ from typing import Any
 
 from qwen25vl_embed_server.cli.adapter_flags import adapters_of
 from qwen25vl_embed_server.core import defaults
+from qwen25vl_embed_server.core.admission.calibration import DEFAULT_CALIBRATION_SECONDS
 from qwen25vl_embed_server.core.admission.limits import Limits
 from qwen25vl_embed_server.core.admission.memory import DEFAULT_MEMORY_SHARE, default_memory_limit, parse_size
 from qwen25vl_embed_server.core.retrieval.recipes import RECIPE_CHOICES
@@ -250,6 +251,15 @@ def batching_flags(parser: argparse.ArgumentParser) -> None:
         "(from --memory-limit; unbounded with none)",
     )
     group.add_argument(
+        "--calibration-seconds",
+        type=float,
+        default=DEFAULT_CALIBRATION_SECONDS,
+        metavar="SECONDS",
+        help="before reporting SERVING, run a few synthetic requests of growing size within about this long, so "
+        "that deadline admission knows what each size costs from the first request; 0: none "
+        f"({DEFAULT_CALIBRATION_SECONDS:g})",
+    )
+    group.add_argument(
         "--send-timeout",
         type=float,
         default=defaults.DEFAULT_SEND_TIMEOUT_SECONDS,
@@ -351,6 +361,7 @@ SERVE_FLAG_RANGES: tuple[tuple[str, str, float, float | None], ...] = (
     ("--model-lanes", "model_lanes", 1, 1024),
     ("--grace", "grace", 0, 86_400),
     ("--send-timeout", "send_timeout", 0.001, 86_400),
+    ("--calibration-seconds", "calibration_seconds", 0, 3600),
     ("--min-pixels", "min_pixels", 1, None),
     ("--max-pixels", "max_pixels", 1, None),
     (LIMIT_FLAGS["max_request_bytes"], "max_request_bytes", 1, _INT32_MAX),

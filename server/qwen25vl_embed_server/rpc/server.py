@@ -96,8 +96,10 @@ class RunningServer:
 
     async def mark_serving(self, extractor: Extractor, model_thread: ModelThread | None = None) -> None:
         """Attach the loaded model, run on ``model_thread`` (the one that loaded it), and report
-        SERVING to health checks (on the server's loop)."""
+        SERVING to health checks (on the server's loop), once a few sizes are measured (the
+        pipeline's ``calibration_seconds``; :mod:`~.core.admission.calibration`)."""
         self.service.attach(extractor, model_thread)
+        await self.service.calls.pipeline.calibrate()
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 

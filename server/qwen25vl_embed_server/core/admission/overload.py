@@ -15,6 +15,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from qwen25vl_embed_server.core.admission.wait_estimate import SHORTEST_RETRY_SECONDS, WaitEstimator
 from qwen25vl_embed_server.core.errors import OverloadedError
@@ -22,6 +23,16 @@ from qwen25vl_embed_server.core.errors import OverloadedError
 REASONS = ("deadline", "queue", "memory")
 UNKNOWN_RETRY_SECONDS = 1.0
 """The retry hint of a refusal that will pass later, while nothing measured says when."""
+
+
+@dataclass(frozen=True)
+class Admitted:
+    """A request admitted past the deadline check: its tokens, the wait predicted then
+    (uncorrected; None while nothing was measured) and when (the admission's clock)."""
+
+    tokens: int
+    predicted: float | None
+    at: float
 
 
 class Admission:
@@ -51,13 +62,13 @@ class Admission:
     def estimated_wait(self) -> float:
         """Seconds a small request arriving now would wait for the work ahead of it (sizes not
         measured yet count 0)."""
-        return self.waits.ahead(1)
+        return self.waits.ahead(1) * self.waits.correction.factor
 
     def retry_after(self) -> float | None:
         """When a place in flight should be free: the work in flight, shared by the requests in
         flight (None while none of it is measured)."""
         waits = self.waits
-        ahead = waits.ahead(waits.piece_tokens + 1)  # all of it
+        ahead = waits.ahead(waits.piece_tokens + 1) * waits.correction.factor  # all of it
         if ahead <= 0:
             return None
         return max(SHORTEST_RETRY_SECONDS, ahead / max(1, waits.requests))
@@ -69,6 +80,26 @@ class Admission:
         refusal = self.waits.refusal(tokens, remaining)
         if refusal is not None:
             raise refusal
+
+    def admit(self, tokens: int, deadline: float | None) -> Admitted:
+        """:meth:`check_deadline`, then count the request as work ahead of the next ones until
+        :meth:`left`."""
+        now = self._clock()
+        refusal = self.waits.refusal(tokens, None if deadline is None else deadline - now)
+        if refusal is not None:
+            raise refusal
+        predicted = self.waits.predicted(tokens)
+        self.waits.started(tokens)
+        return Admitted(tokens, predicted, now)
+
+    def left(self, admitted: Admitted, work_seconds: float | None) -> None:
+        """An admitted request left: ``work_seconds`` its measured work when its model run finished
+        (see :mod:`~.wait_estimate`), None when it did not; its time against the prediction
+        corrects the next ones (:mod:`~.correction`)."""
+        self.waits.finished(admitted.tokens, work_seconds)
+        if admitted.predicted is not None:
+            actual = self._clock() - admitted.at
+            self.waits.correction.observe(admitted.predicted, actual, finished=work_seconds is not None)
 
     def take_bytes(self, size: int) -> None:
         """Count ``size`` request bytes in flight, or raise :class:`OverloadedError` (``memory``)

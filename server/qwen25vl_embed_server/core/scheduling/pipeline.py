@@ -17,10 +17,11 @@ from collections.abc import AsyncIterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from qwen25vl_embed_server.core.admission import allocator
 from qwen25vl_embed_server.core.admission.budget import Budget
+from qwen25vl_embed_server.core.admission.calibration import calibrate
 from qwen25vl_embed_server.core.admission.limits import Limits
 from qwen25vl_embed_server.core.admission.memory import (
     PROCESSOR_BYTES_PER_TOKEN,
@@ -30,7 +31,7 @@ from qwen25vl_embed_server.core.admission.memory import (
     resident_bytes,
     weight_bytes,
 )
-from qwen25vl_embed_server.core.admission.overload import Admission
+from qwen25vl_embed_server.core.admission.overload import Admission, Admitted
 from qwen25vl_embed_server.core.admission.request import (
     EncodedRequest,
     Estimate,
@@ -85,6 +86,8 @@ class PipelineConfig:
         trim_after_bytes: after a request whose decoded pixels (3 bytes each) and tokens (9 KiB
             each) came to this many bytes, freed memory is given back to the system
             (:func:`~.admission.allocator.trim`, on a worker thread); None: never.
+        calibration_seconds: before serving, :meth:`Pipeline.calibrate` measures a few sizes within
+            about this many seconds (:mod:`~.admission.calibration`); 0: none.
 
     Each budget left None: derived from ``memory_limit``, else the default in :mod:`~.defaults`.
     """
@@ -100,8 +103,11 @@ class PipelineConfig:
     memory_limit: int | None = None
     max_request_bytes_in_flight: int | None = None
     trim_after_bytes: int | None = None
+    calibration_seconds: float = 0.0
 
     def __post_init__(self) -> None:
+        if not self.calibration_seconds >= 0:
+            raise ValueError(f"calibration_seconds must be at least 0, got {self.calibration_seconds}")
         for name in ("preprocess_workers", *_BUDGETS, "memory_limit", "max_request_bytes_in_flight"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -254,7 +260,7 @@ class Pipeline:
             raise
         self._in_flight += 1
         held: dict[Budget, int] = {}
-        waiting: int | None = None  # tokens counted as work ahead of later requests
+        admitted: Admitted | None = None  # counted as work ahead of later requests
         footprint = 0  # bytes of pixels and tokens it held, to give back after a large one
         try:
             started = time.perf_counter()
@@ -263,8 +269,7 @@ class Pipeline:
             loop = asyncio.get_running_loop()
             estimate = await loop.run_in_executor(self._estimating, self._estimate, request, plan)
             self._check_fits(estimate)
-            admission.check_deadline(estimate.tokens, deadline)
-            admission.waits.started(waiting := estimate.tokens)
+            admitted = admission.admit(estimate.tokens, deadline)
             footprint = 3 * estimate.pixels + PROCESSOR_BYTES_PER_TOKEN * estimate.tokens
             held[self.pixels] = await self.pixels.acquire(estimate.pixels, deadline)
             held[self.tokens] = await self.tokens.acquire(estimate.tokens, deadline)
@@ -274,8 +279,8 @@ class Pipeline:
             if observer is not None:
                 observer.preprocessed(time.perf_counter() - started)
             result, timing = await self.batcher.submit_timed(prepared, deadline)
-            admission.waits.finished(waiting, self._work_seconds(work, timing))
-            waiting = None
+            admission.left(admitted, self._work_seconds(work, timing))
+            admitted = None
             # Its pixel values (4.6 KiB a patch) are done with: not kept while a slow reader is sent
             # the result (up to --send-timeout), where no budget counts them.
             del prepared
@@ -287,8 +292,8 @@ class Pipeline:
             admission.refused(error)
             raise
         finally:
-            if waiting is not None:
-                admission.waits.finished(waiting, None)
+            if admitted is not None:
+                admission.left(admitted, None)
             for budget in list(held):
                 self._give_back(held, budget)
             admission.give_bytes(size)
@@ -308,6 +313,14 @@ class Pipeline:
         lanes = self.batcher.lanes
         width = 1.0 if self.admission.waits.requests <= 1 else 1 / lanes.count
         return preprocessing / lanes.threads + timing.model / timing.batch_size * width
+
+    async def calibrate(self) -> list[tuple[int, float]]:
+        """Measure a few sizes before serving (:mod:`~.admission.calibration`): their tokens, seconds."""
+
+        def tokens(request: EncodedRequest) -> int:
+            return self._estimate(request, self.plan(request)).tokens
+
+        return await calibrate(self.run, tokens, self.admission.waits, self.config.calibration_seconds)
 
     def _trim(self) -> None:
         try:
@@ -336,8 +349,7 @@ class Pipeline:
         return await asyncio.get_running_loop().run_in_executor(self._preprocess, function, *args)
 
     def _estimate(self, request: EncodedRequest, plan: OutputPlan) -> Estimate:
-        estimate: Estimate = self._hinted(estimate_request, self.extractor, request, self.config.limits, plan)
-        return estimate
+        return cast(Estimate, self._hinted(estimate_request, self.extractor, request, self.config.limits, plan))
 
     def _hinted(self, function: Any, *args: Any, **kwargs: Any) -> Any:
         """``function(*args, **kwargs)``, a limit refusal told how to raise the limit at this edge."""
