@@ -186,19 +186,26 @@ def _head(
         weight, bias = base_head.weight.detach(), base_head.bias.detach() if base_head.bias is not None else None
     else:
         raise ValueError(f"the recipe needs a {HEAD_MODULE} head: neither the served base nor the adapter has one")
+    head = linear_like(body, weight, bias)
+    if factor is not None:
+        if (problem := lora.check_fits(HEAD_MODULE, head, factor)) is not None:
+            raise ValueError(f"the adapter does not fit the served base: {problem}")
+        with torch.no_grad():
+            head.weight += factor.delta_weight().to(head.weight.device, head.weight.dtype)
+    return head
+
+
+def linear_like(body: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    """A linear layer (in eval mode) holding ``weight`` [out, in] and ``bias``, on ``body``'s device and dtype."""
     reference = next(body.parameters())
-    head = nn.Linear(
+    layer = nn.Linear(
         weight.shape[1], weight.shape[0], bias=bias is not None, device=reference.device, dtype=reference.dtype
     )
     with torch.no_grad():
-        head.weight.copy_(weight)
+        layer.weight.copy_(weight)
         if bias is not None:
-            head.bias.copy_(bias)
-        if factor is not None:
-            if (problem := lora.check_fits(HEAD_MODULE, head, factor)) is not None:
-                raise ValueError(f"the adapter does not fit the served base: {problem}")
-            head.weight += factor.delta_weight().to(head.weight.device, head.weight.dtype)
-    return head.eval()
+            layer.bias.copy_(bias)
+    return layer.eval()
 
 
 def check_base(named: str, served: tuple[str, ...], body: Any) -> None:

@@ -23,7 +23,7 @@ from torch import nn
 
 from qwen25vl_embed_server.core.retrieval import lora
 from qwen25vl_embed_server.core.retrieval.adapter_spec import AdapterSpec
-from qwen25vl_embed_server.core.retrieval.adapters import ServedAdapter, attach_factors, check_base
+from qwen25vl_embed_server.core.retrieval.adapters import ServedAdapter, attach_factors, check_base, linear_like
 from qwen25vl_embed_server.core.retrieval.jina_model import (
     ADAPTERS,
     KEY_MAPPING,
@@ -105,12 +105,4 @@ def _projector(path: str, body: Any) -> nn.Linear:
     hidden = int(body.config.get_text_config().hidden_size)
     if weight.shape[1] != hidden:
         raise ValueError(f"its {PROJECTOR} takes {weight.shape[1]} inputs; the served base's hidden size is {hidden}")
-    reference = next(body.parameters())
-    projector = nn.Linear(
-        weight.shape[1], weight.shape[0], bias=bias is not None, device=reference.device, dtype=reference.dtype
-    )
-    with torch.no_grad():
-        projector.weight.copy_(weight)
-        if bias is not None:
-            projector.bias.copy_(bias)
-    return projector.eval()
+    return linear_like(body, weight, bias)
