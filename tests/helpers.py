@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import platform
 import sys
+from collections.abc import Iterable, Iterator
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import numpy as np
@@ -66,3 +68,24 @@ def applies_here() -> bool:
     """Whether MKL's dispatch by features applies on this machine (core/cpu/mkl_dispatch.py): the
     expectation its tests compute from the CPU, so that they run everywhere."""
     return sys.platform == "linux" and platform.machine() == "x86_64" and mkl_dispatch._cpu_vendor() != "GenuineIntel"
+
+
+@contextmanager
+def adapter_servers(tiny: Any, alone: Iterable[str]) -> Iterator[dict[str, Any]]:
+    """Servers on 127.0.0.1 (fp32, CPU) for a :class:`TinyAdapters`: ``"shared"``, its base with every
+    adapter (``serve --adapter``); and each adapter named in ``alone``, a server of that adapter alone."""
+    from qwen25vl_embed_server.core.model.extractor import Extractor
+    from qwen25vl_embed_server.core.model.loading import LoadOptions, load_model
+    from qwen25vl_embed_server.core.retrieval.adapter_spec import AdapterSpec
+    from qwen25vl_embed_server.rpc.harness import BackgroundServer
+
+    specs = tuple(map(AdapterSpec.parse, tiny.flags()))
+    models = {
+        "shared": LoadOptions(str(tiny.base), device="cpu", dtype="float32", adapters=specs),
+        **{name: LoadOptions(str(tiny.adapters[name]), device="cpu", dtype="float32") for name in alone},
+    }
+    with ExitStack() as stack:
+        yield {
+            name: stack.enter_context(BackgroundServer(Extractor(load_model(options)), server_config()))
+            for name, options in models.items()
+        }

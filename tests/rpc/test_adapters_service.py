@@ -19,12 +19,11 @@ import pytest
 
 from qwen25vl_embed import EmbeddingClient, EmbeddingError, Embeddings, ExtractOptions
 from qwen25vl_embed_server.core.fixtures.tiny_adapters import TinyAdapters, build_tiny_adapters
-from qwen25vl_embed_server.core.model.extractor import Extractor
-from qwen25vl_embed_server.core.model.loading import LoadOptions, load_model
+from qwen25vl_embed_server.core.model.loading import LoadOptions
 from qwen25vl_embed_server.core.retrieval.adapter_spec import AdapterSpec
 from qwen25vl_embed_server.rpc.harness import BackgroundServer
 
-from ..helpers import assert_batched_close, noise_image, png_bytes, server_config
+from ..helpers import adapter_servers, assert_batched_close, noise_image, png_bytes
 
 IMAGES = [png_bytes(noise_image(140, 112, seed=31)), png_bytes(noise_image(196, 224, seed=32))]
 TEXTS = ["where is the cat", "quarterly revenue", "a map of the city"]
@@ -39,16 +38,8 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> TinyAdapters:
 @pytest.fixture(scope="module")
 def servers(tiny: TinyAdapters) -> Iterator[dict[str, BackgroundServer]]:
     """``shared``: the base with both adapters; each adapter's name: a server of that adapter alone."""
-    specs = tuple(map(AdapterSpec.parse, tiny.flags()))
-    models = {
-        "shared": LoadOptions(str(tiny.base), device="cpu", dtype="float32", adapters=specs),
-        **{name: LoadOptions(str(path), device="cpu", dtype="float32") for name, path in tiny.adapters.items()},
-    }
-    with ExitStack() as stack:
-        yield {
-            name: stack.enter_context(BackgroundServer(Extractor(load_model(options)), server_config()))
-            for name, options in models.items()
-        }
+    with adapter_servers(tiny, alone=tiny.adapters) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")

@@ -20,12 +20,11 @@ import pytest
 
 from qwen25vl_embed import EmbeddingClient, EmbeddingError
 from qwen25vl_embed_server.core.fixtures.tiny_adapters import TinyAdapters, build_tiny_adapters
-from qwen25vl_embed_server.core.model.extractor import Extractor
-from qwen25vl_embed_server.core.model.loading import LoadOptions, load_model
+from qwen25vl_embed_server.core.model.loading import LoadOptions
 from qwen25vl_embed_server.core.retrieval.adapter_spec import AdapterSpec
 from qwen25vl_embed_server.rpc.harness import BackgroundServer
 
-from ..helpers import assert_batched_close, noise_image, png_bytes, server_config
+from ..helpers import adapter_servers, assert_batched_close, noise_image, png_bytes
 from ..jina_reference import TASKS, Reference
 
 PICTURES = [noise_image(224, 224, seed=41), noise_image(140, 196, seed=42)]
@@ -47,16 +46,8 @@ def reference(tiny: TinyAdapters) -> Reference:
 @pytest.fixture(scope="module")
 def servers(tiny: TinyAdapters) -> Iterator[dict[str, BackgroundServer]]:
     """``shared``: the base with the three adapters; "colqwen", "biqwen": that adapter alone."""
-    specs = tuple(map(AdapterSpec.parse, tiny.flags()))
-    models = {
-        "shared": LoadOptions(str(tiny.base), device="cpu", dtype="float32", adapters=specs),
-        **{name: LoadOptions(str(tiny.adapters[name]), device="cpu", dtype="float32") for name in OTHERS},
-    }
-    with ExitStack() as stack:
-        yield {
-            name: stack.enter_context(BackgroundServer(Extractor(load_model(options)), server_config()))
-            for name, options in models.items()
-        }
+    with adapter_servers(tiny, alone=OTHERS) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
