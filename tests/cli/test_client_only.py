@@ -182,6 +182,6 @@ def test_help_says_which_commands_need_the_server_extra(client_only: Path) -> No
 def test_make_dist_builds_the_wheel_as_this_install_does() -> None:
     if shutil.which("make") is None:
         pytest.fail("make is needed: every target of the project runs through it")
-    done = _run(["make", "-n", "dist", "PYTHON=python-of-the-test"], cwd=ROOT, timeout=60)
+    done = _run(["make", "--no-print-directory", "-n", "dist", "PYTHON=python-of-the-test"], cwd=ROOT, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == [" ".join(["python-of-the-test", *_MAKE_DIST, "dist", "."])]

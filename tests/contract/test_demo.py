@@ -81,7 +81,7 @@ def test_make_demo_installs_the_server_extra_only(tmp_path: Path) -> None:
     if shutil.which("make") is None:
         pytest.fail("make is needed: every target of the project runs through it")
     done = subprocess.run(
-        ["make", "-n", "demo", f"VENV={tmp_path / 'venv'}"],
+        ["make", "--no-print-directory", "-n", "demo", f"VENV={tmp_path / 'venv'}"],
         cwd=ROOT,
         capture_output=True,
         text=True,

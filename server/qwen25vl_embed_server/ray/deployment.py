@@ -139,7 +139,8 @@ class EmbedderReplica:
     """A replica: one model, one :class:`EmbeddingCalls`. Methods are named after the RPCs.
 
     Ray's proxy does not forward the caller's deadline (it enforces ``request_timeout_s`` and
-    cancels the replica's call when the caller goes away), so the calls run without one.
+    cancels the replica's call when the caller goes away), so the calls run without one: nothing is
+    refused by deadline, and a replica runs no calibration for it (``serve --calibration-seconds``).
     ``max_ongoing_requests`` must stay at least ``batching.max_images``, or Serve's router keeps
     batches from growing.
     """
