@@ -82,7 +82,8 @@ def test_maxsim_ignores_padding_of_shorter_documents() -> None:
 def test_token_pooling_equals_colpali_and_shrinks_storage(search_client: EmbeddingClient) -> None:
     documents = search_client.embed_images(IMAGES[:2])
     pooled = [pool_tokens(d, pool_factor=3) for d in documents]
-    expected = HierarchicalTokenPooler().pool_embeddings([torch.from_numpy(d) for d in documents], pool_factor=3)
+    tensors = [torch.tensor(d) for d in documents]  # copies: the SDK's arrays are read-only
+    expected = HierarchicalTokenPooler().pool_embeddings(tensors, pool_factor=3)
     for ours, reference in zip(pooled, expected, strict=True):
         np.testing.assert_allclose(ours, reference.numpy(), rtol=1e-5, atol=1e-6)
     assert storage_bytes(pooled) <= storage_bytes(documents) / 2
