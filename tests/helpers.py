@@ -7,7 +7,7 @@ import platform
 import sys
 from collections.abc import Iterable, Iterator
 from contextlib import ExitStack, contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
@@ -19,6 +19,9 @@ from qwen25vl_embed_server.core.scheduling.batcher import BatchingConfig
 from qwen25vl_embed_server.core.scheduling.pipeline import PipelineConfig
 from qwen25vl_embed_server.rpc.calls import ServiceConfig
 from qwen25vl_embed_server.rpc.server import ServerConfig
+
+if TYPE_CHECKING:
+    from qwen25vl_embed_server.core.model.extractor import Extractor
 
 
 def noise_image(width: int, height: int, seed: int = 0) -> Image.Image:
@@ -74,18 +77,24 @@ def applies_here() -> bool:
 def adapter_servers(tiny: Any, alone: Iterable[str]) -> Iterator[dict[str, Any]]:
     """Servers on 127.0.0.1 (fp32, CPU) for a :class:`TinyAdapters`: ``"shared"``, its base with every
     adapter (``serve --adapter``); and each adapter named in ``alone``, a server of that adapter alone."""
+    from qwen25vl_embed_server.rpc.harness import BackgroundServer
+
+    models = {"shared": (tiny.base, *tiny.flags()), **{name: (tiny.adapters[name],) for name in alone}}
+    with ExitStack() as stack:
+        yield {
+            name: stack.enter_context(BackgroundServer(load_extractor(*model), server_config()))
+            for name, model in models.items()
+        }
+
+
+def load_extractor(model: Any, *adapters: str, **options: Any) -> Extractor:
+    """An :class:`Extractor` of ``model`` (a folder) in fp32 on the CPU, with ``adapters`` (flags of
+    ``serve --adapter NAME=PATH``) and other :class:`LoadOptions`."""
     from qwen25vl_embed_server.core.model.extractor import Extractor
     from qwen25vl_embed_server.core.model.loading import LoadOptions, load_model
     from qwen25vl_embed_server.core.retrieval.adapter_spec import AdapterSpec
-    from qwen25vl_embed_server.rpc.harness import BackgroundServer
 
-    specs = tuple(map(AdapterSpec.parse, tiny.flags()))
-    models = {
-        "shared": LoadOptions(str(tiny.base), device="cpu", dtype="float32", adapters=specs),
-        **{name: LoadOptions(str(tiny.adapters[name]), device="cpu", dtype="float32") for name in alone},
-    }
-    with ExitStack() as stack:
-        yield {
-            name: stack.enter_context(BackgroundServer(Extractor(load_model(options)), server_config()))
-            for name, options in models.items()
-        }
+    specs = tuple(map(AdapterSpec.parse, adapters))
+    return Extractor(
+        load_model(LoadOptions(model=str(model), device="cpu", dtype="float32", adapters=specs, **options))
+    )

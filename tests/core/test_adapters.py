@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -23,22 +22,14 @@ from qwen25vl_embed_server.core.fixtures.tiny_adapters import TinyAdapters, buil
 from qwen25vl_embed_server.core.fixtures.tiny_retrieval import build_tiny_retrieval
 from qwen25vl_embed_server.core.model.extractor import Extractor, Prepared
 from qwen25vl_embed_server.core.model.finishing import Extraction
-from qwen25vl_embed_server.core.model.loading import LoadOptions, load_model
 from qwen25vl_embed_server.core.model.output_settings import OutputSettings
 from qwen25vl_embed_server.core.retrieval.adapter_spec import AdapterSpec
 
-from ..helpers import assert_batched_close, noise_image
+from ..helpers import assert_batched_close, load_extractor, noise_image
 
 IMAGES = (noise_image(140, 112, seed=1), noise_image(224, 168, seed=2))
 QUERIES = ("a red bicycle", "tables of quarterly revenue")
 RAW = ["lm_last_token", "lm_pooled_mean", "lm_layer_1"]
-
-
-def _load(model: Path | str, *adapters: str, **options: Any) -> Extractor:
-    specs = tuple(AdapterSpec.parse(flag) for flag in adapters)
-    return Extractor(
-        load_model(LoadOptions(model=str(model), device="cpu", dtype="float32", adapters=specs, **options))
-    )
 
 
 @pytest.fixture(scope="module")
@@ -49,14 +40,14 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> TinyAdapters:
 @pytest.fixture(scope="module")
 def shared(tiny: TinyAdapters) -> Extractor:
     """The base with both adapters."""
-    return _load(tiny.base, *tiny.flags())
+    return load_extractor(tiny.base, *tiny.flags())
 
 
 @pytest.fixture(scope="module")
 def alone(tiny: TinyAdapters) -> dict[str, Extractor]:
     """Each adapter loaded alone (its LoRA merged), and the base as raw states ("")."""
-    models = {name: _load(path) for name, path in tiny.adapters.items()}
-    return models | {"": _load(tiny.base, recipe="none")}
+    models = {name: load_extractor(path) for name, path in tiny.adapters.items()}
+    return models | {"": load_extractor(tiny.base, recipe="none")}
 
 
 def _requests(extractor: Extractor, adapter: str | None, dimensions: int = 0) -> list[Prepared]:
@@ -181,7 +172,7 @@ def test_a_recipe_output_of_the_raw_base_is_refused(shared: Extractor) -> None:
 def test_an_adapter_of_another_base_is_refused_naming_both(tiny: TinyAdapters, tmp_path: Path) -> None:
     other = build_tiny_retrieval(tmp_path / "other", "biqwen2.5", seed=7)  # same sizes, other weights
     with pytest.raises(ModelLoadError) as refused:
-        _load(tiny.base, f"foreign={other}")
+        load_extractor(tiny.base, f"foreign={other}")
     message = str(refused.value)
     assert "--adapter foreign=" in message
     assert str(tmp_path / "other" / "base") in message
@@ -194,20 +185,20 @@ def test_a_copy_of_the_base_elsewhere_is_the_same_base(
 ) -> None:
     copy = tmp_path / "copy"
     shutil.copytree(tiny.base, copy)
-    served = _load(copy, f"biqwen={tiny.adapters['biqwen']}")
+    served = load_extractor(copy, f"biqwen={tiny.adapters['biqwen']}")
     request = _requests(served, "biqwen")[0]
     _assert_same(served.run([request])[0], alone["biqwen"].run([_requests(alone["biqwen"], None)[0]])[0], "copy")
 
 
 def test_adapter_flags_that_cannot_serve_are_refused(tiny: TinyAdapters) -> None:
     with pytest.raises(ModelLoadError, match=r"is an adapter folder; with --adapter, --model is the base"):
-        _load(tiny.adapters["colqwen"], f"biqwen={tiny.adapters['biqwen']}")
+        load_extractor(tiny.adapters["colqwen"], f"biqwen={tiny.adapters['biqwen']}")
     with pytest.raises(ModelLoadError, match=r"--recipe colqwen2.5 serves a model alone"):
-        _load(tiny.base, f"biqwen={tiny.adapters['biqwen']}", recipe="colqwen2.5")
+        load_extractor(tiny.base, f"biqwen={tiny.adapters['biqwen']}", recipe="colqwen2.5")
     with pytest.raises(ModelLoadError, match=r"--adapter merged=.*not an adapter folder"):
-        _load(tiny.base, f"merged={tiny.base}")
+        load_extractor(tiny.base, f"merged={tiny.base}")
     with pytest.raises(ModelLoadError, match=r"'twice' is given twice"):
-        _load(tiny.base, *(f"twice={tiny.adapters['biqwen']}",) * 2)
+        load_extractor(tiny.base, *(f"twice={tiny.adapters['biqwen']}",) * 2)
     with pytest.raises(ValueError, match=r"is not NAME=PATH"):
         AdapterSpec.parse("colqwen")
     with pytest.raises(ValueError, match=r"adapter name 'a b'"):

@@ -21,23 +21,14 @@ from qwen25vl_embed_server.core.fixtures.tiny_adapters import TinyAdapters, buil
 from qwen25vl_embed_server.core.fixtures.tiny_jina import build_tiny_jina
 from qwen25vl_embed_server.core.model.extractor import Extractor, Prepared
 from qwen25vl_embed_server.core.model.finishing import Extraction
-from qwen25vl_embed_server.core.model.loading import LoadOptions, load_model
 from qwen25vl_embed_server.core.model.output_settings import OutputSettings
-from qwen25vl_embed_server.core.retrieval.adapter_spec import AdapterSpec
 
-from ..helpers import assert_batched_close, noise_image
+from ..helpers import assert_batched_close, load_extractor, noise_image
 from ..jina_reference import TASKS, Reference
 
 IMAGES = (noise_image(224, 224, seed=21), noise_image(168, 112, seed=22))
 TEXTS = ("where is the cat", "tables of quarterly revenue")
 RAW = ["lm_last_token", "lm_pooled_mean"]
-
-
-def _load(model: Path | str, *adapters: str, **options: Any) -> Extractor:
-    specs = tuple(AdapterSpec.parse(flag) for flag in adapters)
-    return Extractor(
-        load_model(LoadOptions(model=str(model), device="cpu", dtype="float32", adapters=specs, **options))
-    )
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +38,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> TinyAdapters:
 
 @pytest.fixture(scope="module")
 def shared(tiny: TinyAdapters) -> Extractor:
-    return _load(tiny.base, *tiny.flags())
+    return load_extractor(tiny.base, *tiny.flags())
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +49,9 @@ def reference(tiny: TinyAdapters) -> Reference:
 @pytest.fixture(scope="module")
 def alone(tiny: TinyAdapters) -> dict[str, Extractor]:
     """ColQwen2.5 and BiQwen2.5 each loaded alone (LoRA merged), and the base as raw states ("")."""
-    return {name: _load(tiny.adapters[name]) for name in ("colqwen", "biqwen")} | {"": _load(tiny.base, recipe="none")}
+    return {name: load_extractor(tiny.adapters[name]) for name in ("colqwen", "biqwen")} | {
+        "": load_extractor(tiny.base, recipe="none")
+    }
 
 
 # One request: (adapter or "" for the raw base, task, image index or None, text index)
@@ -164,7 +157,7 @@ def test_a_recipe_output_of_the_raw_base_is_refused(shared: Extractor) -> None:
 def test_a_jina_folder_on_another_base_is_refused_naming_both(tiny: TinyAdapters, tmp_path: Path) -> None:
     other = build_tiny_jina(tmp_path / "other-jina", seed=7)
     with pytest.raises(ModelLoadError) as raised:
-        _load(tiny.base, f"other={other}")
+        load_extractor(tiny.base, f"other={other}")
     message = str(raised.value)
     assert f"--adapter other={other}" in message
     assert str(other) in message
@@ -184,7 +177,7 @@ def test_a_jina_folder_without_a_listed_task_is_refused(tiny: TinyAdapters, tmp_
     config["task_names"] = [*TASKS, "summarise"]
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(ModelLoadError, match="no LoRA for task 'summarise'"):
-        _load(tiny.base, f"jina={folder}")
+        load_extractor(tiny.base, f"jina={folder}")
 
 
 def test_a_jina_request_in_pieces_equals_the_reference(shared: Extractor, reference: Reference) -> None:

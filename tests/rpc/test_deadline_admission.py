@@ -28,6 +28,7 @@ import pytest
 from qwen25vl_embed import EmbeddingClient, EmbeddingError
 from qwen25vl_embed.errors import from_rpc_error
 from qwen25vl_embed.v1 import embed_pb2 as pb
+from qwen25vl_embed_server.core.admission.overload import Admission
 from qwen25vl_embed_server.core.model.extractor import Extractor
 from qwen25vl_embed_server.core.scheduling.batcher import BatchingConfig
 from qwen25vl_embed_server.core.scheduling.pipeline import PipelineConfig
@@ -86,12 +87,7 @@ def test_a_slow_request_that_cannot_finish_in_time_is_refused_at_once_the_others
         def slow() -> None:
             loaded.append(client.extract(SLOW, outputs=SLOW_OUTPUTS)["vision_pooled_mean"])
 
-        load = [threading.Thread(target=slow) for _ in range(LOAD)]
-        for thread in load:
-            thread.start()
-        until = time.monotonic() + 60
-        while admission.waits.requests < LOAD and time.monotonic() < until:
-            time.sleep(0.01)
+        load = _started(slow, LOAD, admission)
         assert admission.waits.requests >= LOAD
         slow_tokens = _slow_tokens(piecewise)
         wait, alone = admission.waits.wait(slow_tokens), admission.waits.cost(slow_tokens)
@@ -153,12 +149,7 @@ def test_a_fresh_server_refuses_at_once_what_the_work_ahead_cannot_let_finish(ex
                 client.extract(UNSEEN, outputs=UNSEEN_OUTPUTS)
                 finished.append(time.monotonic())
 
-            threads = [threading.Thread(target=load) for _ in range(UNSEEN_LOAD)]
-            for thread in threads:
-                thread.start()
-            until = time.monotonic() + 60
-            while admission.waits.requests < UNSEEN_LOAD and time.monotonic() < until:
-                time.sleep(0.01)
+            threads = _started(load, UNSEEN_LOAD, admission)
             assert admission.waits.requests == UNSEEN_LOAD
             tokens = _slow_tokens(fresh)
             wait = admission.waits.wait(tokens)
@@ -183,3 +174,15 @@ def test_a_fresh_server_refuses_at_once_what_the_work_ahead_cannot_let_finish(ex
             reference = client.extract(UNSEEN, outputs=UNSEEN_OUTPUTS)["lm_last_token"]
         assert_batched_close(patient, reference, "admitted with room in its deadline")
         assert admission.refusals["deadline"] == 1
+
+
+def _started(target: Callable[[], None], count: int, admission: Admission) -> list[threading.Thread]:
+    """``count`` threads running ``target``, once the server counts that many requests in flight
+    (or after a minute: the caller asserts how many it counts)."""
+    threads = [threading.Thread(target=target) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    until = time.monotonic() + 60
+    while admission.waits.requests < count and time.monotonic() < until:
+        time.sleep(0.01)
+    return threads
